@@ -1,0 +1,41 @@
+"""The settings every service shares; each service subclasses :class:`ServiceSettings` in its ``settings.py``.
+
+Values come from environment variables with the ``AXL_`` prefix (``AXL_PORT``, ``AXL_REDIS_URL``, ...), read when
+a ``Settings()`` is built, never at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+
+class ServiceSettings(BaseSettings):
+    """Host/port to bind, where Redis and the registry are, the registry secret, logging and body limit."""
+
+    model_config = SettingsConfigDict(env_prefix="AXL_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    registry_url: str = "http://127.0.0.1:8900"
+    # Shared by the registry and everything that writes to it; None means "not configured".
+    registry_secret: SecretStr | None = None
+    log_level: LogLevel = "info"
+    max_body_bytes: int = Field(default=1 << 20, ge=0, description="requests with a larger body get a 413")
+
+    def registry_secret_value(self) -> str | None:
+        """The secret as a plain string (or None), for building an Authorization header."""
+        return self.registry_secret.get_secret_value() if self.registry_secret else None
+
+    def configure_logging(self) -> None:
+        """Root logging at ``log_level`` with one readable line format for every service."""
+        logging.basicConfig(
+            level=self.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
