@@ -1,0 +1,68 @@
+"""model: "auto" routing: clear requests go to the obvious specialist, missing ones fall back."""
+
+import pytest
+
+from axl_mesh.routing import choose_specialist, looks_like_code
+
+ALL = {"coder", "debugger", "fixer", "refactor", "testgen", "docs", "comment", "secure", "chat", "reasoning",
+       "translate"}
+
+TRACEBACK = """Traceback (most recent call last):
+  File "app.py", line 3, in <module>
+    print(items[3])
+IndexError: list index out of range"""
+
+CODE = "def total(xs):\n    s = 0\n    for x in xs:\n        s += x\n    return s\n"
+
+
+@pytest.mark.parametrize("text, expected", [
+    (TRACEBACK, "debugger"),
+    ("My script crashes with this error:\nKeyError: 'name'", "debugger"),
+    ("write tests for this:\n" + CODE, "testgen"),
+    ("Can you give me pytest cases for my parser?", "testgen"),
+    ("Add a docstring to this function\n" + CODE, "docs"),
+    ("please comment this code\n" + CODE, "comment"),
+    ("refactor this\n" + CODE, "refactor"),
+    ("Can you clean up this function?\n" + CODE, "refactor"),
+    ("Is this vulnerable to shell injection? os.system('ls ' + name)", "secure"),
+    ("Translate this function to Rust\n" + CODE, "translate"),
+    ("Explain step by step how merge sort works", "reasoning"),
+    ("Why is my list comprehension slower than map?", "reasoning"),
+    ("What is the difference between a list and a tuple?", "chat"),
+    ("Hello! How are you today?", "chat"),
+    ("Write a function that reverses a linked list", "coder"),
+    (CODE, "coder"),
+    ("fix this:\n" + CODE, "fixer"),
+])
+def test_clear_requests(text, expected):
+    name, reason = choose_specialist(text, ALL)
+    assert name == expected, reason
+    assert reason.startswith(expected + ":")
+
+
+def test_messages_use_the_last_user_turn():
+    messages = [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": "Write a function that adds two numbers"},
+        {"role": "assistant", "content": "def add(a, b):\n    return a + b"},
+        {"role": "user", "content": "Now write unit tests for it"},
+    ]
+    assert choose_specialist(messages, ALL)[0] == "testgen"
+
+
+def test_falls_back_to_an_available_specialist_and_says_so():
+    name, reason = choose_specialist(TRACEBACK, {"coder", "chat"})
+    assert name == "coder"
+    assert "debugger is not available" in reason
+    name, reason = choose_specialist("How are you?", {"translate"})
+    assert name == "translate" and "not available" in reason
+    with pytest.raises(ValueError, match="no specialist"):
+        choose_specialist("hi", set())
+
+
+def test_code_detection():
+    assert looks_like_code(CODE)
+    assert looks_like_code("```\nx = 1\n```")
+    assert looks_like_code("int main() {\n  return 0;\n}")
+    assert not looks_like_code("What is the capital of France? I wonder.")
+    assert not looks_like_code("Translate this paragraph to French please.")
