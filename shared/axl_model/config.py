@@ -1,0 +1,158 @@
+"""Model configuration: a validated, serializable dataclass and the AXL family's named presets.
+
+Config is data: no torch import here, no environment reads. Parameter counts and training-RAM estimates are
+computed analytically so `axl presets` answers instantly (a test checks them against the real model).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .tokenizer import BASE_VOCAB_SIZE, FIM_TOKENS
+
+SCALES = (1, 2, 4)  # fine, medium and coarse resolution, in bytes per token
+
+# Bytes per parameter held during training: fp32 weights + grads + optimizer state (Lion: 1 moment, AdamW: 2).
+_OPTIMIZER_STATE_COPIES = {"lion": 1, "adamw": 2, "sgd": 1}
+
+
+@dataclass
+class ModelConfig:
+    """Shape and behaviour of one MultiScaleTransformer.
+
+    Attributes are grouped: identity, width/depth (`n_layers` is per scale), context, numerics, tokens.
+    """
+
+    name: str = "micro"
+    # --- width and depth
+    d_model: int = 256
+    n_heads: int = 4
+    d_ff: int = 688
+    n_layers: int = 3
+    # --- context: the fine-scale window in bytes (a multiple of the coarsest scale)
+    max_seq_len: int = 1024
+    # --- numerics
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    init_std: float = 0.02
+    # --- tokens
+    fim: bool = False  # append fill-in-the-middle prefix/suffix/middle tokens after EOS
+    tie_embeddings: bool = True
+    # --- derived in __post_init__
+    vocab_size: int = field(default=0)
+    head_dim: int = field(default=0)
+
+    def __post_init__(self) -> None:
+        problems = []
+        for attr in ("d_model", "n_heads", "d_ff", "n_layers", "max_seq_len"):
+            value = getattr(self, attr)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                problems.append(f"{attr} must be a positive integer, got {value!r}")
+        if not problems:
+            if self.d_model % self.n_heads:
+                problems.append(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+            elif (self.d_model // self.n_heads) % 2:
+                problems.append(f"head_dim ({self.d_model // self.n_heads}) must be even for RoPE")
+            if self.max_seq_len % SCALES[-1]:
+                problems.append(f"max_seq_len ({self.max_seq_len}) must be a multiple of {SCALES[-1]}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if problems:
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+        self.head_dim = self.d_model // self.n_heads
+        self.vocab_size = BASE_VOCAB_SIZE + (len(FIM_TOKENS) if self.fim else 0)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """A named preset, optionally with fields overridden (`from_name("micro", max_seq_len=512)`)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], "name": name, **overrides})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)} - {"vocab_size", "head_dim"}
+        unknown = set(data) - known - {"vocab_size", "head_dim", "format_version"}
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config file {path} is not valid JSON: {exc}") from None
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str | Path) -> "ModelConfig":
+        return cls.from_file(Path(checkpoint_dir) / "config.json")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    # ------------------------------------------------------------------ sizes
+    def scale_lengths(self, n_bytes: int) -> tuple[int, int, int]:
+        """Tokens per scale for n_bytes of input: fine bytes, then medium and coarse incl. their start token."""
+        return n_bytes, 1 + n_bytes // SCALES[1], 1 + n_bytes // SCALES[2]
+
+    def param_count(self) -> int:
+        """Exact number of parameters of MultiScaleTransformer(self)."""
+        d, f, L = self.d_model, self.d_ff, self.n_layers
+        block = 2 * d + 3 * d * d + d * d + 3 * d * f  # two norms, qkv, out, SwiGLU (gate, up, down)
+        stacks = 3 * (L * block + d)  # three scale stacks, each with a final norm
+        downsample = 2 * d * d + 4 * d * d + 2 * d  # medium and coarse projections + their start tokens
+        cross = 6 * (2 * d + 4 * d * d + 2 * d)  # six directed pairs: two norms, q/k/v/out, null key/value
+        fusion = 3 * d * 3 + 3 + d  # gate projection (with bias) + final norm
+        embed = self.vocab_size * d
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        return embed + stacks + downsample + cross + fusion + head
+
+    def training_ram_bytes(self, batch_size: int = 8, seq_len: int | None = None, optimizer: str = "lion") -> int:
+        """Rough peak RAM to train: weights, grads, optimizer state and activations (fp32), plus runtime overhead."""
+        if optimizer not in _OPTIMIZER_STATE_COPIES:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of: {', '.join(_OPTIMIZER_STATE_COPIES)}")
+        seq_len = seq_len or self.max_seq_len
+        params = self.param_count()
+        state = params * 4 * (2 + _OPTIMIZER_STATE_COPIES[optimizer])
+        tokens = batch_size * seq_len * (1 + 1 / 2 + 1 / 4)
+        # Saved activations per token per layer: ~ (10 d + 3 d_ff) floats, attention in SDPA kernels is not stored.
+        per_token = self.n_layers * (10 * self.d_model + 3 * self.d_ff) + 12 * self.d_model + 2 * self.vocab_size
+        activations = int(tokens * per_token * 4)
+        overhead = 400 * 2**20  # the Python interpreter, torch and data loading
+        return state + activations + overhead
+
+
+# The AXL family's shapes. Widths are those the original release published; `*-q` variants round d_ff to a
+# multiple of 256 so every weight row quantizes with llama.cpp's K-quants (Q4_K_M etc.).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(d_model=64, n_heads=2, d_ff=128, n_layers=1, max_seq_len=128),
+    "comment": dict(d_model=192, n_heads=3, d_ff=512, n_layers=3),
+    "docs": dict(d_model=224, n_heads=4, d_ff=608, n_layers=3),
+    "micro": dict(d_model=256, n_heads=4, d_ff=688, n_layers=3),
+    "micro-q": dict(d_model=256, n_heads=4, d_ff=768, n_layers=3),
+    "testgen": dict(d_model=256, n_heads=4, d_ff=688, n_layers=4),
+    "refactor": dict(d_model=288, n_heads=4, d_ff=768, n_layers=4),
+    "reasoning": dict(d_model=512, n_heads=8, d_ff=1376, n_layers=5),
+    "reasoning-q": dict(d_model=512, n_heads=8, d_ff=1536, n_layers=5),
+    "code-1b": dict(d_model=1024, n_heads=16, d_ff=2752, n_layers=6),
+}
+
+
+def suggest_models(available_ram_gb: float, batch_size: int = 8, optimizer: str = "lion") -> list[ModelConfig]:
+    """Presets whose training fits in `available_ram_gb`, largest first (the original release's helper)."""
+    budget = available_ram_gb * 2**30
+    fitting = [ModelConfig.from_name(n) for n in PRESETS if n != "tiny"]
+    fitting = [c for c in fitting if c.training_ram_bytes(batch_size, optimizer=optimizer) <= budget]
+    return sorted(fitting, key=lambda c: c.param_count(), reverse=True)

@@ -1,0 +1,338 @@
+"""Text generation: sampling, stop sequences, UTF-8-safe streaming and batched decoding.
+
+`BatchDecoder` is the engine: a KV cache with a fixed number of rows, sequences that join (prefill) and leave
+at any step, and one `decode_step` for all of them. `Generator` wraps it for the common calls (one prompt,
+a stream, several prompts at once); the model worker drives the same engine for continuous batching.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from .model import KVCache, MultiScaleTransformer
+from .tokenizer import BOS_ID, EOS_ID, ByteTokenizer, StreamDecoder
+
+FinishReason = Literal["stop", "length"]
+GREEDY_BELOW = 1e-5  # temperatures under this decode greedily (Continue sends 0.01 for autocomplete)
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0  # > 1 discourages bytes already in the context (CTRL-style)
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # return the chosen token's logprob and this many alternatives
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        problems = []
+        if self.max_tokens < 0:
+            problems.append(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if any(not s for s in self.stop):
+            problems.append("stop sequences must be non-empty strings")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: dict[str, float]
+
+
+@dataclass
+class StepOutput:
+    """What one sequence produced in one step: text safe to show now, and whether it finished."""
+
+    text: str
+    token_id: int | None
+    finish_reason: FinishReason | None = None
+    logprob: TokenLogprob | None = None
+
+
+class Sampler:
+    """Turns next-token logits into a token for one sequence, reproducibly under a seed."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int) -> None:
+        self.params = params
+        seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
+        self.generator = torch.Generator().manual_seed(seed)
+        # Only bytes and EOS are ever sampled: BOS and fill-in-the-middle markers are inputs.
+        self.banned = torch.tensor([BOS_ID, *range(EOS_ID + 1, vocab_size)])
+        if not params.stop_at_eos:
+            self.banned = torch.cat([self.banned, torch.tensor([EOS_ID])])
+
+    def __call__(self, logits: torch.Tensor, context: Sequence[int]) -> tuple[int, TokenLogprob | None]:
+        """logits: (V,) float; context: ids already in the window (for the repetition penalty)."""
+        p = self.params
+        logits = logits.float().clone()
+        logits[self.banned] = float("-inf")
+        if p.repetition_penalty != 1.0 and context:
+            seen = torch.tensor(sorted(set(context)))
+            values = logits[seen]
+            logits[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if p.temperature < GREEDY_BELOW:
+            token = int(logits.argmax())
+        else:
+            scaled = logits / p.temperature
+            if p.top_k:
+                kth = torch.topk(scaled, min(p.top_k, scaled.numel())).values[-1]
+                scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+            if p.top_p < 1.0:
+                ordered, order = scaled.sort(descending=True)
+                cumulative = ordered.softmax(-1).cumsum(-1)
+                drop = cumulative - ordered.softmax(-1) >= p.top_p  # keep the smallest prefix reaching top_p
+                scaled[order[drop]] = float("-inf")
+            token = int(torch.multinomial(scaled.softmax(-1), 1, generator=self.generator))
+        return token, (self._logprob(logits, token) if p.logprobs is not None else None)
+
+    def _logprob(self, logits: torch.Tensor, token: int) -> TokenLogprob:
+        logprobs = logits.log_softmax(-1)
+        top = torch.topk(logprobs, max(1, self.params.logprobs or 1))
+        return TokenLogprob(token=_token_text(token), logprob=float(logprobs[token]),
+                            top={_token_text(int(i)): float(v) for v, i in zip(top.values, top.indices)})
+
+
+def _token_text(token: int) -> str:
+    if token < 256:
+        return bytes([token]).decode("latin-1") if token >= 0x80 else chr(token)
+    return "<eos>" if token == EOS_ID else f"<{token}>"
+
+
+class StopMatcher:
+    """Holds back text that might be the start of a stop sequence; cuts the output at a full match."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = list(stops)
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, stopped)."""
+        if not self.stops:
+            return text, False
+        self.pending += text
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.pending = self.pending[:cut], ""
+            return out, True
+        hold = max((n for s in self.stops for n in range(min(len(s) - 1, len(self.pending)), 0, -1)
+                    if self.pending.endswith(s[:n])), default=0)
+        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class GenerationSequence:
+    """One request inside a BatchDecoder."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, vocab_size: int, request_id: str | None) -> None:
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.sampler = Sampler(params, vocab_size)
+        self.decoder = StreamDecoder()
+        self.stopper = StopMatcher(params.stop)
+        self.window: list[int] = list(prompt_ids)  # ids currently in the model's context
+        self.generated: list[int] = []
+        self.next_token: int | None = None
+        self.finish_reason: FinishReason | None = None
+        self.row = -1
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def accept(self, logits: torch.Tensor) -> StepOutput:
+        """Sample from logits, record the token and return what to emit."""
+        if len(self.generated) >= self.params.max_tokens:
+            return self._finish("length", None)
+        token, logprob = self.sampler(logits, self.window[-256:])
+        self.generated.append(token)
+        if token == EOS_ID:
+            return self._finish("stop", token, logprob)
+        self.next_token = token
+        text, stopped = self.stopper.push(self.decoder.push(token))
+        if stopped:
+            self.finish_reason = "stop"
+            return StepOutput(text, token, "stop", logprob)
+        if len(self.generated) >= self.params.max_tokens:
+            return self._finish("length", token, logprob, text)
+        return StepOutput(text, token, None, logprob)
+
+    def _finish(self, reason: FinishReason, token, logprob=None, text: str = "") -> StepOutput:
+        tail, stopped = self.stopper.push(self.decoder.flush())
+        text += tail if stopped else tail + self.stopper.flush()
+        self.finish_reason = reason
+        return StepOutput(text, token, reason, logprob)
+
+
+class BatchDecoder:
+    """Continuous batching over a fixed number of cache rows.
+
+    Active sequences occupy rows 0..n-1; a finished sequence's row is refilled by the last active one, so
+    each decode step runs on exactly the live rows. When a row's window fills up, its context slides: the
+    oldest quarter is dropped and the rest is re-prefilled (the policy `window_after_slide` describes).
+    """
+
+    def __init__(self, model: MultiScaleTransformer, max_batch: int = 8, capacity: int | None = None) -> None:
+        self.model = model
+        self.capacity = capacity or model.config.max_seq_len
+        self.cache: KVCache = model.new_cache(max_batch, self.capacity)
+        self.max_batch = max_batch
+        self.active: list[GenerationSequence] = []
+
+    @property
+    def free_rows(self) -> int:
+        return self.max_batch - len(self.active)
+
+    def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> tuple[GenerationSequence, StepOutput]:
+        """Prefill a new sequence and sample its first token. Raises ValueError if the prompt does not fit."""
+        if not self.free_rows:
+            raise RuntimeError("no free rows in this batch")
+        if not prompt_ids:
+            raise ValueError("the prompt must contain at least one token (the tokenizer adds BOS)")
+        if len(prompt_ids) > self.capacity:
+            raise ValueError(f"the prompt is {len(prompt_ids)} tokens; this model's context window is {self.capacity}")
+        sequence = GenerationSequence(list(prompt_ids), params, self.model.config.vocab_size, request_id)
+        if params.max_tokens == 0:
+            return sequence, sequence._finish("length", None)
+        sequence.row = len(self.active)
+        self.active.append(sequence)
+        with torch.inference_mode():
+            logits = self.model.prefill(torch.tensor(sequence.window), self.cache, sequence.row)
+        output = sequence.accept(logits)
+        if sequence.finished:
+            self.remove(sequence)
+        return sequence, output
+
+    def step(self) -> list[tuple[GenerationSequence, StepOutput]]:
+        """One token for every active sequence."""
+        if not self.active:
+            return []
+        with torch.inference_mode():
+            for sequence in self.active:
+                if len(sequence.window) >= self.capacity:
+                    self._slide(sequence)
+            live = self.cache.narrow(len(self.active))
+            tokens = torch.tensor([s.next_token for s in self.active])
+            logits = self.model.decode_step(tokens, live)
+            self.cache.lengths[: len(self.active)] = live.lengths
+        results = []
+        for sequence, row_logits in zip(list(self.active), logits):
+            sequence.window.append(sequence.next_token)
+            output = sequence.accept(row_logits)
+            results.append((sequence, output))
+        for sequence, output in results:
+            if output.finish_reason is not None:
+                self.remove(sequence)
+        return results
+
+    def remove(self, sequence: GenerationSequence) -> None:
+        """Drop a sequence (finished, or its client went away) and compact the rows."""
+        if sequence not in self.active:
+            return
+        last = self.active[-1]
+        if last is not sequence:
+            self.cache.move_row(last.row, sequence.row)
+            last.row = sequence.row
+            self.active[sequence.row] = last
+        self.active.pop()
+        sequence.row = -1
+
+    def window_after_slide(self, window: list[int]) -> list[int]:
+        """The context kept when a full window must take one more token: its newest three quarters."""
+        return window[len(window) - self.capacity * 3 // 4:]
+
+    def _slide(self, sequence: GenerationSequence) -> None:
+        sequence.window = self.window_after_slide(sequence.window)
+        self.model.prefill(torch.tensor(sequence.window), self.cache, sequence.row)
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class Generator:
+    """High-level generation for a loaded model."""
+
+    def __init__(self, model: MultiScaleTransformer, tokenizer: ByteTokenizer | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer or ByteTokenizer(fim=model.config.fim)
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        return list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt)
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[StepOutput]:
+        """Yield text pieces as they are decoded; the last one carries the finish reason."""
+        decoder = BatchDecoder(self.model, max_batch=1)
+        sequence, output = decoder.add(self.encode(prompt), params or SamplingParams())
+        yield output
+        while not sequence.finished:
+            for _, output in decoder.step():
+                yield output
+
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> Completion:
+        return self.generate_batch([prompt], params)[0]
+
+    def generate_batch(self, prompts: Sequence[str | list[int]], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                       max_batch: int = 8) -> list[Completion]:
+        """Several prompts decoded together (each with its own length and sampling parameters)."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        encoded = [self.encode(p) for p in prompts]
+        texts = [[] for _ in prompts]
+        logprobs: list[list[TokenLogprob]] = [[] for _ in prompts]
+        sequences: list[GenerationSequence | None] = [None] * len(prompts)
+        decoder = BatchDecoder(self.model, max_batch=min(max_batch, len(prompts)) or 1)
+        pending = list(range(len(prompts)))
+
+        def record(index: int, output: StepOutput) -> None:
+            texts[index].append(output.text)
+            if output.logprob is not None:
+                logprobs[index].append(output.logprob)
+
+        index_of: dict[int, int] = {}
+        while pending or decoder.active:
+            while pending and decoder.free_rows:
+                i = pending.pop(0)
+                sequence, output = decoder.add(encoded[i], params[i])
+                sequences[i], index_of[id(sequence)] = sequence, i
+                record(i, output)
+            for sequence, output in decoder.step():
+                record(index_of[id(sequence)], output)
+        return [
+            Completion("".join(texts[i]), [t for t in s.generated if t != EOS_ID], s.finish_reason or "length",
+                       len(encoded[i]), logprobs[i])
+            for i, s in enumerate(sequences)
+        ]

@@ -1,0 +1,517 @@
+"""The AXL multi-scale byte transformer.
+
+Three resolutions run side by side: fine (1 byte per token), medium (2) and coarse (4). Each has its own
+pre-norm stack (RMSNorm, RoPE attention, SwiGLU). Six cross-scale attentions let every scale read the other
+two, and a softmax gate fuses the three at fine resolution before the LM head.
+
+Causality. A medium or coarse token summarises a group of bytes, so a position may only see a group once
+all of its bytes are at or before it (the shift used by Hourglass and MEGABYTE). Every token gets an "end
+byte" e: fine t -> t, medium group j -> 2j+1, coarse group i -> 4i+3. Each coarse sequence starts with a
+learned start token (e = -1) that is always visible, so the grouped sequences are [start, g0, g1, ...] and
+index j >= 1 ends at byte k*j - 1. A query may attend a key iff e_key <= e_query. Fine position t therefore
+reads medium index (t+1)//2 and coarse index (t+1)//4: the last complete groups. Cross attentions also carry
+a learned null key/value so that a query with nothing visible (a start token looking at bytes) is defined.
+
+Incremental decoding keeps a KV cache for every scale and for every cross attention; a medium (coarse)
+token is appended when its group of 2 (4) bytes completes. Rows of a batch are independent: each has its
+own length, so prompts of any lengths decode together and requests can join or leave a running batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import SCALES, ModelConfig
+
+SCALE_NAMES = ("fine", "medium", "coarse")
+# The six directed (query scale, key scale) pairs of cross-scale attention.
+CROSS_PAIRS = tuple((q, k) for q in SCALE_NAMES for k in SCALE_NAMES if q != k)
+
+
+def cross_name(query: str, key: str) -> str:
+    return f"{query}_from_{key}"
+
+
+# ---------------------------------------------------------------------------------------------- building blocks
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (max_positions, head_dim) in the rotate-half layout (first half pairs with second half)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)  # (P, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (P, D)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); cos/sin broadcastable to it."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head self-attention with RoPE, fused QKV projection."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.dropout = config.dropout
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Full causal attention over x (B, T, C). Returns the output and this layer's (k, v) for a cache."""
+        q, k, v = self.project(x, cos, sin)
+        drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)  # (B, H, T, D)
+        return self.out(y.transpose(1, 2).reshape(x.shape)), (k, v)
+
+    def step(self, x: torch.Tensor, cos, sin, cache_k, cache_v, slot: "Slots", mask):
+        """One new token per row (x: (B, 1, C)) written at `slot`; attends cache slots [0, slot] of its row."""
+        q, k, v = self.project(x, cos, sin)  # (B, H, 1, D)
+        slot.write(cache_k, k)
+        slot.write(cache_v, v)
+        keys, values = cache_k[:, :, : slot.span], cache_v[:, :, : slot.span]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(x.shape))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(config.d_model, 2 * config.d_ff, bias=False)
+        self.down = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.dropout(self.down(F.silu(gate) * up))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = SelfAttention(config)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x, cos, sin):
+        attended, kv = self.attn(self.attn_norm(x), cos, sin)
+        x = x + attended
+        return x + self.mlp(self.mlp_norm(x)), kv
+
+    def step(self, x, cos, sin, cache_k, cache_v, slot, mask):
+        x = x + self.attn.step(self.attn_norm(x), cos, sin, cache_k, cache_v, slot, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class ScaleStack(nn.Module):
+    """The layers of one resolution, with a final norm."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+
+    def forward(self, x, cos, sin):
+        """x: (B, T, C) -> (B, T, C), plus [(k, v)] per layer."""
+        kvs = []
+        for block in self.blocks:
+            x, kv = block(x, cos, sin)
+            kvs.append(kv)
+        return self.norm(x), kvs
+
+    def step(self, x, cos, sin, cache_ks, cache_vs, slot, mask):
+        for block, cache_k, cache_v in zip(self.blocks, cache_ks, cache_vs):
+            x = block.step(x, cos, sin, cache_k, cache_v, slot, mask)
+        return self.norm(x)
+
+
+class CrossScaleAttention(nn.Module):
+    """Queries from one scale read keys/values of another, under the end-byte visibility rule.
+
+    No RoPE here: the scales have different resolutions, and the mask already encodes order. A learned
+    null key/value at slot 0 is always visible, so no query row is empty.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.query_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.key_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.q = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.kv = nn.Linear(config.d_model, 2 * config.d_model, bias=False)
+        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.null_kv = nn.Parameter(torch.zeros(2, config.n_heads, 1, config.head_dim))
+
+    def keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """source: (B, S, C) -> k, v: (B, H, S, D) each."""
+        B, S, _ = source.shape
+        k, v = self.kv(self.key_norm(source)).view(B, S, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def with_null(self, k: torch.Tensor, v: torch.Tensor):
+        B = k.shape[0]
+        null_k, null_v = self.null_kv[0].expand(B, -1, -1, -1), self.null_kv[1].expand(B, -1, -1, -1)
+        return torch.cat([null_k, k], dim=2), torch.cat([null_v, v], dim=2)
+
+    def attend(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask) -> torch.Tensor:
+        """x: (B, T, C) queries; keys/values (B, H, 1+S, D) with the null slot first."""
+        B, T, C = x.shape
+        q = self.q(self.query_norm(x)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(B, T, C))
+
+
+class GatedFusion(nn.Module):
+    """Softmax gate over the three scales, computed per fine position."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate = nn.Linear(3 * config.d_model, 3)
+
+    def forward(self, fine, medium, coarse):
+        weights = self.gate(torch.cat([fine, medium, coarse], dim=-1)).softmax(dim=-1)  # (B, T, 3)
+        return weights[..., 0:1] * fine + weights[..., 1:2] * medium + weights[..., 2:3] * coarse
+
+
+# ---------------------------------------------------------------------------------------------- cache
+class Slots:
+    """Where each row writes its new token and how far attention reaches (`span`) in one decode step."""
+
+    def __init__(self, index: torch.Tensor, rows: torch.Tensor, uniform: int | None) -> None:
+        self.index, self.rows, self.uniform = index, rows, uniform  # uniform: shared slot when rows agree
+        self.span = (uniform if uniform is not None else int(index.max())) + 1
+
+    def write(self, cache: torch.Tensor, value: torch.Tensor) -> None:
+        """cache: (B, H, S, D); value: (B, H, 1, D)."""
+        if self.uniform is not None:
+            cache[:, :, self.uniform] = value[:, :, 0]
+        else:
+            cache[self.rows, :, self.index] = value[:, :, 0]
+
+
+@dataclass
+class KVCache:
+    """Decoding state for a batch of independent rows.
+
+    lengths[b] is the number of bytes row b holds; medium and coarse counts follow from it. Cross caches
+    hold the null slot at index 0 followed by the key scale's tokens.
+    """
+
+    lengths: torch.Tensor  # (B,) long
+    self_k: dict[str, list[torch.Tensor]]  # scale -> per layer (B, H, S_scale, D)
+    self_v: dict[str, list[torch.Tensor]]
+    cross_k: dict[str, torch.Tensor]  # cross name -> (B, H, 1 + S_key, D)
+    cross_v: dict[str, torch.Tensor]
+    recent_embeddings: torch.Tensor  # (B, 4, C): fine embeddings of the current coarse group, slot t % 4
+    fused_medium: torch.Tensor  # (B, C): cross-updated latest medium token, what fine positions read
+    fused_coarse: torch.Tensor  # (B, C)
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.self_k["fine"][0].shape[2]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every per-row tensor (first dimension = row), lengths included."""
+        stacks = [t for scale in self.self_k for t in self.self_k[scale] + self.self_v[scale]]
+        return [self.lengths, *stacks, *self.cross_k.values(), *self.cross_v.values(),
+                self.recent_embeddings, self.fused_medium, self.fused_coarse]
+
+    def narrow(self, n: int) -> "KVCache":
+        """A cache over rows [0, n) that shares memory with this one (lengths excepted: copy them back)."""
+        return KVCache(
+            lengths=self.lengths[:n].clone(),
+            self_k={s: [t[:n] for t in ts] for s, ts in self.self_k.items()},
+            self_v={s: [t[:n] for t in ts] for s, ts in self.self_v.items()},
+            cross_k={k: t[:n] for k, t in self.cross_k.items()},
+            cross_v={k: t[:n] for k, t in self.cross_v.items()},
+            recent_embeddings=self.recent_embeddings[:n],
+            fused_medium=self.fused_medium[:n],
+            fused_coarse=self.fused_coarse[:n],
+        )
+
+    def move_row(self, source: int, target: int) -> None:
+        for tensor in self.tensors():
+            tensor[target] = tensor[source]
+
+
+# ---------------------------------------------------------------------------------------------- the model
+class MultiScaleTransformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.embed = nn.Embedding(config.vocab_size, d)
+        self.stacks = nn.ModuleDict({name: ScaleStack(config) for name in SCALE_NAMES})
+        # Learned downsampling: concatenate k neighbouring byte embeddings and project to d_model.
+        self.downsample = nn.ModuleDict({
+            "medium": nn.Linear(SCALES[1] * d, d, bias=False),
+            "coarse": nn.Linear(SCALES[2] * d, d, bias=False),
+        })
+        self.start_tokens = nn.ParameterDict({
+            "medium": nn.Parameter(torch.zeros(d)),
+            "coarse": nn.Parameter(torch.zeros(d)),
+        })
+        self.cross = nn.ModuleDict({cross_name(q, k): CrossScaleAttention(config) for q, k in CROSS_PAIRS})
+        self.fusion = GatedFusion(config)
+        self.final_norm = RMSNorm(d, config.norm_eps)
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        # RoPE tables cover the longest sequence at any scale (fine is the longest).
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len + 1, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, param in self.named_parameters():  # scaled init of residual projections (GPT-2)
+            if name.endswith(("attn.out.weight", "mlp.down.weight")):
+                nn.init.normal_(param, std=config.init_std / (2 * config.n_layers) ** 0.5)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.init_std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ full sequence
+    @staticmethod
+    def end_bytes(n_bytes: int, device) -> dict[str, torch.Tensor]:
+        """The last byte each token covers, per scale (start tokens: -1)."""
+        fine = torch.arange(n_bytes, device=device)
+        return {
+            "fine": fine,
+            "medium": SCALES[1] * torch.arange(1 + n_bytes // SCALES[1], device=device) - 1,
+            "coarse": SCALES[2] * torch.arange(1 + n_bytes // SCALES[2], device=device) - 1,
+        }
+
+    def _grouped_inputs(self, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-scale input sequences: fine embeddings, and [start, groups...] for medium and coarse."""
+        B, T, C = embeddings.shape
+        inputs = {"fine": embeddings}
+        for name, k in (("medium", SCALES[1]), ("coarse", SCALES[2])):
+            groups = embeddings[:, : (T // k) * k].reshape(B, T // k, k * C)  # (B, T/k, k*C)
+            start = self.start_tokens[name].expand(B, 1, C)
+            inputs[name] = torch.cat([start, self.downsample[name](groups)], dim=1)  # (B, 1 + T/k, C)
+        return inputs
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits for every position.
+
+        Args:
+            ids: (B, T) token ids, T <= max_seq_len.
+        Returns:
+            logits (B, T, vocab_size); position t depends on ids[:, :t+1] only.
+        """
+        return self._forward_with_states(ids)[0]
+
+    def _forward_with_states(self, ids: torch.Tensor):
+        B, T = ids.shape
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+        ends = self.end_bytes(T, ids.device)
+        embeddings = self.embed(ids)  # (B, T, C)
+        inputs = self._grouped_inputs(embeddings)
+        stacked, self_kvs = {}, {}
+        for name in SCALE_NAMES:
+            n = inputs[name].shape[1]
+            stacked[name], self_kvs[name] = self.stacks[name](inputs[name], self.rope_cos[:n], self.rope_sin[:n])
+
+        updated = dict(stacked)
+        cross_kvs = {}
+        for query, key in CROSS_PAIRS:
+            module = self.cross[cross_name(query, key)]
+            k, v = module.with_null(*module.keys_values(stacked[key]))  # (B, H, 1 + S, D)
+            cross_kvs[cross_name(query, key)] = (k, v)
+            visible = ends[key][None, :] <= ends[query][:, None]  # (Tq, S)
+            mask = F.pad(visible, (1, 0), value=True)  # the null slot is always visible
+            updated[query] = updated[query] + module.attend(stacked[query], k, v, mask)
+
+        positions = torch.arange(T, device=ids.device)
+        medium_up = updated["medium"][:, (positions + 1) // SCALES[1]]  # (B, T, C): last complete pair
+        coarse_up = updated["coarse"][:, (positions + 1) // SCALES[2]]  # (B, T, C): last complete quad
+        fused = self.fusion(updated["fine"], medium_up, coarse_up)
+        logits = self.lm_head(self.final_norm(fused))  # (B, T, V)
+        return logits, (embeddings, self_kvs, cross_kvs, updated)
+
+    def forward_fine_only(self, ids: torch.Tensor) -> torch.Tensor:
+        """The fine stack alone, then the head: the path a plain llama-architecture GGUF can hold."""
+        T = ids.shape[1]
+        hidden, _ = self.stacks["fine"](self.embed(ids), self.rope_cos[:T], self.rope_sin[:T])
+        return self.lm_head(self.final_norm(hidden))
+
+    # ------------------------------------------------------------------ incremental decoding
+    def new_cache(self, batch_size: int, capacity: int | None = None) -> KVCache:
+        """An empty cache for `batch_size` rows of up to `capacity` bytes (default: max_seq_len)."""
+        cfg = self.config
+        capacity = capacity or cfg.max_seq_len
+        if capacity > cfg.max_seq_len or capacity % SCALES[-1]:
+            raise ValueError(f"cache capacity must be a multiple of 4 and <= {cfg.max_seq_len}, got {capacity}")
+        weight = self.embed.weight
+        sizes = dict(zip(SCALE_NAMES, cfg.scale_lengths(capacity)))
+
+        def buffer(length: int) -> torch.Tensor:
+            return weight.new_zeros(batch_size, cfg.n_heads, length, cfg.head_dim)
+
+        return KVCache(
+            lengths=torch.zeros(batch_size, dtype=torch.long, device=weight.device),
+            self_k={s: [buffer(sizes[s]) for _ in range(cfg.n_layers)] for s in SCALE_NAMES},
+            self_v={s: [buffer(sizes[s]) for _ in range(cfg.n_layers)] for s in SCALE_NAMES},
+            cross_k={cross_name(q, k): buffer(1 + sizes[k]) for q, k in CROSS_PAIRS},
+            cross_v={cross_name(q, k): buffer(1 + sizes[k]) for q, k in CROSS_PAIRS},
+            recent_embeddings=weight.new_zeros(batch_size, SCALES[-1], cfg.d_model),
+            fused_medium=weight.new_zeros(batch_size, cfg.d_model),
+            fused_coarse=weight.new_zeros(batch_size, cfg.d_model),
+        )
+
+    @torch.no_grad()
+    def copy_into_cache(self, cache: KVCache, rows: torch.Tensor, embeddings, self_kvs, cross_kvs, updated) -> None:
+        """Store the states of a full forward pass over a prefix into cache rows `rows`."""
+        T = embeddings.shape[1]
+        for scale in SCALE_NAMES:
+            for layer, (k, v) in enumerate(self_kvs[scale]):
+                cache.self_k[scale][layer][rows, :, : k.shape[2]] = k
+                cache.self_v[scale][layer][rows, :, : v.shape[2]] = v
+        for name, (k, v) in cross_kvs.items():
+            cache.cross_k[name][rows, :, : k.shape[2]] = k
+            cache.cross_v[name][rows, :, : v.shape[2]] = v
+        for t in range(max(0, T - SCALES[-1]), T):
+            cache.recent_embeddings[rows, t % SCALES[-1]] = embeddings[:, t]
+        cache.fused_medium[rows] = updated["medium"][:, -1]
+        cache.fused_coarse[rows] = updated["coarse"][:, -1]
+        cache.lengths[rows] = T
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, cache: KVCache, row: int) -> torch.Tensor:
+        """Run prompt `ids` (1-D or (1, T)) into row `row` of a cache, replacing its content.
+
+        Returns the logits after the last prompt token (vocab_size,).
+        """
+        ids = ids.view(1, -1)
+        if not 0 < ids.shape[1] <= cache.capacity:
+            raise ValueError(f"prompt of {ids.shape[1]} tokens must be between 1 and the cache capacity {cache.capacity}")
+        logits, states = self._forward_with_states(ids)
+        self.copy_into_cache(cache, torch.tensor([row], device=ids.device), *states)
+        return logits[0, -1]
+
+    def _slots(self, index: torch.Tensor, uniform_lengths: int | None, divisor: int, offset: int) -> Slots:
+        rows = torch.arange(index.shape[0], device=index.device)
+        uniform = None if uniform_lengths is None else offset + uniform_lengths // divisor
+        return Slots(index, rows, uniform)
+
+    @staticmethod
+    def _span_mask(valid: torch.Tensor, span: int, uniform: bool):
+        """(B, 1, 1, span) bool mask of slots < valid[b]; None when every row sees the whole span."""
+        if uniform:
+            return None
+        return (torch.arange(span, device=valid.device)[None, :] < valid[:, None])[:, None, None, :]
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Append one token per row and return next-token logits (B, V). Every row must have room left."""
+        cfg = self.config
+        B = tokens.shape[0]
+        lengths = cache.lengths
+        lengths_list = lengths.tolist()
+        if max(lengths_list) >= cache.capacity:
+            raise ValueError("a cache row is full; slide the window (re-prefill) before decoding further")
+        uniform_n = lengths_list[0] if min(lengths_list) == max(lengths_list) else None
+        uniform = uniform_n is not None
+        new_lengths = lengths + 1
+        x = self.embed(tokens)  # (B, C)
+        rows = torch.arange(B, device=tokens.device)
+        cache.recent_embeddings[rows, lengths % SCALES[-1]] = x
+
+        # 1. Self-attention stacks. Fine always steps; medium/coarse step when some row completes a group.
+        fine_slot = self._slots(lengths, uniform_n, 1, 0)
+        fine_out = self.stacks["fine"].step(
+            x[:, None], self._rope(lengths, fine_slot.uniform, "cos"), self._rope(lengths, fine_slot.uniform, "sin"),
+            cache.self_k["fine"], cache.self_v["fine"], fine_slot, self._span_mask(new_lengths, fine_slot.span, uniform),
+        )  # (B, 1, C)
+        outputs, completes = {"fine": fine_out}, {}
+        for scale, k in (("medium", SCALES[1]), ("coarse", SCALES[2])):
+            complete = new_lengths % k == 0  # (B,)
+            completes[scale] = complete
+            if not bool(complete.any()):
+                continue
+            # Write slot for every row = its token count so far; rows that do not complete write past their
+            # valid length, which is masked now and overwritten later.
+            slot = self._slots(1 + lengths // k, uniform_n, k, 1)
+            if uniform:  # the group's bytes sit in consecutive ring slots
+                first = (uniform_n + 1 - k) % SCALES[-1]
+                group = cache.recent_embeddings[:, first : first + k]  # (B, k, C)
+            else:
+                ring = [(lengths - i) % SCALES[-1] for i in range(k - 1, -1, -1)]
+                group = torch.stack([cache.recent_embeddings[rows, slot_] for slot_ in ring], 1)
+            token = self.downsample[scale](group.reshape(B, 1, k * cfg.d_model))  # (B, 1, C)
+            valid = 1 + new_lengths // k + (~complete).long()  # include the slot just written
+            outputs[scale] = self.stacks[scale].step(
+                token, self._rope(slot.index, slot.uniform, "cos"), self._rope(slot.index, slot.uniform, "sin"),
+                cache.self_k[scale], cache.self_v[scale], slot, self._span_mask(valid, slot.span, uniform),
+            )
+
+        # 2. Key/value projections of the new tokens for the cross attentions that read them.
+        for query, key in CROSS_PAIRS:
+            if key not in outputs:
+                continue
+            name = cross_name(query, key)
+            k, v = self.cross[name].keys_values(outputs[key])  # (B, H, 1, D)
+            divisor = {"fine": 1, "medium": SCALES[1], "coarse": SCALES[2]}[key]
+            offset = 1 if key == "fine" else 2  # null slot (+ start token for grouped scales)
+            slot = self._slots(offset + lengths // divisor, uniform_n, divisor, offset)
+            slot.write(cache.cross_k[name], k)
+            slot.write(cache.cross_v[name], v)
+
+        # 3. Cross-scale updates of the new tokens, then fusion at the fine position.
+        def cross_update(query: str, key: str, x_query: torch.Tensor) -> torch.Tensor:
+            name = cross_name(query, key)
+            divisor = {"fine": 1, "medium": SCALES[1], "coarse": SCALES[2]}[key]
+            offset = 1 if key == "fine" else 2
+            valid = offset + new_lengths // divisor  # null + everything complete so far
+            span = int(valid.max())
+            mask = self._span_mask(valid, span, uniform)
+            return self.cross[name].attend(x_query, cache.cross_k[name][:, :, :span], cache.cross_v[name][:, :, :span], mask)
+
+        for scale in ("medium", "coarse"):
+            if scale in outputs:
+                others = [s for s in SCALE_NAMES if s != scale]
+                updated = outputs[scale] + sum(cross_update(scale, other, outputs[scale]) for other in others)
+                target = cache.fused_medium if scale == "medium" else cache.fused_coarse
+                target.copy_(torch.where(completes[scale][:, None], updated[:, 0], target))
+        fine_updated = fine_out + cross_update("fine", "medium", fine_out) + cross_update("fine", "coarse", fine_out)
+        fused = self.fusion(fine_updated, cache.fused_medium[:, None], cache.fused_coarse[:, None])
+        cache.lengths = new_lengths
+        return self.lm_head(self.final_norm(fused))[:, 0]  # (B, V)
+
+    def _rope(self, positions: torch.Tensor, uniform: int | None, which: str) -> torch.Tensor:
+        table = self.rope_cos if which == "cos" else self.rope_sin
+        if uniform is not None:
+            return table[uniform]  # (D,) broadcasts over (B, H, 1, D)
+        return table[positions][:, None, None, :]  # (B, 1, 1, D)
