@@ -1,0 +1,112 @@
+import pytest
+import torch
+
+from axl_model import BatchDecoder, Generator, ModelConfig, MultiScaleTransformer, SamplingParams
+from axl_model.generate import StopMatcher
+from axl_model.tokenizer import EOS_ID
+
+
+@pytest.fixture(scope="module")
+def generator():
+    torch.manual_seed(0)
+    model = MultiScaleTransformer(ModelConfig.from_name("tiny", max_seq_len=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return Generator(model)
+
+
+def test_same_seed_same_output_and_different_seed_differs(generator):
+    params = lambda seed: SamplingParams(max_tokens=40, temperature=1.0, top_k=50, top_p=0.95, seed=seed)
+    a, b, c = (generator.generate("def f(", params(s)) for s in (1, 1, 2))
+    assert a.text == b.text and a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_stream_pieces_join_to_the_full_text(generator):
+    params = SamplingParams(max_tokens=120, temperature=0.9, seed=5)
+    pieces = list(generator.stream("import os\n", params))
+    assert "".join(p.text for p in pieces) == generator.generate("import os\n", params).text
+    assert pieces[-1].finish_reason in ("stop", "length")
+    assert all(p.finish_reason is None for p in pieces[:-1])
+
+
+def test_stream_never_splits_a_utf8_character(generator):
+    # High temperature over raw bytes produces invalid sequences: pieces must still be whole characters.
+    for piece in generator.stream("é", SamplingParams(max_tokens=200, temperature=2.0, seed=3)):
+        piece.text.encode("utf-8")  # no lone surrogates or halves
+
+
+def test_max_tokens_beyond_the_window_slides(generator):
+    completion = generator.generate("x", SamplingParams(max_tokens=200, temperature=0.0, stop_at_eos=False))
+    assert completion.finish_reason == "length" and completion.completion_tokens == 200
+
+
+def test_batch_generation_equals_one_at_a_time(generator):
+    prompts = ["a", "def a_much_longer_prompt(x, y):", "class C:"]
+    params = SamplingParams(max_tokens=30, temperature=0.8, seed=11)
+    batched = generator.generate_batch(prompts, params, max_batch=2)  # also exercises joining mid-batch
+    for prompt, completion in zip(prompts, batched):
+        single = generator.generate(prompt, params)
+        assert completion.text == single.text and completion.finish_reason == single.finish_reason
+
+
+def test_stop_sequences_cut_the_text():
+    matcher = StopMatcher(["\n\n", "def "])
+    emitted = []
+    for piece in ["x = 1\n", "\n", "def g"]:
+        text, stopped = matcher.push(piece)
+        emitted.append(text)
+        if stopped:
+            break
+    assert "".join(emitted) == "x = 1" and stopped
+
+
+def test_stop_string_is_never_emitted(generator):
+    free = generator.generate("q", SamplingParams(max_tokens=60, temperature=0.0, stop_at_eos=False)).text
+    stop = free[10:12]
+    stopped = generator.generate("q", SamplingParams(max_tokens=60, temperature=0.0, stop=[stop], stop_at_eos=False))
+    assert stopped.finish_reason == "stop" and stop not in stopped.text and free.startswith(stopped.text)
+
+
+def test_repetition_penalty_changes_greedy_output(generator):
+    plain = generator.generate("aaaa", SamplingParams(max_tokens=30, temperature=0.0, stop_at_eos=False))
+    penalised = generator.generate("aaaa", SamplingParams(max_tokens=30, temperature=0.0, repetition_penalty=3.0,
+                                                          stop_at_eos=False))
+    assert plain.token_ids != penalised.token_ids
+
+
+def test_logprobs_are_reported(generator):
+    completion = generator.generate("a", SamplingParams(max_tokens=5, temperature=0.0, logprobs=3, stop_at_eos=False))
+    assert len(completion.logprobs) == 5
+    assert all(lp.logprob <= 0 and len(lp.top) == 3 for lp in completion.logprobs)
+
+
+def test_special_tokens_other_than_eos_are_never_sampled(generator):
+    completion = generator.generate("", SamplingParams(max_tokens=100, temperature=3.0, seed=0))
+    assert all(t < 256 or t == EOS_ID for t in completion.token_ids)
+
+
+def test_prompt_longer_than_the_window_is_a_clear_error(generator):
+    decoder = BatchDecoder(generator.model, max_batch=1)
+    with pytest.raises(ValueError, match="context window is 64"):
+        decoder.add(list(range(100)), SamplingParams())
+
+
+def test_removing_a_sequence_keeps_the_others_exact(generator):
+    decoder = BatchDecoder(generator.model, max_batch=3)
+    params = SamplingParams(max_tokens=20, temperature=0.0, stop_at_eos=False)
+    sequences = [decoder.add(generator.encode(p), params)[0] for p in ("one", "two", "three")]
+    decoder.step()
+    decoder.remove(sequences[0])  # client went away
+    while decoder.active:
+        decoder.step()
+    for prompt, sequence in zip(("two", "three"), sequences[1:]):
+        assert sequence.generated == generator.generate(prompt, params).token_ids
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_tokens=-1),
+                                 dict(repetition_penalty=0), dict(stop=[""])])
+def test_invalid_sampling_params(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
