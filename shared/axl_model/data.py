@@ -1,0 +1,407 @@
+"""Training data: real code on disk -> filtered documents -> a memory-mapped token file -> random windows.
+
+    prepared = prepare_data(["src/", "more/*.py", "pairs.jsonl"], cache_dir="runs/x/data")
+    sampler = WindowSampler(prepared.train, seq_len=256, batch_size=8, seed=0)
+    x, y, mask = sampler.batch(step)                       # (B, T) int64, (B, T) int64, (B, T) float
+
+Inputs are files, folders (searched recursively) or globs of `.py`/`.txt` and `.jsonl`. A raw file becomes
+BOS + its bytes + EOS. A `.jsonl` line with `source_code`/`target_code` (or `prompt`/`completion`) becomes prompt
+bytes + target bytes + EOS, and the loss mask covers the target (and EOS) only; a line that names a known
+`specialist` is rendered with that specialist's prompt layout, and a line with `text` is a raw document.
+
+Quality filter: line count within [min_lines, max_lines], `.py` files must parse (`ast`), exact duplicates are
+dropped (by content hash, first kept). The train/validation split is by *file*: a stable hash of the path
+relative to its input root decides, so a file never leaks across the split (a `.jsonl` record is split by its
+`file` field when it has one, else by its line). Tokens are stored as uint16 (`tokens.bin`) with a loss mask
+(`mask.bin`, uint8) and a JSON index of document offsets, memory-mapped on use and never loaded whole. The
+folder is keyed by a hash of the inputs (paths, sizes, mtimes, filter settings), so a second run reuses it.
+"""
+from __future__ import annotations
+
+import ast
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import sysconfig
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .tokenizer import BOS_ID, EOS_ID
+
+FORMAT_VERSION = 1
+TEXT_SUFFIXES = (".py", ".txt")
+JSONL_SUFFIXES = (".jsonl",)
+SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git", ".venv", "node_modules"}
+TOKEN_DTYPE = np.uint16  # vocab 258 (+ FIM markers) fits
+
+
+def default_corpus() -> list[str]:
+    """The running Python's standard library source (site-packages excluded by the folder walk)."""
+    return [sysconfig.get_paths()["stdlib"]]
+
+
+@dataclass
+class FilterConfig:
+    min_lines: int = 3
+    max_lines: int = 20_000
+    check_syntax: bool = True  # .py files must parse with `ast`
+    dedupe: bool = True
+
+
+@dataclass
+class DataStats:
+    files: int = 0
+    documents: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0})
+    tokens: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0})
+    rejected: dict[str, int] = field(default_factory=lambda: {"too_short": 0, "too_long": 0, "syntax": 0,
+                                                              "duplicate": 0, "unreadable": 0})
+    split_note: str = ""
+
+
+# ---------------------------------------------------------------------------------------------- token files
+class TokenDataset:
+    """One split on disk: tokens.bin (uint16), mask.bin (uint8, 1 = predict this token), index.json."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        index_file = self.folder / "index.json"
+        try:
+            self.index = json.loads(index_file.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{index_file} is missing or corrupt ({exc}); delete {self.folder.parent} to rebuild") from None
+        self.n_tokens = int(self.index["n_tokens"])
+        self.tokens = np.memmap(self.folder / "tokens.bin", dtype=TOKEN_DTYPE, mode="r", shape=(self.n_tokens,)) \
+            if self.n_tokens else np.zeros(0, dtype=TOKEN_DTYPE)
+        self.mask = np.memmap(self.folder / "mask.bin", dtype=np.uint8, mode="r", shape=(self.n_tokens,)) \
+            if self.n_tokens else np.zeros(0, dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    @property
+    def document_offsets(self) -> list[int]:
+        return self.index["offsets"]
+
+    @property
+    def n_predicted(self) -> int:
+        """Tokens the loss is taken on (bytes of raw files, targets of pairs), i.e. held-out 'bytes'."""
+        return int(self.index["n_predicted"])
+
+    def window(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(self.tokens[start : start + length]), np.asarray(self.mask[start : start + length])
+
+
+class _SplitWriter:
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True)
+        self.folder = folder
+        self.tokens = open(folder / "tokens.bin", "wb")
+        self.mask = open(folder / "mask.bin", "wb")
+        self.offsets: list[int] = []
+        self.n_tokens = 0
+        self.n_predicted = 0
+
+    def add(self, tokens: np.ndarray, mask: np.ndarray) -> None:
+        self.offsets.append(self.n_tokens)
+        tokens.astype(TOKEN_DTYPE).tofile(self.tokens)
+        mask.astype(np.uint8).tofile(self.mask)
+        self.n_tokens += len(tokens)
+        self.n_predicted += int(mask.sum())
+
+    def close(self) -> None:
+        self.tokens.close()
+        self.mask.close()
+        index = {"format_version": FORMAT_VERSION, "n_tokens": self.n_tokens, "n_predicted": self.n_predicted,
+                 "offsets": self.offsets}
+        (self.folder / "index.json").write_text(json.dumps(index))
+
+
+# ---------------------------------------------------------------------------------------------- reading inputs
+@dataclass
+class Document:
+    split_key: str  # what decides train/val: the file's relative path (+ the record's source file)
+    tokens: np.ndarray  # uint16
+    mask: np.ndarray  # uint8
+    content_hash: str
+
+
+def resolve_inputs(paths: Sequence[str | os.PathLike]) -> list[tuple[Path, str]]:
+    """(file, path relative to its input root) for every data file named by paths, folders and globs."""
+    found: dict[Path, str] = {}
+    for raw in paths:
+        raw = str(raw)
+        if glob.has_magic(raw):
+            prefix = re.split(r"[*?\[]", raw, maxsplit=1)[0]
+            root = Path(os.path.dirname(prefix) or ".")  # the folder before the first wildcard
+            matches = sorted(Path(m) for m in glob.glob(raw, recursive=True))
+            if not matches:
+                raise ValueError(f"data glob {raw!r} matches no files")
+            for match in matches:
+                if match.is_file() and match.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES:
+                    found.setdefault(match.resolve(), _relative(match, root))
+            continue
+        path = Path(raw)
+        if path.is_dir():
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames[:] = sorted(d for d in dirnames if d not in SKIPPED_DIRS)
+                for name in sorted(filenames):
+                    file = Path(dirpath) / name
+                    if file.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES:
+                        found.setdefault(file.resolve(), _relative(file, path))
+        elif path.is_file():
+            if path.suffix not in TEXT_SUFFIXES + JSONL_SUFFIXES:
+                raise ValueError(f"data file {path} is not .py, .txt or .jsonl")
+            found.setdefault(path.resolve(), path.name)
+        else:
+            raise ValueError(f"data path {path} does not exist")
+    return sorted(found.items(), key=lambda item: item[1])
+
+
+def _relative(file: Path, root: Path) -> str:
+    try:
+        return file.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return file.name
+
+
+def _raw_document(split_key: str, data: bytes) -> Document:
+    tokens = np.empty(len(data) + 2, dtype=TOKEN_DTYPE)
+    tokens[0], tokens[-1] = BOS_ID, EOS_ID
+    tokens[1:-1] = np.frombuffer(data, dtype=np.uint8)
+    mask = np.ones(len(tokens), dtype=np.uint8)
+    mask[0] = 0  # BOS is never a target
+    return Document(split_key, tokens, mask, hashlib.sha1(data).hexdigest())
+
+
+def _pair_document(split_key: str, prompt: str, target: str) -> Document:
+    p, t = prompt.encode("utf-8"), target.encode("utf-8")
+    tokens = np.empty(1 + len(p) + len(t) + 1, dtype=TOKEN_DTYPE)
+    tokens[0], tokens[-1] = BOS_ID, EOS_ID
+    tokens[1 : 1 + len(p)] = np.frombuffer(p, dtype=np.uint8)
+    tokens[1 + len(p) : -1] = np.frombuffer(t, dtype=np.uint8)
+    mask = np.zeros(len(tokens), dtype=np.uint8)
+    mask[1 + len(p) :] = 1  # loss on the target and EOS only
+    return Document(split_key, tokens, mask, hashlib.sha1(b"%d\0" % len(p) + p + t).hexdigest())
+
+
+def _render_record(record: dict, where: str) -> tuple[str, str] | str:
+    """(prompt, target) for a pair record, or the text of a raw record."""
+    if "source_code" in record and "target_code" in record:
+        source, target = record["source_code"], record["target_code"]
+        specialist = record.get("specialist")
+        if specialist:
+            from .specialists import SPECIALISTS
+
+            if specialist in SPECIALISTS:
+                return SPECIALISTS[specialist].render_pair(source, target)
+        return source, target
+    if "prompt" in record and "completion" in record:
+        return record["prompt"], record["completion"]
+    if "text" in record:
+        return record["text"]
+    raise ValueError(f"{where}: a .jsonl line needs source_code/target_code, prompt/completion or text; "
+                     f"got keys {sorted(record)[:6]}")
+
+
+def read_documents(file: Path, relpath: str, filters: FilterConfig, rejected: dict[str, int]) -> Iterator[Document]:
+    """The documents of one data file that pass the quality filter (duplicates are removed later)."""
+    try:
+        data = file.read_bytes()
+    except OSError:
+        rejected["unreadable"] += 1
+        return
+    if file.suffix in JSONL_SUFFIXES:
+        for line_no, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{file}:{line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where} is not valid JSON: {exc}") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: each .jsonl line must be a JSON object")
+            rendered = _render_record(record, where)
+            key = f"{relpath}::{record.get('file', line_no)}"
+            if isinstance(rendered, str):
+                yield _raw_document(key, rendered.encode("utf-8"))
+            else:
+                yield _pair_document(key, *rendered)
+        return
+    n_lines = data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
+    if n_lines < filters.min_lines:
+        rejected["too_short"] += 1
+        return
+    if n_lines > filters.max_lines:
+        rejected["too_long"] += 1
+        return
+    if file.suffix == ".py" and filters.check_syntax:
+        try:
+            ast.parse(data, filename=str(file))
+        except (SyntaxError, ValueError, UnicodeDecodeError, RecursionError, MemoryError):
+            rejected["syntax"] += 1
+            return
+    yield _raw_document(relpath, data)
+
+
+def split_of(split_key: str, val_fraction: float) -> str:
+    """'val' or 'train' from a stable hash of the key (same answer on every run and machine)."""
+    digest = hashlib.sha256(split_key.encode("utf-8")).digest()
+    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+
+
+# ---------------------------------------------------------------------------------------------- preparing
+@dataclass
+class PreparedData:
+    folder: Path
+    train: TokenDataset
+    val: TokenDataset
+    stats: DataStats
+
+
+def _inputs_key(train_files, val_files, filters: FilterConfig, val_fraction: float) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"v": FORMAT_VERSION, "filters": asdict(filters), "val_fraction": val_fraction}).encode())
+    for tag, files in (("train", train_files), ("val", val_files)):
+        for file, rel in files:
+            st = file.stat()
+            h.update(f"{tag}\0{file}\0{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def prepare_data(data: Sequence[str | os.PathLike] | None, cache_dir: str | os.PathLike, *,
+                 val_data: Sequence[str | os.PathLike] | None = None, val_fraction: float = 0.05,
+                 filters: FilterConfig | None = None, progress: bool = True) -> PreparedData:
+    """Filter, split and tokenize the inputs into cache_dir/<hash of inputs>/ (reused when it exists).
+
+    Raises ValueError when a path does not exist, nothing is readable, or no training data is left.
+    """
+    filters = filters or FilterConfig()
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    train_files = resolve_inputs(data if data else default_corpus())
+    val_files = resolve_inputs(val_data) if val_data else []
+    if not train_files:
+        raise ValueError(f"no .py, .txt or .jsonl files found in {list(map(str, data or default_corpus()))}")
+    key = _inputs_key(train_files, val_files, filters, val_fraction)
+    folder = Path(cache_dir) / key
+    if (folder / "stats.json").is_file():
+        return _open(folder)
+
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=cache_dir))
+    try:
+        _build(staging, train_files, val_files, filters, val_fraction, progress)
+        if os.path.exists(folder):  # another process finished first
+            shutil.rmtree(staging)
+        else:
+            os.rename(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _open(folder)
+
+
+def _open(folder: Path) -> PreparedData:
+    stats = DataStats(**json.loads((folder / "stats.json").read_text()))
+    return PreparedData(folder, TokenDataset(folder / "train"), TokenDataset(folder / "val"), stats)
+
+
+def _build(staging: Path, train_files, val_files, filters: FilterConfig, val_fraction: float, progress: bool) -> DataStats:
+    from tqdm import tqdm
+
+    stats = DataStats()
+    seen: set[str] = set()
+    writers = {"train": _SplitWriter(staging / "train"), "val": _SplitWriter(staging / "val")}
+    held_back: list[Document] = []  # when no val data is given and the hash split leaves val empty
+    jobs = [(f, r, None) for f, r in train_files] + [(f, r, "val") for f, r in val_files]
+    bar = tqdm(jobs, desc="preparing data", unit="file", disable=not progress, leave=False)
+    for file, relpath, forced in bar:
+        stats.files += 1
+        for doc in read_documents(file, relpath, filters, stats.rejected):
+            if filters.dedupe:
+                if doc.content_hash in seen:
+                    stats.rejected["duplicate"] += 1
+                    continue
+                seen.add(doc.content_hash)
+            split = forced or ("train" if val_files else split_of(doc.split_key, val_fraction))
+            if split == "train" and not val_files and val_fraction > 0 and not held_back:
+                held_back.append(doc)  # the first train doc waits: it becomes val if the hash split gives none
+                continue
+            writers[split].add(doc.tokens, doc.mask)
+            stats.documents[split] += 1
+    bar.close()
+    for doc in held_back:
+        split = "val" if writers["val"].n_tokens == 0 else "train"
+        if split == "val" and writers["train"].n_tokens == 0:
+            # A single document: hold out its tail so there is something honest to measure.
+            cut = max(2, int(len(doc.tokens) * (1 - max(val_fraction, 0.1))))
+            writers["train"].add(doc.tokens[:cut], doc.mask[:cut])
+            writers["val"].add(doc.tokens[cut:], doc.mask[cut:])
+            stats.documents["train"] += 1
+            stats.documents["val"] += 1
+            stats.split_note = "one document only: its last part is the validation split"
+            continue
+        if split == "val":
+            stats.split_note = "the hash split held out no file: the first file is the validation split"
+        writers[split].add(doc.tokens, doc.mask)
+        stats.documents[split] += 1
+    for name, writer in writers.items():
+        writer.close()
+        stats.tokens[name] = writer.n_tokens
+    if stats.tokens["train"] == 0:
+        raise ValueError(f"no training data left after filtering {stats.files} file(s) "
+                         f"(rejected: {', '.join(f'{k} {v}' for k, v in stats.rejected.items() if v) or 'none'}; "
+                         f"filter keeps {filters.min_lines}..{filters.max_lines} lines)")
+    (staging / "stats.json").write_text(json.dumps(asdict(stats), indent=2))
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------- batches
+class WindowSampler:
+    """Random windows of seq_len + 1 tokens. Batch n depends only on (seed, n): the position in the
+    stream is the batch counter, which the training state saves, so a resumed run sees the same batches."""
+
+    def __init__(self, dataset: TokenDataset, seq_len: int, batch_size: int, seed: int = 0) -> None:
+        if len(dataset) < seq_len + 1:
+            raise ValueError(f"the training split has {len(dataset)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
+                             f"add data or lower seq_len")
+        self.dataset, self.seq_len, self.batch_size, self.seed = dataset, seq_len, batch_size, seed
+        self.position = 0  # batches drawn so far
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch = self.batch(self.position)
+        self.position += 1
+        return batch
+
+    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, y, mask): inputs (B, T), next-token targets (B, T), loss weights for the targets (B, T)."""
+        rng = np.random.default_rng([self.seed, n])
+        starts = rng.integers(0, len(self.dataset) - self.seq_len, size=self.batch_size)
+        tokens = np.stack([self.dataset.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int64)
+        mask = np.stack([self.dataset.mask[s + 1 : s + self.seq_len + 1] for s in starts]).astype(np.float32)
+        tokens_t = torch.from_numpy(tokens)
+        return tokens_t[:, :-1], tokens_t[:, 1:], torch.from_numpy(mask)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.position = int(state["seed"]), int(state["position"])
+
+
+def eval_windows(dataset: TokenDataset, seq_len: int, max_tokens: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Consecutive non-overlapping windows (tokens of length <= seq_len + 1, mask) over a split, in order."""
+    end = len(dataset) if max_tokens is None else min(len(dataset), max_tokens + 1)
+    start = 0
+    while start < end - 1:
+        stop = min(start + seq_len + 1, end)
+        yield dataset.window(start, stop - start)
+        start = stop - 1

@@ -1,0 +1,450 @@
+"""Training: the loop, validation bits per byte, checkpoints that resume exactly, and distillation.
+
+    from axl_model.train import TrainConfig, train
+    result = train(TrainConfig(out_dir="checkpoints/axl-micro", preset="micro", data=["src/"], max_time=180))
+    print(result.val_bpb)
+
+The final model is a checkpoint folder at `out_dir` that also holds the training state (optimizer, step, RNG
+of torch and Python, sampler position, the run's config). With `resume=True` a later call continues from it
+exactly: a run stopped at step k (or killed) and resumed reaches the same weights at step n as one that never
+stopped. Logs, the prepared data and plots live beside it in the run folder `<out_dir>.run/` (the checkpoint
+folder is replaced atomically on every save, so nothing else may live inside it).
+
+The honest quality number is validation bits per byte: mean cross-entropy (nats) over held-out bytes / ln 2.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import is_checkpoint, load_checkpoint, load_training_state, save_checkpoint
+from .config import PRESETS, ModelConfig
+from .data import FilterConfig, PreparedData, TokenDataset, WindowSampler, eval_windows, prepare_data
+from .logger import TrainLogger
+from .model import MultiScaleTransformer
+from .optim import DEFAULT_LR, OPTIMIZERS, build_optimizer, lr_at, set_lr
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs. Architecture comes from `preset` (+ `model_overrides`), from
+    `init_from` (fine-tune a checkpoint), or, when resuming, from the checkpoint in `out_dir`."""
+
+    out_dir: str
+    preset: str = "micro"
+    init_from: str | None = None
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    # --- data
+    data: list[str] | None = None  # files, folders, globs; None: the running Python's standard library
+    val_data: list[str] | None = None  # None: hold out files of `data` by hash of their path
+    val_fraction: float = 0.05
+    min_lines: int = 3
+    max_lines: int = 20_000
+    # --- budget: whichever comes first; none given means one epoch
+    max_steps: int | None = None
+    max_time: float | None = None  # seconds of wall-clock time, summed over resumed segments
+    epochs: float | None = None
+    # --- optimisation
+    batch_size: int = 8
+    seq_len: int = 256
+    lr: float | None = None  # None: the optimizer's default (optim.DEFAULT_LR)
+    optimizer: str = "lion"
+    weight_decay: float | None = None
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    warmup_steps: int | None = None  # None: 5% of a step budget, capped at 100 (50 for a time budget)
+    # --- evaluation and checkpoints (in optimizer steps; 0 disables the periodic ones)
+    eval_interval: int = 100
+    eval_tokens: int = 65_536  # validation tokens scored per evaluation (the final one too)
+    checkpoint_interval: int = 200
+    # --- distillation from a larger checkpoint
+    distill_from: str | None = None
+    distill_temperature: float = 2.0
+    distill_alpha: float = 0.5  # weight of the KL term; 1 - alpha goes to the usual cross-entropy
+    # --- runtime
+    seed: int = 0
+    resume: bool = True
+    num_threads: int | None = None  # None: os.cpu_count()
+    progress: bool = True
+    run_dir: str | None = None  # None: "<out_dir>.run"
+    data_cache_dir: str | None = None  # None: "<run_dir>/data"
+    check_ram: bool = True
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.init_from is None and self.preset not in PRESETS:
+            problems.append(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        for name in ("batch_size", "seq_len", "grad_accum"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "max_time", "epochs"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                problems.append(f"{name} must be > 0, got {value}")
+        if self.lr is not None and self.lr <= 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.distill_alpha <= 1.0 or self.distill_temperature <= 0:
+            problems.append(f"distill_alpha must be in [0, 1] and distill_temperature > 0, got "
+                            f"{self.distill_alpha} and {self.distill_temperature}")
+        if problems:
+            raise ValueError("invalid training config: " + "; ".join(problems))
+        for name in ("data", "val_data"):  # one path is a list of one
+            value = getattr(self, name)
+            if isinstance(value, (str, os.PathLike)):
+                setattr(self, name, [str(value)])
+        self.out_dir = str(self.out_dir)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path(f"{self.out_dir}.run")
+
+    @property
+    def base_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainCallbacks:
+    on_step: Callable[[dict], None] | None = None  # after each optimizer step: step, loss, lr, bytes_per_s, ...
+    on_eval: Callable[[dict], None] | None = None  # after each validation: step, val_bpb
+    on_checkpoint: Callable[[str, int], None] | None = None  # (checkpoint dir, step) after each save
+    should_stop: Callable[[], bool] | None = None  # checked every step; True: checkpoint and return "stopped"
+
+
+@dataclass
+class TrainResult:
+    status: Literal["completed", "stopped"]
+    steps: int
+    val_bpb: float | None
+    checkpoint_dir: str
+    elapsed_s: float
+    bytes_per_s: float
+    resumed_from_step: int | None = None
+    train_loss: float | None = None
+
+
+# ---------------------------------------------------------------------------------------------- losses
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (nats) over positions where mask is 1. logits (B, T, V), targets/mask (B, T)."""
+    losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")  # (B*T,)
+    mask = mask.flatten()
+    return (losses * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                      temperature: float, alpha: float) -> torch.Tensor:
+    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, targets), both over masked positions."""
+    t = temperature
+    teacher_logp = F.log_softmax(teacher / t, dim=-1)
+    student_logp = F.log_softmax(student / t, dim=-1)
+    kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)  # (B, T)
+    kl = (kl * mask).sum() / mask.sum().clamp_min(1.0)
+    return alpha * t * t * kl + (1 - alpha) * masked_cross_entropy(student, targets, mask)
+
+
+@torch.no_grad()
+def evaluate_bpb(model: MultiScaleTransformer, dataset: TokenDataset, seq_len: int, batch_size: int = 8,
+                 max_tokens: int | None = None) -> float:
+    """Bits per byte on a split: summed cross-entropy over predicted tokens / their count / ln 2.
+
+    Windows are consecutive and non-overlapping, so every held-out token up to max_tokens is scored once.
+    """
+    was_training = model.training
+    model.eval()
+    total_nats, total_count = 0.0, 0.0
+    pending: list[np.ndarray] = []
+
+    def score(windows: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        nonlocal total_nats, total_count
+        tokens = torch.from_numpy(np.stack([w[0] for w in windows]).astype(np.int64))
+        mask = torch.from_numpy(np.stack([w[1][1:] for w in windows]).astype(np.float32))
+        logits = model(tokens[:, :-1])
+        losses = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+        total_nats += float((losses * mask.flatten()).sum())
+        total_count += float(mask.sum())
+
+    try:
+        for window in eval_windows(dataset, seq_len, max_tokens):
+            if pending and len(window[0]) != len(pending[0][0]):
+                score(pending)
+                pending = []
+            pending.append(window)
+            if len(pending) == batch_size:
+                score(pending)
+                pending = []
+        if pending:
+            score(pending)
+    finally:
+        model.train(was_training)
+    if total_count == 0:
+        raise ValueError("the validation split has no tokens to score")
+    return total_nats / total_count / LN2
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def available_ram_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_ram(model_config: ModelConfig, config: TrainConfig, extra_bytes: int = 0) -> None:
+    need = model_config.training_ram_bytes(config.batch_size, config.seq_len, config.optimizer) + extra_bytes
+    have = available_ram_bytes()
+    if have is not None and need > have:
+        raise ValueError(f"training {model_config.name!r} at batch {config.batch_size} x {config.seq_len} needs about "
+                         f"{need / 2**30:.1f} GiB of RAM but only {have / 2**30:.1f} GiB is available; use a smaller "
+                         f"preset (`axl presets --ram {have / 2**30:.0f}`) or a smaller batch")
+
+
+def _warmup_steps(config: TrainConfig, total_steps: int | None) -> int:
+    if config.warmup_steps is not None:
+        return config.warmup_steps
+    if total_steps is not None:
+        return min(100, max(1, total_steps // 20))
+    return 50
+
+
+def _python_rng_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_python_rng_state(state: list) -> None:
+    random.setstate((state[0], tuple(state[1]), state[2]))
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def train(config: TrainConfig, callbacks: TrainCallbacks | None = None) -> TrainResult:
+    """Train (or resume) as `config` says; returns how it ended. User-fixable problems raise ValueError."""
+    callbacks = callbacks or TrainCallbacks()
+    torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+    out_dir, run_dir = Path(config.out_dir), config.run_path
+
+    # 1. The model: resumed from out_dir, initialised from a checkpoint, or fresh from a preset.
+    state = load_training_state(out_dir) if config.resume and is_checkpoint(out_dir) else None
+    if state is not None:
+        model = load_checkpoint(out_dir)
+    elif config.init_from is not None:
+        model = load_checkpoint(config.init_from)
+    else:
+        torch.manual_seed(config.seed)
+        model = MultiScaleTransformer(ModelConfig.from_name(config.preset, **config.model_overrides))
+    model.train()
+    if config.seq_len > model.config.max_seq_len:
+        raise ValueError(f"seq_len {config.seq_len} exceeds the model's window max_seq_len {model.config.max_seq_len}")
+
+    teacher = None
+    if config.distill_from:
+        teacher = load_checkpoint(config.distill_from).requires_grad_(False)
+        if teacher.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"teacher vocab {teacher.config.vocab_size} differs from student vocab {model.config.vocab_size}")
+        if teacher.config.max_seq_len < config.seq_len:
+            raise ValueError(f"teacher window {teacher.config.max_seq_len} is shorter than seq_len {config.seq_len}")
+    if config.check_ram:
+        check_ram(model.config, config, extra_bytes=teacher.num_parameters() * 8 if teacher is not None else 0)
+
+    # 2. Data.
+    prepared: PreparedData = prepare_data(
+        config.data, config.data_cache_dir or run_dir / "data", val_data=config.val_data,
+        val_fraction=config.val_fraction, filters=FilterConfig(config.min_lines, config.max_lines),
+        progress=config.progress)
+    sampler = WindowSampler(prepared.train, config.seq_len, config.batch_size, seed=config.seed)
+    tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
+
+    # 3. Optimizer and the state to resume.
+    optimizer = build_optimizer(model, config.optimizer, config.lr, config.weight_decay)
+    step, prior_elapsed, tokens_seen, last_val = 0, 0.0, 0, None
+    resumed_from = None
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        _set_python_rng_state(state["python_rng"])
+        step, prior_elapsed = int(state["step"]), float(state["elapsed_s"])
+        tokens_seen, last_val = int(state["tokens_seen"]), state.get("val_bpb")
+        resumed_from = step
+
+    total_steps = config.max_steps
+    epochs = config.epochs if (config.epochs or config.max_steps or config.max_time) else 1.0
+    if epochs:
+        epoch_steps = max(1, math.ceil(epochs * len(prepared.train) / tokens_per_step))
+        total_steps = min(total_steps, epoch_steps) if total_steps else epoch_steps
+    warmup = _warmup_steps(config, total_steps)
+
+    def progress_fraction(elapsed: float) -> float:
+        fractions = [step / total_steps] if total_steps else []
+        if config.max_time:
+            fractions.append(elapsed / config.max_time)
+        return max(fractions)
+
+    def training_state(elapsed: float) -> dict:
+        return {"step": step, "elapsed_s": elapsed, "tokens_seen": tokens_seen, "val_bpb": last_val,
+                "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
+                "torch_rng": torch.get_rng_state(), "python_rng": _python_rng_state(),
+                "train_config": _jsonable(config.to_dict())}
+
+    def save(elapsed: float) -> None:
+        metadata = {"step": step, "val_bpb": last_val, "elapsed_s": round(elapsed, 2), "tokens_seen": tokens_seen,
+                    "preset": model.config.name, "data": asdict(prepared.stats), "run_dir": str(run_dir),
+                    "train_config": _jsonable(config.to_dict())}
+        save_checkpoint(model, out_dir, training_state=training_state(elapsed), metadata=metadata)
+        logger.log("event", event="checkpoint", step=step, path=str(out_dir))
+        if callbacks.on_checkpoint:
+            callbacks.on_checkpoint(str(out_dir), step)
+
+    def run_eval(elapsed: float) -> float:
+        nonlocal last_val
+        last_val = evaluate_bpb(model, prepared.val if len(prepared.val) > 1 else prepared.train,
+                                config.seq_len, config.batch_size, config.eval_tokens)
+        record = {"step": step, "val_bpb": last_val, "elapsed_s": round(elapsed, 3)}
+        logger.log("eval", **record)
+        if callbacks.on_eval:
+            callbacks.on_eval(record)
+        return last_val
+
+    from tqdm import tqdm
+
+    logger = TrainLogger(run_dir, resume_from_step=resumed_from)
+    logger.log("event", event="resume" if state else "start", step=step, params=model.num_parameters(),
+               preset=model.config.name, train_tokens=len(prepared.train), val_tokens=len(prepared.val),
+               config=_jsonable(config.to_dict()))
+    bar = tqdm(total=total_steps, initial=step, unit="step", disable=not config.progress, dynamic_ncols=True,
+               desc=f"train {model.config.name}")
+    started = time.monotonic()
+    train_time, session_tokens, status, loss_value = 0.0, 0, "completed", None
+    evaluated_at = -1
+    try:
+        while True:
+            elapsed = prior_elapsed + time.monotonic() - started
+            if (total_steps and step >= total_steps) or (config.max_time and elapsed >= config.max_time):
+                break
+            if callbacks.should_stop and callbacks.should_stop():
+                status = "stopped"
+                break
+            step_started = time.monotonic()
+            lr = lr_at(progress_fraction(elapsed), step, config.base_lr, warmup)
+            set_lr(optimizer, lr)
+            loss_sum = 0.0
+            for _ in range(config.grad_accum):
+                x, y, mask = sampler.next_batch()
+                logits = model(x)
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(x)
+                    loss = distillation_loss(logits, teacher_logits, y, mask, config.distill_temperature,
+                                             config.distill_alpha)
+                else:
+                    loss = masked_cross_entropy(logits, y, mask)
+                (loss / config.grad_accum).backward()
+                loss_sum += loss.detach().item()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens_per_step
+            session_tokens += tokens_per_step
+            train_time += time.monotonic() - step_started
+            loss_value = loss_sum / config.grad_accum
+            if not math.isfinite(loss_value):
+                raise ValueError(f"the loss became {loss_value} at step {step}; lower the learning rate (now {lr:.2e})")
+            elapsed = prior_elapsed + time.monotonic() - started
+            bytes_per_s = session_tokens / max(train_time, 1e-9)
+            record = {"step": step, "loss": loss_value, "lr": lr, "bytes_per_s": bytes_per_s,
+                      "elapsed_s": round(elapsed, 3), "tokens_seen": tokens_seen}
+            logger.log("train", **record)
+            if callbacks.on_step:
+                callbacks.on_step(record)
+            if config.eval_interval and step % config.eval_interval == 0:
+                run_eval(elapsed)
+                evaluated_at = step
+            if config.checkpoint_interval and step % config.checkpoint_interval == 0:
+                save(prior_elapsed + time.monotonic() - started)
+            bar.update(1)
+            bar.set_postfix_str(_postfix(loss_value, last_val, bytes_per_s, _eta(config, total_steps, step, elapsed,
+                                                                                 train_time, session_tokens, tokens_per_step)))
+        elapsed = prior_elapsed + time.monotonic() - started
+        if evaluated_at != step:
+            run_eval(elapsed)
+        save(prior_elapsed + time.monotonic() - started)
+        logger.log("event", event=status, step=step, val_bpb=last_val)
+    finally:
+        bar.close()
+        logger.close()
+    return TrainResult(status=status, steps=step, val_bpb=last_val, checkpoint_dir=str(out_dir),
+                       elapsed_s=prior_elapsed + time.monotonic() - started,
+                       bytes_per_s=session_tokens / train_time if train_time else 0.0,
+                       resumed_from_step=resumed_from, train_loss=loss_value)
+
+
+def _eta(config: TrainConfig, total_steps, step, elapsed, train_time, session_tokens, tokens_per_step) -> float | None:
+    candidates = []
+    if config.max_time:
+        candidates.append(max(0.0, config.max_time - elapsed))
+    if total_steps and session_tokens:
+        seconds_per_step = train_time / (session_tokens / tokens_per_step)
+        candidates.append((total_steps - step) * seconds_per_step)
+    return min(candidates) if candidates else None
+
+
+def _postfix(loss: float, val_bpb: float | None, bytes_per_s: float, eta: float | None) -> str:
+    parts = [f"loss {loss:.3f}", f"val {val_bpb:.3f} bpb" if val_bpb is not None else "val -",
+             f"{bytes_per_s:,.0f} B/s"]
+    if eta is not None:
+        parts.append(f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+    return ", ".join(parts)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data: list[str] | None, *, split: str = "val",
+                        seq_len: int | None = None, batch_size: int = 8, max_tokens: int | None = None,
+                        cache_dir: str | os.PathLike | None = None, val_fraction: float = 0.05,
+                        progress: bool = False) -> dict:
+    """Bits per byte of a checkpoint on the held-out split of `data` (the same split training used) or on
+    all of it (split="all"). Returns {"val_bpb", "tokens", "split"}."""
+    import tempfile
+
+    model = load_checkpoint(checkpoint)
+    seq_len = min(seq_len or 256, model.config.max_seq_len)
+    with tempfile.TemporaryDirectory(prefix="axl-eval-") as tmp:
+        prepared = prepare_data(data, cache_dir or tmp, val_fraction=val_fraction if split == "val" else 0.0,
+                                progress=progress)
+        dataset = prepared.val if split == "val" else prepared.train
+        if len(dataset) < 2:
+            raise ValueError(f"the {split} split of {data} is empty; use split='all'")
+        bpb = evaluate_bpb(model, dataset, seq_len, batch_size, max_tokens)
+        scored = len(dataset) if max_tokens is None else min(len(dataset), max_tokens)
+    return {"val_bpb": bpb, "tokens": scored, "split": split}

@@ -1,0 +1,153 @@
+"""Data preparation: filter, split by file, memory-mapped tokens, reproducible windows."""
+from __future__ import annotations
+
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from axl_model.data import FilterConfig, TokenDataset, WindowSampler, eval_windows, prepare_data, resolve_inputs, split_of
+from axl_model.tokenizer import BOS_ID, EOS_ID
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+SAMPLE_MODULES = ("textwrap.py", "bisect.py", "heapq.py", "string.py", "shlex.py", "fnmatch.py", "colorsys.py",
+                  "keyword.py", "numbers.py", "queue.py", "sched.py", "stat.py", "this.py", "glob.py")
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    root = tmp_path / "corpus"
+    (root / "pkg").mkdir(parents=True)
+    for name in SAMPLE_MODULES:
+        shutil.copy(STDLIB / name, root / "pkg" / name)
+    shutil.copy(STDLIB / "textwrap.py", root / "duplicate_of_textwrap.py")
+    (root / "broken.py").write_text("def f(:\n    pass\n\n\n")
+    (root / "short.py").write_text("x = 1\n")
+    (root / "notes.txt").write_text("line one\nline two\nline three\nline four\n")
+    (root / "ignored.md").write_text("# not a data file\n\n\n\n")
+    return root
+
+
+def test_filter_split_and_format(corpus: Path, tmp_path: Path) -> None:
+    prepared = prepare_data([corpus], tmp_path / "cache", val_fraction=0.2, progress=False)
+    stats = prepared.stats
+    assert stats.files == len(SAMPLE_MODULES) + 4  # the .md file is not a data file
+    assert stats.rejected["syntax"] == 1
+    assert stats.rejected["too_short"] == 1
+    assert stats.rejected["duplicate"] == 1
+    assert stats.documents["train"] + stats.documents["val"] == len(SAMPLE_MODULES) + 1
+    assert stats.documents["val"] >= 1 and stats.documents["train"] >= 1
+
+    # The split follows a stable hash of each file's relative path: recompute it independently.
+    kept = [rel for _, rel in resolve_inputs([corpus]) if rel not in ("broken.py", "short.py", "duplicate_of_textwrap.py")]
+    expected_val = sorted(rel for rel in kept if split_of(rel, 0.2) == "val")
+    val_bytes = sum((corpus / rel).stat().st_size + 2 for rel in expected_val)
+    if expected_val:
+        assert stats.tokens["val"] == val_bytes
+
+    # On disk: uint16 tokens, memory-mapped; documents are BOS + bytes + EOS and round-trip.
+    train = prepared.train
+    assert isinstance(train.tokens, np.memmap) and train.tokens.dtype == np.uint16
+    offsets = train.document_offsets + [len(train)]
+    first = np.asarray(train.tokens[offsets[0] : offsets[1]])
+    assert first[0] == BOS_ID and first[-1] == EOS_ID
+    text = bytes(first[1:-1].astype(np.uint8)).decode()
+    assert any((corpus / rel).read_text() == text for _, rel in resolve_inputs([corpus]))
+    assert train.n_predicted == len(train) - len(train.document_offsets)  # every token but BOS is a target
+
+    # A second call with the same inputs reuses the cache folder; a changed file makes a new one.
+    again = prepare_data([corpus], tmp_path / "cache", val_fraction=0.2, progress=False)
+    assert again.folder == prepared.folder
+    (corpus / "pkg" / "this.py").write_text((corpus / "pkg" / "this.py").read_text() + "\n# changed\n")
+    changed = prepare_data([corpus], tmp_path / "cache", val_fraction=0.2, progress=False)
+    assert changed.folder != prepared.folder
+
+
+def test_filter_limits_are_configurable(corpus: Path, tmp_path: Path) -> None:
+    prepared = prepare_data([corpus], tmp_path / "c", filters=FilterConfig(min_lines=1, max_lines=200, check_syntax=False),
+                            progress=False)
+    assert prepared.stats.rejected["too_short"] == 0 and prepared.stats.rejected["syntax"] == 0
+    assert prepared.stats.rejected["too_long"] >= 5  # textwrap, string, shlex... are longer than 200 lines
+
+
+def test_jsonl_pairs_mask_the_prompt(tmp_path: Path) -> None:
+    lines = [{"source_code": f"def f{i}(): pass\n", "target_code": f"def f{i}():\n    return {i}\n", "file": f"m{i}.py"}
+             for i in range(40)]
+    lines.append({"prompt": "Q: 2+2?\n", "completion": "A: 4", "file": "qa"})
+    lines.append({"text": "a raw\ndocument\nhere\n"})
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in lines) + "\n\n")
+    prepared = prepare_data([data], tmp_path / "cache", val_fraction=0.25, progress=False)
+    assert prepared.stats.documents["train"] + prepared.stats.documents["val"] == 42
+    assert prepared.stats.documents["val"] > 0  # records split by their source file, not the .jsonl as a whole
+    ds = prepared.train
+    offsets = ds.document_offsets + [len(ds)]
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        tokens, mask = np.asarray(ds.tokens[a:b]), np.asarray(ds.mask[a:b])
+        text = bytes(tokens[1:-1].astype(np.uint8)).decode()
+        assert tokens[-1] == EOS_ID and mask[-1] == 1 and mask[0] == 0
+        if text.startswith("def f"):  # the loss covers exactly the target bytes and EOS
+            target = text[text.index("\n") + 1 :]
+            assert mask.sum() == len(target.encode()) + 1
+            assert bytes(tokens[mask == 1][:-1].astype(np.uint8)).decode() == target
+
+
+def test_specialist_records_use_the_prompt_layout(tmp_path: Path) -> None:
+    from axl_model.specialists import get_specialist
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"source_code": "def add(a, b):\n    return a + b\n", "target_code": "Add two numbers.",
+                                "specialist": "docs"}) + "\n")
+    prepared = prepare_data([data], tmp_path / "cache", val_fraction=0.0, progress=False)
+    prompt, target = get_specialist("docs").render_pair("def add(a, b):\n    return a + b\n", "Add two numbers.")
+    tokens = np.asarray(prepared.train.tokens)
+    assert bytes(tokens[1:-1].astype(np.uint8)).decode() == prompt + target
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        prepare_data([tmp_path / "missing"], tmp_path / "c", progress=False)
+    with pytest.raises(ValueError, match="matches no files"):
+        prepare_data([str(tmp_path / "*.py")], tmp_path / "c", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no .py, .txt or .jsonl files"):
+        prepare_data([tmp_path / "empty"], tmp_path / "c", progress=False)
+    (tmp_path / "tiny.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="no training data left"):
+        prepare_data([tmp_path / "tiny.py"], tmp_path / "c", progress=False)
+    (tmp_path / "bad.jsonl").write_text('{"foo": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        prepare_data([tmp_path / "bad.jsonl"], tmp_path / "c", progress=False)
+
+
+def test_globs_and_explicit_validation_data(corpus: Path, tmp_path: Path) -> None:
+    prepared = prepare_data([str(corpus / "pkg" / "*.py")], tmp_path / "c", val_data=[corpus / "notes.txt"],
+                            progress=False)
+    assert prepared.stats.documents == {"train": len(SAMPLE_MODULES), "val": 1}
+    assert bytes(np.asarray(prepared.val.tokens[1:-1]).astype(np.uint8)).decode() == (corpus / "notes.txt").read_text()
+
+
+def test_windows_are_reproducible_and_resumable(corpus: Path, tmp_path: Path) -> None:
+    prepared = prepare_data([corpus], tmp_path / "cache", progress=False)
+    a = WindowSampler(prepared.train, seq_len=64, batch_size=4, seed=3)
+    first = [a.next_batch() for _ in range(5)]
+    x, y, mask = first[0]
+    assert x.shape == y.shape == mask.shape == (4, 64)
+    assert (x[:, 1:] == y[:, :-1]).all()  # targets are the inputs shifted by one
+    b = WindowSampler(prepared.train, seq_len=64, batch_size=4, seed=3)
+    b.load_state_dict(json.loads(json.dumps({"seed": 3, "position": 3})))
+    assert all((t1 == t2).all() for t1, t2 in zip(b.next_batch(), first[3]))
+    other = WindowSampler(prepared.train, seq_len=64, batch_size=4, seed=4).next_batch()
+    assert not (other[0] == x).all()
+
+
+def test_eval_windows_cover_the_split_once(corpus: Path, tmp_path: Path) -> None:
+    prepared = prepare_data([corpus], tmp_path / "cache", progress=False)
+    ds: TokenDataset = prepared.train
+    windows = list(eval_windows(ds, seq_len=100))
+    assert sum(len(tokens) - 1 for tokens, _ in windows) == len(ds) - 1  # every target exactly once
+    rebuilt = np.concatenate([windows[0][0]] + [tokens[1:] for tokens, _ in windows[1:]])
+    assert (rebuilt == np.asarray(ds.tokens)).all()
