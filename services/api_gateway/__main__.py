@@ -1,0 +1,18 @@
+"""Run the API gateway: ``python -m services.api_gateway`` (settings from AXL_* environment variables)."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from services.api_gateway.main import create_app
+from services.api_gateway.settings import Settings
+
+
+def main() -> None:
+    settings = Settings()
+    settings.configure_logging()
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+if __name__ == "__main__":
+    main()

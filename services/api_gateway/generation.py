@@ -1,0 +1,386 @@
+"""Run one API request's samples on the workers: non-streamed (gathered) or streamed (merged into SSE events).
+
+A request becomes one :class:`Sample` per choice (``n`` per prompt, seeds ``seed + i``). Each sample is one
+generate call on a worker, with failover before its first byte. The endpoint modules (``routes/completions.py``,
+``routes/chat.py``) turn worker results into OpenAI objects through a :class:`ChunkFormatter`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import httpx
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from axl_mesh.errors import APIError
+from axl_mesh.protocol import FinishReason, UsageInfo
+from services.api_gateway.metrics import GatewayMetrics
+from services.api_gateway.sse import DONE, KEEPALIVE, EventStreamResponse, sse_data
+from services.api_gateway.upstream import ResolvedModel, Upstream, UpstreamStream
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class Sample:
+    """One choice of the response: the worker payload, its choice index and which prompt it belongs to."""
+
+    index: int
+    payload: dict[str, Any]
+    prompt_group: int = 0
+
+
+@dataclass
+class SampleResult:
+    index: int
+    text: str
+    finish_reason: FinishReason | None
+    usage: UsageInfo
+    logprobs: Any = None
+
+
+def total_usage(results: Sequence[SampleResult], samples: Sequence[Sample]) -> UsageInfo:
+    """OpenAI's usage for n samples: each prompt counted once, every sample's completion tokens."""
+    usage = UsageInfo()
+    seen_groups: set[int] = set()
+    groups = {s.index: s.prompt_group for s in samples}
+    for result in results:
+        group = groups.get(result.index, 0)
+        usage.add(result.usage, count_prompt=group not in seen_groups)
+        seen_groups.add(group)
+    return usage
+
+
+def _usage(raw: Any) -> UsageInfo:
+    if not isinstance(raw, dict):
+        return UsageInfo()
+    usage = UsageInfo(prompt_tokens=int(raw.get("prompt_tokens") or 0),
+                      completion_tokens=int(raw.get("completion_tokens") or 0))
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+    return usage
+
+
+def _finish_reason(raw: Any) -> FinishReason | None:
+    return raw if raw in ("stop", "length") else ("stop" if raw else None)
+
+
+class RequestMetrics:
+    """Metrics of one API request: counts, latencies and the running/waiting gauges of its samples."""
+
+    def __init__(self, metrics: GatewayMetrics, endpoint: str, model_id: str) -> None:
+        self.metrics = metrics
+        self.endpoint = endpoint
+        self.model_id = model_id
+        self.started = time.perf_counter()
+        self._recorded = False
+
+    def finished(self, status: int | str) -> None:
+        """Count the request once, with the status the client saw."""
+        if self._recorded:
+            return
+        self._recorded = True
+        self.metrics.requests.labels(endpoint=self.endpoint, model=self.model_id, status=str(status)).inc()
+        self.metrics.e2e_latency.labels(model=self.model_id).observe(time.perf_counter() - self.started)
+
+    def tokens(self, usage: UsageInfo) -> None:
+        self.metrics.prompt_tokens.labels(model=self.model_id).inc(usage.prompt_tokens)
+        self.metrics.generation_tokens.labels(model=self.model_id).inc(usage.completion_tokens)
+
+
+@dataclass
+class _SampleGauge:
+    """Moves one sample from waiting to running to done on the gauges, whatever way it ends."""
+
+    metrics: GatewayMetrics
+    model_id: str
+    request_started: float
+    state: str = "new"
+    last_piece: float = field(default=0.0)
+
+    def wait(self) -> None:
+        self.metrics.waiting.labels(model=self.model_id).inc()
+        self.state = "waiting"
+
+    def piece(self) -> None:
+        now = time.perf_counter()
+        if self.state == "waiting":
+            self.metrics.waiting.labels(model=self.model_id).dec()
+            self.metrics.running.labels(model=self.model_id).inc()
+            self.metrics.time_to_first_token.labels(model=self.model_id).observe(now - self.request_started)
+            self.state = "running"
+        elif self.state == "running":
+            self.metrics.inter_token_latency.labels(model=self.model_id).observe(now - self.last_piece)
+        self.last_piece = now
+
+    def done(self) -> None:
+        if self.state == "waiting":
+            self.metrics.waiting.labels(model=self.model_id).dec()
+        elif self.state == "running":
+            self.metrics.running.labels(model=self.model_id).dec()
+        self.state = "done"
+
+
+# --- non-streamed -----------------------------------------------------------------------------------------------
+
+
+async def generate_all(
+    upstream: Upstream, model: ResolvedModel, samples: Sequence[Sample], tracker: RequestMetrics
+) -> list[SampleResult]:
+    """Every sample's worker answer, concurrently; the first error cancels the rest and is raised."""
+
+    async def one(sample: Sample) -> SampleResult:
+        gauge = _SampleGauge(tracker.metrics, model.model_id, tracker.started)
+        gauge.wait()
+        try:
+            answer = await upstream.generate(model, sample.payload)
+        finally:
+            gauge.done()
+        return SampleResult(
+            index=sample.index,
+            text=str(answer.get("text") or ""),
+            finish_reason=_finish_reason(answer.get("finish_reason")),
+            usage=_usage(answer.get("usage")),
+            logprobs=answer.get("logprobs"),
+        )
+
+    results = await _first_error_cancels([one(s) for s in samples])
+    tracker.tokens(total_usage(results, samples))
+    return results
+
+
+async def _first_error_cancels(coros: Sequence[Awaitable[T]]) -> list[T]:
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        return [t.result() for t in tasks]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client disconnects first (the worker then drops the request)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise APIError(499, "The client closed the request.", code="client_closed_request")
+    finally:
+        for t in (task, watcher):
+            t.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+# --- streamed ---------------------------------------------------------------------------------------------------
+
+
+class ChunkFormatter(Protocol):
+    """Turns sample events into an endpoint's stream chunks (chat.completion.chunk or text_completion)."""
+
+    def start(self, index: int) -> list[Any]: ...
+
+    def piece(self, index: int, text: str, logprob: Any) -> Any: ...
+
+    def finish(self, index: int, finish_reason: FinishReason | None) -> Any: ...
+
+    def usage(self, usage: UsageInfo) -> Any: ...
+
+
+@dataclass
+class _Event:
+    index: int
+    kind: str  # "piece" | "done" | "error"
+    data: Any
+
+
+def broken_stream_error(exc: BaseException) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, httpx.TimeoutException):
+        return APIError(504, "The model worker stopped sending tokens.", code="upstream_timeout")
+    return APIError(502, f"The stream from the model worker broke: {type(exc).__name__}.", code="upstream_error")
+
+
+class StreamRun:
+    """The samples of one streaming request, each pumped from its worker into one queue."""
+
+    def __init__(
+        self, upstream: Upstream, model: ResolvedModel, samples: Sequence[Sample], tracker: RequestMetrics
+    ) -> None:
+        self.model = model
+        self.samples = list(samples)
+        self.tracker = tracker
+        self.queue: asyncio.Queue[_Event] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        # Each resolves to None (the stream is open) or the APIError that stopped it from opening.
+        self.opened: list[asyncio.Future[APIError | None]] = [loop.create_future() for _ in self.samples]
+        self.tasks = [
+            asyncio.ensure_future(self._pump(upstream, sample, opened))
+            for sample, opened in zip(self.samples, self.opened)
+        ]
+
+    async def wait_opened(self, timeout: float) -> None:
+        """Wait until every sample's stream is open (or ``timeout``); raise the first error from opening so it
+        becomes a proper HTTP error (404, 400 context_length_exceeded, 503) instead of an event."""
+        pending = set(self.opened)
+        deadline = time.monotonic() + timeout
+        while pending:
+            done, pending = await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()),
+                                               return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                if future.result() is not None:
+                    await self.cancel()
+                    raise future.result()  # type: ignore[misc]
+            if not done:
+                return  # still waiting (long queue or prefill): stream keep-alives meanwhile
+
+    async def cancel(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _pump(self, upstream: Upstream, sample: Sample, opened: asyncio.Future[APIError | None]) -> None:
+        gauge = _SampleGauge(self.tracker.metrics, self.model.model_id, self.tracker.started)
+        gauge.wait()
+        stream: UpstreamStream | None = None
+        try:
+            try:
+                stream = await upstream.open_stream(self.model, sample.payload)
+            except Exception as exc:  # noqa: BLE001 - becomes the response (or an error event)
+                error = broken_stream_error(exc)
+                if not opened.done():
+                    opened.set_result(error)
+                await self.queue.put(_Event(sample.index, "error", error))
+                return
+            opened.set_result(None)
+            try:
+                async for event in stream.events():
+                    if "error" in event:
+                        error = event["error"] if isinstance(event["error"], dict) else {}
+                        await self.queue.put(_Event(sample.index, "error", APIError(
+                            502, str(error.get("message") or "The model worker failed mid-stream."),
+                            type=error.get("type"), code=error.get("code") or "upstream_error")))
+                        return
+                    if event.get("text") or event.get("logprob") is not None:
+                        gauge.piece()
+                        await self.queue.put(_Event(sample.index, "piece", event))
+                    if event.get("finish_reason") is not None or ("usage" in event and "text" not in event):
+                        await self.queue.put(_Event(sample.index, "done", event))
+                        return
+                raise APIError(502, "The model worker closed the stream before it finished.", code="upstream_error")
+            except (httpx.HTTPError, ValueError, APIError) as exc:
+                await self.queue.put(_Event(sample.index, "error", broken_stream_error(exc)))
+        finally:
+            gauge.done()
+            if not opened.done():
+                opened.set_result(APIError(499, "cancelled", code="client_closed_request"))
+            if stream is not None:
+                await stream.aclose()
+
+    async def events(self, formatter: ChunkFormatter, *, include_usage: bool, keepalive_seconds: float,
+                     on_end: Callable[[int | str], None]) -> AsyncIterator[str]:
+        """SSE text: the opening chunks, pieces as they come, each choice's finish, usage, ``[DONE]``.
+        A sample that breaks ends the whole stream with an error event and ``[DONE]``; idle gaps get keep-alives."""
+        results: dict[int, SampleResult] = {}
+        status: int | str = 200
+        try:
+            for sample in self.samples:
+                for chunk in formatter.start(sample.index):
+                    yield sse_data(chunk)
+            remaining = len(self.samples)
+            while remaining:
+                try:
+                    event = await asyncio.wait_for(self.queue.get(), keepalive_seconds)
+                except TimeoutError:
+                    yield KEEPALIVE
+                    continue
+                if event.kind == "piece":
+                    yield sse_data(formatter.piece(event.index, str(event.data.get("text")),
+                                                   event.data.get("logprob")))
+                elif event.kind == "done":
+                    remaining -= 1
+                    reason = _finish_reason(event.data.get("finish_reason")) or "stop"
+                    results[event.index] = SampleResult(event.index, "", reason, _usage(event.data.get("usage")))
+                    yield sse_data(formatter.finish(event.index, reason))
+                else:
+                    error: APIError = event.data
+                    status = error.status
+                    logger.warning("stream of %s ended by an error: %s", self.model.model_id, error.message)
+                    yield sse_data(error.body())
+                    yield DONE
+                    return
+            usage = total_usage(list(results.values()), self.samples)
+            self.tracker.tokens(usage)
+            if include_usage:
+                yield sse_data(formatter.usage(usage))
+            yield DONE
+        except (asyncio.CancelledError, GeneratorExit):
+            status = 499  # the client went away
+            raise
+        finally:
+            on_end(status)
+            with contextlib.suppress(Exception):
+                await self.cancel()
+
+
+# --- one request, start to end ----------------------------------------------------------------------------------
+
+
+def routing_headers(model: ResolvedModel) -> dict[str, str]:
+    """Which model served the request (and for ``auto``, why)."""
+    headers = {"x-axl-routed-to": model.model_id}
+    if model.routed_reason:
+        headers["x-axl-routing-reason"] = model.routed_reason.encode("ascii", "replace").decode()[:200]
+    return headers
+
+
+async def respond(
+    request: Request,
+    *,
+    upstream: Upstream,
+    keepalive_seconds: float,
+    tracker: RequestMetrics,
+    model: ResolvedModel,
+    samples: Sequence[Sample],
+    stream: bool,
+    formatter: ChunkFormatter,
+    include_usage: bool,
+    build_response: Callable[[list[SampleResult], UsageInfo], Any],
+) -> Any:
+    """Run ``samples`` and answer: an SSE stream (errors before the first byte stay HTTP errors) or one JSON body."""
+    headers = routing_headers(model)
+    try:
+        if stream:
+            run = StreamRun(upstream, model, samples, tracker)
+            await run.wait_opened(keepalive_seconds)
+            events = run.events(formatter, include_usage=include_usage, keepalive_seconds=keepalive_seconds,
+                                on_end=tracker.finished)
+            return EventStreamResponse(events, headers=headers)
+        results = await until_disconnect(request, generate_all(upstream, model, samples, tracker))
+        body = build_response(sorted(results, key=lambda r: r.index), total_usage(results, samples))
+        tracker.finished(200)
+        return JSONResponse(body.model_dump(mode="json"), headers=headers)
+    except APIError as exc:
+        tracker.finished(exc.status)
+        raise

@@ -1,0 +1,79 @@
+"""Builds the API gateway app: the OpenAI-compatible front door of the mesh (the only service users talk to)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import CollectorRegistry
+
+from axl_mesh.errors import BodySizeLimitMiddleware, install_error_handlers
+from axl_mesh.metrics import instrument_requests, mount_metrics
+from axl_mesh.registry_client import CachedLookup, RegistryClient, RegistryError
+from axl_mesh.registry_schemas import InstanceRecord
+from services.api_gateway.deps import ApiKeyAuth
+from services.api_gateway.metrics import GatewayMetrics
+from services.api_gateway.routes import ROUTERS, health
+from services.api_gateway.settings import Settings
+from services.api_gateway.upstream import Upstream
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The gateway app for ``settings`` (read from the environment when not given)."""
+    settings = settings or Settings()
+    metrics_registry = CollectorRegistry()
+    metrics = GatewayMetrics.create(metrics_registry)
+
+    def count_failover(model_id: str, instance: InstanceRecord, reason: str) -> None:
+        metrics.failovers.labels(model=model_id, reason=reason).inc()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        registry = RegistryClient(settings.registry_url, settings.registry_secret_value(),
+                                  timeout_seconds=settings.connect_timeout_seconds + 3)
+        http = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.read_timeout_seconds, connect=settings.connect_timeout_seconds),
+            limits=httpx.Limits(max_connections=settings.max_upstream_connections,
+                                max_keepalive_connections=settings.max_upstream_connections),
+        )
+        lookup = CachedLookup(registry, ttl_seconds=settings.lookup_ttl_seconds)
+        app.state.upstream = Upstream(lookup, http, cooldown_seconds=settings.failed_instance_cooldown_seconds,
+                                      on_failover=count_failover)
+        try:
+            yield
+        finally:
+            await http.aclose()
+            await registry.aclose()
+
+    app = FastAPI(title="AXL Mesh API", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible API of the AXL Mesh code models.")
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.api_keys = [key.encode() for key in settings.api_key_list()]
+
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    instrument_requests(app, metrics_registry)
+    if settings.cors_origin_list():
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origin_list(), allow_methods=["*"], allow_headers=["*"],
+            expose_headers=["x-axl-routed-to", "x-axl-routing-reason", "Retry-After"],
+        )
+
+    async def refresh_worker_gauges() -> None:
+        try:
+            models = await app.state.upstream.lookup.models()
+        except RegistryError:
+            return  # keep the last values rather than failing the scrape
+        metrics.healthy_workers.clear()
+        for model in models:
+            metrics.healthy_workers.labels(specialist=model.specialist, model=model.id).set(model.instances)
+
+    mount_metrics(app, metrics_registry, before_scrape=refresh_worker_gauges)
+    app.include_router(health.router)
+    for router in ROUTERS:
+        app.include_router(router, dependencies=[ApiKeyAuth])
+    return app

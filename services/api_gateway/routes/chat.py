@@ -1,0 +1,124 @@
+"""``POST /v1/chat/completions``: messages rendered with the model's chat template by the worker, streamed or not.
+
+``tools``, ``tool_choice``, ``response_format`` and the like are accepted and not applied: editors such as
+Continue send tools with every request and read only the streamed ``delta.content``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from axl_mesh.errors import ModelNotFoundError
+from axl_mesh.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatLogProb,
+    ChatLogProbs,
+    ChatLogProbsContent,
+    ChatResponseMessage,
+    DeltaMessage,
+    FinishReason,
+    UsageInfo,
+    random_id,
+)
+from services.api_gateway.deps import MetricsDep, SettingsDep, UpstreamDep
+from services.api_gateway.generation import RequestMetrics, Sample, SampleResult, respond
+from services.api_gateway.metrics import UNKNOWN_MODEL
+
+router = APIRouter(prefix="/v1/chat", tags=["chat"])
+
+
+def chat_logprobs(raw: Any) -> ChatLogProbs | None:
+    """The worker's per-token logprobs (``[{token, logprob, top_logprobs}]``) in the chat layout."""
+    if not isinstance(raw, list):
+        return None
+    content = []
+    for entry in raw:
+        if not isinstance(entry, dict):
+            entry = {"token": "", "logprob": entry}
+        token = str(entry.get("token", entry.get("text", "")))
+        top = entry.get("top_logprobs") or []
+        if isinstance(top, dict):
+            top = [{"token": t, "logprob": lp} for t, lp in top.items()]
+        content.append(ChatLogProbsContent(
+            token=token, logprob=float(entry.get("logprob") or 0.0), bytes=list(token.encode()),
+            top_logprobs=[ChatLogProb(token=str(t.get("token", "")), logprob=float(t.get("logprob") or 0.0),
+                                      bytes=list(str(t.get("token", "")).encode()))
+                          for t in top if isinstance(t, dict)],
+        ))
+    return ChatLogProbs(content=content)
+
+
+class ChatChunks:
+    """``chat.completion.chunk`` objects: the role first, then content deltas, then the finish reason."""
+
+    def __init__(self, model_id: str, with_logprobs: bool) -> None:
+        self.id = random_id("chatcmpl")
+        self.created = int(time.time())
+        self.model_id = model_id
+        self.with_logprobs = with_logprobs
+
+    def _chunk(self, choice: ChatCompletionStreamChoice) -> ChatCompletionStreamResponse:
+        return ChatCompletionStreamResponse(id=self.id, created=self.created, model=self.model_id, choices=[choice])
+
+    def start(self, index: int) -> list[Any]:
+        return [self._chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role="assistant", content="")))]
+
+    def piece(self, index: int, text: str, logprob: Any) -> ChatCompletionStreamResponse:
+        logprobs = None
+        if self.with_logprobs:
+            entry = logprob if isinstance(logprob, dict) else {"token": text, "logprob": logprob}
+            entry.setdefault("token", text)
+            logprobs = chat_logprobs([entry])
+        return self._chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(content=text), logprobs=logprobs))
+
+    def finish(self, index: int, finish_reason: FinishReason | None) -> ChatCompletionStreamResponse:
+        return self._chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(), finish_reason=finish_reason))
+
+    def usage(self, usage: UsageInfo) -> ChatCompletionStreamResponse:
+        return ChatCompletionStreamResponse(id=self.id, created=self.created, model=self.model_id, choices=[],
+                                            usage=usage)
+
+
+@router.post("/completions", response_model=ChatCompletionResponse)
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, upstream: UpstreamDep, settings: SettingsDep, metrics: MetricsDep
+) -> Any:
+    """Creates a model response for the given chat conversation."""
+    try:
+        model = await upstream.resolve(body.model, lambda: [m.model_dump() for m in body.messages])
+    except ModelNotFoundError:
+        RequestMetrics(metrics, "chat", UNKNOWN_MODEL).finished(404)
+        raise
+    tracker = RequestMetrics(metrics, "chat", model.model_id)
+    if model.routed_reason:
+        metrics.routed.labels(specialist=model.specialist, model=model.model_id).inc()
+    request_id = random_id("chatcmpl")
+    max_tokens = body.requested_max_tokens() or settings.default_chat_max_tokens
+    samples = [
+        Sample(index=i, payload=body.to_generate_payload(request_id=f"{request_id}-{i}", max_tokens=max_tokens,
+                                                         seed_offset=i, stream=bool(body.stream)))
+        for i in range(body.n)
+    ]
+
+    def build(results: list[SampleResult], usage: UsageInfo) -> ChatCompletionResponse:
+        choices = [
+            ChatCompletionResponseChoice(
+                index=r.index, message=ChatResponseMessage(content=r.text), finish_reason=r.finish_reason,
+                logprobs=chat_logprobs(r.logprobs) if body.logprobs else None,
+            )
+            for r in results
+        ]
+        return ChatCompletionResponse(id=request_id, model=model.model_id, choices=choices, usage=usage)
+
+    return await respond(
+        request, upstream=upstream, keepalive_seconds=settings.keepalive_seconds, tracker=tracker, model=model,
+        samples=samples, stream=bool(body.stream), formatter=ChatChunks(model.model_id, bool(body.logprobs)),
+        include_usage=body.include_usage, build_response=build,
+    )

@@ -1,0 +1,129 @@
+"""``POST /v1/completions``: text completion of one or several prompts (FIM with ``suffix``), streamed or not."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from axl_mesh.errors import InvalidRequestError, ModelNotFoundError
+from axl_mesh.protocol import (
+    CompletionLogProbs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionResponseChoice,
+    CompletionStreamResponse,
+    FinishReason,
+    UsageInfo,
+    random_id,
+)
+from axl_mesh.registry_schemas import Capability
+from services.api_gateway.deps import MetricsDep, SettingsDep, UpstreamDep
+from services.api_gateway.generation import RequestMetrics, Sample, SampleResult, respond
+from services.api_gateway.metrics import UNKNOWN_MODEL
+
+router = APIRouter(prefix="/v1", tags=["completions"])
+
+
+def completion_logprobs(raw: Any, offset: int = 0) -> CompletionLogProbs | None:
+    """The worker's per-token logprobs (``[{token, logprob, top_logprobs}]``) in the completions layout."""
+    if not isinstance(raw, list):
+        return None
+    out = CompletionLogProbs()
+    for entry in raw:
+        if not isinstance(entry, dict):
+            entry = {"token": "", "logprob": entry}
+        token = str(entry.get("token", entry.get("text", "")))
+        out.tokens.append(token)
+        out.token_logprobs.append(entry.get("logprob"))
+        top = entry.get("top_logprobs")
+        if isinstance(top, list):
+            top = {str(t.get("token", "")): t.get("logprob") for t in top if isinstance(t, dict)}
+        out.top_logprobs.append(top if isinstance(top, dict) else None)
+        out.text_offset.append(offset)
+        offset += len(token)
+    return out
+
+
+class CompletionChunks:
+    """Stream chunks of ``text_completion`` objects, one id and timestamp for the whole stream."""
+
+    def __init__(self, model_id: str, with_logprobs: bool) -> None:
+        self.id = random_id("cmpl")
+        self.created = int(time.time())
+        self.model_id = model_id
+        self.with_logprobs = with_logprobs
+        self.offsets: dict[int, int] = {}
+
+    def _chunk(self, choice: CompletionResponseChoice) -> CompletionStreamResponse:
+        return CompletionStreamResponse(id=self.id, created=self.created, model=self.model_id, choices=[choice])
+
+    def start(self, index: int) -> list[Any]:
+        return []  # completions streams open with the first text
+
+    def piece(self, index: int, text: str, logprob: Any) -> CompletionStreamResponse:
+        logprobs = None
+        if self.with_logprobs:
+            entry = logprob if isinstance(logprob, dict) else {"token": text, "logprob": logprob}
+            entry.setdefault("token", text)
+            logprobs = completion_logprobs([entry], self.offsets.get(index, 0))
+        self.offsets[index] = self.offsets.get(index, 0) + len(text)
+        return self._chunk(CompletionResponseChoice(index=index, text=text, logprobs=logprobs))
+
+    def finish(self, index: int, finish_reason: FinishReason | None) -> CompletionStreamResponse:
+        return self._chunk(CompletionResponseChoice(index=index, text="", finish_reason=finish_reason))
+
+    def usage(self, usage: UsageInfo) -> CompletionStreamResponse:
+        return CompletionStreamResponse(id=self.id, created=self.created, model=self.model_id, choices=[],
+                                        usage=usage)
+
+
+@router.post("/completions", response_model=CompletionResponse)
+async def create_completion(
+    body: CompletionRequest, request: Request, upstream: UpstreamDep, settings: SettingsDep, metrics: MetricsDep
+) -> Any:
+    """Creates a completion for the provided prompt(s) and parameters."""
+    prompts = body.prompts()
+    try:
+        model = await upstream.resolve(body.model, lambda: prompts[0])
+    except ModelNotFoundError:
+        RequestMetrics(metrics, "completions", UNKNOWN_MODEL).finished(404)
+        raise
+    tracker = RequestMetrics(metrics, "completions", model.model_id)
+    if body.suffix is not None and Capability.FIM not in model.capabilities:
+        tracker.finished(400)
+        raise InvalidRequestError(
+            f"The model '{model.model_id}' does not support fill-in-the-middle (suffix); "
+            "use a model whose capabilities include 'fim'.", param="suffix", code="fim_not_supported",
+        )
+    request_id = random_id("cmpl")
+    samples = [
+        Sample(
+            index=p * body.n + i,
+            payload=body.to_generate_payload(prompt, request_id=f"{request_id}-{p * body.n + i}",
+                                             max_tokens=body.max_tokens or 16, seed_offset=i,
+                                             stream=bool(body.stream)),
+            prompt_group=p,
+        )
+        for p, prompt in enumerate(prompts)
+        for i in range(body.n)
+    ]
+    if model.routed_reason:
+        metrics.routed.labels(specialist=model.specialist, model=model.model_id).inc()
+
+    def build(results: list[SampleResult], usage: UsageInfo) -> CompletionResponse:
+        choices = [
+            CompletionResponseChoice(
+                index=r.index, text=r.text, finish_reason=r.finish_reason,
+                logprobs=completion_logprobs(r.logprobs) if body.logprobs is not None else None,
+            )
+            for r in results
+        ]
+        return CompletionResponse(id=request_id, model=model.model_id, choices=choices, usage=usage)
+
+    return await respond(
+        request, upstream=upstream, keepalive_seconds=settings.keepalive_seconds, tracker=tracker, model=model,
+        samples=samples, stream=bool(body.stream), formatter=CompletionChunks(model.model_id, body.logprobs is not None),
+        include_usage=body.include_usage, build_response=build,
+    )

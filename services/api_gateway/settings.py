@@ -1,0 +1,35 @@
+"""Settings of the API gateway (env prefix ``AXL_``)."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+
+from axl_mesh.settings import ServiceSettings
+
+
+def _split(value: str | None) -> list[str]:
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+class Settings(ServiceSettings):
+    """The gateway binds :8880; ``AXL_API_KEYS`` (comma-separated) turns on bearer auth for ``/v1/*``."""
+
+    port: int = Field(default=8880, ge=0, le=65535)
+    api_keys: SecretStr | None = Field(default=None, description="comma-separated bearer tokens; unset: open")
+    cors_origins: str = Field(default="", description="comma-separated origins ('*' for any); unset: no CORS")
+    lookup_ttl_seconds: float = Field(default=2.0, gt=0, description="how long registry answers are reused")
+    failed_instance_cooldown_seconds: float = Field(
+        default=5.0, ge=0, description="a replica that refused a connection is skipped this long"
+    )
+    connect_timeout_seconds: float = Field(default=2.0, gt=0)
+    # Bound on waiting for the next piece from a worker (long prefill, a stuck worker): never hang forever.
+    read_timeout_seconds: float = Field(default=300.0, gt=0)
+    keepalive_seconds: float = Field(default=5.0, gt=0, description="SSE comment interval while no token flows")
+    default_chat_max_tokens: int = Field(default=1024, ge=1, description="max_tokens of a chat without one")
+    max_upstream_connections: int = Field(default=256, ge=1)
+
+    def api_key_list(self) -> list[str]:
+        return _split(self.api_keys.get_secret_value() if self.api_keys else None)
+
+    def cors_origin_list(self) -> list[str]:
+        return _split(self.cors_origins)

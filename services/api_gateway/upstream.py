@@ -1,0 +1,283 @@
+"""Finding and calling model workers: model name -> registry (cached) -> least-busy replica, with failover.
+
+A replica that cannot be reached (connection refused or reset, a connect timeout) or answers 503 before anything
+was sent to the client is skipped and the next one is tried; one that refused a connection is ranked last for a
+short cooldown. Errors a worker returns on purpose (400 context_length_exceeded, 400 for FIM) pass through.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import httpx
+
+from axl_mesh.errors import APIError, ModelNotFoundError, ServiceUnavailableError
+from axl_mesh.registry_client import CachedLookup, RegistryError
+from axl_mesh.registry_schemas import InstanceRecord, ModelSummary
+from axl_mesh.routing import choose_specialist
+
+logger = logging.getLogger(__name__)
+
+GENERATE_PATH = "/internal/v1/generate"
+AUTO_MODEL = "auto"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """The model a request goes to (for ``model: "auto"``, the one chosen and why)."""
+
+    model_id: str
+    specialist: str
+    context_length: int
+    capabilities: tuple[str, ...]
+    routed_reason: str | None = None
+
+
+class _Unreachable(Exception):
+    """The replica could not take the request, and nothing was sent to the client: try another."""
+
+    def __init__(self, reason: str, error: APIError | None = None) -> None:
+        super().__init__(reason)
+        self.error = error  # the worker's own 503 (with its Retry-After), when it answered one
+
+
+@dataclass
+class UpstreamStream:
+    """An open streaming generate call on one replica; iterate :meth:`events`, then :meth:`aclose`."""
+
+    instance: InstanceRecord
+    response: httpx.Response
+    _release: Callable[[], None]
+    _closed: bool = field(default=False)
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """The worker's NDJSON objects, one per line (pieces, then a final one with ``finish_reason``)."""
+        async for line in self.response.aiter_lines():
+            if line.strip():
+                yield json.loads(line)
+
+    async def aclose(self) -> None:
+        """Close the connection (a worker drops a request whose client went away) and release the slot."""
+        if not self._closed:
+            self._closed = True
+            self._release()
+            await self.response.aclose()
+
+
+def worker_error(response: httpx.Response, body: bytes) -> APIError:
+    """A worker's error answer as the same OpenAI-shaped error (status, fields and Retry-After kept)."""
+    try:
+        error = json.loads(body).get("error") or {}
+    except (ValueError, AttributeError):
+        error = {}
+    if not isinstance(error, dict):
+        error = {}
+    headers = {"Retry-After": response.headers["retry-after"]} if "retry-after" in response.headers else None
+    message = error.get("message") or f"The model worker answered {response.status_code}."
+    return APIError(
+        response.status_code, str(message), type=error.get("type"), param=error.get("param"),
+        code=error.get("code"), headers=headers,
+    )
+
+
+def rank_instances(
+    instances: Iterable[InstanceRecord], in_flight: Counter[str], cooling: Iterable[str] = (), rotation: int = 0
+) -> list[InstanceRecord]:
+    """Least busy first: (reported running + waiting + our own in-flight requests) per slot; replicas that recently
+    refused a connection go last; equal replicas take turns (``rotation``) so idle ones share the load."""
+    cooling = set(cooling)
+    listed = list(instances)
+    n = max(1, len(listed))
+
+    def key(item: tuple[int, InstanceRecord]) -> tuple[bool, float, int]:
+        index, inst = item
+        busy = (inst.load.running + inst.load.waiting + in_flight[inst.instance_id]) / inst.max_concurrency
+        return (inst.instance_id in cooling, busy, (index - rotation) % n)
+
+    return [inst for _, inst in sorted(enumerate(listed), key=key)]
+
+
+def resolve_name(
+    name: str, models: list[ModelSummary], choose: Callable[[list[ModelSummary]], tuple[str, str]] | None = None
+) -> ResolvedModel:
+    """A request's ``model`` -> a served model: its id, or its specialist's name as an alias, or ``auto``
+    (``choose`` picks a specialist among those served and says why)."""
+    reason = None
+    if name == AUTO_MODEL and choose is not None and models:
+        specialist, reason = choose(models)
+        candidates = [m for m in models if m.specialist == specialist]
+    else:
+        candidates = [m for m in models if m.id == name] or [m for m in models if m.specialist == name]
+    if not candidates:
+        raise ModelNotFoundError(name)
+    chosen = max(candidates, key=lambda m: (m.instances, m.id))  # an alias naming several models: the best-served
+    return ResolvedModel(chosen.id, chosen.specialist, chosen.context_length, tuple(chosen.capabilities), reason)
+
+
+class Upstream:
+    """The gateway's view of the workers: registry lookups (cached), replica choice, calls with failover."""
+
+    def __init__(
+        self,
+        lookup: CachedLookup,
+        http: httpx.AsyncClient,
+        *,
+        cooldown_seconds: float = 5.0,
+        on_failover: Callable[[str, InstanceRecord, str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.lookup = lookup
+        self.http = http
+        self.cooldown_seconds = cooldown_seconds
+        self.in_flight: Counter[str] = Counter()
+        self._cooling_until: dict[str, float] = {}
+        self._rotation = itertools.count()
+        self._on_failover = on_failover
+        self._clock = clock
+
+    # --- lookups ---
+
+    async def models(self) -> list[ModelSummary]:
+        """Models with at least one healthy replica (503 if the registry is down and nothing is cached)."""
+        try:
+            return await self.lookup.models()
+        except RegistryError as exc:
+            raise ServiceUnavailableError(f"The model registry is unavailable: {exc}", code="registry_unavailable")
+
+    async def instances(self, model_id: str) -> list[InstanceRecord]:
+        try:
+            return await self.lookup.instances(model_id)
+        except RegistryError as exc:
+            raise ServiceUnavailableError(f"The model registry is unavailable: {exc}", code="registry_unavailable")
+
+    async def resolve(self, name: str, routing_text: Callable[[], str | list[dict[str, Any]]]) -> ResolvedModel:
+        """A request's model name -> the model to call (``auto``: the specialist the routing rules pick)."""
+        models = await self.models()
+
+        def choose(served: list[ModelSummary]) -> tuple[str, str]:
+            return choose_specialist(routing_text(), {m.specialist for m in served})
+
+        return resolve_name(name, models, choose)
+
+    # --- calls ---
+
+    async def generate(self, model: ResolvedModel, payload: dict[str, Any]) -> dict[str, Any]:
+        """A non-streaming generate call on the least-busy replica; failover while nothing came back."""
+
+        async def call(instance: InstanceRecord) -> dict[str, Any]:
+            self.in_flight[instance.instance_id] += 1
+            try:
+                response = await self.http.post(instance.url + GENERATE_PATH, json=payload)
+            except httpx.TimeoutException as exc:
+                if isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)):
+                    raise _Unreachable(f"connect timeout: {exc!r}") from exc
+                raise _timeout_error(instance) from exc
+            except httpx.TransportError as exc:  # refused, reset, died mid-answer: nothing reached the client
+                raise _Unreachable(repr(exc)) from exc
+            finally:
+                self._release(instance.instance_id)
+            if response.status_code == 200:
+                return response.json()
+            error = worker_error(response, response.content)
+            if response.status_code == 503:
+                raise _Unreachable("busy", error)
+            raise error
+
+        return await self._with_failover(model, call)
+
+    async def open_stream(self, model: ResolvedModel, payload: dict[str, Any]) -> UpstreamStream:
+        """Start a streaming generate call; returns once a replica answered 200 (failover until then)."""
+
+        async def call(instance: InstanceRecord) -> UpstreamStream:
+            self.in_flight[instance.instance_id] += 1
+            released = False
+
+            def release() -> None:
+                nonlocal released
+                if not released:
+                    released = True
+                    self._release(instance.instance_id)
+
+            request = self.http.build_request("POST", instance.url + GENERATE_PATH, json=payload)
+            try:
+                response = await self.http.send(request, stream=True)
+            except httpx.TimeoutException as exc:
+                release()
+                if isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)):
+                    raise _Unreachable(f"connect timeout: {exc!r}") from exc
+                raise _timeout_error(instance) from exc
+            except httpx.TransportError as exc:
+                release()
+                raise _Unreachable(repr(exc)) from exc
+            except BaseException:
+                release()
+                raise
+            if response.status_code == 200:
+                return UpstreamStream(instance, response, release)
+            try:
+                body = await response.aread()
+            except httpx.HTTPError:
+                body = b""
+            finally:
+                await response.aclose()
+                release()
+            error = worker_error(response, body)
+            if response.status_code == 503:
+                raise _Unreachable("busy", error)
+            raise error
+
+        return await self._with_failover(model, call)
+
+    def _release(self, instance_id: str) -> None:
+        self.in_flight[instance_id] -= 1
+        if self.in_flight[instance_id] <= 0:
+            del self.in_flight[instance_id]
+
+    async def _with_failover(self, model: ResolvedModel, call: Callable[[InstanceRecord], Awaitable[T]]) -> T:
+        tried: set[str] = set()
+        busy: APIError | None = None
+        refreshed = False
+        while True:
+            now = self._clock()
+            self._cooling_until = {i: until for i, until in self._cooling_until.items() if until > now}
+            cooling = list(self._cooling_until)
+            candidates = [i for i in await self.instances(model.model_id) if i.instance_id not in tried]
+            if not candidates and tried and not refreshed:
+                # The cached list may be stale (replicas restarted on new ids): ask the registry once more.
+                refreshed = True
+                self.lookup.invalidate(model.model_id)
+                continue
+            if not candidates:
+                break
+            instance = rank_instances(candidates, self.in_flight, cooling, next(self._rotation))[0]
+            tried.add(instance.instance_id)
+            try:
+                return await call(instance)
+            except _Unreachable as exc:
+                if exc.error is not None:
+                    busy = exc.error
+                else:
+                    self._cooling_until[instance.instance_id] = self._clock() + self.cooldown_seconds
+                    self.lookup.invalidate(model.model_id)
+                logger.warning("replica %s of %s could not take a request (%s); trying another",
+                               instance.instance_id, model.model_id, exc)
+                if self._on_failover is not None:
+                    self._on_failover(model.model_id, instance, "busy" if exc.error else "unreachable")
+        if busy is not None:
+            raise busy  # every replica is full: the worker's own 503 and Retry-After
+        raise ServiceUnavailableError(
+            f"No replica of model '{model.model_id}' can take the request now; retry shortly.",
+            retry_after_seconds=1, code="no_healthy_replica",
+        )
+
+
+def _timeout_error(instance: InstanceRecord) -> APIError:
+    return APIError(504, f"The model worker {instance.instance_id} did not answer in time.", code="upstream_timeout")
