@@ -1,0 +1,98 @@
+"""The quantization job: GGUF files of one model-store model, written to ``<jobs_dir>/<qjob id>/``.
+
+    run_quantization_job("qjob-…")
+
+A job created by a fine-tuning job runs after it whatever happened (RQ dependency with ``allow_failure``) and
+ends ``cancelled`` when training did not succeed. Files are exported with ``axl_model.export.gguf`` (llama.cpp's
+own quantizer for the llama kind); each output's per-tensor types and warnings land in the record, and the
+model-store entry lists the files.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from axl_mesh.jobs import JobKind, now, open_store, set_parent_death_signal
+from axl_mesh.jobs_protocol import JobStatus
+from axl_mesh.model_store import ModelStore
+from services.quantizer.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+Q, FT = JobKind.QUANTIZE, JobKind.FINE_TUNE
+
+
+def run_quantization_job(job_id: str) -> dict[str, Any]:
+    """Run quantization job ``job_id``; returns the produced file names."""
+    set_parent_death_signal()
+    settings = Settings()
+    store = open_store(settings)
+    record = store.get(Q, job_id)
+    if record is None:
+        raise ValueError(f"no quantization job {job_id} in Redis")
+    if JobStatus(record["status"]).terminal:
+        return {"status": record["status"]}
+    model = record["model"]
+    if record.get("fine_tuning_job_id"):
+        training = store.get(FT, record["fine_tuning_job_id"]) or {}
+        if training.get("status") != JobStatus.SUCCEEDED:
+            store.set_status(Q, job_id, JobStatus.CANCELLED, error={
+                "code": "training_not_succeeded", "param": None,
+                "message": f"fine-tuning job {record['fine_tuning_job_id']} ended {training.get('status')!r}; "
+                           "nothing to quantize"})
+            return {"status": "cancelled"}
+        model = training["fine_tuned_model"]
+    if store.cancel_requested_at(job_id) is not None:
+        store.set_status(Q, job_id, JobStatus.CANCELLED)
+        return {"status": "cancelled"}
+
+    started = time.monotonic()
+    store.set_status(Q, job_id, JobStatus.RUNNING, model=model)
+    try:
+        outputs = _export(settings, model, job_id, record["types"])
+    except BaseException as exc:
+        from rq import get_current_job
+
+        job = get_current_job()
+        if job is not None:
+            job.retries_left = 0  # retries are for dead workers, not for an export that fails the same way again
+        code = "invalid_quantization_job" if isinstance(exc, ValueError) else "quantization_error"
+        logger.exception("quantization job %s failed", job_id)
+        store.set_status(Q, job_id, JobStatus.FAILED,
+                         error={"code": code, "message": f"{type(exc).__name__}: {exc}", "param": None})
+        store.observe_duration(Q, "failed", time.monotonic() - started)
+        raise
+    store.set_status(Q, job_id, JobStatus.SUCCEEDED, outputs=outputs)
+    store.observe_duration(Q, "succeeded", time.monotonic() - started)
+    if record.get("fine_tuning_job_id"):
+        store.add_event(record["fine_tuning_job_id"], f"GGUF files written by {job_id}: "
+                        + ", ".join(o["filename"] for o in outputs), data={"quantization_job": job_id})
+    return {"status": "succeeded", "files": [o["filename"] for o in outputs]}
+
+
+def _export(settings: Settings, model: str, job_id: str, types: list[str]) -> list[dict[str, Any]]:
+    from axl_model.export.gguf import export_checkpoint
+
+    models = ModelStore(settings.resolved_model_store_dir)
+    entry = models.get(model)
+    if entry is None:
+        raise ValueError(f"the model store has no model {model!r}")
+    out_dir = settings.resolved_jobs_dir / job_id
+    safe_name = model.replace(":", "-")  # a validated model name; ':' only makes shell use awkward
+    report = export_checkpoint(models.path(model), out_dir, types=types, kinds=settings.kinds(),
+                               specialist=entry.get("specialist"), name=safe_name, progress=False)
+    outputs = []
+    for file in report.files:
+        details = {"kind": file.kind, "tensor_types": file.type_counts(), "fallbacks": file.fallbacks,
+                   "warnings": list(file.warnings) + list(report.warnings) if file.kind == "llama" else
+                   list(file.warnings), "modelfile": file.modelfile.name if file.modelfile else None}
+        outputs.append({"type": file.type, "filename": file.path.name, "bytes": file.size_bytes,
+                        "url": f"/v1/quantization/jobs/{job_id}/files/{file.path.name}", "details": details})
+    gguf = dict(entry.get("gguf", {}))
+    for output in outputs:
+        gguf[f"{output['details']['kind']}-{output['type']}"] = {"job": job_id, "filename": output["filename"],
+                                                                 "created": int(now())}
+    models.set_field(model, "gguf", gguf)
+    return outputs

@@ -1,0 +1,280 @@
+"""Wire schemas of the files, fine-tuning and quantization APIs (OpenAI's shapes, so the ``openai`` SDK works).
+
+Fields follow OpenAI's reference order; our extensions sit in blocks marked ``# --- AXL extensions``. Services
+import these; they do not redefine them.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Ids we mint; validated wherever they come back from a client (they name Redis keys and files, never raw paths).
+FILE_ID_PATTERN = r"^file-[0-9a-f]{24}$"
+FT_JOB_ID_PATTERN = r"^ftjob-[0-9a-f]{24}$"
+QUANT_JOB_ID_PATTERN = r"^qjob-[0-9a-f]{24}$"
+SUFFIX_PATTERN = r"^[A-Za-z0-9_-]{1,40}$"
+
+
+class FilePurpose(StrEnum):
+    FINE_TUNE = "fine-tune"
+
+
+class JobStatus(StrEnum):
+    """Status of a fine-tuning or quantization job; the last three are terminal."""
+
+    VALIDATING_FILES = "validating_files"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class Optimizer(StrEnum):
+    LION = "lion"
+    ADAMW = "adamw"
+    SGD = "sgd"
+
+
+class GGUFType(StrEnum):
+    """GGUF types the quantizer produces (llama.cpp's names, lower case)."""
+
+    F16 = "f16"
+    Q8_0 = "q8_0"
+    Q4_K_M = "q4_k_m"
+
+
+# --- files ----------------------------------------------------------------------------------------------------
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str = FilePurpose.FINE_TUNE.value
+    status: Literal["uploaded", "processed", "error"] = "processed"
+    status_details: str | None = None
+    # --- AXL extensions
+    format: Literal["jsonl", "text"] = Field(description="how the trainer reads it: JSONL pairs or plain text/code")
+    lines: int = 0
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    has_more: bool = False
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
+# --- fine-tuning ----------------------------------------------------------------------------------------------
+
+
+class Hyperparameters(BaseModel):
+    """OpenAI's three knobs ("auto" means our default), then our extensions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: Literal["auto"] | Annotated[int, Field(ge=1, le=512)] = "auto"
+    learning_rate_multiplier: Literal["auto"] | Annotated[float, Field(gt=0, le=100)] = "auto"
+    n_epochs: Literal["auto"] | Annotated[int, Field(ge=1, le=1000)] = "auto"
+    # --- AXL extensions: bounds of a run on the CPU and the shape of training
+    max_time_seconds: Annotated[float, Field(gt=0, le=7 * 24 * 3600)] | None = None
+    max_steps: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
+    optimizer: Optimizer = Optimizer.LION
+    seq_len: Annotated[int, Field(ge=8, le=65536)] | None = None
+    specialist: Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,40}$")] | None = None
+    checkpoint_interval: Annotated[int, Field(ge=1)] | None = None
+
+    def resolved_batch_size(self, default: int = 8) -> int:
+        return default if self.batch_size == "auto" else int(self.batch_size)
+
+
+class FineTuningJobCreate(BaseModel):
+    """``POST /v1/fine_tuning/jobs``: ``model`` is a preset (train from scratch) or a model-store id (continue)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[str, Field(min_length=1, max_length=200)]
+    training_file: Annotated[str, Field(pattern=FILE_ID_PATTERN)]
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    suffix: Annotated[str, Field(pattern=SUFFIX_PATTERN)] | None = None
+    validation_file: Annotated[str, Field(pattern=FILE_ID_PATTERN)] | None = None
+    integrations: list[Any] | None = None
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    metadata: dict[str, str] | None = None
+    # --- AXL extensions
+    quantize: list[GGUFType] = Field(default_factory=list, description="GGUF types to produce when training succeeds")
+
+    @field_validator("integrations")
+    @classmethod
+    def _no_integrations(cls, value: list[Any] | None) -> list[Any] | None:
+        if value:
+            raise ValueError("integrations are not supported by this server")
+        return value
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class HyperparametersOut(BaseModel):
+    batch_size: int | Literal["auto"] | None = None
+    learning_rate_multiplier: float | Literal["auto"] | None = None
+    n_epochs: int | Literal["auto"] | None = None
+    # --- AXL extensions
+    max_time_seconds: float | None = None
+    max_steps: int | None = None
+    optimizer: str | None = None
+    seq_len: int | None = None
+    specialist: str | None = None
+    checkpoint_interval: int | None = None
+
+
+class JobProgress(BaseModel):
+    """Live numbers of a running job (AXL extension)."""
+
+    step: int = 0
+    loss: float | None = None
+    val_bpb: float | None = None
+    bytes_per_s: float | None = None
+    updated_at: float | None = None
+
+
+class FineTuningJob(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    error: JobError | None = None
+    fine_tuned_model: str | None = None
+    finished_at: int | None = None
+    hyperparameters: HyperparametersOut
+    model: str
+    organization_id: str = "axl"
+    result_files: list[str] = Field(default_factory=list)
+    seed: int
+    status: JobStatus
+    trained_tokens: int | None = None
+    training_file: str
+    validation_file: str | None = None
+    estimated_finish: int | None = None
+    integrations: list[Any] | None = None
+    metadata: dict[str, str] | None = None
+    # --- AXL extensions
+    suffix: str | None = None
+    quantize: list[str] = Field(default_factory=list)
+    quantization_jobs: list[str] = Field(default_factory=list)
+    attempt: int = 0
+    progress: JobProgress | None = None
+    ram_estimate_bytes: int | None = None
+
+
+class FineTuningJobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJob]
+    has_more: bool = False
+
+
+class EventType(StrEnum):
+    MESSAGE = "message"
+    METRICS = "metrics"
+
+
+class FineTuningJobEvent(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Literal["info", "warn", "error"] = "info"
+    message: str
+    data: dict[str, Any] | None = None
+    type: EventType = EventType.MESSAGE
+
+
+class FineTuningJobEventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJobEvent]
+    has_more: bool = False
+
+
+class CheckpointMetrics(BaseModel):
+    step: float | None = None
+    train_loss: float | None = None
+    valid_loss: float | None = None
+    full_valid_loss: float | None = None
+    train_mean_token_accuracy: float | None = None
+    valid_mean_token_accuracy: float | None = None
+    full_valid_mean_token_accuracy: float | None = None
+
+
+class FineTuningJobCheckpoint(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: CheckpointMetrics
+    step_number: int
+
+
+class FineTuningJobCheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJobCheckpoint]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+# --- quantization (AXL extension) ------------------------------------------------------------------------------
+
+
+class QuantizationJobCreate(BaseModel):
+    """``POST /v1/quantization/jobs``: GGUF files of a model-store model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[str, Field(min_length=1, max_length=200)]
+    types: Annotated[list[GGUFType], Field(min_length=1, max_length=3)] = Field(
+        default_factory=lambda: [GGUFType.Q8_0]
+    )
+
+
+class QuantizationOutput(BaseModel):
+    type: str
+    filename: str
+    bytes: int
+    url: str = Field(description="where to download it from this gateway")
+    details: dict[str, Any] | None = None
+
+
+class QuantizationJob(BaseModel):
+    id: str
+    object: Literal["quantization.job"] = "quantization.job"
+    created_at: int
+    finished_at: int | None = None
+    model: str
+    types: list[str]
+    status: JobStatus
+    error: JobError | None = None
+    outputs: list[QuantizationOutput] = Field(default_factory=list)
+    fine_tuning_job_id: str | None = Field(default=None, description="set when training asked for this job")
+
+
+class QuantizationJobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[QuantizationJob]
+    has_more: bool = False
