@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import os
 import secrets
 import shutil
@@ -86,10 +85,11 @@ class MeshConfig:
     trainer_workers: int = 1
     quantizer_workers: int = 1
     queue_worker_port_start: int = 8960
-    model_store: str = "model-store"
-    files_dir: str = "model-store/files"
-    jobs_dir: str = "runs/jobs"
-    state_dir: str = "runs/mesh"
+    data_dir: str = "data"
+    model_store: str = "data/models"
+    files_dir: str = "data/files"
+    jobs_dir: str = "data/jobs"
+    state_dir: str = "data/mesh"
     auto_serve_new_models: bool = True
     auto_serve_port_start: int = 8920
     poll_seconds: float = 3.0
@@ -473,7 +473,7 @@ class Mesh:
             "AXL_REDIS_URL": self.redis_url,
             "AXL_REGISTRY_URL": f"http://{_connect_host(cfg.host)}:{cfg.registry_port}",
             "AXL_REGISTRY_SECRET": self.secret,
-            "AXL_MODEL_STORE": str(cfg.path(cfg.model_store)),
+            "AXL_DATA_DIR": str(cfg.path(cfg.data_dir)),
             "AXL_MODEL_STORE_DIR": str(cfg.path(cfg.model_store)),
             "AXL_FILES_DIR": str(cfg.path(cfg.files_dir)),
             "AXL_JOBS_DIR": str(cfg.path(cfg.jobs_dir)),
@@ -515,7 +515,7 @@ class Mesh:
             for index in range(count):
                 port = next(ports)
                 name = kind if count == 1 else f"{kind}#{index}"
-                specs.append(ChildSpec(name, module, {**common, "AXL_PORT": str(port), "AXL_WORKER_NAME": name},
+                specs.append(ChildSpec(name, module, {**common, "AXL_PORT": str(port)},
                                        self._url(port, "/healthz")))
         return specs
 
@@ -642,39 +642,19 @@ def _child_name(model_id: str) -> str:
 
 # --------------------------------------------------------------------------------------------------- model store
 def read_model_store(store: Path) -> Iterator[dict[str, str]]:
-    """The servable entries of the model store as {model_id, specialist, path}.
+    """The model store's entries as {model_id, specialist, path}, read through ``axl_mesh.model_store``.
 
-    Prefers the jobs code's reader (``axl_mesh.model_store``); falls back to reading ``manifest.json`` directly.
+    An entry whose specialist is not in the catalogue (or is unset) is served as a ``coder``: every worker needs a
+    prompt layout, and the coder's is the general one.
     """
-    try:
-        from axl_mesh import model_store  # written by the jobs side; torch-free
-    except ImportError:
-        model_store = None
-    if model_store is not None and hasattr(model_store, "ModelStore"):
-        for entry in model_store.ModelStore(store).list():
-            yield _entry_dict(entry, store)
-        return
-    manifest = store / "manifest.json"
-    if not manifest.is_file():
-        return
-    data = json.loads(manifest.read_text())
-    entries = data.get("models", data) if isinstance(data, dict) else data
-    if isinstance(entries, dict):
-        entries = [{"model_id": k, **v} for k, v in entries.items()]
-    for entry in entries:
-        yield _entry_dict(entry, store)
+    from axl_mesh.model_store import ModelStore
+    from axl_model.specialists import SPECIALISTS
 
-
-def _entry_dict(entry: Any, store: Path) -> dict[str, str]:
-    get: Callable[[str], Any]
-    get = entry.get if isinstance(entry, Mapping) else (lambda key: getattr(entry, key, None))
-    model_id = get("model_id") or get("id") or get("name")
-    path = get("path") or get("checkpoint") or get("checkpoint_dir")
-    if not model_id or not path:
-        raise ValueError(f"model store entry without a name or path: {entry!r}")
-    path = Path(str(path))
-    return {"model_id": str(model_id), "specialist": str(get("specialist") or "coder"),
-            "path": str(path if path.is_absolute() else store / path)}
+    models = ModelStore(store)
+    for name, entry in models.entries().items():
+        specialist = entry.get("specialist")
+        yield {"model_id": name, "specialist": specialist if specialist in SPECIALISTS else "coder",
+               "path": str(models.path(name))}
 
 
 # --------------------------------------------------------------------------------------------------- bootstrap
