@@ -1,0 +1,53 @@
+"""Builds the model-worker app: one checkpoint, one specialist, continuous batching behind an internal API."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from axl_mesh.errors import BodySizeLimitMiddleware, install_error_handlers
+from axl_mesh.metrics import instrument_requests, mount_metrics
+from services.model_worker.metrics import WorkerMetrics
+from services.model_worker.routes import generate, health, info
+from services.model_worker.settings import Settings
+from services.model_worker.worker import ModelWorker
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The worker app for ``settings`` (read from the environment when not given).
+
+    Starting the app starts loading the checkpoint in the model thread; ``/readyz`` turns 200 when it is loaded.
+    """
+    settings = settings or Settings()
+    metrics_registry = CollectorRegistry()
+    metrics = WorkerMetrics.create(metrics_registry)
+    worker = ModelWorker(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        try:
+            yield
+        finally:
+            await worker.close()
+
+    app = FastAPI(title="AXL model worker", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.worker = worker
+
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    instrument_requests(app, metrics_registry)
+
+    async def refresh_load_gauges() -> None:
+        metrics.running.set(worker.scheduler.running)
+        metrics.waiting.set(worker.scheduler.waiting)
+
+    mount_metrics(app, metrics_registry, before_scrape=refresh_load_gauges)
+    app.include_router(health.router)
+    app.include_router(info.router)
+    app.include_router(generate.router)
+    return app

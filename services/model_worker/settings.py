@@ -1,0 +1,69 @@
+"""Settings of a model worker (env prefix ``AXL_``): which checkpoint and specialist it serves, how it batches."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from axl_mesh.registry_schemas import NAME_PATTERN
+from axl_mesh.settings import ServiceSettings
+from axl_model.specialists import get_specialist
+
+
+class Settings(ServiceSettings):
+    """One worker serves one checkpoint as one specialist; ``AXL_REGISTRY_URL=""`` runs it standalone."""
+
+    port: int = Field(default=8901, ge=0, le=65535)
+    checkpoint: Path = Field(description="checkpoint folder (model.safetensors + config.json)")
+    checkpoint_wait_seconds: float = Field(
+        default=0.0, ge=0, description="wait this long for a missing checkpoint to appear (a bootstrap training)"
+    )
+    specialist: str = "coder"
+    model_id: str | None = Field(default=None, description='the name clients ask for; default "axl-<specialist>"')
+    public_url: str | None = Field(default=None, description="the URL the registry hands out; default http://host:port")
+    max_batch: int = Field(default=8, ge=1, le=256, description="sequences decoded together (KV-cache rows)")
+    max_queue: int = Field(default=64, ge=0, description="requests waiting for a row; one more gets a 503")
+    num_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads; default: CPU count")
+    drain_seconds: float = Field(default=30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
+    heartbeat_seconds: float | None = Field(default=None, gt=0, description="default: a third of the registry TTL")
+    retry_after_seconds: int = Field(default=1, ge=0, description="Retry-After of the 503 answers")
+
+    @field_validator("specialist")
+    @classmethod
+    def _known_specialist(cls, value: str) -> str:
+        get_specialist(value)  # ValueError naming the valid ones
+        return value
+
+    @field_validator("model_id")
+    @classmethod
+    def _plain_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(NAME_PATTERN, value):
+            raise ValueError(f"model_id must match {NAME_PATTERN}, got {value!r}")
+        return value
+
+    @property
+    def served_model_id(self) -> str:
+        return self.model_id or f"axl-{self.specialist}"
+
+    @property
+    def threads(self) -> int:
+        return self.num_threads or os.cpu_count() or 1
+
+    @property
+    def standalone(self) -> bool:
+        """No registry configured: serve without announcing (tests, benches, a single local worker)."""
+        return not self.registry_url.strip()
+
+    def advertised_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):  # a wildcard bind is not an address anyone can call
+            host = socket.gethostname()
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
