@@ -63,7 +63,17 @@ def save_checkpoint(model: MultiScaleTransformer, path: str | Path, *, training_
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> MultiScaleTransformer:
-    """The model stored in checkpoint folder `path` (architecture from its config.json), in eval mode."""
+    """The model stored in checkpoint folder `path` (architecture from its config.json), in eval mode.
+
+    `path` may also be an axl-multiscale .gguf file (`axl export gguf --kind multiscale`), dequantized on load.
+    """
+    if Path(path).suffix.lower() == ".gguf":
+        from .export.gguf import load_gguf_model  # imported here: it needs gguf, and imports this package
+
+        try:
+            return load_gguf_model(path).to(map_location).eval()
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
     path = _resolve(Path(path))
     config = load_config(path)
     model = MultiScaleTransformer(config)
