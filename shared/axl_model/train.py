@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import is_checkpoint, load_checkpoint, load_training_state, save_checkpoint
+from .checkpoint import is_checkpoint, load_checkpoint, load_config, load_training_state, save_checkpoint
 from .config import PRESETS, ModelConfig
 from .data import FilterConfig, PreparedData, TokenDataset, WindowSampler, eval_windows, prepare_data
 from .logger import TrainLogger
@@ -246,26 +246,25 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None) -> Train
 
     # 1. The model: resumed from out_dir, initialised from a checkpoint, or fresh from a preset.
     state = load_training_state(out_dir) if config.resume and is_checkpoint(out_dir) else None
-    if state is not None:
-        model = load_checkpoint(out_dir)
-    elif config.init_from is not None:
-        model = load_checkpoint(config.init_from)
+    source = out_dir if state is not None else config.init_from
+    model_config = load_config(source) if source is not None else ModelConfig.from_name(config.preset, **config.model_overrides)
+    if config.seq_len > model_config.max_seq_len:
+        raise ValueError(f"seq_len {config.seq_len} exceeds the model's window max_seq_len {model_config.max_seq_len}")
+    teacher_config = load_config(config.distill_from) if config.distill_from else None
+    if teacher_config is not None:
+        if teacher_config.vocab_size != model_config.vocab_size:
+            raise ValueError(f"teacher vocab {teacher_config.vocab_size} differs from student vocab {model_config.vocab_size}")
+        if teacher_config.max_seq_len < config.seq_len:
+            raise ValueError(f"teacher window {teacher_config.max_seq_len} is shorter than seq_len {config.seq_len}")
+    if config.check_ram:  # before anything big is allocated
+        check_ram(model_config, config, extra_bytes=teacher_config.param_count() * 8 if teacher_config else 0)
+    if source is not None:
+        model = load_checkpoint(source)
     else:
         torch.manual_seed(config.seed)
-        model = MultiScaleTransformer(ModelConfig.from_name(config.preset, **config.model_overrides))
+        model = MultiScaleTransformer(model_config)
     model.train()
-    if config.seq_len > model.config.max_seq_len:
-        raise ValueError(f"seq_len {config.seq_len} exceeds the model's window max_seq_len {model.config.max_seq_len}")
-
-    teacher = None
-    if config.distill_from:
-        teacher = load_checkpoint(config.distill_from).requires_grad_(False)
-        if teacher.config.vocab_size != model.config.vocab_size:
-            raise ValueError(f"teacher vocab {teacher.config.vocab_size} differs from student vocab {model.config.vocab_size}")
-        if teacher.config.max_seq_len < config.seq_len:
-            raise ValueError(f"teacher window {teacher.config.max_seq_len} is shorter than seq_len {config.seq_len}")
-    if config.check_ram:
-        check_ram(model.config, config, extra_bytes=teacher.num_parameters() * 8 if teacher is not None else 0)
+    teacher = load_checkpoint(config.distill_from).requires_grad_(False) if config.distill_from else None
 
     # 2. Data.
     prepared: PreparedData = prepare_data(
@@ -336,7 +335,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None) -> Train
                desc=f"train {model.config.name}")
     started = time.monotonic()
     train_time, session_tokens, status, loss_value = 0.0, 0, "completed", None
-    evaluated_at = -1
+    evaluated_at = saved_at = -1
     try:
         while True:
             elapsed = prior_elapsed + time.monotonic() - started
@@ -384,13 +383,16 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None) -> Train
                 evaluated_at = step
             if config.checkpoint_interval and step % config.checkpoint_interval == 0:
                 save(prior_elapsed + time.monotonic() - started)
+                saved_at = step
             bar.update(1)
             bar.set_postfix_str(_postfix(loss_value, last_val, bytes_per_s, _eta(config, total_steps, step, elapsed,
                                                                                  train_time, session_tokens, tokens_per_step)))
         elapsed = prior_elapsed + time.monotonic() - started
         if evaluated_at != step:
             run_eval(elapsed)
-        save(prior_elapsed + time.monotonic() - started)
+            saved_at = -1  # the checkpoint must carry the new val_bpb
+        if saved_at != step:
+            save(prior_elapsed + time.monotonic() - started)
         logger.log("event", event=status, step=step, val_bpb=last_val)
     finally:
         bar.close()
