@@ -5,10 +5,13 @@ Health and metrics routes are not in this list: they stay open.
 
 from __future__ import annotations
 
-from services.api_gateway.routes import chat, completions, models
+from services.api_gateway.routes import chat, completions, files, fine_tuning, models, quantization
 
 ROUTERS = [
     models.router,
     completions.router,
     chat.router,
+    files.router,
+    fine_tuning.router,
+    quantization.router,
 ]

@@ -1,0 +1,169 @@
+"""Files for fine-tuning (OpenAI's Files API): upload with validation, list, retrieve, download, delete.
+
+A ``.jsonl`` upload must hold one JSON object per line with ``source_code``/``target_code``, ``prompt``/``completion``
+or ``text`` (strings); anything else is plain text or code. Every upload is checked now (size, UTF-8, empty,
+each JSONL line), so a bad file fails here with the line named, not hours later in the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi.responses import FileResponse
+
+from axl_mesh.errors import APIError, InvalidRequestError, NotFoundError
+from axl_mesh.jobs import JobsSettings, JobStore, new_id, now, open_store, rq_connection, valid_id
+from axl_mesh.jobs_protocol import FileDeleted, FileList, FileObject, FilePurpose
+from axl_mesh.model_store import ModelStore
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+FILE = "file"
+PAIR_KEYS = (("source_code", "target_code"), ("prompt", "completion"))
+
+
+# --- the job system as the gateway's routes see it (shared by the files, fine-tuning and quantization routes) ---
+
+
+@dataclass
+class JobsContext:
+    settings: JobsSettings
+    store: JobStore
+    models: ModelStore
+    rq: Any  # the bytes Redis client RQ wants
+
+
+def get_jobs(request: Request) -> JobsContext:
+    """Built on first use from AXL_* variables (the job settings are their own class; the gateway's stay apart)."""
+    ctx = getattr(request.app.state, "axl_jobs", None)
+    if ctx is None:
+        settings = JobsSettings()
+        store = open_store(settings)
+        ctx = JobsContext(settings, store, ModelStore(settings.resolved_model_store_dir, redis_client=store.redis),
+                          rq_connection(settings))
+        request.app.state.axl_jobs = ctx
+    return ctx
+
+
+JobsDep = Annotated[JobsContext, Depends(get_jobs)]
+
+
+def file_path(settings: JobsSettings, record: dict[str, Any]) -> Path:
+    """Where an uploaded file lives: built from our validated id and format, never from the client's filename."""
+    suffix = ".jsonl" if record["format"] == "jsonl" else ".txt"
+    return settings.resolved_files_dir / f"{record['id']}{suffix}"
+
+
+def get_file_record(ctx: JobsContext, file_id: str, param: str = "file_id") -> dict[str, Any]:
+    record = ctx.store.get(FILE, file_id) if valid_id("file", file_id) else None
+    if record is None:
+        raise NotFoundError(f"No such File object: {file_id}", param=param)
+    return record
+
+
+# --- validation ---------------------------------------------------------------------------------------------------
+
+
+def validate_content(data: bytes, filename: str, limit: int) -> tuple[str, int]:
+    """(format, lines) of an upload, or an InvalidRequestError saying what is wrong and where."""
+    if len(data) > limit:
+        raise APIError(413, f"File is larger than the limit of {limit} bytes.", param="file", code="file_too_large")
+    if not data.strip():
+        raise InvalidRequestError("File is empty.", param="file", code="empty_file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise InvalidRequestError(f"File is not valid UTF-8: line {line}, byte offset {exc.start}.", param="file",
+                                  code="invalid_encoding") from None
+    lines = text.splitlines()
+    if not filename.lower().endswith(".jsonl"):
+        return "text", len(lines)
+    records = 0
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        problem = _jsonl_problem(line)
+        if problem:
+            raise InvalidRequestError(f"Invalid JSONL on line {number}: {problem}", param="file",
+                                      code="invalid_jsonl")
+        records += 1
+    return "jsonl", records
+
+
+def _jsonl_problem(line: str) -> str | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return f"not valid JSON ({exc.msg} at column {exc.colno})."
+    if not isinstance(record, dict):
+        return "each line must be a JSON object."
+    for first, second in PAIR_KEYS:
+        if first in record or second in record:
+            if not (isinstance(record.get(first), str) and isinstance(record.get(second), str)):
+                return f"'{first}' and '{second}' must both be strings."
+            return None
+    if isinstance(record.get("text"), str):
+        return None
+    return ("needs 'source_code'/'target_code', 'prompt'/'completion' or 'text'; got keys "
+            f"{sorted(record)[:6]}.")
+
+
+# --- routes ---------------------------------------------------------------------------------------------------------
+
+
+@router.post("", response_model=FileObject)
+def upload_file(ctx: JobsDep, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]) -> FileObject:
+    """Upload a training or validation file (purpose ``fine-tune``): JSONL pairs or plain text/code."""
+    if purpose != FilePurpose.FINE_TUNE:
+        raise InvalidRequestError(f"purpose must be 'fine-tune', got {purpose!r}.", param="purpose")
+    limit = ctx.settings.max_file_bytes
+    data = file.file.read(limit + 1)
+    filename = os.path.basename(file.filename or "upload.txt")[:255] or "upload.txt"
+    fmt, lines = validate_content(data, filename, limit)
+    record = {"id": new_id("file"), "object": "file", "bytes": len(data), "created_at": int(now()),
+              "filename": filename, "purpose": purpose, "status": "processed", "format": fmt, "lines": lines}
+    path = file_path(ctx.settings, record)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    ctx.store.create(FILE, record)
+    return FileObject(**record)
+
+
+@router.get("", response_model=FileList)
+def list_files(ctx: JobsDep, after: str | None = None,
+               limit: Annotated[int, Query(ge=1, le=10000)] = 10000, purpose: str | None = None) -> FileList:
+    """Uploaded files, newest first."""
+    records, has_more = ctx.store.page(FILE, after, limit)
+    data = [FileObject(**r) for r in records if purpose is None or r["purpose"] == purpose]
+    return FileList(data=data, has_more=has_more)
+
+
+@router.get("/{file_id}", response_model=FileObject)
+def retrieve_file(file_id: str, ctx: JobsDep) -> FileObject:
+    """One file's metadata."""
+    return FileObject(**get_file_record(ctx, file_id))
+
+
+@router.get("/{file_id}/content")
+def file_content(file_id: str, ctx: JobsDep) -> FileResponse:
+    """The file's bytes as uploaded."""
+    record = get_file_record(ctx, file_id)
+    return FileResponse(file_path(ctx.settings, record), media_type="application/octet-stream",
+                        filename=record["filename"])
+
+
+@router.delete("/{file_id}", response_model=FileDeleted)
+def delete_file(file_id: str, ctx: JobsDep) -> FileDeleted:
+    """Delete a file (jobs already queued with it fail with a clear error when they start)."""
+    record = get_file_record(ctx, file_id)
+    ctx.store.delete(FILE, file_id)
+    file_path(ctx.settings, record).unlink(missing_ok=True)
+    return FileDeleted(id=file_id)

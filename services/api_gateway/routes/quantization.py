@@ -1,0 +1,77 @@
+"""Quantization jobs (our extension): GGUF files (F16, Q8_0, Q4_K_M) of a model-store model, downloadable."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse
+from rq import Queue, Retry
+
+from axl_mesh.errors import InvalidRequestError, NotFoundError
+from axl_mesh.jobs import QUANTIZE_FUNCTION, JobKind, QueueName, new_id, now, valid_id
+from axl_mesh.jobs_protocol import JobStatus, QuantizationJob, QuantizationJobCreate, QuantizationJobList
+from axl_mesh.model_store import ModelStoreError
+from services.api_gateway.routes.files import JobsContext, JobsDep
+
+router = APIRouter(prefix="/v1/quantization/jobs", tags=["quantization"])
+
+Q = JobKind.QUANTIZE
+QUANTIZATION_TIMEOUT_SECONDS = 4 * 3600
+
+
+def get_record(ctx: JobsContext, job_id: str) -> dict[str, Any]:
+    record = ctx.store.get(Q, job_id) if valid_id("q", job_id) else None
+    if record is None:
+        raise NotFoundError(f"No quantization job with id {job_id!r}.", param="quantization_job_id")
+    return record
+
+
+@router.post("", response_model=QuantizationJob)
+def create_quantization_job(body: QuantizationJobCreate, ctx: JobsDep) -> QuantizationJob:
+    """Queue GGUF export of a model-store model in the given types."""
+    try:
+        entry = ctx.models.get(body.model)
+    except ModelStoreError:
+        entry = None
+    if entry is None:
+        names = ", ".join(sorted(ctx.models.entries())) or "none yet"
+        raise InvalidRequestError(f"Model {body.model!r} is not in the model store (models: {names}).",
+                                  param="model", code="model_not_found")
+    job_id = new_id("qjob")
+    record = {"id": job_id, "object": "quantization.job", "created_at": int(now()), "finished_at": None,
+              "model": body.model, "types": list(dict.fromkeys(t.value for t in body.types)),
+              "status": JobStatus.QUEUED.value, "error": None, "outputs": [], "fine_tuning_job_id": None}
+    ctx.store.create(Q, record)
+    Queue(QueueName.QUANTIZE.value, connection=ctx.rq).enqueue(
+        QUANTIZE_FUNCTION, job_id, job_id=job_id, job_timeout=QUANTIZATION_TIMEOUT_SECONDS,
+        retry=Retry(max=ctx.settings.job_retries), description=f"quantize {body.model}")
+    return QuantizationJob(**(ctx.store.get(Q, job_id) or record))
+
+
+@router.get("", response_model=QuantizationJobList)
+def list_quantization_jobs(ctx: JobsDep, after: str | None = None,
+                           limit: Annotated[int, Query(ge=1, le=100)] = 20) -> QuantizationJobList:
+    """Quantization jobs, newest first."""
+    records, has_more = ctx.store.page(Q, after, limit)
+    return QuantizationJobList(data=[QuantizationJob(**r) for r in records], has_more=has_more)
+
+
+@router.get("/{job_id}", response_model=QuantizationJob)
+def retrieve_quantization_job(job_id: str, ctx: JobsDep) -> QuantizationJob:
+    """One quantization job and, once it succeeded, its files."""
+    return QuantizationJob(**get_record(ctx, job_id))
+
+
+@router.get("/{job_id}/files/{filename}")
+def download_file(job_id: str, filename: str, ctx: JobsDep) -> FileResponse:
+    """A produced GGUF file (or its Ollama Modelfile); only names the job recorded are served."""
+    record = get_record(ctx, job_id)
+    allowed = {o["filename"] for o in record.get("outputs", [])}
+    allowed |= {(o.get("details") or {}).get("modelfile") for o in record.get("outputs", [])} - {None}
+    if filename not in allowed:
+        raise NotFoundError(f"Quantization job {job_id} has no file {filename!r}.", param="filename")
+    path = ctx.settings.resolved_jobs_dir / job_id / filename
+    if not path.is_file():
+        raise NotFoundError(f"File {filename!r} of {job_id} is gone from disk.", param="filename")
+    return FileResponse(path, media_type="application/octet-stream", filename=filename)
