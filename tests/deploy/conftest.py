@@ -1,0 +1,62 @@
+"""Shared by the deploy tests: the parsed compose file and how to run the compose CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support import REPO_ROOT
+
+COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+# Values for the required variables (${VAR:?}) so that the file interpolates.
+REQUIRED_ENV = {"AXL_REGISTRY_SECRET": "compose-test-secret", "AXL_API_KEYS": "sk-test-1,sk-test-2"}
+
+
+def compose_command() -> list[str] | None:
+    """``docker compose`` (v2 plugin) if it works, else the standalone ``docker-compose``; None if neither."""
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+def run_compose(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    command = compose_command()
+    if command is None:
+        pytest.skip("no Docker Compose client: neither `docker compose` (plugin) nor `docker-compose` is installed")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AXL_")}
+    return subprocess.run([*command, "-f", str(COMPOSE_FILE), *args], capture_output=True, text=True,
+                          env={**clean, **env}, cwd=REPO_ROOT, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def compose() -> dict[str, Any]:
+    """docker-compose.yml as YAML sees it (anchors and merge keys resolved, variables not interpolated)."""
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def env_of(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def app_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The services that run our image (``python -m services.X``)."""
+    return {name: s for name, s in compose["services"].items()
+            if (s.get("command") or [None, None, ""])[:2] == ["python", "-m"]}
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path

@@ -1,0 +1,171 @@
+"""docker-compose.yml: validated by the real compose CLI and the compose-spec schema, and its shape as required."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.deploy.conftest import COMPOSE_FILE, REQUIRED_ENV, app_services, env_of, run_compose
+from tests.support import REPO_ROOT
+
+CHECK_JSONSCHEMA = REPO_ROOT / ".venv" / "bin" / "check-jsonschema"
+
+
+def _check_jsonschema() -> str:
+    import shutil
+
+    found = shutil.which("check-jsonschema") or (str(CHECK_JSONSCHEMA) if CHECK_JSONSCHEMA.exists() else None)
+    if found is None:
+        pytest.fail("check-jsonschema is not installed (it is in the dev extra: pip install -e '.[dev]')")
+    return found
+
+
+def test_compose_cli_validates_the_file() -> None:
+    result = run_compose(["config", "-q"], REQUIRED_ENV)
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_cli_refuses_to_run_without_the_required_secrets() -> None:
+    result = run_compose(["config", "-q"], {"AXL_API_KEYS": "sk-test"})
+    assert result.returncode != 0
+    assert "AXL_REGISTRY_SECRET" in result.stderr
+    result = run_compose(["config", "-q"], {"AXL_REGISTRY_SECRET": "compose-test-secret"})
+    assert result.returncode != 0
+    assert "AXL_API_KEYS" in result.stderr
+
+
+def test_compose_cli_interpolates_the_secrets_everywhere() -> None:
+    result = run_compose(["config"], REQUIRED_ENV)
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    for name, service in app_services(resolved).items():
+        assert env_of(service)["AXL_REGISTRY_SECRET"] == REQUIRED_ENV["AXL_REGISTRY_SECRET"], name
+    assert env_of(resolved["services"]["api-gateway"])["AXL_API_KEYS"] == REQUIRED_ENV["AXL_API_KEYS"]
+
+
+def test_compose_spec_schema_accepts_the_file() -> None:
+    result = subprocess.run([_check_jsonschema(), "--builtin-schema", "vendor.compose-spec", str(COMPOSE_FILE)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_spec_schema_rejects_a_broken_file(tmp_path: Path) -> None:
+    """The schema check can fail: a misspelt depends_on condition and an unknown key are caught."""
+    broken = COMPOSE_FILE.read_text().replace("condition: service_healthy}", "condition: healthy}", 1)
+    broken = broken.replace("    restart: unless-stopped\n", "    restart: unless-stopped\n    restrat: always\n", 1)
+    path = tmp_path / "docker-compose.yml"
+    path.write_text(broken)
+    result = subprocess.run([_check_jsonschema(), "--builtin-schema", "vendor.compose-spec", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0, result.stdout
+
+
+def test_the_required_services_are_there(compose: dict[str, Any]) -> None:
+    assert {"redis", "api-gateway", "mesh-registry", "coder-worker", "debugger-worker", "trainer-worker",
+            "quantizer", "prometheus"} <= set(compose["services"])
+
+
+def test_only_the_gateway_and_prometheus_are_published(compose: dict[str, Any]) -> None:
+    published = {name: s["ports"] for name, s in compose["services"].items() if s.get("ports")}
+    assert set(published) == {"api-gateway", "prometheus"}
+    assert published["api-gateway"] == ["${AXL_GATEWAY_PORT:-8880}:8880"]
+    assert published["prometheus"] == ["${AXL_PROMETHEUS_PORT:-9090}:9090"]
+
+
+@pytest.mark.parametrize(("service", "port", "module"), [
+    ("api-gateway", "8880", "services.api_gateway"),
+    ("mesh-registry", "8900", "services.mesh_registry"),
+    ("coder-worker", "8901", "services.model_worker"),
+    ("debugger-worker", "8903", "services.model_worker"),
+    ("trainer-worker", "8960", "services.trainer_worker"),
+    ("quantizer", "8961", "services.quantizer"),
+])
+def test_service_ports_and_commands(compose: dict[str, Any], service: str, port: str, module: str) -> None:
+    spec = compose["services"][service]
+    assert spec["command"] == ["python", "-m", module]
+    assert env_of(spec)["AXL_PORT"] == port
+    assert env_of(spec)["AXL_HOST"] == "0.0.0.0"
+    assert env_of(spec)["AXL_REDIS_URL"] == "redis://redis:6379/0"
+    assert env_of(spec)["AXL_REGISTRY_URL"] == "http://mesh-registry:8900"
+
+
+def test_workers_announce_their_compose_address(compose: dict[str, Any]) -> None:
+    workers = {n: s for n, s in app_services(compose).items() if s["command"][-1] == "services.model_worker"}
+    assert {"coder-worker", "debugger-worker"} <= set(workers)
+    for name, spec in workers.items():
+        env = env_of(spec)
+        assert env["AXL_PUBLIC_URL"] == f"http://{name}:{env['AXL_PORT']}"
+        assert name == f"{env['AXL_SPECIALIST']}-worker"
+        assert env["AXL_CHECKPOINT"].startswith("/data/checkpoints/")
+        assert any(v.endswith(":/data/checkpoints:ro") for v in spec["volumes"])
+
+
+def test_every_service_has_a_health_check(compose: dict[str, Any]) -> None:
+    for name, spec in compose["services"].items():
+        check = spec.get("healthcheck")
+        assert check and check["test"][0] in ("CMD", "CMD-SHELL"), name
+        assert check.get("interval") and check.get("retries"), name
+    for name, spec in app_services(compose).items():
+        path = "/readyz" if spec["command"][-1] == "services.model_worker" else "/healthz"
+        assert spec["healthcheck"]["test"] == ["CMD", "axl-healthcheck", path], name
+
+
+def test_dependencies_wait_for_health(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name, spec in services.items():
+        for dependency, rule in (spec.get("depends_on") or {}).items():
+            assert dependency in services, (name, dependency)
+            assert rule == {"condition": "service_healthy"}, (name, dependency, rule)
+    assert set(services["mesh-registry"]["depends_on"]) == {"redis"}
+    assert {"redis", "mesh-registry", "coder-worker", "debugger-worker"} <= set(services["api-gateway"]["depends_on"])
+    for name in ("coder-worker", "debugger-worker"):
+        assert "mesh-registry" in services[name]["depends_on"]
+    for name in ("trainer-worker", "quantizer"):
+        assert "redis" in services[name]["depends_on"]
+
+
+def test_required_secrets_use_the_error_form() -> None:
+    text = COMPOSE_FILE.read_text()
+    for variable in ("AXL_REGISTRY_SECRET", "AXL_API_KEYS"):
+        assert re.search(r"\$\{" + variable + r":\?[^}]+\}", text), variable
+        assert not re.search(r"\$\{" + variable + r"(:-|\})", text), f"{variable} must not have a default"
+
+
+def test_redis_persists_to_a_volume(compose: dict[str, Any]) -> None:
+    redis = compose["services"]["redis"]
+    assert redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
+    assert "redis-data:/data" in redis["volumes"]
+    assert "redis-data" in compose["volumes"]
+
+
+def test_model_store_and_checkpoints_are_volumes(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name in ("api-gateway", "trainer-worker", "quantizer"):
+        assert "model-store:/data/models" in services[name]["volumes"], name
+        assert env_of(services[name])["AXL_MODEL_STORE_DIR"] == "/data/models"
+    assert "jobs:/data/jobs" in services["trainer-worker"]["volumes"]
+    assert {"model-store", "jobs", "files", "prometheus-data"} <= set(compose["volumes"])
+
+
+def test_app_services_share_one_image(compose: dict[str, Any]) -> None:
+    images = {s["image"] for s in app_services(compose).values()}
+    builds = {(s["build"]["context"], s["build"]["dockerfile"]) for s in app_services(compose).values()}
+    assert images == {"axl-mesh:latest"}
+    assert builds == {(".", "deploy/Dockerfile")}
+    assert (REPO_ROOT / "deploy" / "Dockerfile").is_file()
+
+
+def test_prometheus_scrapes_every_service(compose: dict[str, Any]) -> None:
+    prometheus = compose["services"]["prometheus"]
+    assert "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prometheus["volumes"]
+    config = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus.yml").read_text())
+    targets = {t for job in config["scrape_configs"] for group in job["static_configs"] for t in group["targets"]}
+    expected = {f"{name}:{env_of(s)['AXL_PORT']}" for name, s in app_services(compose).items()}
+    assert targets - {"localhost:9090"} == expected
+    for job in config["scrape_configs"]:
+        assert job.get("metrics_path", "/metrics") == "/metrics"
