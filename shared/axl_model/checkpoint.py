@@ -98,6 +98,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def load_config(path: str | Path) -> ModelConfig:
+    if Path(path).suffix.lower() == ".gguf":  # an axl-multiscale GGUF carries its config as metadata
+        from .export.gguf import read_gguf_config
+
+        try:
+            return read_gguf_config(path)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
     path = _resolve(Path(path))
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
@@ -138,6 +145,8 @@ def load_metadata(path: str | Path) -> dict[str, Any]:
 
 def is_checkpoint(path: str | Path) -> bool:
     path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        return path.is_file()
     return (path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file()
 
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from axl_model import CheckpointError, ModelConfig, MultiScaleTransformer, load_checkpoint, save_checkpoint
+from axl_model import CheckpointError, ModelConfig, MultiScaleTransformer, load_checkpoint, load_config, save_checkpoint
+from axl_model.checkpoint import is_checkpoint
 from axl_model.export.gguf import (MULTISCALE_ARCH, QUALITY_WARNING, export_checkpoint, export_llama_gguf,
                                    export_multiscale_gguf, load_gguf_model, norm_fold_deviation, quantize_gguf,
                                    read_metadata, read_tensor_types, write_modelfile)
@@ -178,6 +179,7 @@ def test_load_checkpoint_accepts_a_gguf_file(tiny, tmp_path):
     path = export_multiscale_gguf(tiny, tmp_path / "full-q8_0.gguf", qtype="q8_0")
     types = read_tensor_types(path)
     assert types["embed.weight"] == "Q8_0" and types["stacks.fine.blocks.0.attn_norm.weight"] == "F32"
+    assert is_checkpoint(path) and load_config(path) == tiny.config  # what the model worker calls first
     loaded = load_checkpoint(path)
     assert not loaded.training
     ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(1))
@@ -214,8 +216,11 @@ def test_gguf_loader_rejects_the_llama_kind_and_missing_files(tiny, tmp_path):
     path = export_llama_gguf(tiny, tmp_path / "fine.gguf")
     with pytest.raises(CheckpointError, match="architecture 'llama'"):
         load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="architecture 'llama'"):
+        load_config(path)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.gguf")
+    assert not is_checkpoint(tmp_path / "nope.gguf")
 
 
 # ---------------------------------------------------------------------------------------------- Modelfile, CLI

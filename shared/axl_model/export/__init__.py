@@ -8,8 +8,8 @@ from .cli import register
 from .formats import EXPORT_KINDS, GGUF_TYPES, ExportKind, GGUFType
 
 _LAZY = ("MULTISCALE_ARCH", "QUALITY_WARNING", "ExportReport", "GGUFFileReport", "export_checkpoint",
-         "export_llama_gguf", "export_multiscale_gguf", "load_gguf_model", "quantize_gguf", "read_metadata",
-         "read_tensor_types", "write_modelfile")
+         "export_llama_gguf", "export_multiscale_gguf", "load_gguf_model", "quantize_gguf", "read_gguf_config",
+         "read_metadata", "read_tensor_types", "write_modelfile")
 __all__ = sorted(("EXPORT_KINDS", "GGUF_TYPES", "ExportKind", "GGUFType", "register", *_LAZY))
 
 

@@ -32,7 +32,7 @@ import logging
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -389,8 +389,7 @@ def read_tensor_types(path: str | Path) -> dict[str, str]:
     return {t.name: GGMLQuantizationType(t.tensor_type).name for t in GGUFReader(str(path)).tensors}
 
 
-def load_gguf_model(path: str | Path) -> MultiScaleTransformer:
-    """The full model stored in an `axl-multiscale` GGUF, weights dequantized to float32, in eval mode."""
+def _open_multiscale(path: str | Path) -> tuple[GGUFReader, ModelConfig]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"GGUF file {path} does not exist")
@@ -406,9 +405,19 @@ def load_gguf_model(path: str | Path) -> MultiScaleTransformer:
     config_values = {key[len(CONFIG_KEY_PREFIX):]: f.contents() for key, f in reader.fields.items()
                      if key.startswith(CONFIG_KEY_PREFIX)}
     try:
-        config = ModelConfig.from_dict(config_values)
+        return reader, ModelConfig.from_dict(config_values)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: bad model config in metadata: {exc}") from None
+
+
+def read_gguf_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig stored in an `axl-multiscale` GGUF's metadata (no tensor is read)."""
+    return _open_multiscale(path)[1]
+
+
+def load_gguf_model(path: str | Path) -> MultiScaleTransformer:
+    """The full model stored in an `axl-multiscale` GGUF, weights dequantized to float32, in eval mode."""
+    reader, config = _open_multiscale(path)
     model = MultiScaleTransformer(config)
     expected = model.state_dict()
     weights = {}
