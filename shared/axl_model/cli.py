@@ -1,0 +1,377 @@
+"""The `axl` command: train, generate, eval, presets, plot and data build (export is registered by its module).
+
+Each subcommand is a `register(subparsers)` function that adds its parser and sets `func=handler`. Another
+module adds a subcommand with one line in REGISTRARS ("module:function", imported only when `axl` runs).
+Errors a user can cause print one line, `axl: error: ...`, and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  axl presets                                   # the model family: sizes and the RAM training needs
+  axl presets --ram 4                           # which presets train in 4 GiB
+  axl train --preset micro --data src/ --max-time 180 --out checkpoints/axl-micro
+  axl train --out checkpoints/axl-micro --resume --max-time 600    # continue where it stopped
+  axl train --specialist docs --max-time 600    # the docs specialist: its preset and its data recipe
+  axl generate checkpoints/axl-micro "def fibonacci(n):" --max-tokens 100 --stream
+  axl eval checkpoints/axl-micro --data src/    # bits per byte on the held-out files
+  axl plot checkpoints/axl-micro                # loss curve -> checkpoints/axl-micro.run/loss.png
+  axl data build --all                          # every specialist's data from the standard library
+"""
+
+
+class CLIError(Exception):
+    """A problem to report in one line (exit status 2)."""
+
+
+# ---------------------------------------------------------------------------------------------- train
+def register_train(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a model (or continue a run with --resume)",
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              description="Train an AXL model on code. Validation bits per byte on held-out files is "
+                                          "the number to watch.",
+                              epilog="examples:\n  axl train --preset micro --data src/ --max-time 180 --out checkpoints/axl-micro\n"
+                                     "  axl train --out checkpoints/axl-micro --resume --max-time 600\n"
+                                     "  axl train --preset micro --distill-from checkpoints/axl-reasoning --max-steps 2000")
+    model = p.add_argument_group("model")
+    model.add_argument("--preset", help="model shape (see `axl presets`); default micro, or the specialist's")
+    model.add_argument("--init-from", metavar="CHECKPOINT", help="start from this checkpoint's weights (fine-tune)")
+    model.add_argument("--specialist", metavar="NAME", help="train this specialist: its preset and its data recipe")
+    data = p.add_argument_group("data")
+    data.add_argument("--data", nargs="+", metavar="PATH",
+                      help="files, folders or globs of .py/.txt/.jsonl (default: the Python standard library)")
+    data.add_argument("--val-data", nargs="+", metavar="PATH", help="validation data (default: held-out files of --data)")
+    data.add_argument("--val-fraction", type=float, default=0.05)
+    budget = p.add_argument_group("budget (whichever ends first; none: one epoch)")
+    budget.add_argument("--max-time", type=float, metavar="SECONDS", help="wall-clock budget, summed over resumes")
+    budget.add_argument("--max-steps", type=int)
+    budget.add_argument("--epochs", type=float)
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--optimizer", choices=("lion", "adamw", "sgd"), default="lion")
+    opt.add_argument("--lr", type=float, help="peak learning rate (default depends on the optimizer)")
+    opt.add_argument("--batch-size", type=int, default=8)
+    opt.add_argument("--seq-len", type=int, help="training window in bytes (default: 256, or the model's if shorter)")
+    opt.add_argument("--grad-accum", type=int, default=1)
+    opt.add_argument("--grad-clip", type=float, default=1.0)
+    opt.add_argument("--warmup-steps", type=int)
+    opt.add_argument("--seed", type=int, default=0)
+    run = p.add_argument_group("run")
+    run.add_argument("--out", metavar="DIR", help="checkpoint folder (default checkpoints/axl-<preset or specialist>)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out")
+    run.add_argument("--overwrite", action="store_true", help="start over even if --out holds a run")
+    run.add_argument("--eval-interval", type=int, default=100)
+    run.add_argument("--checkpoint-interval", type=int, default=200)
+    run.add_argument("--threads", type=int, help="torch threads (default: all CPUs)")
+    run.add_argument("--no-progress", action="store_true")
+    distill = p.add_argument_group("distillation")
+    distill.add_argument("--distill-from", metavar="CHECKPOINT", help="a larger teacher checkpoint")
+    distill.add_argument("--distill-temperature", type=float, default=2.0)
+    distill.add_argument("--distill-alpha", type=float, default=0.5)
+    p.set_defaults(func=cmd_train)
+
+
+def _specialist_data(name: str) -> tuple[list[str], list[str] | None]:
+    """The specialist's dataset (data/<name>/), built from its recipe first if it is not there."""
+    folder = Path("data") / name
+    if not (folder / "train.jsonl").is_file():
+        try:
+            from .recipes import build_dataset
+        except ImportError as exc:
+            raise CLIError(f"no data for {name!r} in {folder} and the recipes are not available ({exc})") from None
+        print(f"building the {name} dataset in {folder} ...", file=sys.stderr)
+        build_dataset(name, out_dir=folder)
+    val = folder / "val.jsonl"
+    return [str(folder / "train.jsonl")], [str(val)] if val.is_file() and val.stat().st_size else None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .checkpoint import is_checkpoint, load_metadata
+    from .train import TrainConfig, train
+
+    preset, data, val_data = args.preset, args.data, args.val_data
+    if args.specialist:
+        from .specialists import get_specialist
+
+        specialist = get_specialist(args.specialist)
+        preset = preset or specialist.preset
+        if data is None:
+            data, val_data = _specialist_data(specialist.name)
+    preset = preset or "micro"
+    out = args.out or f"checkpoints/axl-{args.specialist or preset}"
+    if args.resume and args.overwrite:
+        raise CLIError("--resume and --overwrite contradict each other")
+    if is_checkpoint(out) and not (args.resume or args.overwrite):
+        step = load_metadata(out).get("step", "?")
+        raise CLIError(f"{out} already holds a run (step {step}); pass --resume to continue it or --overwrite to start over")
+    if args.resume and not is_checkpoint(out):
+        raise CLIError(f"nothing to resume: {out} holds no checkpoint")
+    seq_len = args.seq_len
+    if seq_len is None:
+        from .checkpoint import load_config
+        from .config import ModelConfig
+
+        source = out if args.resume else args.init_from
+        window = (load_config(source) if source else ModelConfig.from_name(preset)).max_seq_len
+        seq_len = min(256, window)
+    config = TrainConfig(
+        out_dir=out, preset=preset, init_from=args.init_from, data=data, val_data=val_data,
+        val_fraction=args.val_fraction, max_steps=args.max_steps, max_time=args.max_time, epochs=args.epochs,
+        batch_size=args.batch_size, seq_len=seq_len, lr=args.lr, optimizer=args.optimizer,
+        grad_accum=args.grad_accum, grad_clip=args.grad_clip, warmup_steps=args.warmup_steps,
+        eval_interval=args.eval_interval, checkpoint_interval=args.checkpoint_interval, seed=args.seed,
+        resume=not args.overwrite, num_threads=args.threads, distill_from=args.distill_from,
+        distill_temperature=args.distill_temperature, distill_alpha=args.distill_alpha,
+        progress=not args.no_progress)
+    result = train(config)
+    resumed = f" (resumed from step {result.resumed_from_step})" if result.resumed_from_step is not None else ""
+    print(f"{result.status}: {result.steps} steps{resumed}, validation {result.val_bpb:.4f} bits/byte, "
+          f"{result.bytes_per_s:,.0f} bytes/s, {result.elapsed_s:.0f} s -> {result.checkpoint_dir}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- generate
+def register_generate(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="complete a prompt with a checkpoint",
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog='example:\n  axl generate checkpoints/axl-micro "def fibonacci(n):" --max-tokens 100 --stream')
+    p.add_argument("checkpoint")
+    p.add_argument("prompt")
+    p.add_argument("--max-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 decodes greedily")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, help="same seed, same output")
+    p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .generate import Generator, SamplingParams
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+    generator = Generator(load_checkpoint(args.checkpoint))
+    if len(generator.encode(args.prompt)) > generator.model.config.max_seq_len:
+        raise CLIError(f"the prompt is longer than the model's window ({generator.model.config.max_seq_len} bytes)")
+    sys.stdout.write(args.prompt)
+    if args.stream:
+        for piece in generator.stream(args.prompt, params):
+            sys.stdout.write(piece.text)
+            sys.stdout.flush()
+    else:
+        sys.stdout.write(generator.generate(args.prompt, params).text)
+    sys.stdout.write("\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- eval
+def register_eval(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="bits per byte on held-out data (and HumanEval with --humaneval)",
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="examples:\n  axl eval checkpoints/axl-micro --data src/\n"
+                                     "  axl eval checkpoints/axl-micro --humaneval --limit 20")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="default: the Python standard library")
+    p.add_argument("--split", choices=("val", "all"), default="val",
+                   help="val: the files training held out (same hash split); all: every file")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--max-bytes", type=int, help="score at most this many bytes")
+    p.add_argument("--humaneval", action="store_true", help="also run HumanEval (sandboxed), pass@1")
+    p.add_argument("--limit", type=int, help="HumanEval: the first N problems only")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .train import evaluate_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, seq_len=args.seq_len,
+                                 max_tokens=args.max_bytes, val_fraction=args.val_fraction, progress=not args.json)
+    if args.humaneval:
+        report["humaneval"] = _humaneval(args.checkpoint, args.limit)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{args.checkpoint}: {report['val_bpb']:.4f} bits/byte on {report['tokens']:,} {args.split} bytes")
+        if "humaneval" in report:
+            print(f"HumanEval pass@1: {report['humaneval']['pass@1']:.3f} on {report['humaneval']['problems']} problems")
+    return 0
+
+
+def _humaneval(checkpoint: str, limit: int | None) -> dict:
+    try:
+        from . import humaneval
+    except ImportError as exc:
+        raise CLIError(f"HumanEval is not available: {exc}") from None
+    from .checkpoint import load_checkpoint
+    from .generate import Generator, SamplingParams
+
+    generator = Generator(load_checkpoint(checkpoint))
+    params = SamplingParams(max_tokens=384, temperature=0.0, stop=list(humaneval.STOP_SEQUENCES))
+
+    def generate(prompt: str, n: int) -> list[str]:
+        window = generator.model.config.max_seq_len - params.max_tokens
+        ids = generator.encode(prompt)[-window:]
+        return [c.text for c in generator.generate_batch([ids] * n, params)]
+
+    report = humaneval.evaluate(generate, n=1, k_list=(1,), limit=limit, progress=True)
+    return {k: v for k, v in report.items() if k != "results"}
+
+
+# ---------------------------------------------------------------------------------------------- presets
+def register_presets(subparsers) -> None:
+    p = subparsers.add_parser("presets", help="the model family: parameters and training RAM",
+                              epilog="example: axl presets --ram 4")
+    p.add_argument("--ram", type=float, metavar="GB", help="only presets whose training fits in this much RAM")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--optimizer", choices=("lion", "adamw", "sgd"), default="lion")
+    p.set_defaults(func=cmd_presets)
+
+
+def kquant_friendly(config) -> bool:
+    """llama.cpp K-quants pack rows in blocks of 256: every weight's input width must be a multiple of 256."""
+    return config.d_model % 256 == 0 and config.d_ff % 256 == 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from .config import PRESETS, ModelConfig, suggest_models
+
+    if args.ram is not None:
+        if args.ram <= 0:
+            raise CLIError(f"--ram must be > 0, got {args.ram}")
+        configs = suggest_models(args.ram, batch_size=args.batch_size, optimizer=args.optimizer)
+        if not configs:
+            raise CLIError(f"no preset trains in {args.ram:g} GiB at batch {args.batch_size}; try --batch-size 1")
+        print(f"presets that train in {args.ram:g} GiB (batch {args.batch_size}, {args.optimizer}), largest first:")
+    else:
+        configs = [ModelConfig.from_name(name) for name in PRESETS]
+    header = ("preset", "d_model", "heads", "d_ff", "layers/scale", "params", f"train RAM (b{args.batch_size})", "K-quant")
+    rows = [(c.name, str(c.d_model), str(c.n_heads), str(c.d_ff), str(c.n_layers), _human(c.param_count()),
+             f"{c.training_ram_bytes(args.batch_size, optimizer=args.optimizer) / 2**30:.2f} GiB",
+             "yes" if kquant_friendly(c) else "no") for c in configs]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for i, row in enumerate([header, *rows]):
+        print("  ".join(cell.ljust(w) if j == 0 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    return 0
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
+# ---------------------------------------------------------------------------------------------- plot
+def register_plot(subparsers) -> None:
+    p = subparsers.add_parser("plot", help="write a PNG loss curve of a run",
+                              epilog="example: axl plot checkpoints/axl-micro   (writes checkpoints/axl-micro.run/loss.png)")
+    p.add_argument("run", help="a checkpoint folder or its run folder (<checkpoint>.run)")
+    p.add_argument("--out", help="PNG path (default: <run folder>/loss.png)")
+    p.set_defaults(func=cmd_plot)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_run
+
+    print(plot_run(args.run, args.out))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- data
+def register_data(subparsers) -> None:
+    p = subparsers.add_parser("data", help="build training data")
+    sub = p.add_subparsers(dest="data_command", required=True, metavar="{build}")
+    b = sub.add_parser("build", help="build a specialist's dataset (train.jsonl, val.jsonl) from Python source",
+                       epilog="examples:\n  axl data build --specialist docs\n  axl data build --all --source ~/src --out data",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = b.add_mutually_exclusive_group(required=True)
+    which.add_argument("--specialist", metavar="NAME")
+    which.add_argument("--all", action="store_true", help="every specialist")
+    b.add_argument("--source", action="append", metavar="DIR", help="Python source to mine (default: the standard library)")
+    b.add_argument("--out", metavar="DIR", help="output folder (default data/<specialist>, or data/ with --all)")
+    b.add_argument("--max-files", type=int)
+    b.add_argument("--val-fraction", type=float, default=0.05)
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=cmd_data_build)
+
+
+def cmd_data_build(args: argparse.Namespace) -> int:
+    from .recipes import build_all, build_dataset
+
+    common = dict(sources=args.source, val_fraction=args.val_fraction, seed=args.seed, max_files=args.max_files)
+    if args.all:
+        summaries = build_all(out_root=args.out or "data", **common)
+        for name, summary in summaries.items():
+            print(f"{name}: {summary}" if isinstance(summary, str) else _summary_line(summary))
+    else:
+        print(_summary_line(build_dataset(args.specialist, out_dir=args.out, **common)))
+    return 0
+
+
+def _summary_line(summary) -> str:
+    return (f"{summary.specialist}: {summary.train_pairs} train / {summary.val_pairs} val pairs from "
+            f"{summary.files_with_pairs} of {summary.files} files -> {summary.out_dir}")
+
+
+# ---------------------------------------------------------------------------------------------- main
+# Subcommands, in --help order. Another module registers one with a line here: "package.module:register".
+REGISTRARS: list[Callable | str] = [
+    register_train, register_generate, register_eval, register_presets, register_plot, register_data,
+    "axl_model.export.cli:register",  # `axl export gguf ...` (when present)
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="axl", description="AXL: byte-level multi-scale code models on the CPU.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for registrar in REGISTRARS:
+        if isinstance(registrar, str):
+            module_name, _, function = registrar.partition(":")
+            try:
+                registrar = getattr(importlib.import_module(module_name), function)
+            except ModuleNotFoundError as exc:
+                if exc.name and module_name.startswith(exc.name):  # that module is not written yet
+                    continue
+                raise
+        registrar(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"axl: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("axl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
