@@ -249,7 +249,7 @@ def test_cli_export_gguf(tiny, tmp_path, capsys):
     assert "WARNING: " + QUALITY_WARNING in output and "Q8_0" in output
     assert "<|axl:docs|>" in (tmp_path / "out" / "axl-tiny-llama-q8_0.Modelfile").read_text()
     assert main(["gguf", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]) == 2
-    assert "does not exist" in capsys.readouterr().out
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_export_checkpoint_multiscale_only(tiny, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 from .formats import EXPORT_KINDS, GGUF_TYPES
@@ -46,7 +47,7 @@ def run_export_gguf(args: argparse.Namespace) -> int:
         report = export_checkpoint(checkpoint, out, types=args.types or ["f32"], kinds=kinds,
                                    specialist=args.specialist, name=args.name, progress=not args.json)
     except (ValueError, RuntimeError) as exc:
-        print(f"axl export gguf: error: {exc}")
+        print(f"axl export gguf: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.render(verbose=args.verbose))
     return 0
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry point (`python -m axl_model.export.cli gguf ...`) until the `axl` CLI registers us."""
     parser = argparse.ArgumentParser(prog="axl")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["export", *(argv if argv is not None else __import__("sys").argv[1:])])
+    args = parser.parse_args(["export", *(argv if argv is not None else sys.argv[1:])])
     return args.func(args)
 
 
