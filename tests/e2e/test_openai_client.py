@@ -1,0 +1,248 @@
+"""The mesh through the official `openai` client: models, completions, chat, streaming, errors, Continue's requests.
+
+Real processes (see conftest): registry, two replicas of `axl-coder` (tiny random checkpoint, 128-byte window),
+one FIM-capable `axl-docs`, the gateway with API keys.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.conftest import API_KEY, MAX_BODY_BYTES, Mesh
+
+pytestmark = pytest.mark.timeout(120)
+
+CODER = "axl-coder"
+PROMPT = "def fibonacci(n):\n    "
+CONTINUE_STOPS = ["\n\n", "\r\n\r\n", "/src/", "#- coding: utf-8", "```", "\ndef", "\nclass", "\n\"\"\"#", "\n@"]
+
+
+def sse_lines(mesh: Mesh, path: str, body: dict) -> list[str]:
+    assert mesh.gateway is not None
+    with httpx.stream("POST", mesh.gateway.url + path, json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        return [line for line in response.iter_lines() if line]
+
+
+# --- models ------------------------------------------------------------------------------------------------------
+
+
+def test_list_and_retrieve_models(mesh: Mesh) -> None:
+    client = mesh.client()
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == {"axl-coder", "axl-docs"}
+    coder = models[CODER]
+    assert coder.owned_by == "axl-mesh" and coder.object == "model"
+    extra = coder.model_extra or {}
+    assert extra["specialist"] == "coder" and extra["context_length"] == 128 and extra["instances"] == 2
+    assert "fim" in (models["axl-docs"].model_extra or {})["capabilities"]
+    assert client.models.retrieve(CODER).id == CODER
+    assert client.models.retrieve("coder").id == CODER  # the specialist's name is an alias
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("no-such-model")
+    assert info.value.code == "model_not_found"
+
+
+# --- completions ---------------------------------------------------------------------------------------------
+
+
+def test_completion_usage_and_seed(mesh: Mesh) -> None:
+    client = mesh.client()
+    first = client.completions.create(model=CODER, prompt=PROMPT, max_tokens=12, temperature=0.8, seed=7)
+    again = client.completions.create(model=CODER, prompt=PROMPT, max_tokens=12, temperature=0.8, seed=7)
+    assert first.object == "text_completion" and first.model == CODER
+    choice = first.choices[0]
+    assert choice.finish_reason in ("stop", "length") and choice.index == 0
+    assert choice.text == again.choices[0].text  # same seed, either replica: same text
+    assert first.usage is not None
+    assert first.usage.prompt_tokens == len(PROMPT.encode()) + 1  # bytes + BOS
+    assert 0 < first.usage.completion_tokens <= 12
+    assert first.usage.total_tokens == first.usage.prompt_tokens + first.usage.completion_tokens
+
+
+def test_streamed_text_equals_non_streamed_text(mesh: Mesh) -> None:
+    client = mesh.client()
+    whole = client.completions.create(model=CODER, prompt=PROMPT, max_tokens=20, temperature=1.0, seed=3)
+    chunks = list(client.completions.create(model=CODER, prompt=PROMPT, max_tokens=20, temperature=1.0, seed=3,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == whole.choices[0].finish_reason and not any(finishes[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+
+
+def test_stop_sequences_cut_the_text(mesh: Mesh) -> None:
+    client = mesh.client()
+    free = client.completions.create(model=CODER, prompt=PROMPT, max_tokens=40, temperature=0.0).choices[0]
+    assert len(free.text) >= 4
+    stop = free.text[2:4]  # appears in the unconstrained output, so the stopped one must end before it
+    stopped = client.completions.create(model=CODER, prompt=PROMPT, max_tokens=40, temperature=0.0,
+                                        stop=["\x00never", stop] + [f"never{i}" for i in range(14)]).choices[0]
+    assert stopped.finish_reason == "stop"
+    assert stop not in stopped.text and free.text.startswith(stopped.text)
+    assert len(stopped.text) <= free.text.index(stop)
+
+
+def test_n_and_prompt_lists_give_one_choice_each(mesh: Mesh) -> None:
+    client = mesh.client()
+    two = client.completions.create(model=CODER, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=11, n=2)
+    assert [c.index for c in two.choices] == [0, 1]
+    seed_12 = client.completions.create(model=CODER, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=12)
+    assert two.choices[1].text == seed_12.choices[0].text  # sample i uses seed + i
+    both = client.completions.create(model=CODER, prompt=["a = ", "b = "], max_tokens=4, temperature=0.0)
+    assert len(both.choices) == 2
+    assert both.usage.prompt_tokens == (4 + 1) * 2
+    ids = client.completions.create(model=CODER, prompt=list(b"a = "), max_tokens=4, temperature=0.0)
+    assert ids.choices[0].text == both.choices[0].text  # byte token ids are the same prompt
+
+
+def test_echo_and_logprobs(mesh: Mesh) -> None:
+    client = mesh.client()
+    out = client.completions.create(model=CODER, prompt="x = ", max_tokens=5, temperature=0.0, echo=True, logprobs=2)
+    choice = out.choices[0]
+    assert choice.text.startswith("x = ")
+    assert choice.logprobs is not None and len(choice.logprobs.token_logprobs) == out.usage.completion_tokens
+    assert all(lp <= 0 for lp in choice.logprobs.token_logprobs)
+
+
+def test_continue_autocomplete_request(mesh: Mesh) -> None:
+    """What Continue.dev sends for tab completion: max_tokens far over the window, 9 stops, near-greedy, stream."""
+    body = {"model": CODER, "prompt": "import os\n\ndef main():\n    ", "max_tokens": 4096, "temperature": 0.01,
+            "stop": CONTINUE_STOPS, "stream": True}
+    lines = sse_lines(mesh, "/v1/completions", body)
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1] if line.startswith("data: ")]
+    assert chunks and all(c["object"] == "text_completion" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+# --- chat ----------------------------------------------------------------------------------------------------
+
+
+def test_chat_completion_and_stream(mesh: Mesh) -> None:
+    client = mesh.client()
+    messages = [{"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": [{"type": "text", "text": "Write hello world."}]}]
+    whole = client.chat.completions.create(model=CODER, messages=messages, max_tokens=16, seed=5, temperature=0.9)
+    assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
+    assert whole.usage.completion_tokens <= 16 and whole.usage.prompt_tokens > 10
+    chunks = list(client.chat.completions.create(model=CODER, messages=messages, max_tokens=16, seed=5,
+                                                 temperature=0.9, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_continue_agent_chat_with_tools(mesh: Mesh) -> None:
+    """Continue's agent mode sends tools, tool_choice and friends with every request and reads delta.content."""
+    client = mesh.client()
+    tools = [{"type": "function", "function": {"name": "read_file", "description": "Read a file",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"path": {"type": "string"}}}}}]
+    stream = client.chat.completions.create(
+        model=CODER, stream=True, max_tokens=12, temperature=0.5, tools=tools, tool_choice="auto",
+        parallel_tool_calls=False, user="dev", metadata={"session": "x"}, presence_penalty=0.0, frequency_penalty=0.0,
+        stop=CONTINUE_STOPS,
+        # Short, to fit the tiny model's 128-byte window with the chat template around it.
+        messages=[{"role": "system", "content": "Agent."},
+                  {"role": "user", "content": "ls"},
+                  {"role": "assistant", "content": None, "tool_calls": [
+                      {"id": "call_1", "type": "function", "function": {"name": "read_file", "arguments": "{}"}}]},
+                  {"role": "tool", "tool_call_id": "call_1", "content": "a.py"},
+                  {"role": "user", "content": "ok"}],
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[-1].usage is not None and chunks[-1].choices == []
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+
+
+def test_chat_n_two_streams(mesh: Mesh) -> None:
+    client = mesh.client()
+    chunks = list(client.chat.completions.create(model=CODER, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=6, n=2, seed=1, temperature=1.0, stream=True))
+    finished = {c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason}
+    assert finished == {0, 1}
+
+
+def test_auto_model_reports_its_choice(mesh: Mesh) -> None:
+    client = mesh.client()
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "Write the docstring for this function."}], max_tokens=4)
+    assert raw.headers["x-axl-routed-to"] == "axl-docs"
+    assert raw.parse().model == "axl-docs"
+
+
+# --- errors ---------------------------------------------------------------------------------------------------
+
+
+def test_wrong_or_missing_key_is_401(mesh: Mesh) -> None:
+    assert mesh.gateway is not None
+    bad = openai.OpenAI(base_url=mesh.gateway.url + "/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as info:
+        bad.models.list()
+    assert info.value.code == "invalid_api_key"
+    assert httpx.get(mesh.gateway.url + "/v1/models").status_code == 401
+    assert httpx.get(mesh.gateway.url + "/healthz").status_code == 200  # health stays open
+    assert httpx.get(mesh.gateway.url + "/metrics").status_code == 200
+
+
+def test_unknown_model_is_404(mesh: Mesh) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        mesh.client().completions.create(model="gpt-9", prompt="x")
+    assert info.value.code == "model_not_found" and info.value.param == "model"
+
+
+def test_bad_fields_are_400_with_param(mesh: Mesh) -> None:
+    client = mesh.client()
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=CODER, prompt="x", temperature=5)
+    assert info.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=CODER, messages=[])
+    assert info.value.param == "messages"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=CODER, prompt="x", stop=[f"s{i}" for i in range(40)])
+    assert info.value.param == "stop"
+    with pytest.raises(openai.BadRequestError) as info:  # FIM on a model without the capability
+        client.completions.create(model=CODER, prompt="def f(", suffix="):\n    pass\n")
+    assert info.value.param == "suffix"
+    fim = client.completions.create(model="axl-docs", prompt="def f(", suffix="):\n    pass\n", max_tokens=4)
+    assert fim.choices[0].finish_reason in ("stop", "length")
+
+
+def test_oversized_body_is_413(mesh: Mesh) -> None:
+    with pytest.raises(openai.APIStatusError) as info:
+        mesh.client().completions.create(model=CODER, prompt="x" * (MAX_BODY_BYTES + 10))
+    assert info.value.status_code == 413
+    assert info.value.code == "request_too_large"
+
+
+def test_prompt_over_the_window_is_context_length_exceeded(mesh: Mesh) -> None:
+    client = mesh.client()
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=CODER, prompt="y" * 1000, max_tokens=4)
+    assert info.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as info:  # the same before the first byte of a stream
+        list(client.completions.create(model=CODER, prompt="y" * 1000, max_tokens=4, stream=True))
+    assert info.value.code == "context_length_exceeded"
+
+
+def test_metrics_count_requests_tokens_and_workers(mesh: Mesh) -> None:
+    assert mesh.gateway is not None
+    mesh.client().completions.create(model=CODER, prompt="q", max_tokens=3, stream=True).close()
+    text = httpx.get(mesh.gateway.url + "/metrics").text
+    assert 'axl_gateway_requests_total{endpoint="completions",model="axl-coder",status="200"}' in text
+    assert 'axl_gateway_healthy_workers{model="axl-coder",specialist="coder"} 2.0' in text
+    assert "axl_gateway_time_to_first_token_seconds_bucket" in text
+    assert 'axl_gateway_generation_tokens_total{model="axl-coder"}' in text
