@@ -161,7 +161,7 @@ class JobStore:
         record_id = record["id"]
         with self.redis.pipeline() as pipe:
             pipe.hset(self.key(kind, record_id), mapping={k: json.dumps(v) for k, v in record.items()})
-            pipe.zadd(self.index_key(kind), {record_id: record["created_at"]})
+            pipe.zadd(self.index_key(kind), {record_id: now()})  # insertion order, finer than created_at
             pipe.execute()
 
     def get(self, kind: str, record_id: str) -> dict[str, Any] | None:

@@ -7,9 +7,10 @@ import these; they do not redefine them.
 from __future__ import annotations
 
 from enum import StrEnum
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 # Ids we mint; validated wherever they come back from a client (they name Redis keys and files, never raw paths).
 FILE_ID_PATTERN = r"^file-[0-9a-f]{24}$"
@@ -83,14 +84,31 @@ class FileDeleted(BaseModel):
 # --- fine-tuning ----------------------------------------------------------------------------------------------
 
 
+def _auto_or(kind: type, low: float, high: float) -> Callable[[Any], Any]:
+    """"auto" or a number of ``kind`` in [low, high], with one clear message (a plain union reports per branch)."""
+
+    def check(value: Any) -> Any:
+        if value == "auto":
+            return value
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and kind is int and float(value) != int(value):
+            ok = False
+        if not ok or not low <= value <= high:
+            raise ValueError(f"must be 'auto' or {'an integer' if kind is int else 'a number'} from {low:g} to "
+                             f"{high:g}, got {value!r}")
+        return kind(value)
+
+    return check
+
+
 class Hyperparameters(BaseModel):
     """OpenAI's three knobs ("auto" means our default), then our extensions."""
 
     model_config = ConfigDict(extra="forbid")
 
-    batch_size: Literal["auto"] | Annotated[int, Field(ge=1, le=512)] = "auto"
-    learning_rate_multiplier: Literal["auto"] | Annotated[float, Field(gt=0, le=100)] = "auto"
-    n_epochs: Literal["auto"] | Annotated[int, Field(ge=1, le=1000)] = "auto"
+    batch_size: Annotated[int | str, BeforeValidator(_auto_or(int, 1, 512))] = "auto"
+    learning_rate_multiplier: Annotated[float | str, BeforeValidator(_auto_or(float, 1e-6, 100))] = "auto"
+    n_epochs: Annotated[int | str, BeforeValidator(_auto_or(int, 1, 1000))] = "auto"
     # --- AXL extensions: bounds of a run on the CPU and the shape of training
     max_time_seconds: Annotated[float, Field(gt=0, le=7 * 24 * 3600)] | None = None
     max_steps: Annotated[int, Field(ge=1, le=10_000_000)] | None = None

@@ -61,6 +61,14 @@ def _base(ctx: JobsContext, model: str) -> tuple[str, str, Any, dict[str, Any] |
     return "store", entry.get("base") or model, model_config(config_file=path / "config.json"), entry
 
 
+def _require_file(ctx: JobsContext, file_id: str, param: str) -> None:
+    try:
+        get_file_record(ctx, file_id, param=param)
+    except NotFoundError:
+        raise InvalidRequestError(f"File {file_id} ({param}) does not exist; upload it with POST /v1/files.",
+                                  param=param, code="invalid_file") from None
+
+
 def _memory_limit(ctx: JobsContext) -> tuple[int | None, str]:
     if ctx.settings.trainer_memory_bytes:
         return ctx.settings.trainer_memory_bytes, "AXL_TRAINER_MEMORY_BYTES"
@@ -75,9 +83,9 @@ def create_job(body: FineTuningJobCreate, ctx: JobsDep) -> FineTuningJob:
     """Create a fine-tuning job: validated, checked against the trainer's RAM, then queued."""
     from axl_model.specialists import SPECIALISTS
 
-    get_file_record(ctx, body.training_file, param="training_file")
+    _require_file(ctx, body.training_file, "training_file")
     if body.validation_file:
-        get_file_record(ctx, body.validation_file, param="validation_file")
+        _require_file(ctx, body.validation_file, "validation_file")
     base_kind, base_preset, config, entry = _base(ctx, body.model)
     hp = body.hyperparameters
     specialist = hp.specialist or (entry or {}).get("specialist") or "coder"
