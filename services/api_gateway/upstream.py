@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -106,16 +106,25 @@ def rank_instances(
 
 
 def resolve_name(
-    name: str, models: list[ModelSummary], choose: Callable[[list[ModelSummary]], tuple[str, str]] | None = None
+    name: str,
+    models: list[ModelSummary],
+    choose: Callable[[list[ModelSummary]], tuple[str, str]] | None = None,
+    known: Collection[str] = (),
 ) -> ResolvedModel:
     """A request's ``model`` -> a served model: its id, or its specialist's name as an alias, or ``auto``
-    (``choose`` picks a specialist among those served and says why)."""
+    (``choose`` picks a specialist among those served and says why). A name in ``known`` (served before, no
+    replica now) is a 503 to retry, not a 404."""
     reason = None
     if name == AUTO_MODEL and choose is not None and models:
         specialist, reason = choose(models)
         candidates = [m for m in models if m.specialist == specialist]
     else:
         candidates = [m for m in models if m.id == name] or [m for m in models if m.specialist == name]
+    if not candidates and name in known:
+        raise ServiceUnavailableError(
+            f"The model '{name}' has no healthy replica right now; retry shortly.",
+            retry_after_seconds=2, code="no_healthy_replica",
+        )
     if not candidates:
         raise ModelNotFoundError(name)
     chosen = max(candidates, key=lambda m: (m.instances, m.id))  # an alias naming several models: the best-served
@@ -141,6 +150,7 @@ class Upstream:
         self._cooling_until: dict[str, float] = {}
         self._rotation = itertools.count()
         self._on_failover = on_failover
+        self.known_models: set[str] = set()  # ids and specialist names served at some point: 503, not 404
         self._clock = clock
 
     # --- lookups ---
@@ -148,9 +158,12 @@ class Upstream:
     async def models(self) -> list[ModelSummary]:
         """Models with at least one healthy replica (503 if the registry is down and nothing is cached)."""
         try:
-            return await self.lookup.models()
+            models = await self.lookup.models()
         except RegistryError as exc:
             raise ServiceUnavailableError(f"The model registry is unavailable: {exc}", code="registry_unavailable")
+        for model in models:
+            self.known_models.update((model.id, model.specialist))
+        return models
 
     async def instances(self, model_id: str) -> list[InstanceRecord]:
         try:
@@ -165,7 +178,7 @@ class Upstream:
         def choose(served: list[ModelSummary]) -> tuple[str, str]:
             return choose_specialist(routing_text(), {m.specialist for m in served})
 
-        return resolve_name(name, models, choose)
+        return resolve_name(name, models, choose, self.known_models)
 
     # --- calls ---
 

@@ -105,6 +105,7 @@ class SamplingFields(OpenAIBaseModel):
     # --- AXL extensions (not in OpenAI's API; vLLM and llama.cpp accept the same names) ---
     top_k: int | None = Field(default=None, ge=-1, description="sample among the k likeliest bytes; 0 or -1: off")
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    ignore_eos: bool = Field(default=False, description="keep sampling past end-of-text (benchmarks; as in vLLM)")
     # --- end of AXL extensions ---
 
     @field_validator("stop")
@@ -131,6 +132,8 @@ class SamplingFields(OpenAIBaseModel):
             "seed": seed,
             "stop": list(self.stop or []),
         }
+        if self.ignore_eos:
+            payload["ignore_eos"] = True
         # Unset fields are left out so the worker applies the specialist's defaults.
         if self.temperature is not None:
             payload["temperature"] = self.temperature

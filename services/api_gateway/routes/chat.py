@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from axl_mesh.errors import ModelNotFoundError
+from axl_mesh.errors import APIError
 from axl_mesh.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -93,8 +93,8 @@ async def create_chat_completion(
     """Creates a model response for the given chat conversation."""
     try:
         model = await upstream.resolve(body.model, lambda: [m.model_dump() for m in body.messages])
-    except ModelNotFoundError:
-        RequestMetrics(metrics, "chat", UNKNOWN_MODEL).finished(404)
+    except APIError as exc:  # 404 unknown model, 503 registry down or no replica
+        RequestMetrics(metrics, "chat", UNKNOWN_MODEL).finished(exc.status)
         raise
     tracker = RequestMetrics(metrics, "chat", model.model_id)
     if model.routed_reason:

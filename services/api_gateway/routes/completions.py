@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from axl_mesh.errors import InvalidRequestError, ModelNotFoundError
+from axl_mesh.errors import APIError, InvalidRequestError
 from axl_mesh.protocol import (
     CompletionLogProbs,
     CompletionRequest,
@@ -87,8 +87,8 @@ async def create_completion(
     prompts = body.prompts()
     try:
         model = await upstream.resolve(body.model, lambda: prompts[0])
-    except ModelNotFoundError:
-        RequestMetrics(metrics, "completions", UNKNOWN_MODEL).finished(404)
+    except APIError as exc:  # 404 unknown model, 503 registry down or no replica
+        RequestMetrics(metrics, "completions", UNKNOWN_MODEL).finished(exc.status)
         raise
     tracker = RequestMetrics(metrics, "completions", model.model_id)
     if body.suffix is not None and Capability.FIM not in model.capabilities:
