@@ -1,0 +1,153 @@
+"""``POST /internal/v1/generate`` and ``GET /internal/v1/info`` of a real worker process over real HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from axl_model.specialists import get_specialist
+from tests.services.model_worker.conftest import GENERATE, WORKER, info, stream_lines, wait_ready, worker_env
+from tests.support import ServiceProcess
+
+StartService = Callable[..., ServiceProcess]
+PROMPT = "def add(a, b):\n"
+
+
+def generate(url: str, **body: object) -> httpx.Response:
+    return httpx.post(url + GENERATE, json=body, timeout=60)
+
+
+def test_info_describes_the_served_model(worker: ServiceProcess) -> None:
+    described = info(worker.url)
+    assert described["model_id"] == "axl-coder"
+    assert described["specialist"] == "coder"
+    assert described["context_length"] == 128
+    assert described["capabilities"] == ["completion", "chat"]
+    assert described["max_batch"] == 4
+    assert described["checkpoint_version"].startswith("sha256:")
+    assert (described["running"], described["waiting"]) == (0, 0)
+
+
+def test_completion_counts_tokens_and_honours_max_tokens(worker: ServiceProcess) -> None:
+    response = generate(worker.url, prompt=PROMPT, max_tokens=24, seed=3, temperature=0.8, ignore_eos=True)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["finish_reason"] == "length"
+    assert body["model"] == "axl-coder"
+    assert body["usage"] == {"prompt_tokens": 1 + len(PROMPT), "completion_tokens": 24, "total_tokens": 25 + len(PROMPT)}
+    assert len(body["text"].encode("utf-8", errors="surrogatepass")) <= 24 * 3  # replacement chars widen bytes
+    assert body["logprobs"] is None
+
+
+def test_same_seed_same_text_and_streaming_equals_non_streaming(worker: ServiceProcess) -> None:
+    request = {"prompt": PROMPT, "max_tokens": 40, "seed": 11, "temperature": 0.9, "top_k": 50}
+    first = generate(worker.url, **request).json()
+    second = generate(worker.url, **request).json()
+    assert first["text"] == second["text"]
+    lines = stream_lines(worker.url, request)
+    *pieces, end = lines
+    assert "".join(p["text"] for p in pieces) == first["text"]
+    assert all(set(p) == {"text", "logprob"} for p in pieces)
+    assert end == {"finish_reason": first["finish_reason"], "usage": first["usage"], "model": "axl-coder"}
+    other_seed = generate(worker.url, **{**request, "seed": 12}).json()
+    assert other_seed["text"] != first["text"]
+
+
+def test_max_tokens_beyond_the_window_slides_instead_of_failing(worker: ServiceProcess) -> None:
+    response = generate(worker.url, prompt="x" * 100, max_tokens=300, seed=0, ignore_eos=True)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 300
+
+
+def test_prompt_longer_than_the_window_is_context_length_exceeded(worker: ServiceProcess) -> None:
+    for body in ({"prompt": "x" * 128}, {"prompt": "x" * 500, "stream": True},
+                 {"messages": [{"role": "user", "content": "y" * 200}]}):
+        response = generate(worker.url, **body)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == "context_length_exceeded"
+        assert error["type"] == "invalid_request_error"
+        assert "128" in error["message"]
+    # 127 bytes + BOS is exactly the window: allowed.
+    assert generate(worker.url, prompt="x" * 127, max_tokens=2).status_code == 200
+
+
+def test_chat_messages_are_rendered_with_the_specialist_template(worker: ServiceProcess) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse a list."}]
+    response = generate(worker.url, messages=messages, max_tokens=5, seed=1, echo=True)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    rendered = get_specialist("coder").render_chat(messages)
+    assert body["text"].startswith(rendered)
+    assert body["usage"]["prompt_tokens"] == 1 + len(rendered.encode())
+    bad = generate(worker.url, messages=[{"role": "assistant", "content": "hi"}])
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "messages"
+
+
+def test_chat_honours_the_callers_stop_sequences(worker: ServiceProcess) -> None:
+    request = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 60, "seed": 4, "temperature": 1.0,
+               "ignore_eos": True}
+    full = generate(worker.url, **request).json()
+    assert full["finish_reason"] == "length", "the template's stops ended the sample early; pick another seed"
+    stop = full["text"][30:32]
+    cut = generate(worker.url, **request, stop=[stop]).json()
+    assert (cut["finish_reason"], cut["text"]) == ("stop", full["text"][: full["text"].index(stop)])
+
+
+def test_stop_sequences_cut_the_text_before_the_match(worker: ServiceProcess) -> None:
+    request = {"prompt": PROMPT, "max_tokens": 60, "seed": 5, "temperature": 1.0, "ignore_eos": True}
+    full = generate(worker.url, **request).json()["text"]
+    stop = full[20:23]
+    assert len(stop) == 3
+    cut = generate(worker.url, **request, stop=[stop]).json()
+    assert cut["finish_reason"] == "stop"
+    assert cut["text"] == full[: full.index(stop)]
+    streamed = stream_lines(worker.url, {**request, "stop": [stop]})
+    assert "".join(line.get("text", "") for line in streamed[:-1]) == cut["text"]
+    assert streamed[-1]["finish_reason"] == "stop"
+
+
+def test_echo_and_logprobs(worker: ServiceProcess) -> None:
+    body = generate(worker.url, prompt=PROMPT, max_tokens=6, seed=2, echo=True, logprobs=3, ignore_eos=True).json()
+    assert body["text"].startswith(PROMPT)
+    assert len(body["logprobs"]) == 6
+    for entry in body["logprobs"]:
+        assert entry["logprob"] <= 0
+        assert len(entry["top_logprobs"]) == 3
+        assert max(entry["top_logprobs"].values()) >= entry["logprob"] - 1e-6
+    lines = stream_lines(worker.url, {"prompt": PROMPT, "max_tokens": 6, "seed": 2, "echo": True, "logprobs": 3,
+                                      "ignore_eos": True})
+    assert lines[0] == {"text": PROMPT, "logprob": None}
+    streamed = [line["logprob"] for line in lines[1:-1]]
+    assert streamed == body["logprobs"]
+
+
+def test_bad_requests_are_openai_shaped_400s(worker: ServiceProcess) -> None:
+    cases = [
+        {"prompt": "a", "messages": [{"role": "user", "content": "b"}]},
+        {},
+        {"prompt": "a", "temperature": -1},
+        {"prompt": "a", "stop": [""]},
+        {"prompt": "a", "suffix": "b"},  # this checkpoint has no fill-in-the-middle tokens
+    ]
+    for body in cases:
+        response = generate(worker.url, **body)
+        assert response.status_code == 400, (body, response.text)
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert generate(worker.url, prompt="a", suffix="b").json()["error"]["code"] == "fim_not_supported"
+
+
+def test_fill_in_the_middle_when_the_checkpoint_has_it(
+    start_service: StartService, fim_checkpoint: Path
+) -> None:
+    service = start_service(WORKER, worker_env(fim_checkpoint, AXL_SPECIALIST="fixer"))
+    wait_ready(service.url)
+    described = info(service.url)
+    assert described["capabilities"] == ["completion", "chat", "fim"]
+    assert described["model_id"] == "axl-fixer"
+    body = generate(service.url, prompt="def f(x):\n    return ", suffix="\n", max_tokens=8, seed=0).json()
+    # <BOS> <fim_prefix> prefix <fim_suffix> suffix <fim_middle>
+    assert body["usage"]["prompt_tokens"] == 4 + len("def f(x):\n    return ") + 1
