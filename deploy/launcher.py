@@ -66,6 +66,11 @@ class BootstrapSpec:
     max_time_seconds: float = 180.0
     batch_size: int = 8
     seq_len: int = 256
+    data: tuple[str, ...] | None = None  # files/folders/globs; None: the running Python's standard library
+
+    def __post_init__(self) -> None:
+        if self.data is not None:  # YAML gives a list; keep the spec hashable
+            object.__setattr__(self, "data", tuple(str(d) for d in self.data))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -428,6 +433,7 @@ class Mesh:
         self.redis_url = ""
         self.secret = ""
         self.served_store_models: set[str] = set()
+        self._announced_healthy: set[Child] = set()
         self._next_auto_port = config.auto_serve_port_start
 
     # ------------------------------------------------------------------ setup
@@ -531,12 +537,13 @@ class Mesh:
 
     def wait_healthy(self, children: list[Child]) -> None:
         deadline = time.monotonic() + self.config.health_timeout_seconds
-        pending = list(children)
+        pending = [c for c in children if c not in self._announced_healthy]
         while pending and not self.stop_event.is_set():
             for child in list(pending):
                 child.supervise(time.monotonic())
                 if child.healthy():
                     self.console.say(f"{child.name} is healthy")
+                    self._announced_healthy.add(child)
                     pending.remove(child)
             if not pending:
                 return
@@ -598,7 +605,11 @@ class Mesh:
         self.stop_event.set()
         if self.children:
             self.console.say("stopping the mesh")
-            stop_children(list(reversed(self.children)), self.config.stop_grace_seconds, self.console)
+            # The registry last: stopping workers deregister themselves from it.
+            registry = [c for c in self.children if c.spec.module == "services.mesh_registry"]
+            others = [c for c in reversed(self.children) if c not in registry]
+            stop_children(others, self.config.stop_grace_seconds, self.console)
+            stop_children(registry, self.config.stop_grace_seconds, self.console)
         if self.redis is not None:
             self.console.say("stopping the local redis-server")
             self.redis.stop()
@@ -637,7 +648,10 @@ def _redact(url: str) -> str:
 
 
 def _child_name(model_id: str) -> str:
-    return model_id if len(model_id) <= 24 else model_id[:23] + "~"
+    """A short log prefix for a model-store model: ``ft:base:suffix:1a2b3c4d`` -> ``ft-1a2b3c4d``."""
+    if model_id.startswith("ft:"):
+        return "ft-" + model_id.rsplit(":", 1)[-1][:8]
+    return model_id[:12]
 
 
 # --------------------------------------------------------------------------------------------------- model store
@@ -667,14 +681,18 @@ def bootstrap_train(spec: BootstrapSpec, target: Path, console: Console, should_
     except ImportError as exc:
         raise RuntimeError(f"cannot train the bootstrap checkpoint: axl_model.train is unavailable ({exc})") from None
     partial = target.with_name(target.name + ".partial")
-    stdlib = sysconfig.get_paths()["stdlib"]
+    data = list(spec.data) if spec.data else [sysconfig.get_paths()["stdlib"]]
     console.say(
-        f"no checkpoint at {target}: training a {spec.preset} bootstrap model on the standard library ({stdlib}) "
+        f"no checkpoint at {target}: training a {spec.preset} bootstrap model on {', '.join(data)} "
         f"for about {spec.max_time_seconds:.0f}s, once; Ctrl-C pauses it (it resumes next time)"
     )
-    config = TrainConfig(out_dir=str(partial), preset=spec.preset, data=[stdlib], max_time=spec.max_time_seconds,
-                         batch_size=spec.batch_size, seq_len=spec.seq_len, resume=True, progress=True)
-    result = train(config, callbacks=TrainCallbacks(should_stop=should_stop))
+    try:
+        config = TrainConfig(out_dir=str(partial), preset=spec.preset, data=data, max_time=spec.max_time_seconds,
+                             batch_size=spec.batch_size, seq_len=spec.seq_len, resume=True, progress=True,
+                             run_dir=str(target.with_name(target.name + ".run")))
+        result = train(config, callbacks=TrainCallbacks(should_stop=should_stop))
+    except ValueError as exc:  # user-fixable (too little RAM, no data, a bad preset): say so and stop
+        raise RuntimeError(f"bootstrap training failed: {exc}") from None
     if result.status != "completed":
         console.say(f"bootstrap training {result.status} at step {result.steps}; run again to continue it")
         return
