@@ -53,3 +53,23 @@ def test_quantize_a_store_model_and_load_it_in_llama_cpp(redis_url, tmp_path, st
     out = llm("def f(", max_tokens=4, temperature=0)
     assert out["choices"][0]["text"] is not None
     assert "llama-q8_0" in store.get("base-tiny")["gguf"]
+
+
+def test_fine_tuning_with_quantize_runs_the_quantization_after_training(redis_url, tmp_path, start_service) -> None:
+    mesh = JobMesh(redis_url, tmp_path, start_service, AXL_GGUF_KINDS="multiscale")
+    client = mesh.client()
+    file_id = mesh.upload(client)
+    ok = client.fine_tuning.jobs.create(model="tiny", training_file=file_id, hyperparameters={"max_steps": 5},
+                                        extra_body={"quantize": ["q8_0"]})
+    cancelled = client.fine_tuning.jobs.create(model="tiny", training_file=file_id, hyperparameters={"max_steps": 5},
+                                               extra_body={"quantize": ["f16"]})
+    client.fine_tuning.jobs.cancel(cancelled.id)
+    mesh.start_trainer()
+    mesh.start_quantizer()
+    url = mesh.gateway.url
+    done = _wait_done(url, ok.quantization_jobs[0])
+    assert done["status"] == "succeeded", done["error"]
+    assert done["model"] == client.fine_tuning.jobs.retrieve(ok.id).fine_tuned_model
+    assert done["outputs"][0]["details"]["kind"] == "multiscale"
+    skipped = _wait_done(url, cancelled.quantization_jobs[0])
+    assert skipped["status"] == "cancelled" and skipped["error"]["code"] == "training_not_succeeded"
