@@ -73,8 +73,9 @@ class SelfAttention(nn.Module):
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
+        qk = apply_rope(qkv[:2], cos, sin)  # queries and keys rotate together
+        return qk[0], qk[1], qkv[2]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Full causal attention over x (B, T, C). Returns the output and this layer's (k, v) for a cache."""
@@ -191,15 +192,17 @@ class GatedFusion(nn.Module):
         self.gate = nn.Linear(3 * config.d_model, 3)
 
     def forward(self, fine, medium, coarse):
-        weights = self.gate(torch.cat([fine, medium, coarse], dim=-1)).softmax(dim=-1)  # (B, T, 3)
-        return weights[..., 0:1] * fine + weights[..., 1:2] * medium + weights[..., 2:3] * coarse
+        """Each (B, T, C) -> (B, T, C)."""
+        scales = torch.cat([fine, medium, coarse], dim=-1)  # (B, T, 3C)
+        weights = self.gate(scales).softmax(dim=-1)  # (B, T, 3)
+        return (scales.unflatten(-1, (3, -1)) * weights[..., None]).sum(dim=-2)
 
 
 # ---------------------------------------------------------------------------------------------- cache
 class Slots:
     """Where each row writes its new token and how far attention reaches (`span`) in one decode step."""
 
-    def __init__(self, index: torch.Tensor, rows: torch.Tensor, uniform: int | None) -> None:
+    def __init__(self, index: torch.Tensor | None, rows: torch.Tensor | None, uniform: int | None) -> None:
         self.index, self.rows, self.uniform = index, rows, uniform  # uniform: shared slot when rows agree
         self.span = (uniform if uniform is not None else int(index.max())) + 1
 
@@ -421,97 +424,138 @@ class MultiScaleTransformer(nn.Module):
         self.copy_into_cache(cache, torch.tensor([row], device=ids.device), *states)
         return logits[0, -1]
 
-    def _slots(self, index: torch.Tensor, uniform_lengths: int | None, divisor: int, offset: int) -> Slots:
-        rows = torch.arange(index.shape[0], device=index.device)
-        uniform = None if uniform_lengths is None else offset + uniform_lengths // divisor
-        return Slots(index, rows, uniform)
-
-    @staticmethod
-    def _span_mask(valid: torch.Tensor, span: int, uniform: bool):
-        """(B, 1, 1, span) bool mask of slots < valid[b]; None when every row sees the whole span."""
-        if uniform:
-            return None
-        return (torch.arange(span, device=valid.device)[None, :] < valid[:, None])[:, None, None, :]
-
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Append one token per row and return next-token logits (B, V). Every row must have room left."""
-        cfg = self.config
-        B = tokens.shape[0]
-        lengths = cache.lengths
-        lengths_list = lengths.tolist()
+        """Append one token per row and return next-token logits (B, V). Every row must have room left.
+
+        When all rows hold the same number of bytes (always at batch 1) the bookkeeping is plain Python
+        integers and attention needs no mask; ragged rows use per-row slots and masks.
+        """
+        lengths_list = cache.lengths.tolist()
         if max(lengths_list) >= cache.capacity:
             raise ValueError("a cache row is full; slide the window (re-prefill) before decoding further")
-        uniform_n = lengths_list[0] if min(lengths_list) == max(lengths_list) else None
-        uniform = uniform_n is not None
-        new_lengths = lengths + 1
+        if min(lengths_list) == max(lengths_list):
+            plan = _UniformPlan(lengths_list[0])
+        else:
+            plan = _RaggedPlan(cache.lengths)
         x = self.embed(tokens)  # (B, C)
-        rows = torch.arange(B, device=tokens.device)
-        cache.recent_embeddings[rows, lengths % SCALES[-1]] = x
+        plan.write_ring(cache.recent_embeddings, x)
 
         # 1. Self-attention stacks. Fine always steps; medium/coarse step when some row completes a group.
-        fine_slot = self._slots(lengths, uniform_n, 1, 0)
-        fine_out = self.stacks["fine"].step(
-            x[:, None], self._rope(lengths, fine_slot.uniform, "cos"), self._rope(lengths, fine_slot.uniform, "sin"),
-            cache.self_k["fine"], cache.self_v["fine"], fine_slot, self._span_mask(new_lengths, fine_slot.span, uniform),
-        )  # (B, 1, C)
-        outputs, completes = {"fine": fine_out}, {}
-        for scale, k in (("medium", SCALES[1]), ("coarse", SCALES[2])):
-            complete = new_lengths % k == 0  # (B,)
-            completes[scale] = complete
-            if not bool(complete.any()):
+        outputs = {}
+        for scale, k in zip(SCALE_NAMES, SCALES):
+            if not plan.any_complete(k):
                 continue
-            # Write slot for every row = its token count so far; rows that do not complete write past their
-            # valid length, which is masked now and overwritten later.
-            slot = self._slots(1 + lengths // k, uniform_n, k, 1)
-            if uniform:  # the group's bytes sit in consecutive ring slots
-                first = (uniform_n + 1 - k) % SCALES[-1]
-                group = cache.recent_embeddings[:, first : first + k]  # (B, k, C)
+            if k == 1:
+                token = x[:, None]  # (B, 1, C)
             else:
-                ring = [(lengths - i) % SCALES[-1] for i in range(k - 1, -1, -1)]
-                group = torch.stack([cache.recent_embeddings[rows, slot_] for slot_ in ring], 1)
-            token = self.downsample[scale](group.reshape(B, 1, k * cfg.d_model))  # (B, 1, C)
-            valid = 1 + new_lengths // k + (~complete).long()  # include the slot just written
+                group = plan.group(cache.recent_embeddings, k)  # (B, k, C), oldest byte first
+                token = self.downsample[scale](group.reshape(group.shape[0], 1, -1))  # (B, 1, C)
+            offset = 0 if k == 1 else 1  # grouped scales start with their start token
+            slot = plan.slot(k, offset)
+            cos, sin = plan.rope(self.rope_cos, slot), plan.rope(self.rope_sin, slot)
             outputs[scale] = self.stacks[scale].step(
-                token, self._rope(slot.index, slot.uniform, "cos"), self._rope(slot.index, slot.uniform, "sin"),
-                cache.self_k[scale], cache.self_v[scale], slot, self._span_mask(valid, slot.span, uniform),
-            )
+                token, cos, sin, cache.self_k[scale], cache.self_v[scale], slot, plan.self_mask(k, offset, slot.span))
 
         # 2. Key/value projections of the new tokens for the cross attentions that read them.
         for query, key in CROSS_PAIRS:
-            if key not in outputs:
-                continue
-            name = cross_name(query, key)
-            k, v = self.cross[name].keys_values(outputs[key])  # (B, H, 1, D)
-            divisor = {"fine": 1, "medium": SCALES[1], "coarse": SCALES[2]}[key]
-            offset = 1 if key == "fine" else 2  # null slot (+ start token for grouped scales)
-            slot = self._slots(offset + lengths // divisor, uniform_n, divisor, offset)
-            slot.write(cache.cross_k[name], k)
-            slot.write(cache.cross_v[name], v)
+            if key in outputs:
+                name, k = cross_name(query, key), SCALE_FACTOR[key]
+                slot = plan.slot(k, offset=1 if k == 1 else 2)  # after the null slot (and the start token)
+                keys, values = self.cross[name].keys_values(outputs[key])  # (B, H, 1, D)
+                slot.write(cache.cross_k[name], keys)
+                slot.write(cache.cross_v[name], values)
 
         # 3. Cross-scale updates of the new tokens, then fusion at the fine position.
         def cross_update(query: str, key: str, x_query: torch.Tensor) -> torch.Tensor:
-            name = cross_name(query, key)
-            divisor = {"fine": 1, "medium": SCALES[1], "coarse": SCALES[2]}[key]
-            offset = 1 if key == "fine" else 2
-            valid = offset + new_lengths // divisor  # null + everything complete so far
-            span = int(valid.max())
-            mask = self._span_mask(valid, span, uniform)
+            name, k = cross_name(query, key), SCALE_FACTOR[key]
+            span, mask = plan.visible(k, offset=1 if k == 1 else 2)
             return self.cross[name].attend(x_query, cache.cross_k[name][:, :, :span], cache.cross_v[name][:, :, :span], mask)
 
-        for scale in ("medium", "coarse"):
+        for scale, target in (("medium", cache.fused_medium), ("coarse", cache.fused_coarse)):
             if scale in outputs:
                 others = [s for s in SCALE_NAMES if s != scale]
                 updated = outputs[scale] + sum(cross_update(scale, other, outputs[scale]) for other in others)
-                target = cache.fused_medium if scale == "medium" else cache.fused_coarse
-                target.copy_(torch.where(completes[scale][:, None], updated[:, 0], target))
-        fine_updated = fine_out + cross_update("fine", "medium", fine_out) + cross_update("fine", "coarse", fine_out)
-        fused = self.fusion(fine_updated, cache.fused_medium[:, None], cache.fused_coarse[:, None])
-        cache.lengths = new_lengths
+                plan.keep_completed(target, updated[:, 0], SCALE_FACTOR[scale])
+        fine = outputs["fine"]
+        fine = fine + cross_update("fine", "medium", fine) + cross_update("fine", "coarse", fine)
+        fused = self.fusion(fine, cache.fused_medium[:, None], cache.fused_coarse[:, None])
+        cache.lengths += 1
         return self.lm_head(self.final_norm(fused))[:, 0]  # (B, V)
 
-    def _rope(self, positions: torch.Tensor, uniform: int | None, which: str) -> torch.Tensor:
-        table = self.rope_cos if which == "cos" else self.rope_sin
-        if uniform is not None:
-            return table[uniform]  # (D,) broadcasts over (B, H, 1, D)
-        return table[positions][:, None, None, :]  # (B, 1, 1, D)
+
+SCALE_FACTOR = dict(zip(SCALE_NAMES, SCALES))
+
+
+class _UniformPlan:
+    """Decode-step bookkeeping when every row holds n bytes: Python integers, no masks."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def write_ring(self, ring: torch.Tensor, x: torch.Tensor) -> None:
+        ring[:, self.n % SCALES[-1]] = x
+
+    def any_complete(self, k: int) -> bool:
+        return (self.n + 1) % k == 0
+
+    def group(self, ring: torch.Tensor, k: int) -> torch.Tensor:
+        first = (self.n + 1 - k) % SCALES[-1]  # a complete group occupies consecutive ring slots
+        return ring[:, first : first + k]
+
+    def slot(self, k: int, offset: int) -> Slots:
+        return Slots(None, None, offset + self.n // k)
+
+    def rope(self, table: torch.Tensor, slot: Slots) -> torch.Tensor:
+        return table[slot.uniform]  # (D,) broadcasts over (B, H, 1, D)
+
+    def self_mask(self, k: int, offset: int, span: int) -> None:
+        return None
+
+    def visible(self, k: int, offset: int) -> tuple[int, None]:
+        return offset + (self.n + 1) // k, None
+
+    def keep_completed(self, target: torch.Tensor, updated: torch.Tensor, k: int) -> None:
+        target.copy_(updated)  # only called when the group completed (for every row alike)
+
+
+class _RaggedPlan:
+    """Decode-step bookkeeping for rows of different lengths: per-row slots and masks."""
+
+    def __init__(self, lengths: torch.Tensor) -> None:
+        self.lengths, self.new_lengths = lengths, lengths + 1
+        self.rows = torch.arange(lengths.shape[0], device=lengths.device)
+
+    def write_ring(self, ring: torch.Tensor, x: torch.Tensor) -> None:
+        ring[self.rows, self.lengths % SCALES[-1]] = x
+
+    def any_complete(self, k: int) -> bool:
+        return bool((self.new_lengths % k == 0).any())
+
+    def group(self, ring: torch.Tensor, k: int) -> torch.Tensor:
+        ring_slots = [(self.lengths - i) % SCALES[-1] for i in range(k - 1, -1, -1)]
+        return torch.stack([ring[self.rows, s] for s in ring_slots], 1)
+
+    def slot(self, k: int, offset: int) -> Slots:
+        # Every row writes at its token count so far; rows whose group did not complete write past their
+        # valid length, which is masked now and overwritten later.
+        return Slots(offset + self.lengths // k, self.rows, None)
+
+    def rope(self, table: torch.Tensor, slot: Slots) -> torch.Tensor:
+        return table[slot.index][:, None, None, :]  # (B, 1, 1, D)
+
+    def _mask(self, valid: torch.Tensor, span: int) -> torch.Tensor:
+        return (torch.arange(span, device=valid.device)[None, :] < valid[:, None])[:, None, None, :]  # (B, 1, 1, S)
+
+    def self_mask(self, k: int, offset: int, span: int) -> torch.Tensor:
+        incomplete = (self.new_lengths % k != 0).long()
+        return self._mask(offset + self.new_lengths // k + incomplete, span)  # includes the slot just written
+
+    def visible(self, k: int, offset: int) -> tuple[int, torch.Tensor]:
+        valid = offset + self.new_lengths // k  # null (+ start) + everything complete so far
+        span = int(valid.max())
+        return span, self._mask(valid, span)
+
+    def keep_completed(self, target: torch.Tensor, updated: torch.Tensor, k: int) -> None:
+        completed = (self.new_lengths % k == 0)[:, None]
+        target.copy_(torch.where(completed, updated, target))
