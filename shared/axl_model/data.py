@@ -155,7 +155,8 @@ def resolve_inputs(paths: Sequence[str | os.PathLike]) -> list[tuple[Path, str]]
                 for name in sorted(filenames):
                     file = Path(dirpath) / name
                     if file.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES:
-                        found.setdefault(file.resolve(), _relative(file, path))
+                        # keyed by the folder's own name too, so pkg_a/__init__.py and pkg_b/__init__.py differ
+                        found.setdefault(file.resolve(), _relative(file, path.resolve().parent))
         elif path.is_file():
             if path.suffix not in TEXT_SUFFIXES + JSONL_SUFFIXES:
                 raise ValueError(f"data file {path} is not .py, .txt or .jsonl")
