@@ -365,10 +365,14 @@ class MultiScaleTransformer(nn.Module):
         return logits, (embeddings, self_kvs, cross_kvs, updated)
 
     def forward_fine_only(self, ids: torch.Tensor) -> torch.Tensor:
-        """The fine stack alone, then the head: the path a plain llama-architecture GGUF can hold."""
+        """The fine stack alone (ending in its own norm), then the head.
+
+        This is exactly what a plain llama-architecture GGUF can hold (output_norm = the fine stack's norm).
+        It skips the medium/coarse scales, so it is a degraded model, not the one that was trained.
+        """
         T = ids.shape[1]
         hidden, _ = self.stacks["fine"](self.embed(ids), self.rope_cos[:T], self.rope_sin[:T])
-        return self.lm_head(self.final_norm(hidden))
+        return self.lm_head(hidden)
 
     # ------------------------------------------------------------------ incremental decoding
     def new_cache(self, batch_size: int, capacity: int | None = None) -> KVCache:

@@ -233,24 +233,6 @@ def _permute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def folded_output_norm(model: MultiScaleTransformer) -> torch.Tensor:
-    """One RMSNorm weight standing for forward_fine_only's two: the fine stack's norm (w1), then final_norm (w2).
-
-    RMSNorm is scale-invariant, so norm_w2(norm_w1(x)) = (x * w1) / rms(x * w1) * w2, while llama.cpp applies
-    x / rms(x) * w. With w = w1 * w2 / rms(w1) the two agree exactly when w1 is uniform (as initialised) and
-    approximately otherwise (rms(x * w1) ~ rms(x) * rms(w1) for a residual stream without aligned outliers);
-    `norm_fold_deviation` measures how far w1 is from uniform.
-    """
-    w1, w2 = model.stacks["fine"].norm.weight.detach().float(), model.final_norm.weight.detach().float()
-    return w1 * w2 / w1.square().mean().sqrt()
-
-
-def norm_fold_deviation(model: MultiScaleTransformer) -> float:
-    """Relative spread of the fine stack's norm weight: 0 means the llama export's output norm is exact."""
-    w1 = model.stacks["fine"].norm.weight.detach().float()
-    return float((w1 - w1.mean()).abs().max() / w1.abs().mean().clamp_min(1e-12))
-
-
 def llama_tensors(model: MultiScaleTransformer) -> dict[str, np.ndarray]:
     """The fine-scale path under llama.cpp's tensor names, float32, numpy (out_features, in_features) order."""
     cfg = model.config
@@ -271,7 +253,7 @@ def llama_tensors(model: MultiScaleTransformer) -> dict[str, np.ndarray]:
             f"blk.{i}.ffn_up.weight": gate_up[f:],
             f"blk.{i}.ffn_down.weight": block.mlp.down.weight,
         })
-    tensors["output_norm.weight"] = folded_output_norm(model)
+    tensors["output_norm.weight"] = fine.norm.weight  # forward_fine_only ends with this norm
     if not cfg.tie_embeddings:
         tensors["output.weight"] = model.lm_head.weight
     return {k: v.detach().float().cpu().contiguous().numpy() for k, v in tensors.items()}
@@ -316,10 +298,6 @@ def export_llama_gguf(model: MultiScaleTransformer, path: str | Path, *, name: s
     """
     path, config = Path(path), model.config
     log.warning(QUALITY_WARNING)
-    deviation = norm_fold_deviation(model)
-    if deviation > 1e-3:
-        log.warning("the fine stack's norm weight is not uniform (relative spread %.3g): the llama GGUF's single "
-                    "output norm approximates forward_fine_only's two norms", deviation)
     writer, staging = _new_writer(path, "llama")
     try:
         _add_common_metadata(writer, config, name or f"axl-{config.name}-fine", QUALITY_WARNING, LlamaFileType.ALL_F32)
@@ -616,8 +594,4 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, types: Iterab
             files.append(report)
     if "llama" in kinds:
         warnings.append(QUALITY_WARNING)
-        deviation = norm_fold_deviation(model)
-        if deviation > 1e-3:
-            warnings.append(f"the fine stack's norm weight is not uniform (relative spread {deviation:.3g}), so the "
-                            "llama GGUF's single output norm approximates forward_fine_only's two norms")
     return ExportReport(files=files, warnings=warnings)
