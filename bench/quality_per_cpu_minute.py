@@ -49,8 +49,9 @@ def matched_baseline(micro: ModelConfig) -> ModelConfig:
     """Same width as micro; the layer count whose parameter count is closest to micro's."""
     target = micro.param_count()
 
-    def params(n_layers: int) -> int:
-        return sum(p.numel() for p in SingleScaleTransformer(ModelConfig.from_name("micro", n_layers=n_layers)).parameters())
+    def params(n_layers: int) -> int:  # embedding (tied head) + blocks + final norm, as SingleScaleTransformer
+        d, f = micro.d_model, micro.d_ff
+        return micro.vocab_size * d + n_layers * (2 * d + 4 * d * d + 3 * d * f) + d
 
     best = min(range(6, 16), key=lambda n: abs(params(n) - target))
     return ModelConfig.from_name("micro", n_layers=best)

@@ -118,3 +118,20 @@ def test_console_command_prints_no_traceback(tmp_path: Path) -> None:
     help_text = subprocess.run([sys.executable, "-m", "axl_model.cli", "--help"], capture_output=True, text=True,
                                env=env, timeout=60).stdout
     assert "axl train --preset micro" in help_text and "axl generate" in help_text
+
+
+def test_train_a_specialist_uses_its_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "data" / "docs"  # what `axl data build --specialist docs` writes
+    folder.mkdir(parents=True)
+    pairs = [{"source_code": f"def f{i}(x):\n    return x * {i}\n", "target_code": f"Multiply x by {i}.",
+              "specialist": "docs"} for i in range(60)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[:50]))
+    (folder / "val.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[50:]))
+    assert axl("train", "--specialist", "docs", *TRAIN, "--max-steps", "3") == 0
+    meta = load_metadata(tmp_path / "checkpoints" / "axl-docs")
+    assert meta["preset"] == "tiny"  # --preset wins over the specialist's preset
+    assert meta["train_config"]["data"] == ["data/docs/train.jsonl"]
+    assert meta["train_config"]["val_data"] == ["data/docs/val.jsonl"]
+    assert meta["data"]["documents"] == {"train": 50, "val": 10}
