@@ -527,8 +527,19 @@ class Mesh:
         return specs
 
     # ------------------------------------------------------------------ run
+    def check_ports(self, specs: list[ChildSpec]) -> None:
+        """Fail before starting anything when a port is taken (another mesh running, or another program)."""
+        host = _connect_host(self.config.host)
+        busy = [f"{spec.env['AXL_PORT']} ({spec.name})" for spec in specs
+                if not port_is_free(int(spec.env["AXL_PORT"]), host)]
+        if busy:
+            raise RuntimeError(f"port(s) already in use: {', '.join(busy)}; is a mesh already running? "
+                               "Stop it, or change the ports in the mesh config")
+
     def start(self) -> None:
-        for spec in self.child_specs():
+        specs = self.child_specs()
+        self.check_ports(specs)
+        for spec in specs:
             child = Child(spec, self.console, self.config.restart_backoff_max_seconds)
             self.children.append(child)
             child.start()

@@ -204,6 +204,18 @@ def test_a_crashed_child_is_restarted(mesh: dict[str, Any]) -> None:
     assert _coder_worker(mesh) not in (None, old)
 
 
+def test_a_second_launcher_on_the_same_ports_fails_fast(mesh: dict[str, Any]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AXL_") and k != "REDIS_URL"}
+    result = subprocess.run([sys.executable, "-m", "deploy.launcher", "--config", str(mesh["root"] / "mesh.yaml"),
+                             "--no-bootstrap"], cwd=REPO_ROOT, env={**env, "NO_COLOR": "1"}, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1
+    assert "already in use" in result.stdout and "(gateway)" in result.stdout
+    assert "using the Redis at" in result.stdout  # the first one's: found, used, and left running
+    assert httpx.get(mesh["gateway"] + "/healthz", timeout=5).status_code == 200
+    assert redis_answers(f"redis://127.0.0.1:{mesh['redis_port']}/0")
+
+
 def test_sigint_stops_everything(mesh: dict[str, Any]) -> None:
     proc = mesh["proc"]
     children = _descendants(proc.pid)
