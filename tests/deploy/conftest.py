@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -55,8 +54,3 @@ def app_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The services that run our image (``python -m services.X``)."""
     return {name: s for name, s in compose["services"].items()
             if (s.get("command") or [None, None, ""])[:2] == ["python", "-m"]}
-
-
-def write(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
