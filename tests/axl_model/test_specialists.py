@@ -74,3 +74,8 @@ def test_bad_defaults_are_rejected():
 
     with pytest.raises(ValueError, match="unknown preset"):
         Specialist("x", "huge", "d", "i", port_offset=20)
+
+
+def test_default_ports_follow_the_mesh_layout():
+    assert get_specialist("coder").default_port == 8901
+    assert get_specialist("debugger").default_port == 8903
