@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from types import FrameType
 
 import uvicorn
@@ -56,7 +57,14 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)
 
 
+# The model thread calls hundreds of small torch ops per decode step, releasing the GIL around each; with
+# Python's default 5 ms switch interval it can wait that long to get it back from the event loop. 1 ms measured
+# ~20-40% more tokens/s with 8 concurrent streams on the micro preset.
+GIL_SWITCH_INTERVAL_SECONDS = 0.001
+
+
 def main() -> None:
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
     settings = Settings()
     settings.configure_logging()
     app = create_app(settings)
