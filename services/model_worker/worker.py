@@ -48,10 +48,14 @@ class PreparedPrompt:
 
 
 def checkpoint_version(path: Path) -> str:
-    """A short content hash of the checkpoint's config and weights: replicas of one checkpoint agree on it."""
+    """A short content hash of the checkpoint's config and weights: replicas of one checkpoint agree on it.
+
+    A checkpoint is a folder (config.json + weights) or one axl-multiscale .gguf file holding both.
+    """
     digest = hashlib.sha256()
-    for name in ("config.json", MODEL_FILE):
-        with (path / name).open("rb") as f:
+    files = [path] if path.is_file() else [path / "config.json", path / MODEL_FILE]
+    for file in files:
+        with file.open("rb") as f:
             digest.update(hashlib.file_digest(f, "sha256").digest())
     return "sha256:" + digest.hexdigest()[:16]
 

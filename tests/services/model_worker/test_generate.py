@@ -151,3 +151,17 @@ def test_fill_in_the_middle_when_the_checkpoint_has_it(
     body = generate(service.url, prompt="def f(x):\n    return ", suffix="\n", max_tokens=8, seed=0).json()
     # <BOS> <fim_prefix> prefix <fim_suffix> suffix <fim_middle>
     assert body["usage"]["prompt_tokens"] == 4 + len("def f(x):\n    return ") + 1
+
+
+def test_serves_a_full_model_gguf_with_the_same_text(tmp_path: Path, worker: ServiceProcess, tiny_checkpoint: Path,
+                                                    start_service: StartService) -> None:
+    """An axl-multiscale GGUF (F32) is a checkpoint too: the worker serves it with the same output."""
+    from axl_model import load_checkpoint
+    from axl_model.export.gguf import export_multiscale_gguf
+
+    gguf_file = export_multiscale_gguf(load_checkpoint(tiny_checkpoint), tmp_path / "model.gguf")
+    served = start_service(WORKER, worker_env(gguf_file, AXL_MAX_BATCH="4"))
+    wait_ready(served.url)
+    body = dict(prompt=PROMPT, max_tokens=24, temperature=0.0, ignore_eos=True)
+    assert generate(served.url, **body).json()["text"] == generate(worker.url, **body).json()["text"]
+    assert info(served.url)["checkpoint_version"].startswith("sha256:")
