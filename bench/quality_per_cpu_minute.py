@@ -76,7 +76,7 @@ def train_for(model: nn.Module, prepared, budget: float, seed: int = 0) -> dict:
     train_seconds = time.monotonic() - started
     val_bpb = evaluate_bpb(model, prepared.val, SEQ_LEN, BATCH, EVAL_TOKENS)
     return {"steps": step, "bytes": step * BATCH * SEQ_LEN, "train_s": train_seconds, "val_bpb": val_bpb,
-            "last_loss_bpb": float(loss) / math.log(2)}
+            "last_loss_bpb": float(loss.detach()) / math.log(2)}
 
 
 def run(args) -> dict:
