@@ -151,7 +151,10 @@ async def generate_all(
             logprobs=answer.get("logprobs"),
         )
 
-    results = await _first_error_cancels([one(s) for s in samples])
+    if len(samples) == 1:  # the common case: no tasks to spawn and cancel
+        results = [await one(samples[0])]
+    else:
+        results = await _first_error_cancels([one(s) for s in samples])
     tracker.tokens(total_usage(results, samples))
     return results
 
