@@ -5,7 +5,7 @@ Health and metrics routes are not in this list: they stay open.
 
 from __future__ import annotations
 
-from services.api_gateway.routes import chat, completions, files, fine_tuning, models, quantization
+from services.api_gateway.routes import agent, chat, completions, files, fine_tuning, models, quantization
 
 ROUTERS = [
     models.router,
@@ -14,4 +14,5 @@ ROUTERS = [
     files.router,
     fine_tuning.router,
     quantization.router,
+    agent.router,
 ]
