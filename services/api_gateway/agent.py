@@ -125,8 +125,8 @@ _RUNNER_FRAME = re.compile(r'  File "[^"]*_axl_runner\.py".*\n(?:    .*\n)*')
 
 
 def failure_text(run: SandboxRun) -> str:
-    """What the debugger is told: the traceback's tail without the sandbox's own frame, or why the run ended."""
-    stderr = _RUNNER_FRAME.sub("", run.stderr).strip()
+    """What the debugger is told: the traceback's tail, or why the run ended."""
+    stderr = run.stderr.strip()
     if run.status == "timeout":
         stderr = (stderr + "\n" if stderr else "") + "TimeoutError: the code did not finish in time (infinite loop?)"
     elif run.status == "memory":
@@ -137,11 +137,13 @@ def failure_text(run: SandboxRun) -> str:
 
 
 async def run_in_sandbox(program: str, timeout: float) -> SandboxRun:
-    """Run ``program`` with ``run_untrusted`` in a worker thread: a separate, fenced-off process."""
+    """Run ``program`` with ``run_untrusted`` in a worker thread: a separate, fenced-off process.
+    The sandbox's own frame (with its temporary path) is cut from tracebacks: they start at the program."""
     result = await asyncio.to_thread(run_untrusted, program, timeout=timeout, max_output_bytes=4 * MAX_OUTPUT_CHARS)
     return SandboxRun(
         status=result.status.value, returncode=result.returncode, duration=round(result.duration, 4),
-        stdout=_head(result.stdout, MAX_OUTPUT_CHARS), stderr=_tail(result.stderr, MAX_OUTPUT_CHARS),
+        stdout=_head(result.stdout, MAX_OUTPUT_CHARS),
+        stderr=_tail(_RUNNER_FRAME.sub("", result.stderr), MAX_OUTPUT_CHARS),
     )
 
 
@@ -176,12 +178,10 @@ async def solve_events(
             yield summary.tests
             problem = tests_problem(summary.tests.code)
             if problem:
-                summary.status = "error"
-                summary.error = APIError(502, f"The testgen model's {problem}.", code="bad_generated_tests").body()["error"]
+                yield _ended(summary, APIError(502, f"The testgen model's {problem}.", code="bad_generated_tests"))
+                return
         code, error = "", ""
         for number in range(1, request.max_rounds + 1):
-            if summary.status == "error":
-                break
             if number == 1:
                 role, messages = "coder", coder_messages(request.task)
             else:
@@ -200,12 +200,17 @@ async def solve_events(
                 summary.status = "solved"
                 break
             if result.status == "error":  # the sandbox itself failed: another round cannot help
-                summary.status = "error"
-                summary.error = APIError(500, f"The sandbox could not run the code: {result.stderr[:200]}",
-                                         code="sandbox_error").body()["error"]
-                break
+                yield _ended(summary, APIError(500, f"The sandbox could not run the code: {result.stderr[:200]}",
+                                               code="sandbox_error"))
+                return
             error = failure_text(result)
     except APIError as exc:
-        summary.status = "error"
-        summary.error = exc.body()["error"]
+        yield _ended(summary, exc)
+        return
     yield summary
+
+
+def _ended(summary: AgentSolveResponse, error: APIError) -> AgentSolveResponse:
+    summary.status = "error"
+    summary.error = error.body()["error"]
+    return summary
