@@ -15,7 +15,7 @@ from axl_mesh.metrics import instrument_requests, mount_metrics
 from axl_mesh.registry_client import CachedLookup, RegistryClient, RegistryError
 from axl_mesh.registry_schemas import InstanceRecord
 from services.api_gateway.deps import ApiKeyAuth
-from services.api_gateway.metrics import GatewayMetrics
+from services.api_gateway.metrics import AgentMetrics, GatewayMetrics
 from services.api_gateway.routes import ROUTERS, health
 from services.api_gateway.settings import Settings
 from services.api_gateway.upstream import Upstream
@@ -52,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="OpenAI-compatible API of the AXL Mesh code models.")
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.agent_metrics = AgentMetrics.create(metrics_registry)
     app.state.api_keys = [key.encode() for key in settings.api_key_list()]
 
     install_error_handlers(app)

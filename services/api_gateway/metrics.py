@@ -79,3 +79,18 @@ class GatewayMetrics:
                 ["specialist", "model"], registry=registry,
             ),
         )
+
+
+@dataclass
+class AgentMetrics:
+    solves: Counter
+    rounds: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> AgentMetrics:
+        return cls(
+            solves=Counter("axl_gateway_agent_solves_total", "Self-debug loops by outcome", ["status"],
+                           registry=registry),
+            rounds=Counter("axl_gateway_agent_rounds_total", "Self-debug rounds by role and sandbox result",
+                           ["role", "result"], registry=registry),
+        )

@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterator
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 import pytest
 
 from tests.checkpoints import make_tiny_checkpoint
@@ -81,6 +82,14 @@ def test_the_trace_has_every_round_and_streaming_yields_the_same(agent_mesh: Mes
 
     metrics = httpx.get(agent_mesh.gateway.url + "/metrics", timeout=10).text
     assert 'axl_gateway_requests_total{endpoint="agent",model="axl-debugger",status="200"} 4.0' in metrics
+    assert 'axl_gateway_agent_solves_total{status="unsolved"} 2.0' in metrics
+    rounds_by_role = {"coder": 0.0, "debugger": 0.0}
+    for family in text_string_to_metric_families(metrics):
+        if family.name == "axl_gateway_agent_rounds":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    rounds_by_role[sample.labels["role"]] += sample.value
+    assert rounds_by_role == {"coder": 2.0, "debugger": 4.0}  # two solves of three rounds each
 
 
 def test_tests_written_by_a_testgen_model(agent_mesh: Mesh) -> None:

@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 
 from axl_mesh.agent_protocol import AgentEvent, AgentRole, AgentRound, AgentSolveRequest, AgentSolveResponse
 from axl_mesh.errors import APIError, InvalidRequestError, ModelNotFoundError, NotFoundError
@@ -24,33 +23,17 @@ from axl_mesh.protocol import ChatCompletionRequest, random_id
 from services.api_gateway.agent import Generate, Generation, Messages, solve_events
 from services.api_gateway.deps import MetricsDep, SettingsDep, UpstreamDep
 from services.api_gateway.generation import RequestMetrics, Sample, generate_all, until_disconnect
-from services.api_gateway.metrics import GatewayMetrics
+from services.api_gateway.metrics import AgentMetrics, GatewayMetrics
 from services.api_gateway.sse import DONE, KEEPALIVE, EventStreamResponse, sse_data
 from services.api_gateway.upstream import ResolvedModel, Upstream
 
 router = APIRouter(prefix="/v1/agent", tags=["agent"])
 
 
-@dataclass
-class AgentMetrics:
-    solves: Counter
-    rounds: Counter
-
-    @classmethod
-    def create(cls, registry: CollectorRegistry) -> AgentMetrics:
-        return cls(
-            solves=Counter("axl_gateway_agent_solves_total", "Self-debug loops by outcome", ["status"],
-                           registry=registry),
-            rounds=Counter("axl_gateway_agent_rounds_total", "Self-debug rounds by role and sandbox result",
-                           ["role", "result"], registry=registry),
-        )
-
-
 def agent_metrics(app: FastAPI) -> AgentMetrics:
-    """The app's agent counters, on its metrics registry (``app.state.metrics_registry``) when main.py shares it."""
-    if getattr(app.state, "agent_metrics", None) is None:
-        registry = getattr(app.state, "metrics_registry", None) or CollectorRegistry()
-        app.state.agent_metrics = AgentMetrics.create(registry)
+    """The app's agent counters (created on the app's metrics registry by main.create_app)."""
+    if getattr(app.state, "agent_metrics", None) is None:  # an app built without main.create_app
+        app.state.agent_metrics = AgentMetrics.create(CollectorRegistry())
     return app.state.agent_metrics
 
 

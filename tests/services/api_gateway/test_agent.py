@@ -12,7 +12,8 @@ from axl_mesh.agent_protocol import AgentEvent, AgentRound, AgentSolveRequest, A
 from axl_mesh.errors import ServiceUnavailableError
 from axl_mesh.protocol import UsageInfo
 from services.api_gateway.agent import Generation, Messages, build_program, extract_code, run_in_sandbox, solve_events
-from services.api_gateway.routes.agent import AgentMetrics, counted
+from services.api_gateway.metrics import AgentMetrics
+from services.api_gateway.routes.agent import counted
 
 TASK = 'def add(a, b):\n    """Return the sum of a and b."""\n'
 TESTS = "def test_add():\n    assert add(2, 3) == 5\n    assert add(-1, 1) == 0\n"
