@@ -11,6 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CollectorRegistry
 
 from axl_mesh.errors import BodySizeLimitMiddleware, install_error_handlers
+from axl_mesh.jobs import JobsSettings
 from axl_mesh.metrics import instrument_requests, mount_metrics
 from axl_mesh.registry_client import CachedLookup, RegistryClient, RegistryError
 from axl_mesh.registry_schemas import InstanceRecord
@@ -56,7 +57,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.api_keys = [key.encode() for key in settings.api_key_list()]
 
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Uploads have their own, larger limit (plus room for the multipart framing); the files route checks the file.
+    upload_limit = JobsSettings().max_file_bytes + (1 << 20)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, path_limits={"/v1/files": upload_limit})
     instrument_requests(app, metrics_registry)
     if settings.cors_origin_list():
         app.add_middleware(

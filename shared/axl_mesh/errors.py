@@ -233,22 +233,31 @@ class _BodyTooLarge(StarletteHTTPException):
 class BodySizeLimitMiddleware:
     """Answer 413 (OpenAI shape) when a request body is over ``max_bytes``, declared or streamed.
 
-    Usage: ``app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)``.
+    Usage: ``app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)``;
+    ``path_limits={"/v1/files": 64 << 20}`` gives paths under a prefix a limit of their own (uploads).
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        if max_bytes < 0:
-            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+    def __init__(self, app: ASGIApp, max_bytes: int, path_limits: dict[str, int] | None = None) -> None:
+        if max_bytes < 0 or any(v < 0 for v in (path_limits or {}).values()):
+            raise ValueError(f"max_bytes and path_limits must be >= 0, got {max_bytes} and {path_limits}")
         self.app = app
-        self.max_bytes = max_bytes
+        self.default_max_bytes = max_bytes
+        self.path_limits = sorted((path_limits or {}).items(), key=lambda kv: -len(kv[0]))  # longest prefix first
+
+    def limit_for(self, path: str) -> int:
+        for prefix, limit in self.path_limits:
+            if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+                return limit
+        return self.default_max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.limit_for(scope["path"])
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes:
-            await PayloadTooLargeError(self.max_bytes).to_response()(scope, receive, send)
+        if declared is not None and declared > max_bytes:
+            await PayloadTooLargeError(max_bytes).to_response()(scope, receive, send)
             return
 
         received = 0
@@ -259,8 +268,8 @@ class BodySizeLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _BodyTooLarge(self.max_bytes)
+                if received > max_bytes:
+                    raise _BodyTooLarge(max_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -275,7 +284,7 @@ class BodySizeLimitMiddleware:
             # Normally the app's HTTPException handler already answered; this covers bodies read elsewhere.
             if response_started:
                 raise
-            await PayloadTooLargeError(self.max_bytes).to_response()(scope, receive, send)
+            await PayloadTooLargeError(max_bytes).to_response()(scope, receive, send)
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -156,3 +156,9 @@ def test_body_limit_rejects_declared_and_streamed_bodies(client: TestClient) -> 
 def test_body_limit_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="max_bytes"):
         BodySizeLimitMiddleware(FastAPI(), max_bytes=-1)
+
+
+def test_paths_can_have_a_larger_body_limit() -> None:
+    limits = BodySizeLimitMiddleware(FastAPI(), max_bytes=10, path_limits={"/v1/files": 1000})
+    assert limits.limit_for("/v1/files") == 1000 and limits.limit_for("/v1/files/file-1/content") == 1000
+    assert limits.limit_for("/v1/filesystem") == 10 and limits.limit_for("/v1/completions") == 10

@@ -59,9 +59,14 @@ def test_fine_tuned_model_is_stored_listed_and_answers(job_mesh: tuple[Mesh, dic
     store = ModelStore(Path(env["AXL_DATA_DIR"]) / "models")
     entry = store.get(name)
     assert entry is not None and entry["job_id"] == job.id and entry["specialist"] == "coder"
-    # What the launcher does for a new store entry (make up): a model worker serving it under its name.
+    # Listed as soon as the job succeeds, with no replica yet ...
+    listed = {m.id: m for m in client.models.list().data}
+    assert name in listed and listed[name].model_extra["instances"] == 0
+    assert client.models.retrieve(name).id == name
+    # ... then what the launcher does for a new store entry (make up): a model worker serving it under its name.
     mesh.start_worker(store.path(name), specialist=entry["specialist"], model_id=name)
-    assert name in [m.id for m in client.models.list().data]
+    listed = {m.id: m for m in client.models.list().data}
+    assert listed[name].model_extra["instances"] == 1
     completion = client.completions.create(model=name, prompt="def add_3(a, b):\n", max_tokens=8, temperature=0)
     assert completion.model == name and completion.choices[0].text is not None
     assert completion.usage.completion_tokens >= 1

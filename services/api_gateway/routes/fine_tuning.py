@@ -213,8 +213,3 @@ def list_checkpoints(job_id: str, ctx: JobsDep, after: str | None = None,
     page = [FineTuningJobCheckpoint(**c) for c in checkpoints[:limit]]
     return FineTuningJobCheckpointList(data=page, has_more=len(checkpoints) > limit,
                                        first_id=page[0].id if page else None, last_id=page[-1].id if page else None)
-
-
-def store_models(models: ModelStore) -> list[dict[str, Any]]:
-    """Model-store models as OpenAI model objects, for the gateway's ``GET /v1/models`` to merge with served ones."""
-    return models.models()
