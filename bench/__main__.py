@@ -11,7 +11,7 @@ import time
 
 import torch
 
-MODULES = ("train_throughput", "quality_per_cpu_minute", "generation_speed")
+MODULES = ("train_throughput", "quality_per_cpu_minute", "generation_speed", "gateway_latency", "gateway_streams")
 
 
 def main(argv: list[str] | None = None) -> int:
