@@ -44,7 +44,8 @@ def test_unknown_preset_lists_the_choices():
 
 
 def test_suggest_models_fits_the_budget():
-    small = suggest_models(1.3)
-    assert small and all(c.training_ram_bytes() <= 1.3 * 2**30 for c in small)
+    small = suggest_models(2.0)
+    assert small and all(c.training_ram_bytes() <= 2.0 * 2**30 for c in small)
+    assert "micro" not in [c.name for c in small] and "micro" in [c.name for c in suggest_models(4)]
     assert len(suggest_models(64)) == len(PRESETS) - 1  # everything but the test preset
     assert suggest_models(0.1) == []
