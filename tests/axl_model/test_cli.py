@@ -76,7 +76,7 @@ def test_presets_table_and_ram_suggestions(capsys: pytest.CaptureFixture) -> Non
     micro = next(line.split() for line in table if line.startswith("micro "))
     assert micro[1:5] == ["256", "4", "688", "3"] and micro[-1] == "no"
     assert next(line for line in table if line.startswith("micro-q")).split()[-1] == "yes"
-    assert axl("presets", "--ram", "2") == 0
+    assert axl("presets", "--ram", "3") == 0
     suggested = [line.split()[0] for line in capsys.readouterr().out.splitlines()[3:]]
     assert "micro" in suggested and "code-1b" not in suggested and "reasoning" not in suggested
     assert axl("presets", "--ram", "0.1") == 2
