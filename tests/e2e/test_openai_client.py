@@ -175,6 +175,18 @@ def test_chat_n_two_streams(mesh: Mesh) -> None:
     assert finished == {0, 1}
 
 
+def test_specialists_are_listed_with_the_models_serving_them(mesh: Mesh) -> None:
+    assert mesh.gateway is not None
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    listed = httpx.get(mesh.gateway.url + "/v1/specialists", headers=auth, timeout=10).json()["data"]
+    by_name = {s["id"]: s for s in listed}
+    assert {"coder", "debugger", "docs", "testgen", "secure", "translate"} <= set(by_name)
+    assert by_name["coder"]["models"] == ["axl-coder"] and by_name["debugger"]["models"] == []
+    assert "{input}" in by_name["docs"]["prompt_format"] and by_name["docs"]["default_sampling"]["stop"]
+    missing = httpx.get(mesh.gateway.url + "/v1/specialists/nope", headers=auth, timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "specialist_not_found"
+
+
 def test_auto_model_reports_its_choice(mesh: Mesh) -> None:
     client = mesh.client()
     raw = client.chat.completions.with_raw_response.create(

@@ -5,7 +5,7 @@ Health and metrics routes are not in this list: they stay open.
 
 from __future__ import annotations
 
-from services.api_gateway.routes import agent, chat, completions, files, fine_tuning, models, quantization
+from services.api_gateway.routes import agent, chat, completions, files, fine_tuning, models, quantization, specialists
 
 ROUTERS = [
     models.router,
@@ -15,4 +15,5 @@ ROUTERS = [
     fine_tuning.router,
     quantization.router,
     agent.router,
+    specialists.router,
 ]
