@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 __all__ = [
     "REFERENCE_RESULTS",
     "GenerateFn",
@@ -180,17 +182,24 @@ def trained_specialist(metadata: dict) -> str | None:
 
 # ---------------------------------------------------------------------------------------------- bits per byte
 def held_out_bpb(checkpoint: str | os.PathLike, data: Sequence[str] | None = None, *, seq_len: int = 256,
-                 max_bytes: int | None = None, val_fraction: float = 0.05, progress: bool = False) -> dict[str, Any]:
+                 max_bytes: int | None = None, val_fraction: float = 0.05, batch_size: int = 8,
+                 progress: bool = False) -> dict[str, Any]:
     """Bits per byte of the checkpoint on the held-out split of `data` (default: the standard library).
 
-    Returns {"bpb", "perplexity_per_byte", "bytes", "data", "val_fraction"}. The split is the one training uses
+    Returns {"bpb", "perplexity_per_byte", "bytes" (scored: the files' bytes and each end-of-file), "tokens"
+    (of the split, with the begin markers), "data", "val_fraction"}. The split is the one training uses
     (a hash of each file's path), so for a model trained on the same corpus these files were never seen.
     The data folder that training prepared is reused when it matches; otherwise a temporary one is built.
+    The split is scored in slices (for the progress bar) whose windows are exactly those of one pass of
+    `train.evaluate_bpb`; the result is the count-weighted mean of the slices.
     """
-    from .data import FilterConfig, _inputs_key, default_corpus, resolve_inputs
-    from .train import evaluate_checkpoint
+    from .checkpoint import load_checkpoint
+    from .data import FilterConfig, _inputs_key, default_corpus, prepare_data, resolve_inputs
+    from .train import evaluate_bpb
 
     paths = list(data) if data else default_corpus()
+    model = load_checkpoint(checkpoint)
+    seq_len = min(seq_len, model.config.max_seq_len)
     cache_dir: str | None = None
     run_data = Path(f"{Path(checkpoint)}.run") / "data"
     if run_data.is_dir():  # reuse training's tokenized corpus only if it is exactly this one
@@ -198,11 +207,46 @@ def held_out_bpb(checkpoint: str | os.PathLike, data: Sequence[str] | None = Non
         if (run_data / key / "stats.json").is_file():
             cache_dir = str(run_data)
     with tempfile.TemporaryDirectory(prefix="axl-eval-data-") as tmp:
-        result = evaluate_checkpoint(checkpoint, paths, split="val", seq_len=seq_len, max_tokens=max_bytes,
-                                     cache_dir=cache_dir or tmp, val_fraction=val_fraction, progress=progress)
-    bpb = result["val_bpb"]
-    return {"bpb": bpb, "perplexity_per_byte": 2.0 ** bpb, "bytes": result["tokens"],
+        dataset = prepare_data(paths, cache_dir or tmp, val_fraction=val_fraction, progress=progress).val
+        end = len(dataset) if max_bytes is None else min(len(dataset), max_bytes + 1)
+        if end < 2:
+            raise ValueError(f"the held-out split of {paths} is empty (val_fraction={val_fraction}); "
+                             f"pass more files or a larger --val-fraction")
+        chunk = seq_len * batch_size * 16
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=end - 1, desc="held-out bits/byte", unit="B", unit_scale=True)
+        bits, count = 0.0, 0
+        for start in range(0, end - 1, chunk):
+            stop = min(start + chunk + 1, end)
+            predicted = int(np.asarray(dataset.mask[start + 1 : stop]).sum())
+            if predicted:
+                bits += evaluate_bpb(model, _Slice(dataset, start, stop), seq_len, batch_size) * predicted
+                count += predicted
+            if bar is not None:
+                bar.update(stop - 1 - start)
+        if bar is not None:
+            bar.close()
+    if count == 0:
+        raise ValueError(f"the held-out split of {paths} has no bytes to score")
+    bpb = bits / count
+    return {"bpb": bpb, "perplexity_per_byte": 2.0 ** bpb, "bytes": count, "tokens": end,
             "data": [str(p) for p in paths], "val_fraction": val_fraction}
+
+
+class _Slice:
+    """Tokens [start, stop) of a split, shaped like a TokenDataset for `eval_windows`."""
+
+    def __init__(self, dataset, start: int, stop: int) -> None:
+        self.dataset, self.start, self.stop = dataset, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def window(self, start: int, length: int):
+        return self.dataset.window(self.start + start, min(length, len(self) - start))
 
 
 # ---------------------------------------------------------------------------------------------- HumanEval
@@ -558,7 +602,7 @@ def run_evaluation(checkpoint: str | os.PathLike, *, data: Sequence[str] | None 
     if bpb:
         held = report["held_out"] = held_out_bpb(checkpoint, data, seq_len=seq_len, max_bytes=max_bytes,
                                                  val_fraction=val_fraction, progress=progress)
-        report.update({"val_bpb": held["bpb"], "tokens": held["bytes"], "split": "val"})  # the short names
+        report.update({"val_bpb": held["bpb"], "tokens": held["tokens"], "split": "val"})  # the short names
     if humaneval is None and not tasks:
         return report
     if generate_fn is None:

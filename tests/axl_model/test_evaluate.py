@@ -107,9 +107,24 @@ def test_bpb_equals_cross_entropy_over_ln2(tiny: Path, tmp_path: Path) -> None:
     with torch.no_grad():
         logits = load_checkpoint(tiny)(ids[:, :-1])
     nats = F.cross_entropy(logits[0], ids[0, 1:]).item()  # every target: the bytes and EOS, never BOS
-    assert result["bytes"] == len(text) + 2
+    assert result["bytes"] == len(text) + 1 and result["tokens"] == len(text) + 2  # scored: bytes + EOS
     assert result["bpb"] == pytest.approx(nats / math.log(2), rel=1e-5)
     assert result["perplexity_per_byte"] == pytest.approx(2 ** result["bpb"])
+
+
+def test_sliced_bpb_equals_one_pass(tiny: Path, tmp_path: Path) -> None:
+    """The progress-bar slices score exactly the windows of train.evaluate_checkpoint's single pass."""
+    from axl_model.train import evaluate_checkpoint
+
+    corpus = tmp_path / "src"
+    corpus.mkdir()
+    for name in ("bisect.py", "keyword.py", "fnmatch.py"):
+        (corpus / name).write_text(Path(STDLIB, name).read_text())
+    sliced = E.held_out_bpb(tiny, [str(corpus)], seq_len=8, val_fraction=0.5)
+    assert sliced["tokens"] > 3 * 8 * 8 * 16  # several slices, the last one partial
+    one_pass = evaluate_checkpoint(tiny, [str(corpus)], seq_len=8, val_fraction=0.5)
+    assert sliced["bpb"] == pytest.approx(one_pass["val_bpb"], rel=1e-5)
+    assert sliced["tokens"] == one_pass["tokens"]
 
 
 # ---------------------------------------------------------------------------------------------- fixer
