@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
@@ -24,6 +23,7 @@ from axl_mesh.protocol import FinishReason, UsageInfo
 from services.api_gateway.metrics import GatewayMetrics
 from services.api_gateway.sse import DONE, KEEPALIVE, EventStreamResponse, sse_data
 from services.api_gateway.upstream import ResolvedModel, Upstream, UpstreamStream
+from services.api_gateway.worker_client import WorkerClientError, WorkerReadTimeout
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -220,7 +220,7 @@ class _Event:
 def broken_stream_error(exc: BaseException) -> APIError:
     if isinstance(exc, APIError):
         return exc
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, WorkerReadTimeout):
         return APIError(504, "The model worker stopped sending tokens.", code="upstream_timeout")
     return APIError(502, f"The stream from the model worker broke: {type(exc).__name__}.", code="upstream_error")
 
@@ -292,7 +292,7 @@ class StreamRun:
                         await self.queue.put(_Event(sample.index, "done", event))
                         return
                 raise APIError(502, "The model worker closed the stream before it finished.", code="upstream_error")
-            except (httpx.HTTPError, ValueError, APIError) as exc:
+            except (WorkerClientError, ValueError, APIError) as exc:
                 await self.queue.put(_Event(sample.index, "error", broken_stream_error(exc)))
         finally:
             gauge.done()

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import httpx
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CollectorRegistry
@@ -20,6 +19,7 @@ from services.api_gateway.metrics import AgentMetrics, GatewayMetrics
 from services.api_gateway.routes import ROUTERS, health
 from services.api_gateway.settings import Settings
 from services.api_gateway.upstream import Upstream
+from services.api_gateway.worker_client import WorkerClient
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -35,11 +35,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = RegistryClient(settings.registry_url, settings.registry_secret_value(),
                                   timeout_seconds=settings.connect_timeout_seconds + 3)
-        http = httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.read_timeout_seconds, connect=settings.connect_timeout_seconds),
-            limits=httpx.Limits(max_connections=settings.max_upstream_connections,
-                                max_keepalive_connections=settings.max_upstream_connections),
-        )
+        http = WorkerClient(connect_timeout=settings.connect_timeout_seconds,
+                            read_timeout=settings.read_timeout_seconds,
+                            max_connections=settings.max_upstream_connections)
         lookup = CachedLookup(registry, ttl_seconds=settings.lookup_ttl_seconds)
         app.state.upstream = Upstream(lookup, http, cooldown_seconds=settings.failed_instance_cooldown_seconds,
                                       on_failover=count_failover)

@@ -12,16 +12,21 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-
-import httpx
 
 from axl_mesh.errors import APIError, ModelNotFoundError, ServiceUnavailableError
 from axl_mesh.registry_client import CachedLookup, RegistryError
 from axl_mesh.registry_schemas import InstanceRecord, ModelSummary
 from axl_mesh.routing import choose_specialist
+from services.api_gateway.worker_client import (
+    WorkerClient,
+    WorkerClientError,
+    WorkerConnectError,
+    WorkerReadTimeout,
+    WorkerResponse,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +59,13 @@ class UpstreamStream:
     """An open streaming generate call on one replica; iterate :meth:`events`, then :meth:`aclose`."""
 
     instance: InstanceRecord
-    response: httpx.Response
+    response: WorkerResponse
     _release: Callable[[], None]
     _closed: bool = field(default=False)
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """The worker's NDJSON objects, one per line (pieces, then a final one with ``finish_reason``)."""
-        async for line in self.response.aiter_lines():
+        async for line in self.response.lines():
             if line.strip():
                 yield json.loads(line)
 
@@ -72,19 +77,20 @@ class UpstreamStream:
             await self.response.aclose()
 
 
-def worker_error(response: httpx.Response, body: bytes) -> APIError:
-    """A worker's error answer as the same OpenAI-shaped error (status, fields and Retry-After kept)."""
+def worker_error(status: int, headers: Mapping[str, str], body: bytes) -> APIError:
+    """A worker's error answer as the same OpenAI-shaped error (status, fields and Retry-After kept);
+    ``headers`` has lower-cased names."""
     try:
         error = json.loads(body).get("error") or {}
     except (ValueError, AttributeError):
         error = {}
     if not isinstance(error, dict):
         error = {}
-    headers = {"Retry-After": response.headers["retry-after"]} if "retry-after" in response.headers else None
-    message = error.get("message") or f"The model worker answered {response.status_code}."
+    retry_after = {"Retry-After": headers["retry-after"]} if "retry-after" in headers else None
+    message = error.get("message") or f"The model worker answered {status}."
     return APIError(
-        response.status_code, str(message), type=error.get("type"), param=error.get("param"),
-        code=error.get("code"), headers=headers,
+        status, str(message), type=error.get("type"), param=error.get("param"),
+        code=error.get("code"), headers=retry_after,
     )
 
 
@@ -137,7 +143,7 @@ class Upstream:
     def __init__(
         self,
         lookup: CachedLookup,
-        http: httpx.AsyncClient,
+        http: WorkerClient,
         *,
         cooldown_seconds: float = 5.0,
         on_failover: Callable[[str, InstanceRecord, str], None] | None = None,
@@ -188,19 +194,19 @@ class Upstream:
         async def call(instance: InstanceRecord) -> dict[str, Any]:
             self.in_flight[instance.instance_id] += 1
             try:
-                response = await self.http.post(instance.url + GENERATE_PATH, json=payload)
-            except httpx.TimeoutException as exc:
-                if isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)):
-                    raise _Unreachable(f"connect timeout: {exc!r}") from exc
+                status, headers, body = await self.http.post_json(instance.url + GENERATE_PATH, payload)
+            except WorkerConnectError as exc:  # refused, unreachable, connect timeout: nothing was sent
+                raise _Unreachable(str(exc)) from exc
+            except WorkerReadTimeout as exc:
                 raise _timeout_error(instance) from exc
-            except httpx.TransportError as exc:  # refused, reset, died mid-answer: nothing reached the client
+            except WorkerClientError as exc:  # reset, died mid-answer: nothing reached the client
                 raise _Unreachable(repr(exc)) from exc
             finally:
                 self._release(instance.instance_id)
-            if response.status_code == 200:
-                return response.json()
-            error = worker_error(response, response.content)
-            if response.status_code == 503:
+            if status == 200:
+                return json.loads(body)
+            error = worker_error(status, headers, body)
+            if status == 503:
                 raise _Unreachable("busy", error)
             raise error
 
@@ -219,15 +225,15 @@ class Upstream:
                     released = True
                     self._release(instance.instance_id)
 
-            request = self.http.build_request("POST", instance.url + GENERATE_PATH, json=payload)
             try:
-                response = await self.http.send(request, stream=True)
-            except httpx.TimeoutException as exc:
+                response = await self.http.stream(instance.url + GENERATE_PATH, payload)
+            except WorkerConnectError as exc:
                 release()
-                if isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)):
-                    raise _Unreachable(f"connect timeout: {exc!r}") from exc
+                raise _Unreachable(str(exc)) from exc
+            except WorkerReadTimeout as exc:
+                release()
                 raise _timeout_error(instance) from exc
-            except httpx.TransportError as exc:
+            except WorkerClientError as exc:
                 release()
                 raise _Unreachable(repr(exc)) from exc
             except BaseException:
@@ -236,13 +242,13 @@ class Upstream:
             if response.status_code == 200:
                 return UpstreamStream(instance, response, release)
             try:
-                body = await response.aread()
-            except httpx.HTTPError:
+                body = await response.read()
+            except WorkerClientError:
                 body = b""
             finally:
                 await response.aclose()
                 release()
-            error = worker_error(response, body)
+            error = worker_error(response.status_code, response.headers, body)
             if response.status_code == 503:
                 raise _Unreachable("busy", error)
             raise error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -66,6 +67,7 @@ def test_errors_are_openai_shaped(gateway: ServiceProcess, registry: ServiceProc
     # Registered but unreachable replicas: a clean 503 with Retry-After, streamed or not, after trying both.
     register(registry, "dead-1", f"http://127.0.0.1:{free_port()}")
     register(registry, "dead-2", f"http://127.0.0.1:{free_port()}")
+    time.sleep(0.2)  # past the gateway's lookup TTL (0.1 s): the 404 above cached an empty model list
     for stream in (False, True):
         answer = httpx.post(url, json={"model": "axl-coder", "prompt": "x", "stream": stream}, headers=auth)
         assert answer.status_code == 503, answer.text
