@@ -307,7 +307,7 @@ def _print_eval(report: dict) -> None:
     if fixer:
         print(f"  fixer: {100 * fixer['fixed']:.1f}% of {fixer['count']} injected bugs fixed "
               f"({fixer['by_checks']} judged by doctests in the sandbox, the rest by AST); "
-              f"{100 * fixer['parses']:.0f}% parse, {100 * fixer['unchanged']:.0f}% returned unchanged")
+              f"{100 * fixer['parses']:.0f}% answered with a function that parses, {100 * fixer['unchanged']:.0f}% returned unchanged")
 
 
 # ---------------------------------------------------------------------------------------------- presets

@@ -160,6 +160,7 @@ def checkpoint_info(checkpoint: str | os.PathLike) -> dict[str, Any]:
         "params": config.param_count(),
         "window": config.max_seq_len,
         "steps": metadata.get("step"),
+        "train_seconds": metadata.get("elapsed_s"),
         "training_val_bpb": metadata.get("val_bpb"),
         "train_data": train_config.get("data"),
         "specialist": trained_specialist(metadata),
@@ -350,13 +351,13 @@ def training_exposure(checkpoint: str | os.PathLike) -> tuple[set[str], bool]:
     """(real paths of the .py/.txt files in the checkpoint's training split, whether it trained on .jsonl pairs),
     from its recorded train config; (empty, False) when it records none (e.g. a randomly initialised model)."""
     from .checkpoint import load_metadata
-    from .data import TEXT_SUFFIXES, resolve_inputs
+    from .data import TEXT_SUFFIXES, default_corpus, resolve_inputs
     from .data import split_of as data_split_of
 
-    train_config = load_metadata(checkpoint).get("train_config") or {}
-    data = train_config.get("data")
-    if not data:
+    train_config = load_metadata(checkpoint).get("train_config")
+    if not train_config:
         return set(), False
+    data = train_config.get("data") or default_corpus()  # None: training read the default corpus
     on_recipes = any(str(p).endswith(".jsonl") for p in data)
     val_fraction = float(train_config.get("val_fraction", 0.05))
     try:
@@ -515,6 +516,15 @@ def is_fixed(record: TaskRecord, candidate: str) -> tuple[bool, str]:
     return same_ast(candidate, record.target_code), "ast"
 
 
+def is_function(code: str) -> bool:
+    """True when `code` parses and defines a function (an empty or partial answer does not count)."""
+    try:
+        body = ast.parse(code).body
+    except (SyntaxError, ValueError):
+        return False
+    return any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) for node in body)
+
+
 def extract_function(generated: str) -> str:
     """The first top-level function in generated text: from its first line to the next line at column 0
     that is not a decorator, a closing bracket or the def itself."""
@@ -538,7 +548,6 @@ FIXER_RAW_HEADER = "# The function below has a bug.\n{buggy}\n# The same functio
 def evaluate_fixer(generate_fn: GenerateFn, records: Sequence[TaskRecord], *, prompt_format: PromptFormat = "raw",
                    window: int | None = None, use_doctests: bool = True) -> dict[str, Any]:
     """Fraction of injected bugs fixed: each held-out buggy function -> the model's version, judged by is_fixed."""
-    from .recipes.common import parses
     from .specialists import get_specialist
 
     fixer = get_specialist("fixer")
@@ -558,7 +567,7 @@ def evaluate_fixer(generate_fn: GenerateFn, records: Sequence[TaskRecord], *, pr
             candidate = fixer.strip_output(text) if prompt_format == "specialist" else extract_function(text)
             fixed, judged_by = is_fixed(record, candidate)
             results.append({"file": record.file, "rule": record.rule, "fixed": fixed, "judged_by": judged_by,
-                            "parses": parses(candidate), "unchanged": candidate.strip() == record.source_code.strip(),
+                            "parses": is_function(candidate), "unchanged": candidate.strip() == record.source_code.strip(),
                             "candidate": candidate})
     count = len(results)
 
@@ -569,7 +578,7 @@ def evaluate_fixer(generate_fn: GenerateFn, records: Sequence[TaskRecord], *, pr
         "count": count,
         "skipped": len(records) - count,
         "fixed": share("fixed"),
-        "parses": share("parses"),
+        "parses": share("parses"),  # the answer is a function that parses
         "unchanged": share("unchanged"),
         "by_checks": sum(r["judged_by"] == "checks" for r in results),
         "prompt_format": prompt_format,
@@ -688,7 +697,8 @@ def _cells(row: dict[str, Any]) -> list[str]:
     if he:
         ks = ", ".join(f"pass@{k.split('@')[1]} {_pct(v)}" for k, v in he.items() if k.startswith("pass@"))
         limit = he.get("limit") or 164
-        he_cell = f"{ks} (n={he['n']}, {he['problems']}/164 problems, T={he.get('temperature', 0):g})"
+        he_cell = (f"{ks} (n={he['n']}, {he['problems']}/164 problems, T={he.get('temperature', 0):g}, "
+                   f"≤{he.get('max_tokens', '?')} B)")
         if limit == he["problems"] == 164:
             he_cell = he_cell.replace("164/164 problems", "all 164")
     else:
@@ -700,6 +710,8 @@ def _cells(row: dict[str, Any]) -> list[str]:
     fixer_cell = (f"{_pct(fixer['fixed'])} fixed ({fixer['count']} bugs; {fixer['by_checks']} by doctests, rest by AST)"
                   if fixer else "–")
     steps = f", {row['steps']} steps" if row.get("steps") is not None else ""
+    if row.get("train_seconds"):
+        steps += f" in {row['train_seconds'] / 60:.0f} min"
     return [f"`{row['model']}` ({row['preset']}{steps}, {row['prompt_format']} prompts)", _human(row["params"]),
             bpb, he_cell, docs_cell, fixer_cell, row["date"]]
 

@@ -209,6 +209,32 @@ def test_task_records_come_from_held_out_files_only() -> None:
     assert others and not {str(Path(r.path).resolve()) for r in others} & trained
 
 
+def test_training_exposure_follows_the_recorded_split(tmp_path: Path) -> None:
+    """A raw-code model's trained files are its train split; data None means the default corpus."""
+    from axl_model import ModelConfig, MultiScaleTransformer, save_checkpoint
+
+    corpus = tmp_path / "src"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    y = x * {i}\n    return y + {i}\n")
+    model = MultiScaleTransformer(ModelConfig.from_name("tiny"))
+    ck = save_checkpoint(model, tmp_path / "ck", metadata={"train_config": {"data": [str(corpus)], "val_fraction": 0.5}})
+    trained, on_recipes = E.training_exposure(ck)
+    expected = {str(f.resolve()) for f, key in resolve_inputs([corpus]) if split_of(key, 0.5) == "train"}
+    assert trained == expected and 0 < len(trained) < 12 and not on_recipes
+
+    ck = save_checkpoint(model, tmp_path / "ck2", metadata={"train_config": {"data": None, "val_fraction": 0.05}})
+    trained, _ = E.training_exposure(ck)
+    assert str(Path(STDLIB, "heapq.py").resolve()) in trained or str(Path(STDLIB, "bisect.py").resolve()) in trained
+    ck = save_checkpoint(model, tmp_path / "ck3", metadata={"train_config": {"data": ["data/docs/train.jsonl"]}})
+    assert E.training_exposure(ck)[1] is True
+    assert E.training_exposure(make_tiny_checkpoint(tmp_path / "ck4")) == (set(), False)
+
+
+def test_is_function() -> None:
+    assert E.is_function(ORIGINAL) and not E.is_function("\n") and not E.is_function("def f(:\n")
+
+
 # ---------------------------------------------------------------------------------------------- the CLI
 def test_axl_eval_end_to_end_writes_the_table(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     corpus = tmp_path / "src"
