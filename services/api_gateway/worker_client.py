@@ -341,8 +341,11 @@ class WorkerClient:
         if self._closed or conn.writer.is_closing():
             self._discard(conn)
             return
-        conn.idle_since = time.monotonic()
-        self._idle.setdefault(conn.origin, []).append(conn)
+        now = conn.idle_since = time.monotonic()
+        idle = self._idle.setdefault(conn.origin, [])
+        while idle and not idle[0].usable(now, self.idle_seconds):
+            self._discard(idle.pop(0))  # the oldest ones, closed by the worker or idle too long: never reused
+        idle.append(conn)
 
     def _evict_oldest_idle(self) -> None:
         oldest: list[_Connection] | None = None
