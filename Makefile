@@ -34,8 +34,9 @@ up:  ## run the mesh as local processes (gateway :8880, registry :8900, workers 
 data:  ## build the specialists' training data from the local standard library
 	$(VENV)/bin/axl data build --all
 
-eval:  ## evaluate the default checkpoint (bits per byte, HumanEval)
-	$(VENV)/bin/axl eval checkpoints/axl-micro
+EVAL_CHECKPOINT ?= checkpoints/axl-micro
+eval:  ## evaluate a checkpoint: held-out bits/byte, HumanEval (sandboxed), docs/fixer checks -> docs/results.md
+	$(VENV)/bin/axl eval $(EVAL_CHECKPOINT) --humaneval --tasks docs,fixer --task-limit 50 --out docs/results.md
 
 clean:  ## remove caches (keeps .venv and checkpoints)
 	find . -name __pycache__ -prune -exec rm -rf {} +
