@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from axl_mesh.errors import BodySizeLimitMiddleware, install_error_handlers
 from axl_mesh.jobs import JobsSettings
+from axl_mesh.model_store import ModelStore
 from axl_mesh.metrics import instrument_requests, mount_metrics
 from axl_mesh.registry_client import CachedLookup, RegistryClient, RegistryError
 from axl_mesh.registry_schemas import InstanceRecord
@@ -40,7 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             max_connections=settings.max_upstream_connections)
         lookup = CachedLookup(registry, ttl_seconds=settings.lookup_ttl_seconds)
         app.state.upstream = Upstream(lookup, http, cooldown_seconds=settings.failed_instance_cooldown_seconds,
-                                      on_failover=count_failover)
+                                      on_failover=count_failover, stored_models=model_store.entries)
         try:
             yield
         finally:
@@ -56,7 +57,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     install_error_handlers(app)
     # Uploads have their own, larger limit (plus room for the multipart framing); the files route checks the file.
-    upload_limit = JobsSettings().max_file_bytes + (1 << 20)
+    jobs_settings = JobsSettings()
+    model_store = ModelStore(jobs_settings.resolved_model_store_dir)
+    upload_limit = jobs_settings.max_file_bytes + (1 << 20)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, path_limits={"/v1/files": upload_limit})
     instrument_requests(app, metrics_registry)
     if settings.cors_origin_list():

@@ -147,6 +147,7 @@ class Upstream:
         *,
         cooldown_seconds: float = 5.0,
         on_failover: Callable[[str, InstanceRecord, str], None] | None = None,
+        stored_models: Callable[[], Collection[str]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.lookup = lookup
@@ -157,6 +158,7 @@ class Upstream:
         self._rotation = itertools.count()
         self._on_failover = on_failover
         self.known_models: set[str] = set()  # ids and specialist names served at some point: 503, not 404
+        self._stored_models = stored_models  # names in the model store (a worker for them may be starting)
         self._clock = clock
 
     # --- lookups ---
@@ -184,7 +186,15 @@ class Upstream:
         def choose(served: list[ModelSummary]) -> tuple[str, str]:
             return choose_specialist(routing_text(), {m.specialist for m in served})
 
-        return resolve_name(name, models, choose, self.known_models)
+        try:
+            return resolve_name(name, models, choose, self.known_models)
+        except ModelNotFoundError:
+            if self._stored_models is not None and name in self._stored_models():
+                raise ServiceUnavailableError(
+                    f"The model '{name}' is in the model store but no worker serves it yet (`make up` starts one "
+                    "within seconds); retry shortly.", retry_after_seconds=5, code="model_not_served_yet",
+                ) from None
+            raise
 
     # --- calls ---
 

@@ -173,7 +173,10 @@ def test_a_new_model_in_the_store_gets_a_worker(mesh: dict[str, Any]) -> None:
     source = make_tiny_checkpoint(mesh["root"] / "incoming", seed=3)
     ModelStore(mesh["config"]["model_store"]).add(name, source, specialist="coder", base="tiny", job_id="ftjob-test")
     client = _client(mesh)
-    _wait(lambda: name in {m.id for m in client.models.list()}, 90, f"{name} in GET /v1/models", mesh["log"])
+    def served() -> bool:  # listed at once (0 instances), then served once the launcher's worker is up
+        return any(m.id == name and (m.model_extra or {}).get("instances", 0) >= 1 for m in client.models.list())
+
+    _wait(served, 90, f"{name} served (GET /v1/models)", mesh["log"])
     completion = client.completions.create(model=name, prompt="import ", max_tokens=4)
     assert completion.model == name
     assert completion.usage.completion_tokens >= 1

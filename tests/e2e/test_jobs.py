@@ -12,6 +12,7 @@ import io
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 
 from axl_mesh.model_store import ModelStore
@@ -63,6 +64,9 @@ def test_fine_tuned_model_is_stored_listed_and_answers(job_mesh: tuple[Mesh, dic
     listed = {m.id: m for m in client.models.list().data}
     assert name in listed and listed[name].model_extra["instances"] == 0
     assert client.models.retrieve(name).id == name
+    with pytest.raises(openai.APIStatusError) as not_yet:  # stored, no worker yet: retry later, not "unknown"
+        client.completions.create(model=name, prompt="x", max_tokens=1)
+    assert not_yet.value.status_code == 503 and not_yet.value.body["code"] == "model_not_served_yet"
     # ... then what the launcher does for a new store entry (make up): a model worker serving it under its name.
     mesh.start_worker(store.path(name), specialist=entry["specialist"], model_id=name)
     listed = {m.id: m for m in client.models.list().data}
