@@ -88,6 +88,7 @@ class MeshConfig:
     workers: tuple[WorkerSpec, ...] = ()
     worker_max_batch: int = 8
     worker_num_threads: int | None = None
+    worker_dtype: str | None = None  # AXL_DTYPE of every worker: float32 (exact), float16 (faster), bfloat16
     trainer_workers: int = 1
     quantizer_workers: int = 1
     queue_worker_port_start: int = 8960
@@ -497,6 +498,8 @@ class Mesh:
             env["AXL_MODEL_ID"] = model_id
         if cfg.worker_num_threads:
             env["AXL_NUM_THREADS"] = str(cfg.worker_num_threads)
+        if cfg.worker_dtype:
+            env["AXL_DTYPE"] = cfg.worker_dtype
         return ChildSpec(name, "services.model_worker", env, self._url(port, "/readyz"))
 
     def child_specs(self) -> list[ChildSpec]:

@@ -112,5 +112,6 @@ class WorkerInfo(BaseModel):
     max_batch: int
     max_queue: int
     checkpoint_version: str
+    dtype: str
     ready: bool
     draining: bool

@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from axl_mesh.errors import InvalidRequestError, ServiceUnavailableError
 from axl_mesh.registry_client import RegistryClient
 from axl_mesh.registry_schemas import Capability, InstanceLoad, InstanceRegistration
@@ -91,7 +93,7 @@ class ModelWorker:
         path = self.settings.checkpoint
         self._wait_for_checkpoint(path)
         self.config = load_config(path)  # fails fast, naming the file, before reading the weights
-        model = load_checkpoint(path)
+        model = load_checkpoint(path).to(getattr(torch, self.settings.dtype))
         self.checkpoint_version = checkpoint_version(path)
         self.tokenizer = ByteTokenizer(fim=model.config.fim)
         return model
@@ -194,7 +196,8 @@ class ModelWorker:
             model_id=self.model_id, specialist=self.specialist.name, context_length=self.context_length,
             capabilities=self.capabilities, running=self.scheduler.running, waiting=self.scheduler.waiting,
             max_batch=self.settings.max_batch, max_queue=self.settings.max_queue,
-            checkpoint_version=self.checkpoint_version, ready=self.ready, draining=self.draining,
+            checkpoint_version=self.checkpoint_version, dtype=self.settings.dtype, ready=self.ready,
+            draining=self.draining,
         )
 
     @property

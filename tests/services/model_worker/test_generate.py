@@ -165,3 +165,13 @@ def test_serves_a_full_model_gguf_with_the_same_text(tmp_path: Path, worker: Ser
     body = dict(prompt=PROMPT, max_tokens=24, temperature=0.0, ignore_eos=True)
     assert generate(served.url, **body).json()["text"] == generate(worker.url, **body).json()["text"]
     assert info(served.url)["checkpoint_version"].startswith("sha256:")
+
+
+def test_float16_serving_matches_float32_greedy_text(worker: ServiceProcess, tiny_checkpoint: Path,
+                                                     start_service: StartService) -> None:
+    """AXL_DTYPE=float16 halves the weight bytes per step; on a short greedy run the text is the same."""
+    half = start_service(WORKER, worker_env(tiny_checkpoint, AXL_DTYPE="float16"))
+    wait_ready(half.url)
+    assert info(half.url)["dtype"] == "float16" and info(worker.url)["dtype"] == "float32"
+    body = dict(prompt=PROMPT, max_tokens=8, temperature=0.0, ignore_eos=True)
+    assert generate(half.url, **body).json()["text"] == generate(worker.url, **body).json()["text"]
