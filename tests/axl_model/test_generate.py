@@ -110,3 +110,18 @@ def test_removing_a_sequence_keeps_the_others_exact(generator):
 def test_invalid_sampling_params(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_rows_sliding_their_windows_at_different_steps_match_single_sequences():
+    """A batch where each row's window fills (and slides) at a different step still decodes each row exactly."""
+    torch.manual_seed(1)
+    model = MultiScaleTransformer(ModelConfig.from_name("tiny", max_seq_len=32))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    generator = Generator(model)
+    prompts = ["a", "def slide(x):", "class Window:\n    pass\n"]  # 2, 14 and 24 tokens with BOS
+    params = SamplingParams(max_tokens=90, temperature=0.0, stop_at_eos=False)
+    batched = generator.generate_batch(prompts, params)
+    for prompt, completion in zip(prompts, batched):
+        assert completion.token_ids == generator.generate(prompt, params).token_ids
