@@ -36,6 +36,35 @@ def cross_name(query: str, key: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- building blocks
+class Linear(nn.Linear):
+    """nn.Linear that decodes faster: for a few rows without autograd it multiplies by a cached (in, out) copy.
+
+    A decode step is a matrix-vector product per weight, bound by how fast the weights stream from memory.
+    CPU BLAS reads a row-major (in, out) matrix about twice as fast for `x @ W_t` as the (out, in) layout for
+    `x @ W.T` (bench: 14.5 vs 7.0 GB/s on the development VM), so inference keeps a transposed copy (twice the
+    weight memory while decoding). Training, prefill and other dtypes use the standard path. The copy is
+    rebuilt when the weight changes (a new tensor or an in-place update).
+    """
+
+    FAST_ROWS = 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or x.dtype != torch.float32 or x.numel() > self.FAST_ROWS * self.in_features:
+            return super().forward(x)
+        out = x @ self._transposed_weight()
+        return out if self.bias is None else out + self.bias
+
+    def _transposed_weight(self) -> torch.Tensor:
+        weight = self.weight
+        key = (weight.data_ptr(), weight._version, weight.dtype)
+        cached = self.__dict__.get("_decode_weight")
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False):  # a normal tensor, usable under no_grad and inference_mode alike
+                cached = (key, weight.detach().t().contiguous())
+            self.__dict__["_decode_weight"] = cached
+        return cached[1]
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -67,8 +96,8 @@ class SelfAttention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.head_dim = config.n_heads, config.head_dim
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
-        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.qkv = Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.out = Linear(config.d_model, config.d_model, bias=False)
         self.dropout = config.dropout
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -97,8 +126,8 @@ class SelfAttention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_up = nn.Linear(config.d_model, 2 * config.d_ff, bias=False)
-        self.down = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.gate_up = Linear(config.d_model, 2 * config.d_ff, bias=False)
+        self.down = Linear(config.d_ff, config.d_model, bias=False)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,9 +189,9 @@ class CrossScaleAttention(nn.Module):
         self.n_heads, self.head_dim = config.n_heads, config.head_dim
         self.query_norm = RMSNorm(config.d_model, config.norm_eps)
         self.key_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.q = nn.Linear(config.d_model, config.d_model, bias=False)
-        self.kv = nn.Linear(config.d_model, 2 * config.d_model, bias=False)
-        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.q = Linear(config.d_model, config.d_model, bias=False)
+        self.kv = Linear(config.d_model, 2 * config.d_model, bias=False)
+        self.out = Linear(config.d_model, config.d_model, bias=False)
         self.null_kv = nn.Parameter(torch.zeros(2, config.n_heads, 1, config.head_dim))
 
     def keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,7 +218,7 @@ class GatedFusion(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate = nn.Linear(3 * config.d_model, 3)
+        self.gate = Linear(3 * config.d_model, 3)
 
     def forward(self, fine, medium, coarse):
         """Each (B, T, C) -> (B, T, C)."""
@@ -273,8 +302,8 @@ class MultiScaleTransformer(nn.Module):
         self.stacks = nn.ModuleDict({name: ScaleStack(config) for name in SCALE_NAMES})
         # Learned downsampling: concatenate k neighbouring byte embeddings and project to d_model.
         self.downsample = nn.ModuleDict({
-            "medium": nn.Linear(SCALES[1] * d, d, bias=False),
-            "coarse": nn.Linear(SCALES[2] * d, d, bias=False),
+            "medium": Linear(SCALES[1] * d, d, bias=False),
+            "coarse": Linear(SCALES[2] * d, d, bias=False),
         })
         self.start_tokens = nn.ParameterDict({
             "medium": nn.Parameter(torch.zeros(d)),
@@ -283,7 +312,7 @@ class MultiScaleTransformer(nn.Module):
         self.cross = nn.ModuleDict({cross_name(q, k): CrossScaleAttention(config) for q, k in CROSS_PAIRS})
         self.fusion = GatedFusion(config)
         self.final_norm = RMSNorm(d, config.norm_eps)
-        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        self.lm_head = Linear(d, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         # RoPE tables cover the longest sequence at any scale (fine is the longest).

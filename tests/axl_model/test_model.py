@@ -128,3 +128,19 @@ def test_training_step_reduces_loss():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] * 0.7
+
+
+def test_decoding_linear_uses_a_fresh_transposed_copy():
+    """The decode fast path multiplies by a cached (in, out) copy; an in-place weight update invalidates it."""
+    from axl_model.model import Linear
+
+    layer = Linear(8, 4)
+    x = torch.randn(1, 8)
+    with torch.inference_mode():
+        assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-6)
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # what an optimizer step does
+        assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-6)
+    y = layer(x)  # with autograd: the standard path, gradients flow
+    y.sum().backward()
+    assert layer.weight.grad is not None
