@@ -20,13 +20,11 @@ interval + 60 s, which would put a dead worker's job back only after minutes), a
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import secrets
 import threading
 import time
-import types
 from collections.abc import Iterable, Iterator
 from enum import StrEnum
 from pathlib import Path
@@ -39,6 +37,7 @@ from pydantic import Field
 
 from axl_mesh.jobs_protocol import FILE_ID_PATTERN, FT_JOB_ID_PATTERN, QUANT_JOB_ID_PATTERN, JobStatus
 from axl_mesh.settings import ServiceSettings
+from axl_model.config import PRESETS, ModelConfig, memory_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -265,32 +264,20 @@ def open_store(settings: JobsSettings) -> JobStore:
 
 
 def machine_memory_bytes() -> int | None:
-    """MemTotal of this machine from /proc/meminfo (None where it cannot be read)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    """MemTotal of this machine (None where it cannot be read)."""
+    return memory_bytes("MemTotal")
 
 
-def _config_module() -> types.ModuleType:
-    """``axl_model.config``: torch-free (axl_model imports its public names lazily), so the gateway may use it."""
-    return importlib.import_module("axl_model.config")
-
-
-def model_config(preset: str | None = None, config_file: Path | None = None) -> Any:
+def model_config(preset: str | None = None, config_file: Path | None = None) -> ModelConfig:
     """A ``ModelConfig`` from a preset name or a checkpoint's config.json (raises ValueError when unknown)."""
-    module = _config_module()
     if config_file is not None:
-        return module.ModelConfig.from_file(config_file)
+        return ModelConfig.from_file(config_file)
     assert preset is not None
-    return module.ModelConfig.from_name(preset)
+    return ModelConfig.from_name(preset)
 
 
 def preset_names() -> list[str]:
-    return list(_config_module().PRESETS)
+    return list(PRESETS)
 
 
 # --- the reaper ----------------------------------------------------------------------------------------------------

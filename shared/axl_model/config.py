@@ -152,6 +152,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def memory_bytes(field: str = "MemAvailable") -> int | None:
+    """A /proc/meminfo field in bytes (MemAvailable, MemTotal, ...); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def suggest_models(available_ram_gb: float, batch_size: int = 8, optimizer: str = "lion") -> list[ModelConfig]:
     """Presets whose training fits in `available_ram_gb`, largest first (the original release's helper)."""
     budget = available_ram_gb * 2**30

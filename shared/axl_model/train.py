@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import is_checkpoint, load_checkpoint, load_config, load_training_state, save_checkpoint
-from .config import PRESETS, ModelConfig
+from .config import PRESETS, ModelConfig, memory_bytes
 from .data import FilterConfig, PreparedData, TokenDataset, WindowSampler, eval_windows, prepare_data
 from .logger import TrainLogger
 from .model import MultiScaleTransformer
@@ -199,21 +199,9 @@ def evaluate_bpb(model: MultiScaleTransformer, dataset: TokenDataset, seq_len: i
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def available_ram_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (None where there is no such file)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def check_ram(model_config: ModelConfig, config: TrainConfig, extra_bytes: int = 0) -> None:
     need = model_config.training_ram_bytes(config.batch_size, config.seq_len, config.optimizer) + extra_bytes
-    have = available_ram_bytes()
+    have = memory_bytes("MemAvailable")
     if have is not None and need > have:
         raise ValueError(f"training {model_config.name!r} at batch {config.batch_size} x {config.seq_len} needs about "
                          f"{need / 2**30:.1f} GiB of RAM but only {have / 2**30:.1f} GiB is available; use a smaller "

@@ -20,7 +20,8 @@ from axl_model.config import ModelConfig
 from axl_model.logger import read_metrics
 from axl_model.optim import build_optimizer, lr_at, parameter_groups
 from axl_model.model import MultiScaleTransformer
-from axl_model.train import TrainCallbacks, TrainConfig, available_ram_bytes, evaluate_bpb, evaluate_checkpoint, train
+from axl_model.config import memory_bytes
+from axl_model.train import TrainCallbacks, TrainConfig, evaluate_bpb, evaluate_checkpoint, train
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 MODULES = ("textwrap.py", "bisect.py", "heapq.py", "string.py", "shlex.py", "fnmatch.py", "colorsys.py", "queue.py",
@@ -182,7 +183,7 @@ def test_user_errors_are_value_errors(corpus: Path, tmp_path: Path) -> None:
         train(small_config(tmp_path / "x", tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="exceeds the model's window"):
         train(small_config(tmp_path / "x", corpus, seq_len=1024))
-    have = available_ram_bytes()
+    have = memory_bytes("MemAvailable")
     if have is None:
         pytest.skip("no /proc/meminfo")
     with pytest.raises(ValueError, match="GiB of RAM but only"):
