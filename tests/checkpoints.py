@@ -19,3 +19,13 @@ def make_tiny_checkpoint(path: str | Path, seed: int = 0, fim: bool = False, pre
     torch.manual_seed(seed)
     model = MultiScaleTransformer(ModelConfig.from_name(preset, fim=fim, **overrides))
     return save_checkpoint(model.eval(), path, metadata={"made_by": "tests.checkpoints", "seed": seed})
+
+
+def perturbed_model(config: ModelConfig, seed: int = 0, scale: float = 0.05) -> MultiScaleTransformer:
+    """A random model with weights large enough that every path (null slots, gates, start tokens) matters."""
+    torch.manual_seed(seed)
+    model = MultiScaleTransformer(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model

@@ -1,19 +1,14 @@
 import pytest
-import torch
 
-from axl_model import BatchDecoder, Generator, ModelConfig, MultiScaleTransformer, SamplingParams
+from axl_model import BatchDecoder, Generator, ModelConfig, SamplingParams
 from axl_model.generate import StopMatcher
 from axl_model.tokenizer import EOS_ID
+from tests.checkpoints import perturbed_model
 
 
 @pytest.fixture(scope="module")
 def generator():
-    torch.manual_seed(0)
-    model = MultiScaleTransformer(ModelConfig.from_name("tiny", max_seq_len=64))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return Generator(model)
+    return Generator(perturbed_model(ModelConfig.from_name("tiny", max_seq_len=64)))
 
 
 def test_same_seed_same_output_and_different_seed_differs(generator):
@@ -114,12 +109,7 @@ def test_invalid_sampling_params(bad):
 
 def test_rows_sliding_their_windows_at_different_steps_match_single_sequences():
     """A batch where each row's window fills (and slides) at a different step still decodes each row exactly."""
-    torch.manual_seed(1)
-    model = MultiScaleTransformer(ModelConfig.from_name("tiny", max_seq_len=32))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    generator = Generator(model)
+    generator = Generator(perturbed_model(ModelConfig.from_name("tiny", max_seq_len=32), seed=1))
     prompts = ["a", "def slide(x):", "class Window:\n    pass\n"]  # 2, 14 and 24 tokens with BOS
     params = SamplingParams(max_tokens=90, temperature=0.0, stop_at_eos=False)
     batched = generator.generate_batch(prompts, params)

@@ -4,16 +4,7 @@ import torch
 
 from axl_model import BatchDecoder, ModelConfig, MultiScaleTransformer, SamplingParams
 from axl_model.config import PRESETS
-
-
-def perturbed_model(config: ModelConfig, seed: int = 0) -> MultiScaleTransformer:
-    """A random model with weights large enough that every path (null slots, gates, start tokens) matters."""
-    torch.manual_seed(seed)
-    model = MultiScaleTransformer(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+from tests.checkpoints import perturbed_model
 
 
 # Every preset's shape family (width, heads, d_ff) at one layer per scale to keep the test fast.
