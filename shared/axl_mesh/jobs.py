@@ -522,6 +522,8 @@ def run_worker(settings: JobsSettings, queue: QueueName, *, burst: bool = False,
         maintenance_interval=max(15, int(settings.reaper_interval_seconds)),
         worker_ttl=max(30, settings.heartbeat_ttl_seconds * 2),
     )
+    # RQ logs each registry clean-up at INFO (every 15 s here): keep job lines, drop the routine.
+    logging.getLogger("rq.worker").addFilter(lambda record: "cleaning" not in record.getMessage())
     try:
         return worker.work(burst=burst, logging_level=settings.log_level.upper())
     finally:

@@ -34,8 +34,30 @@ class ServiceSettings(BaseSettings):
         return self.registry_secret.get_secret_value() if self.registry_secret else None
 
     def configure_logging(self) -> None:
-        """Root logging at ``log_level`` with one readable line format for every service."""
+        """Root logging at ``log_level`` with one readable line format for every service.
+
+        Routine traffic stays out of the log: httpx's line per outgoing request (heartbeats every few seconds)
+        and uvicorn's access lines for successful probes and heartbeats.
+        """
         logging.basicConfig(
             level=self.log_level.upper(),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
+        logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+        access = logging.getLogger("uvicorn.access")
+        if not any(isinstance(f, RoutineRequestFilter) for f in access.filters):
+            access.addFilter(RoutineRequestFilter())
+
+
+class RoutineRequestFilter(logging.Filter):
+    """Drops uvicorn access lines of successful health probes, metrics scrapes and registry heartbeats."""
+
+    ROUTINE_PATHS = ("/healthz", "/readyz", "/metrics")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if len(args) < 5:
+            return True
+        path, status = str(args[2]).split("?", 1)[0], args[4]
+        routine = path in self.ROUTINE_PATHS or path.endswith("/heartbeat")
+        return not (routine and isinstance(status, int) and status < 400)
