@@ -139,6 +139,7 @@ def run_training_job(job_id: str) -> dict[str, Any]:
         return {"status": "cancelled", "steps": result.steps}
 
     models = ModelStore(settings.resolved_model_store_dir, redis_client=store.redis)
+    from axl_model.checkpoint import STATE_JSON, STATE_TENSORS
     from axl_model.config import ModelConfig
 
     config = ModelConfig.from_checkpoint(out_dir)
@@ -146,6 +147,8 @@ def run_training_job(job_id: str) -> dict[str, Any]:
                        specialist=record["specialist"], job_id=job_id, context_length=config.max_seq_len,
                        val_bpb=result.val_bpb, steps=result.steps)
     shutil.rmtree(f"{out_dir}.run", ignore_errors=True)  # prepared data and logs of the run
+    for state_file in (STATE_JSON, STATE_TENSORS):  # optimizer state: needed to resume this job, not to serve
+        (models.path(model_name) / state_file).unlink(missing_ok=True)
     store.set_status(FT, job_id, JobStatus.SUCCEEDED, fine_tuned_model=model_name,
                      result_metrics={"val_bpb": result.val_bpb, "train_loss": result.train_loss,
                                      "steps": result.steps, "bytes_per_s": result.bytes_per_s})

@@ -60,6 +60,7 @@ def test_fine_tuned_model_is_stored_listed_and_answers(job_mesh: tuple[Mesh, dic
     store = ModelStore(Path(env["AXL_DATA_DIR"]) / "models")
     entry = store.get(name)
     assert entry is not None and entry["job_id"] == job.id and entry["specialist"] == "coder"
+    assert sorted(p.name for p in store.path(name).iterdir()) == ["config.json", "metadata.json", "model.safetensors"]
     # Listed as soon as the job succeeds, with no replica yet ...
     listed = {m.id: m for m in client.models.list().data}
     assert name in listed and listed[name].model_extra["instances"] == 0
