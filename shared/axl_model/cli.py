@@ -44,6 +44,10 @@ def register_train(subparsers) -> None:
     model.add_argument("--preset", help="model shape (see `axl presets`); default micro, or the specialist's")
     model.add_argument("--init-from", metavar="CHECKPOINT", help="start from this checkpoint's weights (fine-tune)")
     model.add_argument("--specialist", metavar="NAME", help="train this specialist: its preset and its data recipe")
+    model.add_argument("--fim", action="store_true",
+                       help="a new model with fill-in-the-middle tokens (serves `suffix`, e.g. editor autocomplete)")
+    model.add_argument("--fim-rate", type=float, default=0.5, metavar="P",
+                       help="share of training windows in fill-in-the-middle order (FIM models; default 0.5)")
     data = p.add_argument_group("data")
     data.add_argument("--data", nargs="+", metavar="PATH",
                       help="files, folders or globs of .py/.txt/.jsonl (default: the Python standard library)")
@@ -122,6 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seq_len = min(256, window)
     config = TrainConfig(
         out_dir=out, preset=preset, init_from=args.init_from, data=data, val_data=val_data,
+        model_overrides={"fim": True} if args.fim else {}, fim_rate=args.fim_rate,
         val_fraction=args.val_fraction, max_steps=args.max_steps, max_time=args.max_time, epochs=args.epochs,
         batch_size=args.batch_size, seq_len=seq_len, lr=args.lr, optimizer=args.optimizer,
         grad_accum=args.grad_accum, grad_clip=args.grad_clip, warmup_steps=args.warmup_steps,

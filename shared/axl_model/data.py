@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .tokenizer import BOS_ID, EOS_ID
+from .tokenizer import BOS_ID, EOS_ID, FIM_MIDDLE_ID, FIM_PREFIX_ID, FIM_SUFFIX_ID
 
 FORMAT_VERSION = 1
 TEXT_SUFFIXES = (".py", ".txt")
@@ -368,13 +368,22 @@ def _build(staging: Path, train_files, val_files, filters: FilterConfig, val_fra
 # ---------------------------------------------------------------------------------------------- batches
 class WindowSampler:
     """Random windows of seq_len + 1 tokens. Batch n depends only on (seed, n): the position in the
-    stream is the batch counter, which the training state saves, so a resumed run sees the same batches."""
+    stream is the batch counter, which the training state saves, so a resumed run sees the same batches.
 
-    def __init__(self, dataset: TokenDataset, seq_len: int, batch_size: int, seed: int = 0) -> None:
+    With `fim_rate` > 0 (models with fill-in-the-middle tokens), that fraction of the windows is rearranged
+    into prefix-suffix-middle order: <fim_prefix> prefix <fim_suffix> suffix <fim_middle> middle, the layout
+    `ByteTokenizer.encode_fim` prompts with. The markers are inputs, never targets.
+    """
+
+    def __init__(self, dataset: TokenDataset, seq_len: int, batch_size: int, seed: int = 0,
+                 fim_rate: float = 0.0) -> None:
         if len(dataset) < seq_len + 1:
             raise ValueError(f"the training split has {len(dataset)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
                              f"add data or lower seq_len")
+        if not 0.0 <= fim_rate <= 1.0:
+            raise ValueError(f"fim_rate must be in [0, 1], got {fim_rate}")
         self.dataset, self.seq_len, self.batch_size, self.seed = dataset, seq_len, batch_size, seed
+        self.fim_rate = fim_rate
         self.position = 0  # batches drawn so far
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -387,15 +396,33 @@ class WindowSampler:
         rng = np.random.default_rng([self.seed, n])
         starts = rng.integers(0, len(self.dataset) - self.seq_len, size=self.batch_size)
         tokens = np.stack([self.dataset.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int64)
-        mask = np.stack([self.dataset.mask[s + 1 : s + self.seq_len + 1] for s in starts]).astype(np.float32)
+        weights = np.stack([self.dataset.mask[s : s + self.seq_len + 1] for s in starts]).astype(np.float32)
+        if self.fim_rate:
+            for row in np.flatnonzero(rng.random(self.batch_size) < self.fim_rate):
+                tokens[row], weights[row] = fim_rearrange(tokens[row], weights[row], rng)
         tokens_t = torch.from_numpy(tokens)
-        return tokens_t[:, :-1], tokens_t[:, 1:], torch.from_numpy(mask)
+        return tokens_t[:, :-1], tokens_t[:, 1:], torch.from_numpy(weights[:, 1:])
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
         self.seed, self.position = int(state["seed"]), int(state["position"])
+
+
+def fim_rearrange(tokens: np.ndarray, weights: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One window (tokens, per-token loss weights) in prefix-suffix-middle order, same length.
+
+    The last three tokens make room for the markers; two random cuts split the rest into prefix, middle and
+    suffix. Marker positions get weight 0 (they are given, not predicted).
+    """
+    body, body_weights = tokens[: len(tokens) - 3], weights[: len(weights) - 3]
+    low, high = np.sort(rng.integers(0, len(body) + 1, size=2))
+    marker = np.array([FIM_PREFIX_ID, FIM_SUFFIX_ID, FIM_MIDDLE_ID], dtype=tokens.dtype)
+    pieces = (marker[:1], body[:low], marker[1:2], body[high:], marker[2:], body[low:high])
+    zero = np.zeros(1, dtype=weights.dtype)
+    piece_weights = (zero, body_weights[:low], zero, body_weights[high:], zero, body_weights[low:high])
+    return np.concatenate(pieces), np.concatenate(piece_weights)
 
 
 def eval_windows(dataset: TokenDataset, seq_len: int, max_tokens: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -52,6 +52,7 @@ class TrainConfig:
     val_fraction: float = 0.05
     min_lines: int = 3
     max_lines: int = 20_000
+    fim_rate: float = 0.5  # share of windows in fill-in-the-middle order, for models with config.fim
     # --- budget: whichever comes first; none given means one epoch
     max_steps: int | None = None
     max_time: float | None = None  # seconds of wall-clock time, summed over resumed segments
@@ -259,7 +260,8 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None) -> Train
         config.data, config.data_cache_dir or run_dir / "data", val_data=config.val_data,
         val_fraction=config.val_fraction, filters=FilterConfig(config.min_lines, config.max_lines),
         progress=config.progress)
-    sampler = WindowSampler(prepared.train, config.seq_len, config.batch_size, seed=config.seed)
+    sampler = WindowSampler(prepared.train, config.seq_len, config.batch_size, seed=config.seed,
+                            fim_rate=config.fim_rate if model.config.fim else 0.0)
     tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
 
     # 3. Optimizer and the state to resume.

@@ -153,3 +153,20 @@ def test_eval_windows_cover_the_split_once(corpus: Path, tmp_path: Path) -> None
     assert sum(len(tokens) - 1 for tokens, _ in windows) == len(ds) - 1  # every target exactly once
     rebuilt = np.concatenate([windows[0][0]] + [tokens[1:] for tokens, _ in windows[1:]])
     assert (rebuilt == np.asarray(ds.tokens)).all()
+
+
+def test_fim_windows_are_prefix_suffix_middle_with_markers_never_targets():
+    from axl_model.data import fim_rearrange
+    from axl_model.tokenizer import FIM_MIDDLE_ID, FIM_PREFIX_ID, FIM_SUFFIX_ID
+
+    rng = np.random.default_rng(0)
+    tokens = np.arange(10, 60, dtype=np.int64)
+    weights = np.ones(50, dtype=np.float32)
+    for _ in range(20):
+        fim, fim_weights = fim_rearrange(tokens, weights, rng)
+        assert len(fim) == len(tokens) and fim[0] == FIM_PREFIX_ID
+        suffix_at, middle_at = int(np.flatnonzero(fim == FIM_SUFFIX_ID)[0]), int(np.flatnonzero(fim == FIM_MIDDLE_ID)[0])
+        prefix, suffix, middle = fim[1:suffix_at], fim[suffix_at + 1:middle_at], fim[middle_at + 1:]
+        # prefix + middle + suffix is the original text minus the 3 tokens the markers replaced
+        assert np.array_equal(np.concatenate([prefix, middle, suffix]), tokens[:-3])
+        assert fim_weights[[0, suffix_at, middle_at]].sum() == 0 and fim_weights.sum() == len(tokens) - 3

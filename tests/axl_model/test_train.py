@@ -161,6 +161,32 @@ def test_fine_tune_from_a_checkpoint_with_gradient_accumulation(corpus: Path, tm
     assert load_training_state(tmp_path / "tuned")["tokens_seen"] == 3 * 2 * 4 * 64
 
 
+def test_a_fim_model_learns_fill_in_the_middle_windows(corpus: Path, tmp_path: Path) -> None:
+    """Same data and steps: the model that trained on prefix-suffix-middle windows scores them better."""
+    import numpy as np
+
+    from axl_model.data import fim_rearrange
+    from axl_model.train import masked_cross_entropy
+
+    runs = {rate: train(small_config(tmp_path / f"fim-{rate}", corpus, model_overrides={"fim": True}, fim_rate=rate,
+                                     max_steps=200, eval_interval=0, lr=3e-3))
+            for rate in (0.0, 1.0)}
+    fim_model, plain_model = (load_checkpoint(runs[rate].checkpoint_dir) for rate in (1.0, 0.0))
+    assert fim_model.config.fim and fim_model.config.vocab_size == 261
+    text = (STDLIB / "bisect.py").read_bytes()[:2000]  # a held-out-style text, rearranged like training windows
+    rng = np.random.default_rng(7)
+    windows = [fim_rearrange(np.frombuffer(text[i : i + 65], dtype=np.uint8).astype(np.int64),
+                             np.ones(65, dtype=np.float32), rng) for i in range(0, 1900, 65)]
+    tokens = torch.from_numpy(np.stack([w[0] for w in windows]))
+    mask = torch.from_numpy(np.stack([w[1][1:] for w in windows]))
+
+    def loss(model) -> float:
+        with torch.no_grad():
+            return float(masked_cross_entropy(model(tokens[:, :-1]), tokens[:, 1:], mask))
+
+    assert loss(fim_model) < loss(plain_model) - 0.02  # measured: 3.04 vs 3.12 nats
+
+
 def test_time_budget_stops_the_run(corpus: Path, tmp_path: Path) -> None:
     started = time.monotonic()
     result = train(small_config(tmp_path / "timed", corpus, max_steps=None, max_time=1.5, eval_interval=0))
