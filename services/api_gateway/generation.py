@@ -314,7 +314,8 @@ class StreamRun:
             remaining = len(self.samples)
             while remaining:
                 try:
-                    event = await asyncio.wait_for(self.queue.get(), keepalive_seconds)
+                    async with asyncio.timeout(keepalive_seconds):  # unlike wait_for, never loses a cancellation
+                        event = await self.queue.get()
                 except TimeoutError:
                     yield KEEPALIVE
                     continue

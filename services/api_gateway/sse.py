@@ -40,8 +40,21 @@ class EventStreamResponse(StreamingResponse):
         self._events = content
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        streaming = asyncio.ensure_future(self._stream(send))
-        watching = asyncio.ensure_future(_wait_for_disconnect(receive))
+        gone = asyncio.Event()
+
+        async def send_while_connected(message: dict[str, Any]) -> None:
+            # uvicorn's send() returns silently once the client is gone; a cancellation of the streaming task
+            # can also be lost (asyncio.wait_for on Python 3.11). Failing the next send stops the stream anyway.
+            if gone.is_set():
+                raise OSError("the client disconnected")
+            await send(message)
+
+        async def watch() -> None:
+            await _wait_for_disconnect(receive)
+            gone.set()
+
+        streaming = asyncio.ensure_future(self._stream(send_while_connected))
+        watching = asyncio.ensure_future(watch())
         try:
             await asyncio.wait({streaming, watching}, return_when=asyncio.FIRST_COMPLETED)
         finally:
