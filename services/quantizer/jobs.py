@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from axl_mesh.jobs import JobKind, now, open_store, set_parent_death_signal
+from axl_mesh.jobs import JobKind, now, open_job
 from axl_mesh.jobs_protocol import JobStatus
 from axl_mesh.model_store import ModelStore
 from services.quantizer.settings import Settings
@@ -26,12 +26,8 @@ Q, FT = JobKind.QUANTIZE, JobKind.FINE_TUNE
 
 def run_quantization_job(job_id: str) -> dict[str, Any]:
     """Run quantization job ``job_id``; returns the produced file names."""
-    set_parent_death_signal()
     settings = Settings()
-    store = open_store(settings)
-    record = store.get(Q, job_id)
-    if record is None:
-        raise ValueError(f"no quantization job {job_id} in Redis")
+    store, record = open_job(settings, Q, job_id)
     if JobStatus(record["status"]).terminal:
         return {"status": record["status"]}
     model = record["model"]

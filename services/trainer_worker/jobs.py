@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from axl_mesh.jobs import JobKind, JobStore, now, open_store, set_parent_death_signal
+from axl_mesh.jobs import JobKind, JobStore, now, open_job
 from axl_mesh.jobs_protocol import JobStatus
 from axl_mesh.model_store import ModelStore, fine_tuned_name
 from services.trainer_worker.settings import Settings
@@ -98,12 +98,8 @@ class _Progress:
 
 def run_training_job(job_id: str) -> dict[str, Any]:
     """Run (or resume) fine-tuning job ``job_id``; returns a small summary (RQ keeps it as the job's result)."""
-    set_parent_death_signal()
     settings = Settings()
-    store = open_store(settings)
-    record = store.get(FT, job_id)
-    if record is None:
-        raise ValueError(f"no fine-tuning job {job_id} in Redis")
+    store, record = open_job(settings, FT, job_id)
     if JobStatus(record["status"]).terminal:
         return {"status": record["status"]}
     if store.cancel_requested_at(job_id) is not None:

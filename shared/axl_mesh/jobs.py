@@ -255,6 +255,17 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def open_job(settings: JobsSettings, kind: JobKind, job_id: str) -> tuple[JobStore, dict[str, Any]]:
+    """In a job's forked process: die with the worker, open the store and read the job's record."""
+    set_parent_death_signal()
+    store = open_store(settings)
+    record = store.get(kind, job_id)
+    if record is None:
+        noun = "fine-tuning" if kind == JobKind.FINE_TUNE else "quantization"
+        raise ValueError(f"no {noun} job {job_id} in Redis")
+    return store, record
+
+
 def open_store(settings: JobsSettings) -> JobStore:
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30)
     return JobStore(client, settings.jobs_key_prefix)
