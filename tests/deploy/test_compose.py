@@ -169,3 +169,65 @@ def test_prometheus_scrapes_every_service(compose: dict[str, Any]) -> None:
     assert targets - {"localhost:9090"} == expected
     for job in config["scrape_configs"]:
         assert job.get("metrics_path", "/metrics") == "/metrics"
+
+
+# The data folders of the job system (axl_mesh.jobs.JobsSettings): the env variable naming each, and its default
+# under AXL_DATA_DIR. A service uses a folder when its code calls ``settings.resolved_<kind>_dir``.
+DATA_DIRS = {"files": ("AXL_FILES_DIR", "files"), "jobs": ("AXL_JOBS_DIR", "jobs"),
+             "model_store": ("AXL_MODEL_STORE_DIR", "models")}
+
+
+def _data_dirs_used(service: dict[str, Any]) -> set[str]:
+    """The data folders a service's package reads or writes, from its source (``resolved_<kind>_dir``)."""
+    package = REPO_ROOT / Path(*service["command"][-1].split("."))
+    source = "\n".join(p.read_text() for p in package.rglob("*.py"))
+    return {kind for kind in DATA_DIRS if f"resolved_{kind}_dir" in source}
+
+
+def _data_dir(service: dict[str, Any], kind: str) -> str:
+    """Where a service's settings put a data folder: its own variable, else under AXL_DATA_DIR (the default)."""
+    env = env_of(service)
+    variable, default = DATA_DIRS[kind]
+    return env.get(variable) or f"{env.get('AXL_DATA_DIR', 'data').rstrip('/')}/{default}"
+
+
+def _mount(service: dict[str, Any], path: str) -> tuple[str, bool] | None:
+    """(volume source, read-only) of the deepest mount holding ``path`` in the container, or None."""
+    best: tuple[int, str, bool] | None = None
+    for volume in service.get("volumes") or ():
+        source, target, *mode = volume.split(":") if isinstance(volume, str) else (
+            volume["source"], volume["target"], *(["ro"] if volume.get("read_only") else []))
+        target = target.rstrip("/")
+        if (path == target or path.startswith(target + "/")) and (best is None or len(target) > best[0]):
+            best = (len(target), source, "ro" in mode)
+    return None if best is None else best[1:]
+
+
+def test_data_shared_between_services_is_on_shared_volumes(compose: dict[str, Any]) -> None:
+    """A folder one service writes and another reads (uploads, job folders with their GGUFs, the model store) is
+    one named volume mounted at the path each service's settings resolve to; otherwise a download is a 404."""
+    services = app_services(compose)
+    users: dict[str, list[str]] = {kind: [] for kind in DATA_DIRS}
+    for name, service in services.items():
+        for kind in _data_dirs_used(service):
+            users[kind].append(name)
+    assert {"api-gateway", "trainer-worker", "quantizer"} <= set(users["jobs"]), users  # the scan found the code
+    problems = []
+    for kind, names in users.items():
+        mounts = {}
+        for name in names:
+            path = _data_dir(services[name], kind)
+            mount = _mount(services[name], path)
+            if mount is None:
+                problems.append(f"{name} uses {kind} at {path} but mounts no volume there")
+            else:
+                mounts[name] = mount
+        sources = {source for source, _ in mounts.values()}
+        if len(sources) > 1:
+            problems.append(f"{kind} is on different volumes: {mounts}")
+        for source in sources:
+            if not source.startswith((".", "/", "$")) and source not in (compose.get("volumes") or {}):
+                problems.append(f"{kind}: volume {source!r} is not declared under volumes:")
+        if mounts and all(read_only for _, read_only in mounts.values()):
+            problems.append(f"{kind}: every service mounts it read-only, so nobody can write it: {mounts}")
+    assert not problems, "\n".join(problems)
