@@ -6,6 +6,11 @@ The request text is the string given, or the last user message. Rules are tried 
 order of `RULES`; the first that matches names the wanted specialist. When it is not available, its
 `FALLBACKS` chain is tried, then any available specialist (alphabetically). `reason` says which rule fired
 and what fallback happened, so the gateway can log it or return it in a header. No torch, no model.
+
+Routing runs on the gateway's event loop, so it must take linear time whatever the text: only the first and last
+``ROUTING_WINDOW_CHARS`` characters are read (the ask is at the start of a message, the code or traceback at its
+end), no pattern lets an unbounded quantifier overlap another (after ``^``, whitespace but not newlines,
+so a line start never scans past its own line), and the ``for … in …:`` shapes are string checks, not regexes.
 """
 
 from __future__ import annotations
@@ -14,7 +19,11 @@ import dataclasses
 import re
 from collections.abc import Collection, Mapping, Sequence
 
-__all__ = ["FALLBACKS", "RULES", "Rule", "choose_specialist", "looks_like_code"]
+__all__ = ["FALLBACKS", "ROUTING_WINDOW_CHARS", "RULES", "Rule", "choose_specialist", "looks_like_code"]
+
+# How much of the request the rules read, from each end: enough for an ask and a traceback, small enough that
+# routing a megabyte costs what routing a page does.
+ROUTING_WINDOW_CHARS = 8 * 1024
 
 _LANGUAGES = (
     r"rust|go|golang|javascript|js|typescript|ts|java|kotlin|c\+\+|cpp|c#|csharp|c|ruby|php|swift|scala|"
@@ -42,7 +51,7 @@ RULES: tuple[Rule, ...] = (
     Rule("testgen", "asks for tests",
          _rx(r"\b(write|generate|create|add)\b.{0,40}\b(unit\s*)?tests?\b|\bpytest\b|\bunittest\b|\btest cases?\b")),
     Rule("debugger", "contains a traceback or error",
-         _rx(r"Traceback \(most recent call last\)|^\s*\w*(Error|Exception): |\b(segfault|stack trace)\b")),
+         _rx(r"Traceback \(most recent call last\)|^[^\S\n]*\w*(Error|Exception): |\b(segfault|stack trace)\b")),
     Rule("debugger", "asks to find a bug",
          _rx(r"\b(bug|debug\w*|doesn'?t work|does not work|crash\w*|wrong (output|result|answer))\b")),
     Rule("fixer", "asks to fix code", _rx(r"\bfix\w*\b|\brepair\b|\bcorrect (this|the|my)\b"), needs_code=True),
@@ -51,7 +60,7 @@ RULES: tuple[Rule, ...] = (
     Rule("refactor", "asks to refactor or clean up",
          _rx(r"\brefactor\w*\b|\bclean\s*up\b|\bcleaner\b|\bsimplif(y|ied)\b|\brestructure\b|\bmore readable\b")),
     Rule("reasoning", "asks for step-by-step reasoning or why",
-         _rx(r"\bstep[- ]by[- ]step\b|\bexplain\b.{0,40}\bwhy\b|^\s*why\b|\bwhy (does|is|do|did|would)\b|\breason(ing)? (about|through)\b")),
+         _rx(r"\bstep[- ]by[- ]step\b|\bexplain\b.{0,40}\bwhy\b|^[^\S\n]*why\b|\bwhy (does|is|do|did|would)\b|\breason(ing)? (about|through)\b")),
     Rule("coder", "asks for code to be written",
          _rx(r"\b(write|implement|create|generate|code|build|make)\b.{0,60}\b(function|class|script|program|"
              r"method|code|snippet|module|algorithm|regex|decorator|parser)\b")),
@@ -73,10 +82,33 @@ FALLBACKS: dict[str, tuple[str, ...]] = {
     "coder": ("fixer", "chat", "reasoning"),
 }
 
-_CODE_LINE = _rx(
-    r"^\s*(def |class |import |from \S+ import |return\b|if .+:$|for .+ in .+:$|while .+:$|@\w+|#include|"
-    r"(public|private|static) |function\s*\w*\s*\(|(const|let|var) \w+ =|fn \w+\()"
+# Matched at the start of a stripped line (one anchored attempt per line, no overlapping quantifiers).
+_CODE_LINE_START = re.compile(
+    r"(def |class |import |from \S+ import |return\b|@\w+|#include|(public|private|static) |"
+    r"function\s*\w*\s*\(|(const|let|var) \w+ =|fn \w+\()",
+    re.IGNORECASE,
 )
+_IN = re.compile(" in ", re.IGNORECASE)
+
+
+def _is_block_header(line: str) -> bool:
+    """``if …:``, ``while …:`` or ``for … in …:`` (the old ``for .+ in .+:$`` regex, in one linear pass)."""
+    if not line.endswith(":"):
+        return False
+    head = line[:6].lower()
+    if head.startswith(("if ", "while ")):
+        return len(line) > (3 if head.startswith("if ") else 6) + 1  # something between keyword and colon
+    if head.startswith("for "):
+        # "for X in Y:" with X and Y non-empty: an " in " that starts after X's first character and ends
+        # before the last character preceding the colon.
+        found = _IN.search(line, 5)
+        return found is not None and found.end() < len(line) - 1
+    return False
+
+
+def _is_code_line(line: str) -> bool:
+    stripped = line.lstrip()
+    return bool(_CODE_LINE_START.match(stripped)) or _is_block_header(stripped)
 
 
 def looks_like_code(text: str) -> bool:
@@ -84,9 +116,16 @@ def looks_like_code(text: str) -> bool:
     if "```" in text:
         return True
     lines = text.splitlines()
-    code_lines = sum(1 for line in lines if _CODE_LINE.search(line))
+    code_lines = sum(1 for line in lines if _is_code_line(line))
     braces = sum(1 for line in lines if line.rstrip().endswith(("{", "}", ";")))
     return code_lines >= 1 and (code_lines + braces >= 2 or len(lines) <= 2) or braces >= 3
+
+
+def routing_window(text: str) -> str:
+    """What the rules read: the text itself, or its first and last ROUTING_WINDOW_CHARS characters."""
+    if len(text) <= 2 * ROUTING_WINDOW_CHARS:
+        return text
+    return text[:ROUTING_WINDOW_CHARS] + "\n" + text[-ROUTING_WINDOW_CHARS:]
 
 
 def _request_text(request: str | Sequence[Mapping[str, object]]) -> str:
@@ -110,7 +149,7 @@ def choose_specialist(
     """The specialist for a request and the reason, restricted to `available` specialists."""
     if not available:
         raise ValueError("no specialist is available to route to")
-    text = _request_text(request)
+    text = routing_window(_request_text(request))
     has_code = looks_like_code(text)
     wanted, why = "chat", "plain prose"
     for rule in RULES:

@@ -66,3 +66,44 @@ def test_code_detection():
     assert looks_like_code("int main() {\n  return 0;\n}")
     assert not looks_like_code("What is the capital of France? I wonder.")
     assert not looks_like_code("Translate this paragraph to French please.")
+
+
+def test_old_and_new_code_line_shapes_agree():
+    # The block-header check replaced the `if .+:$` / `for .+ in .+:$` / `while .+:$` regexes; same answers.
+    for text, expected in [
+        ("for x in xs:", True), ("  FOR x IN xs:", True), ("for in xs:", False), ("for x in :", False),
+        ("for x in xs", False), ("for x in xs: ", False), ("if x:", True), ("if :", False), ("while y:", True),
+        ("while :", False), ("format in x:", False),
+    ]:
+        assert looks_like_code(text) is expected, text
+
+
+MEGABYTE = 1 << 20
+
+
+@pytest.mark.parametrize("shape", [
+    "for " * (MEGABYTE // 4),  # one huge line: the old `for .+ in .+:$` backtracked over every " in "
+    "for a in " * (MEGABYTE // 9),
+    "for " + "a in " * (MEGABYTE // 5) + "b",
+    "if " + "x" * MEGABYTE,
+    "\n" * MEGABYTE + "x",  # `^\s*` at every line start scanned every later newline
+    " \n" * (MEGABYTE // 2) + "why",
+    "from " + "a" * MEGABYTE,
+    "Error" * (MEGABYTE // 5),
+    "translate " * (MEGABYTE // 10),
+    "write " * (MEGABYTE // 6),
+])
+def test_routing_is_linear_on_adversarial_megabyte_prompts(shape):
+    import time
+
+    for request in (shape, [{"role": "user", "content": shape}]):
+        started = time.perf_counter()
+        choose_specialist(request, ALL)
+        elapsed = time.perf_counter() - started
+        assert elapsed < 0.05, f"{elapsed * 1000:.0f} ms for {shape[:20]!r}..."
+
+
+def test_long_requests_keep_the_ask_at_the_start_and_the_traceback_at_the_end():
+    filler = "The weather was nice and I went for a walk.\n" * 20_000
+    assert choose_specialist("Please refactor this module.\n" + filler, ALL)[0] == "refactor"
+    assert choose_specialist(filler + TRACEBACK, ALL)[0] == "debugger"
