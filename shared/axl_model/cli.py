@@ -249,6 +249,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                      max_tokens=args.max_tokens)
     if args.no_bpb and humaneval is None and not tasks:
         raise CLIError("nothing to evaluate: --no-bpb without --humaneval or --tasks")
+    if humaneval is not None or "fixer" in tasks:  # both run generated code: only behind OS isolation
+        from .sandbox import SandboxUnavailable, require_sandbox
+        try:
+            require_sandbox()
+        except SandboxUnavailable as exc:
+            raise CLIError(f"{exc} (needed by {'--humaneval' if humaneval is not None else '--tasks fixer'})") from None
     progress = not args.no_progress and args.json != "-"
     report = run_evaluation(
         args.checkpoint, data=args.data, seq_len=args.seq_len, max_bytes=args.max_bytes,

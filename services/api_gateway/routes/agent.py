@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from axl_mesh.agent_protocol import AgentEvent, AgentRole, AgentRound, AgentSolveRequest, AgentSolveResponse
 from axl_mesh.errors import APIError, InvalidRequestError, ModelNotFoundError, NotFoundError
 from axl_mesh.protocol import ChatCompletionRequest, random_id
+from axl_model.sandbox import SandboxUnavailable, require_sandbox, sandbox_capabilities
 from services.api_gateway.agent import Generate, Generation, Messages, solve_events
 from services.api_gateway.deps import MetricsDep, SettingsDep, UpstreamDep
 from services.api_gateway.generation import RequestMetrics, Sample, generate_all, until_disconnect
@@ -28,6 +30,28 @@ from services.api_gateway.sse import DONE, KEEPALIVE, EventStreamResponse, sse_d
 from services.api_gateway.upstream import ResolvedModel, Upstream
 
 router = APIRouter(prefix="/v1/agent", tags=["agent"])
+logger = logging.getLogger(__name__)
+
+
+def log_sandbox_status() -> None:
+    """Say at start whether the agent can run code, so an operator sees it before a user does."""
+    caps = sandbox_capabilities()
+    if caps["isolated"]:
+        logger.info("code sandbox: bubblewrap isolation (%s mode)", caps["mode"])
+    elif caps["unsafe_opt_in"]:
+        logger.warning("code sandbox: NO isolation (%s); the operator opted in to running untrusted code unisolated",
+                       caps["reason"])
+    else:
+        logger.warning("code sandbox unavailable (%s): /v1/agent/solve answers 503 sandbox_unavailable",
+                       caps["reason"])
+
+
+async def sandbox_ready() -> None:
+    """503 ``sandbox_unavailable`` unless generated code can run behind OS isolation (fail closed)."""
+    try:
+        await asyncio.to_thread(require_sandbox)
+    except SandboxUnavailable as exc:
+        raise APIError(503, f"The agent cannot run code here: {exc}.", code="sandbox_unavailable") from exc
 
 
 def agent_metrics(app: FastAPI) -> AgentMetrics:
@@ -126,6 +150,7 @@ async def solve(
     body: AgentSolveRequest, request: Request, upstream: UpstreamDep, settings: SettingsDep, metrics: MetricsDep
 ) -> Any:
     """Writes code for a task, runs it against tests in a sandbox and has the debugger fix failures, round by round."""
+    await sandbox_ready()
     models = await resolve_roles(upstream, body)
     solve_id = random_id("solve")
     generate = worker_generate(upstream, metrics, models, body, solve_id)
