@@ -149,3 +149,20 @@ def test_metrics_count_rounds_and_outcomes() -> None:
     assert value("axl_gateway_agent_rounds_total", {"role": "coder", "result": "failed"}) == 1
     assert value("axl_gateway_agent_rounds_total", {"role": "debugger", "result": "passed"}) == 1
     assert value("axl_gateway_agent_solves_total", {"status": "solved"}) == 1
+
+
+def test_the_agent_refuses_with_503_when_the_sandbox_cannot_isolate(monkeypatch, tmp_path) -> None:
+    from axl_mesh.errors import APIError
+    from axl_model import sandbox
+    from services.api_gateway.routes.agent import sandbox_ready
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap on the PATH
+    monkeypatch.delenv(sandbox.UNSAFE_ENV, raising=False)
+    sandbox._isolation.cache_clear()
+    try:
+        with pytest.raises(APIError) as caught:
+            asyncio.run(sandbox_ready())
+        assert caught.value.status == 503 and caught.value.code == "sandbox_unavailable"
+        assert "bubblewrap" in caught.value.message and sandbox.UNSAFE_ENV in caught.value.message
+    finally:
+        sandbox._isolation.cache_clear()
