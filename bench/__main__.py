@@ -12,19 +12,27 @@ import time
 import torch
 
 MODULES = ("train_throughput", "quality_per_cpu_minute", "generation_speed", "gateway_latency", "gateway_streams")
+ON_REQUEST = ("load",)  # run only when named: minutes of traffic against a mesh
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("names", nargs="*", metavar="NAME", help=f"a subset of: {', '.join(MODULES)}")
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"a subset of: {', '.join(MODULES)}; or {', '.join(ON_REQUEST)} (only when named)")
     parser.add_argument("--budget", type=float, default=90.0,
                         help="quality_per_cpu_minute: training seconds per model (default 90)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all CPUs)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
+    load = parser.add_argument_group("load (python -m bench load)")
+    load.add_argument("--url", help="a running gateway, e.g. http://127.0.0.1:8880 (default: boot a private mesh)")
+    load.add_argument("--api-key", help="bearer key for --url")
+    load.add_argument("--model", help="model to ask (default axl-coder)")
+    load.add_argument("--clients", type=int, default=50, help="concurrent clients, every other one streaming (50)")
+    load.add_argument("--duration", type=float, default=60.0, help="seconds of traffic (60)")
     args = parser.parse_args(argv)
-    unknown = [n for n in args.names if n not in MODULES]
+    unknown = [n for n in args.names if n not in MODULES + ON_REQUEST]
     if unknown:
-        parser.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(MODULES)}")
+        parser.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(MODULES + ON_REQUEST)}")
     torch.set_num_threads(args.threads)
     print(f"# AXL benchmarks: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, {args.threads} threads")
