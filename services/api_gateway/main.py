@@ -15,7 +15,7 @@ from axl_mesh.model_store import ModelStore
 from axl_mesh.metrics import instrument_requests, mount_metrics
 from axl_mesh.registry_client import CachedLookup, RegistryClient, RegistryError
 from axl_mesh.registry_schemas import InstanceRecord
-from services.api_gateway.deps import ApiKeyAuth
+from services.api_gateway.auth import ApiKeyMiddleware
 from services.api_gateway.metrics import AgentMetrics, GatewayMetrics
 from services.api_gateway.routes import ROUTERS, health
 from services.api_gateway.settings import Settings
@@ -61,6 +61,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     model_store = ModelStore(jobs_settings.resolved_model_store_dir)
     upload_limit = jobs_settings.max_file_bytes + (1 << 20)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, path_limits={"/v1/files": upload_limit})
+    # Outside the body limit and the routes: a request without a valid key gets its 401 before its body is read.
+    app.add_middleware(ApiKeyMiddleware, keys=app.state.api_keys)
     instrument_requests(app, metrics_registry)
     if settings.cors_origin_list():
         app.add_middleware(
@@ -80,5 +82,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     mount_metrics(app, metrics_registry, before_scrape=refresh_worker_gauges)
     app.include_router(health.router)
     for router in ROUTERS:
-        app.include_router(router, dependencies=[ApiKeyAuth])
+        app.include_router(router)
     return app

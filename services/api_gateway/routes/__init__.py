@@ -1,4 +1,5 @@
-"""The gateway's /v1 routers. ``main.py`` includes each one behind the API-key check; add a router with one line.
+"""The gateway's /v1 routers. ``main.py`` includes each one; add a router with one line.
+All live under ``/v1``, which ``auth.ApiKeyMiddleware`` guards before any body is read.
 
 Health and metrics routes are not in this list: they stay open.
 """

@@ -2,7 +2,9 @@
 
 A ``.jsonl`` upload must hold one JSON object per line with ``source_code``/``target_code``, ``prompt``/``completion``
 or ``text`` (strings); anything else is plain text or code. Every upload is checked now (size, UTF-8, empty,
-each JSONL line), so a bad file fails here with the line named, not hours later in the trainer.
+each JSONL line), so a bad file fails here with the line named, not hours later in the trainer. The upload is
+copied to its file one line at a time as it is checked: never the whole file in memory, let alone as bytes, text
+and a list of lines at once.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
@@ -69,31 +71,60 @@ def get_file_record(ctx: JobsContext, file_id: str, param: str = "file_id") -> d
 # --- validation ---------------------------------------------------------------------------------------------------
 
 
-def validate_content(data: bytes, filename: str, limit: int) -> tuple[str, int]:
-    """(format, lines) of an upload, or an InvalidRequestError saying what is wrong and where."""
-    if len(data) > limit:
-        raise APIError(413, f"File is larger than the limit of {limit} bytes.", param="file", code="file_too_large")
-    if not data.strip():
-        raise InvalidRequestError("File is empty.", param="file", code="empty_file")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise InvalidRequestError(f"File is not valid UTF-8: line {line}, byte offset {exc.start}.", param="file",
-                                  code="invalid_encoding") from None
-    lines = text.splitlines()
-    if not filename.lower().endswith(".jsonl"):
-        return "text", len(lines)
-    records = 0
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        problem = _jsonl_problem(line)
-        if problem:
-            raise InvalidRequestError(f"Invalid JSONL on line {number}: {problem}", param="file",
-                                      code="invalid_jsonl")
-        records += 1
-    return "jsonl", records
+class UploadCheck:
+    """Validates an upload one line at a time as it is copied, so only one line is ever in memory.
+
+    Lines are split at ``\\n`` (a UTF-8 continuation byte is never ``\\n``) and then as ``str.splitlines`` does,
+    which is how the trainer reads them, so the line numbers in errors are the trainer's.
+    """
+
+    def __init__(self, filename: str, limit: int) -> None:
+        self.jsonl = filename.lower().endswith(".jsonl")
+        self.limit = limit
+        self.size = 0
+        self.lines = 0
+        self.records = 0
+        self.blank = True
+
+    def feed(self, raw: bytes) -> None:
+        """One line as read (with its ``\\n``, if any); raises the 400/413 the client should see."""
+        offset = self.size
+        self.size += len(raw)
+        if self.size > self.limit:
+            raise APIError(413, f"File is larger than the limit of {self.limit} bytes.", param="file",
+                           code="file_too_large")
+        if self.blank and raw.strip():
+            self.blank = False
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidRequestError(
+                f"File is not valid UTF-8: line {self.lines + 1}, byte offset {offset + exc.start}.",
+                param="file", code="invalid_encoding") from None
+        for line in text.removesuffix("\n").splitlines() or [""]:
+            self.lines += 1
+            if self.jsonl and line.strip():
+                problem = _jsonl_problem(line)
+                if problem:
+                    raise InvalidRequestError(f"Invalid JSONL on line {self.lines}: {problem}", param="file",
+                                              code="invalid_jsonl")
+                self.records += 1
+
+    def result(self) -> tuple[str, int]:
+        """(format, lines or records) once every line was fed."""
+        if self.blank:
+            raise InvalidRequestError("File is empty.", param="file", code="empty_file")
+        return ("jsonl", self.records) if self.jsonl else ("text", self.lines)
+
+
+def copy_checked(source: BinaryIO, target: BinaryIO, filename: str, limit: int) -> tuple[str, int, int]:
+    """Copy an upload line by line while validating it: (format, lines or records, bytes)."""
+    check = UploadCheck(filename, limit)
+    while raw := source.readline(limit + 1 - check.size):
+        check.feed(raw)
+        target.write(raw)
+    fmt, lines = check.result()
+    return fmt, lines, check.size
 
 
 def _jsonl_problem(line: str) -> str | None:
@@ -101,6 +132,10 @@ def _jsonl_problem(line: str) -> str | None:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         return f"not valid JSON ({exc.msg} at column {exc.colno})."
+    except RecursionError:
+        return "JSON nested too deeply."
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        return f"not valid JSON ({exc})."
     if not isinstance(record, dict):
         return "each line must be a JSON object."
     for first, second in PAIR_KEYS:
@@ -123,16 +158,19 @@ def upload_file(ctx: JobsDep, file: Annotated[UploadFile, File()], purpose: Anno
     if purpose != FilePurpose.FINE_TUNE:
         raise InvalidRequestError(f"purpose must be 'fine-tune', got {purpose!r}.", param="purpose")
     limit = ctx.settings.max_file_bytes
-    data = file.file.read(limit + 1)
     filename = os.path.basename(file.filename or "upload.txt")[:255] or "upload.txt"
-    fmt, lines = validate_content(data, filename, limit)
-    record = {"id": new_id("file"), "object": "file", "bytes": len(data), "created_at": int(now()),
-              "filename": filename, "purpose": purpose, "status": "processed", "format": fmt, "lines": lines}
-    path = file_path(ctx.settings, record)
+    record: dict[str, Any] = {"id": new_id("file"), "object": "file", "created_at": int(now()),
+                              "filename": filename, "purpose": purpose, "status": "processed"}
+    path = file_path(ctx.settings, {**record, "format": "jsonl" if filename.lower().endswith(".jsonl") else "text"})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as target:
+            fmt, lines, size = copy_checked(file.file, target, filename, limit)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    record.update(bytes=size, format=fmt, lines=lines)
     ctx.store.create(FILE, record)
     return FileObject(**record)
 
