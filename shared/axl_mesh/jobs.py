@@ -12,6 +12,11 @@ Who writes what:
   which requeues the job of a worker that died (``Retry`` on every job), notes that in the record, and enforces
   cancellation: a running job whose cancel flag is older than the grace period gets RQ's stop-job command.
 
+What Redis holds is data, never code: RQ's JSON serializer everywhere (``rq_queue``, ``fetch_rq_job``,
+``build_worker``; RQ's default unpickles), and a worker runs only the two job functions below. Retention: events
+are capped per job and read by page, a finished job's keys expire, and the reaper and metrics read only the set of
+active jobs (see :class:`JobStore`).
+
 Why RQ with changed defaults (measured in issue 4): a job timeout of hours (not 180 s), ``Retry`` on every job so
 the started-registry cleanup requeues instead of failing, a heartbeat TTL of seconds (RQ's is the monitoring
 interval + 60 s, which would put a dead worker's job back only after minutes), and our own cancel flag because
@@ -20,8 +25,10 @@ interval + 60 s, which would put a dead worker's job back only after minutes), a
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import re
 import secrets
 import threading
 import time
@@ -76,6 +83,11 @@ class JobsSettings(ServiceSettings):
     heartbeat_ttl_seconds: int = Field(default=15, ge=3, description="a started job not heard from this long is dead")
     reaper_interval_seconds: float = Field(default=5.0, gt=0)
     cancel_grace_seconds: float = Field(default=30.0, ge=0)
+    # Retention: a job logs about one event a second while it trains; keep its newest events, and let a finished
+    # job's keys (record, events, checkpoints list, cancel flag) expire.
+    job_events_max: int = Field(default=1000, ge=10, description="events kept per fine-tuning job (older trimmed)")
+    finished_job_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=60,
+                                          description="a finished job's records are deleted this long after it ends")
 
     @property
     def resolved_files_dir(self) -> Path:
@@ -103,35 +115,94 @@ _ID_PATTERNS = {"file": FILE_ID_PATTERN, "ft": FT_JOB_ID_PATTERN, "q": QUANT_JOB
 
 
 def valid_id(kind: str, value: str) -> bool:
-    import re
-
     return re.fullmatch(_ID_PATTERNS[kind], value) is not None
 
 
 # --- the record store --------------------------------------------------------------------------------------------
 
-# Set a record's status unless it is already terminal; returns 1 if changed. Fields are JSON strings.
+_TERMINAL = frozenset(s.value for s in JobStatus if s.terminal)  # as the scripts spell them
+
+# Set a record's status unless it is already terminal; returns 1 if changed, 0 if it had ended, -1 if missing.
+# Keeps the set of active (non-terminal) job ids that the reaper and the metrics read instead of every job ever
+# made; a job that ends is counted per status and its keys expire after the retention time.
+# KEYS: record, active set, ended counts, then the job's other keys; ARGV: id, ttl, new status, field/JSON pairs.
 _SET_STATUS = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return -1 end
 current = cjson.decode(current)
 if current == 'succeeded' or current == 'failed' or current == 'cancelled' then return 0 end
-for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local status = ARGV[3]
+if status == 'succeeded' or status == 'failed' or status == 'cancelled' then
+  redis.call('SREM', KEYS[2], ARGV[1])
+  redis.call('HINCRBY', KEYS[3], status, 1)
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  for i = 4, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[2]) end
+else
+  redis.call('SADD', KEYS[2], ARGV[1])
+end
 return 1
 """
+
+# Append an event to a job's capped list; its id carries its sequence number (``ftevent-<8 hex seq><16 hex>``) so a
+# page ``after`` an id is an index range, not a scan. An event of a finished job inherits the record's TTL; a job
+# that is gone (deleted, expired) gets no event. KEYS: record, events, sequence; ARGV: cap, random part, the event's
+# JSON without its opening brace (the id goes first).
+_ADD_EVENT = """
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl == -2 then return 0 end
+local seq = redis.call('INCR', KEYS[3])
+local id = 'ftevent-' .. string.format('%08x', seq) .. ARGV[2]
+redis.call('RPUSH', KEYS[2], '{"id": "' .. id .. '", ' .. ARGV[3])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[1]), -1)
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[2], ttl)
+  redis.call('PEXPIRE', KEYS[3], ttl)
+end
+return seq
+"""
+
+# A page of events, newest first: those older than sequence number ARGV[1] (0: from the newest), at most ARGV[2].
+# The list holds the newest ``len`` events, so the event numbered s sits at index s - first. Returns {events oldest
+# first, has_more}. KEYS: events, sequence.
+_EVENTS_PAGE = """
+local len = redis.call('LLEN', KEYS[1])
+local last = tonumber(redis.call('GET', KEYS[2]) or len)
+local first = last - len + 1
+local top = last
+local after = tonumber(ARGV[1])
+if after > 0 then
+  if after > last or after < first then return {{}, 0} end
+  top = after - 1
+end
+local bottom = math.max(first, top - tonumber(ARGV[2]) + 1)
+if top < bottom then return {{}, 0} end
+local more = 0
+if bottom > first then more = 1 end
+return {redis.call('LRANGE', KEYS[1], bottom - first, top - first), more}
+"""
+
+_EVENT_ID = re.compile(r"ftevent-([0-9a-f]{8})[0-9a-f]{16}")
+_JOB_KINDS = frozenset(JobKind)
 
 
 class JobStore:
     """Records of files, fine-tuning jobs and quantization jobs in Redis (sync client; RQ is sync too).
 
     A record is a hash of JSON-encoded fields, so a worker's progress update and the gateway's reads never race
-    on a whole document; status changes go through a script that never leaves a terminal status.
+    on a whole document; status changes go through a script that never leaves a terminal status. Retention
+    (``JobsSettings``): a job keeps its newest ``job_events_max`` events, and a finished job's keys expire
+    ``finished_job_ttl_seconds`` after it ends; the ids of jobs not yet ended are kept in a set per kind.
     """
 
-    def __init__(self, client: redis.Redis, prefix: str = "axl:jobs") -> None:
+    def __init__(self, client: redis.Redis, settings: JobsSettings) -> None:
         self.redis = client
-        self.prefix = prefix
+        self.prefix = settings.jobs_key_prefix
+        self.events_max = settings.job_events_max
+        self.finished_ttl_seconds = settings.finished_job_ttl_seconds
         self._set_status = client.register_script(_SET_STATUS)
+        self._add_event = client.register_script(_ADD_EVENT)
+        self._events_page = client.register_script(_EVENTS_PAGE)
 
     # keys
     def key(self, kind: str, record_id: str) -> str:
@@ -140,8 +211,14 @@ class JobStore:
     def index_key(self, kind: str) -> str:
         return f"{self.prefix}:{kind}:index"
 
+    def active_key(self, kind: str) -> str:
+        return f"{self.prefix}:{kind}:active"
+
     def events_key(self, job_id: str) -> str:
         return f"{self.prefix}:ft:{job_id}:events"
+
+    def events_seq_key(self, job_id: str) -> str:
+        return f"{self.prefix}:ft:{job_id}:events:seq"
 
     def checkpoints_key(self, job_id: str) -> str:
         return f"{self.prefix}:ft:{job_id}:checkpoints"
@@ -152,8 +229,18 @@ class JobStore:
     def durations_key(self, kind: str) -> str:
         return f"{self.prefix}:metrics:duration:{kind}"
 
+    def ended_key(self, kind: str) -> str:
+        return f"{self.prefix}:metrics:ended:{kind}"
+
     def trainers_key(self) -> str:
         return f"{self.prefix}:trainers"
+
+    def _job_keys(self, kind: str, record_id: str) -> list[str]:
+        """The keys of a job besides its record, which expire with it."""
+        keys = [self.cancel_key(record_id)]
+        if kind == JobKind.FINE_TUNE:
+            keys += [self.events_key(record_id), self.events_seq_key(record_id), self.checkpoints_key(record_id)]
+        return keys
 
     # records
     def create(self, kind: str, record: dict[str, Any]) -> None:
@@ -161,6 +248,8 @@ class JobStore:
         with self.redis.pipeline() as pipe:
             pipe.hset(self.key(kind, record_id), mapping={k: json.dumps(v) for k, v in record.items()})
             pipe.zadd(self.index_key(kind), {record_id: now()})  # insertion order, finer than created_at
+            if kind in _JOB_KINDS and record.get("status") not in _TERMINAL:
+                pipe.sadd(self.active_key(kind), record_id)
             pipe.execute()
 
     def get(self, kind: str, record_id: str) -> dict[str, Any] | None:
@@ -176,16 +265,18 @@ class JobStore:
         """Move to ``status`` (with ``fields``) unless the record already ended; True when it changed."""
         if status.terminal:
             fields.setdefault("finished_at", int(now()))
-        args: list[str] = ["status", json.dumps(status.value)]
+        args: list[Any] = [record_id, self.finished_ttl_seconds, status.value, "status", json.dumps(status.value)]
         for name, value in fields.items():
             args += [name, json.dumps(value)]
-        return self._set_status(keys=[self.key(kind, record_id)], args=args) == 1
+        keys = [self.key(kind, record_id), self.active_key(kind), self.ended_key(kind), *self._job_keys(kind, record_id)]
+        return self._set_status(keys=keys, args=args) == 1
 
     def delete(self, kind: str, record_id: str) -> bool:
         with self.redis.pipeline() as pipe:
             pipe.delete(self.key(kind, record_id))
             pipe.zrem(self.index_key(kind), record_id)
-            deleted, _ = pipe.execute()
+            pipe.srem(self.active_key(kind), record_id)
+            deleted, _, _ = pipe.execute()
         return bool(deleted)
 
     def page(self, kind: str, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
@@ -201,18 +292,76 @@ class JobStore:
         return records, len(ids) > limit
 
     def ids(self, kind: str) -> list[str]:
+        """Every id in the index, oldest first (a full read: for one-off passes, not for each tick)."""
         return [_text(i) for i in self.redis.zrange(self.index_key(kind), 0, -1)]
+
+    def active_ids(self, kind: str) -> list[str]:
+        """Ids of the jobs not yet ended (what the reaper and the metrics read)."""
+        return sorted(_text(i) for i in self.redis.smembers(self.active_key(kind)))
+
+    def forget_active(self, kind: str, record_id: str) -> None:
+        self.redis.srem(self.active_key(kind), record_id)
+
+    def prune_index(self, kind: str) -> int:
+        """Drop from the index the ids of expired jobs; only ids older than the retention time can be expired, so
+        this reads those, not the whole index. Returns how many were dropped."""
+        cutoff = now() - self.finished_ttl_seconds
+        old = [_text(i) for i in self.redis.zrangebyscore(self.index_key(kind), "-inf", cutoff)]
+        if not old:
+            return 0
+        with self.redis.pipeline(transaction=False) as pipe:
+            for record_id in old:
+                pipe.exists(self.key(kind, record_id))
+            exists = pipe.execute()
+        gone = [record_id for record_id, alive in zip(old, exists, strict=True) if not alive]
+        if gone:
+            self.redis.zrem(self.index_key(kind), *gone)
+        return len(gone)
+
+    def adopt_legacy_records(self) -> None:
+        """Once per Redis: records written before the active set and retention existed join the active set, or,
+        when they had ended, are counted and get their expiry (from ``finished_at``). Idempotent."""
+        marker = f"{self.prefix}:retention:v1"
+        if self.redis.exists(marker):
+            return
+        for kind in JobKind:
+            for record_id in self.ids(kind):
+                record = self.get(kind, record_id)
+                if record is None:
+                    self.redis.zrem(self.index_key(kind), record_id)
+                elif record.get("status") not in _TERMINAL:
+                    self.redis.sadd(self.active_key(kind), record_id)
+                elif self.redis.ttl(self.key(kind, record_id)) < 0:
+                    ended = record.get("finished_at") or now()
+                    ttl = max(1, int(ended + self.finished_ttl_seconds - now()))
+                    with self.redis.pipeline() as pipe:
+                        pipe.hincrby(self.ended_key(kind), record["status"], 1)
+                        for key in (self.key(kind, record_id), *self._job_keys(kind, record_id)):
+                            pipe.expire(key, ttl)
+                        pipe.execute()
+        self.redis.set(marker, "1")
 
     # events and checkpoints of fine-tuning jobs
     def add_event(self, job_id: str, message: str, *, level: str = "info", data: dict[str, Any] | None = None,
                   type: str = "message") -> None:  # noqa: A002 - the wire name
-        event = {"id": new_id("ftevent"), "object": "fine_tuning.job.event", "created_at": int(now()),
-                 "level": level, "message": message, "data": data, "type": type}
-        self.redis.rpush(self.events_key(job_id), json.dumps(event))
+        """Append an event (the oldest beyond ``job_events_max`` are dropped); the id is made in Redis."""
+        event = {"object": "fine_tuning.job.event", "created_at": int(now()), "level": level, "message": message,
+                 "data": data, "type": type}
+        keys = [self.key(JobKind.FINE_TUNE, job_id), self.events_key(job_id), self.events_seq_key(job_id)]
+        self._add_event(keys=keys, args=[self.events_max, secrets.token_hex(8), json.dumps(event)[1:]])
 
-    def events(self, job_id: str) -> list[dict[str, Any]]:
-        """Oldest first."""
-        return [json.loads(e) for e in self.redis.lrange(self.events_key(job_id), 0, -1)]
+    def events_page(self, job_id: str, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
+        """Up to ``limit`` events, newest first, older than the event ``after`` (its id); reads only that range.
+        An ``after`` that is not a kept event's id gives an empty page."""
+        after_seq = 0
+        if after is not None:
+            match = _EVENT_ID.fullmatch(after)
+            if match is None or int(match.group(1), 16) == 0:
+                return [], False
+            after_seq = int(match.group(1), 16)
+        raw, more = self._events_page(keys=[self.events_key(job_id), self.events_seq_key(job_id)],
+                                      args=[after_seq, limit])
+        return [json.loads(e) for e in reversed(raw)], bool(more)
 
     def add_checkpoint(self, job_id: str, checkpoint: dict[str, Any]) -> None:
         self.redis.rpush(self.checkpoints_key(job_id), json.dumps(checkpoint))
@@ -238,6 +387,10 @@ class JobStore:
             pipe.hincrby(key, f"{status}:+Inf", 1)
             pipe.hincrbyfloat(key, f"{status}:sum", seconds)
             pipe.execute()
+
+    def ended_counts(self, kind: str) -> dict[str, int]:
+        """How many jobs of ``kind`` ended in each terminal status (counted when they end, kept after they expire)."""
+        return {_text(k): int(v) for k, v in self.redis.hgetall(self.ended_key(kind)).items()}
 
     # trainers announce their memory so the gateway can reject jobs that cannot fit
     def announce_trainer(self, name: str, memory_bytes: int, ttl_seconds: float) -> None:
@@ -268,7 +421,7 @@ def open_job(settings: JobsSettings, kind: JobKind, job_id: str) -> tuple[JobSto
 
 def open_store(settings: JobsSettings) -> JobStore:
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30)
-    return JobStore(client, settings.jobs_key_prefix)
+    return JobStore(client, settings)
 
 
 # --- memory ----------------------------------------------------------------------------------------------------
@@ -298,7 +451,8 @@ class Reaper:
     """Recovers jobs of dead workers and enforces cancellation; one per worker process, in a thread.
 
     Every ``interval``: RQ's started-registry cleanup on each queue (a job whose worker stopped heart-beating is
-    requeued while it has retries left, else failed), then a pass over non-terminal records to mirror what RQ did
+    requeued while it has retries left, else failed), then a pass over the active (non-terminal) records only, never
+    over every job ever made, to mirror what RQ did
     (requeued -> ``queued`` + an event; failed -> ``failed`` with the reason) and to stop cancelled jobs that did
     not stop themselves within the grace period. Several reapers may run at once: every step is idempotent.
     """
@@ -330,22 +484,22 @@ class Reaper:
     def tick(self) -> None:
         from rq.command import send_stop_job_command
         from rq.exceptions import InvalidJobOperation, NoSuchJobError
-        from rq.job import Job
         from rq.job import JobStatus as RQStatus
-        from rq.registry import StartedJobRegistry
 
         if self.on_tick is not None:
             self.on_tick()
         conn = self.store.redis
         for name in self.queue_names:
-            StartedJobRegistry(name, connection=conn).cleanup()
+            rq_queue(name, conn).started_job_registry.cleanup()
         for kind in (JobKind.FINE_TUNE, JobKind.QUANTIZE):
-            for record_id in self.store.ids(kind):
+            self.store.prune_index(kind)
+            for record_id in self.store.active_ids(kind):
                 record = self.store.get(kind, record_id)
                 if record is None or JobStatus(record["status"]).terminal:
+                    self.store.forget_active(kind, record_id)  # gone or ended: nothing to watch
                     continue
                 try:
-                    job = Job.fetch(record_id, connection=conn)
+                    job = fetch_rq_job(record_id, conn)
                     rq_status = job.get_status()
                 except (NoSuchJobError, InvalidJobOperation):
                     if record["status"] != JobStatus.VALIDATING_FILES:
@@ -355,7 +509,7 @@ class Reaper:
                 if rq_status == RQStatus.STARTED:
                     if cancel_at is not None and now() - cancel_at > self.settings.cancel_grace_seconds:
                         try:
-                            send_stop_job_command(conn, record_id)
+                            send_stop_job_command(conn, record_id, serializer=rq_serializer())
                             self._note(kind, record_id, "Cancel grace period over; stopping the job's process.")
                         except InvalidJobOperation:
                             pass
@@ -404,15 +558,15 @@ def _last_failure(job: Any) -> str:
 
 
 class JobsCollector(Collector):
-    """Prometheus view of the job system, read from Redis at scrape time (so every scrape of any worker agrees)."""
+    """Prometheus view of the job system, read from Redis at scrape time (so every scrape of any worker agrees).
+
+    A scrape reads the active jobs only; jobs that ended are counters kept per status when they end."""
 
     def __init__(self, store: JobStore, queues: Iterable[str] = tuple(QueueName)) -> None:
         self.store = store
         self.queues = list(queues)
 
     def collect(self) -> Iterator[Any]:
-        from rq import Queue
-
         depth = GaugeMetricFamily("axl_job_queue_depth", "Jobs waiting per queue", labels=["queue"])
         by_status = GaugeMetricFamily("axl_jobs", "Jobs by kind and status", labels=["kind", "status"])
         step = GaugeMetricFamily("axl_training_step", "Current step of running training jobs", labels=["job"])
@@ -420,12 +574,13 @@ class JobsCollector(Collector):
         speed = GaugeMetricFamily("axl_training_bytes_per_second", "Training throughput", labels=["job"])
         try:
             for name in self.queues:
-                depth.add_metric([name], Queue(name, connection=self.store.redis).count)
+                depth.add_metric([name], rq_queue(name, self.store.redis).count)
             for kind in JobKind:
                 counts = {s.value: 0 for s in JobStatus}
-                for record_id in self.store.ids(kind):
+                counts.update(self.store.ended_counts(kind))
+                for record_id in self.store.active_ids(kind):
                     record = self.store.get(kind, record_id)
-                    if record is None:
+                    if record is None or JobStatus(record["status"]).terminal:
                         continue
                     counts[record["status"]] = counts.get(record["status"], 0) + 1
                     progress = record.get("progress")
@@ -461,6 +616,54 @@ def rq_connection(settings: JobsSettings) -> redis.Redis:
     return redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
 
 
+# --- RQ, JSON only ------------------------------------------------------------------------------------------------
+# Nothing read from Redis is unpickled. RQ's default serializer pickles a job's call and meta and unpickles them on
+# every fetch (a worker dequeuing, a registry cleanup, a status read), so whoever can write to Redis could run code
+# in a worker. Every queue, worker and job fetch goes through the helpers below: RQ's JSON serializer, and a job
+# class that runs only our job functions and no callbacks (those are names in the job's hash too).
+
+JOB_FUNCTIONS = frozenset({TRAIN_FUNCTION, QUANTIZE_FUNCTION})
+
+
+class ForeignJobError(RuntimeError):
+    """A job in our queues names a function that is not one of ``JOB_FUNCTIONS``."""
+
+
+def rq_serializer() -> Any:
+    from rq.serializers import JSONSerializer
+
+    return JSONSerializer
+
+
+@functools.cache
+def rq_job_class() -> type:
+    from rq.job import Job
+
+    class AxlJob(Job):
+        @property
+        def func(self) -> Any:
+            if self.func_name not in JOB_FUNCTIONS:
+                raise ForeignJobError(f"refusing to run {self.func_name!r}: not an AXL job function")
+            return super().func
+
+        # Ours never set callbacks; a job hash written by someone else must not make the worker import and run one.
+        success_callback = failure_callback = stopped_callback = property(lambda self: None)
+
+    return AxlJob
+
+
+def rq_queue(name: str, connection: redis.Redis) -> Any:
+    """The RQ queue ``name`` with the JSON serializer and our job class (enqueue, count, registries)."""
+    from rq import Queue
+
+    return Queue(str(name), connection=connection, serializer=rq_serializer(), job_class=rq_job_class())
+
+
+def fetch_rq_job(job_id: str, connection: redis.Redis) -> Any:
+    """RQ's job ``job_id``, read as JSON (raises ``rq.exceptions.NoSuchJobError``)."""
+    return rq_job_class().fetch(job_id, connection=connection, serializer=rq_serializer())
+
+
 
 # --- the worker process ------------------------------------------------------------------------------------------
 
@@ -478,6 +681,20 @@ def _worker_class() -> type:
             return int(self.heartbeat_ttl_seconds)
 
     return AxlWorker
+
+
+def build_worker(settings: JobsSettings, queue: QueueName, conn: redis.Redis, *, name: str | None = None) -> Any:
+    """The RQ worker for ``queue``: JSON only, our job class, our heartbeat TTL."""
+    worker_class = _worker_class()
+    worker_class.heartbeat_ttl_seconds = settings.heartbeat_ttl_seconds
+    return worker_class(
+        [rq_queue(queue.value, conn)], connection=conn, name=name,
+        serializer=rq_serializer(), job_class=rq_job_class(),
+        job_monitoring_interval=settings.heartbeat_interval_seconds,
+        # RQ also cleans registries while idle; the reaper does it on time whatever the worker is doing.
+        maintenance_interval=max(15, int(settings.reaper_interval_seconds)),
+        worker_ttl=max(30, settings.heartbeat_ttl_seconds * 2),
+    )
 
 
 def serve_health_and_metrics(host: str, port: int, registry: Any) -> Any:
@@ -514,25 +731,17 @@ def run_worker(settings: JobsSettings, queue: QueueName, *, burst: bool = False,
     """Work ``queue`` until stopped (or, with ``burst``, until it is empty): the RQ worker, the reaper thread and
     the ``/healthz`` + ``/metrics`` endpoints. Returns whether any job ran."""
     from prometheus_client import CollectorRegistry
-    from rq import Queue
 
     conn = rq_connection(settings)
-    store = JobStore(conn, settings.jobs_key_prefix)
+    store = JobStore(conn, settings)
+    store.adopt_legacy_records()
     registry = CollectorRegistry()
     registry.register(JobsCollector(store))
     server = serve_health_and_metrics(settings.host, settings.port, registry)
     reaper = Reaper(settings, [q.value for q in QueueName], on_tick=on_tick)
     reaper.tick()  # recover what a previous crash left behind before taking new work
     reaper.start()
-    worker_class = _worker_class()
-    worker_class.heartbeat_ttl_seconds = settings.heartbeat_ttl_seconds
-    worker = worker_class(
-        [Queue(queue.value, connection=conn)], connection=conn, name=name,
-        job_monitoring_interval=settings.heartbeat_interval_seconds,
-        # RQ also cleans registries while idle; the reaper does it on time whatever the worker is doing.
-        maintenance_interval=max(15, int(settings.reaper_interval_seconds)),
-        worker_ttl=max(30, settings.heartbeat_ttl_seconds * 2),
-    )
+    worker = build_worker(settings, queue, conn, name=name)
     # RQ logs each registry clean-up at INFO (every 15 s here): keep job lines, drop the routine.
     logging.getLogger("rq.worker").addFilter(lambda record: "cleaning" not in record.getMessage())
     try:

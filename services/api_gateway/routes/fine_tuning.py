@@ -9,13 +9,14 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from rq import Queue, Retry
+from rq import Retry
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
-from rq.job import Dependency, Job
+from rq.job import Dependency
 
 from axl_mesh.errors import InvalidRequestError, NotFoundError
 from axl_mesh.jobs import (
-    QUANTIZE_FUNCTION, TRAIN_FUNCTION, JobKind, QueueName, machine_memory_bytes, model_config, new_id, now, valid_id,
+    QUANTIZE_FUNCTION, TRAIN_FUNCTION, JobKind, QueueName, fetch_rq_job, machine_memory_bytes, model_config, new_id, now,
+    rq_queue, valid_id,
 )
 from axl_mesh.jobs_protocol import (
     FineTuningJob, FineTuningJobCheckpoint, FineTuningJobCheckpointList, FineTuningJobCreate, FineTuningJobEvent,
@@ -130,14 +131,14 @@ def create_job(body: FineTuningJobCreate, ctx: JobsDep) -> FineTuningJob:
     timeout = ctx.settings.job_timeout_seconds
     if hp.max_time_seconds:
         timeout = max(timeout, int(hp.max_time_seconds) + 3600)
-    Queue(QueueName.TRAIN.value, connection=ctx.rq).enqueue(
+    rq_queue(QueueName.TRAIN, ctx.rq).enqueue(
         TRAIN_FUNCTION, job_id, job_id=job_id, job_timeout=timeout, retry=Retry(max=ctx.settings.job_retries),
         result_ttl=RESULT_TTL_SECONDS, failure_ttl=RESULT_TTL_SECONDS, description=f"fine-tune {body.model}")
     if quantization_id:
         from services.api_gateway.routes.quantization import QUANTIZATION_TIMEOUT_SECONDS
 
         # Runs once training ends, whatever way (it cancels itself unless training succeeded).
-        Queue(QueueName.QUANTIZE.value, connection=ctx.rq).enqueue(
+        rq_queue(QueueName.QUANTIZE, ctx.rq).enqueue(
             QUANTIZE_FUNCTION, quantization_id, job_id=quantization_id, job_timeout=QUANTIZATION_TIMEOUT_SECONDS,
             retry=Retry(max=ctx.settings.job_retries), depends_on=Dependency(jobs=[job_id], allow_failure=True),
             result_ttl=RESULT_TTL_SECONDS, failure_ttl=RESULT_TTL_SECONDS, description=f"quantize {job_id}")
@@ -178,7 +179,7 @@ def cancel_job(job_id: str, ctx: JobsDep) -> FineTuningJob:
     ctx.store.request_cancel(job_id)
     ctx.store.add_event(job_id, "Cancellation requested.")
     try:
-        job = Job.fetch(job_id, connection=ctx.rq)
+        job = fetch_rq_job(job_id, ctx.rq)
         if job.get_status() in ("queued", "scheduled", "deferred"):
             job.cancel(enqueue_dependents=True)
             if ctx.store.set_status(FT, job_id, JobStatus.CANCELLED):
@@ -191,14 +192,11 @@ def cancel_job(job_id: str, ctx: JobsDep) -> FineTuningJob:
 @router.get("/{job_id}/events", response_model=FineTuningJobEventList)
 def list_events(job_id: str, ctx: JobsDep, after: str | None = None,
                 limit: Annotated[int, Query(ge=1, le=10000)] = 20) -> FineTuningJobEventList:
-    """Events newest first (info messages and metrics: step, loss, validation bits per byte, bytes/s)."""
+    """Events newest first (info messages and metrics: step, loss, validation bits per byte, bytes/s); ``after``
+    is the last id of the previous page. Only the newest ``AXL_JOB_EVENTS_MAX`` events of a job are kept."""
     get_job_record(ctx, job_id)
-    events = list(reversed(ctx.store.events(job_id)))
-    if after is not None:
-        ids = [e["id"] for e in events]
-        events = events[ids.index(after) + 1:] if after in ids else []
-    return FineTuningJobEventList(data=[FineTuningJobEvent(**e) for e in events[:limit]],
-                                  has_more=len(events) > limit)
+    events, has_more = ctx.store.events_page(job_id, after, limit)
+    return FineTuningJobEventList(data=[FineTuningJobEvent(**e) for e in events], has_more=has_more)
 
 
 @router.get("/{job_id}/checkpoints", response_model=FineTuningJobCheckpointList)

@@ -6,10 +6,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
-from rq import Queue, Retry
+from rq import Retry
 
 from axl_mesh.errors import InvalidRequestError, NotFoundError
-from axl_mesh.jobs import QUANTIZE_FUNCTION, JobKind, QueueName, new_id, now, valid_id
+from axl_mesh.jobs import QUANTIZE_FUNCTION, JobKind, QueueName, new_id, now, rq_queue, valid_id
 from axl_mesh.jobs_protocol import JobStatus, QuantizationJob, QuantizationJobCreate, QuantizationJobList
 from axl_mesh.model_store import ModelStoreError
 from services.api_gateway.routes.files import JobsContext, JobsDep
@@ -43,7 +43,7 @@ def create_quantization_job(body: QuantizationJobCreate, ctx: JobsDep) -> Quanti
               "model": body.model, "types": list(dict.fromkeys(t.value for t in body.types)),
               "status": JobStatus.QUEUED.value, "error": None, "outputs": [], "fine_tuning_job_id": None}
     ctx.store.create(Q, record)
-    Queue(QueueName.QUANTIZE.value, connection=ctx.rq).enqueue(
+    rq_queue(QueueName.QUANTIZE, ctx.rq).enqueue(
         QUANTIZE_FUNCTION, job_id, job_id=job_id, job_timeout=QUANTIZATION_TIMEOUT_SECONDS,
         retry=Retry(max=ctx.settings.job_retries), description=f"quantize {body.model}")
     return QuantizationJob(**(ctx.store.get(Q, job_id) or record))

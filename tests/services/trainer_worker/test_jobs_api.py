@@ -6,12 +6,14 @@ from __future__ import annotations
 import io
 import json
 import time
+import zlib
 
 import httpx
 import openai
 import pytest
 import redis
 
+from axl_mesh.jobs import TRAIN_FUNCTION
 from tests.services.trainer_worker.mesh import PAIRS, JobMesh, event_messages, wait_for, wait_for_status
 
 
@@ -152,6 +154,9 @@ def test_list_pagination_and_metrics(mesh: JobMesh) -> None:
     assert [j.id for j in first.data] == ids[::-1][:2] and first.has_more
     second = client.fine_tuning.jobs.list(limit=2, after=first.data[-1].id)
     assert [j.id for j in second.data] == [ids[0]] and not second.has_more
+    # What the gateway enqueued is JSON in Redis, not a pickle (RQ's default)
+    raw = redis.Redis.from_url(mesh.env["AXL_REDIS_URL"]).hget(f"rq:job:{ids[0]}", "data")
+    assert json.loads(zlib.decompress(raw)) == [TRAIN_FUNCTION, None, [ids[0]], {}]
     trainer = mesh.start_trainer()
     text = httpx.get(trainer.url + "/metrics", timeout=5).text
     assert 'axl_job_queue_depth{queue="axl-train"}' in text and 'axl_jobs{kind="ft",status=' in text
