@@ -18,8 +18,8 @@ from typing import Any, Protocol, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from axl_mesh.errors import APIError
-from axl_mesh.protocol import FinishReason, UsageInfo
+from axl_mesh.errors import APIError, InvalidRequestError
+from axl_mesh.protocol import FinishReason, UsageInfo, max_tokens_ceiling
 from services.api_gateway.metrics import GatewayMetrics
 from services.api_gateway.sse import DONE, KEEPALIVE, EventStreamResponse, sse_data
 from services.api_gateway.upstream import ResolvedModel, Upstream, UpstreamStream
@@ -45,6 +45,21 @@ class SampleResult:
     finish_reason: FinishReason | None
     usage: UsageInfo
     logprobs: Any = None
+
+
+def check_sample_count(prompts: int, n: int, limit: int) -> None:
+    """A 400 naming ``n`` (or ``prompt`` when n is 1) when ``prompts x n`` samples are more than ``limit``."""
+    if prompts * n > limit:
+        raise InvalidRequestError(
+            f"This request asks for {prompts * n} samples ({prompts} prompt(s) x n={n}); the limit is {limit} "
+            "per request. Send fewer prompts or a smaller n.", param="n" if n > 1 else "prompt",
+            code="too_many_samples",
+        )
+
+
+def clamped_max_tokens(requested: int, model: ResolvedModel, configured_ceiling: int | None) -> int:
+    """``requested``, at most the model's ceiling: a longer ask ends with finish_reason "length", never runs on."""
+    return min(requested, max_tokens_ceiling(model.context_length, configured_ceiling))
 
 
 def total_usage(results: Sequence[SampleResult], samples: Sequence[Sample]) -> UsageInfo:
@@ -225,16 +240,32 @@ def broken_stream_error(exc: BaseException) -> APIError:
     return APIError(502, f"The stream from the model worker broke: {type(exc).__name__}.", code="upstream_error")
 
 
+# Events buffered per sample between its worker and the client. A full buffer stops the pump reading from the
+# worker (TCP back-pressure reaches the worker, whose own buffer is bounded too: services/model_worker/scheduler.py).
+STREAM_BUFFER_EVENTS = 64
+
+
+class _ClientStalled(Exception):
+    """The client took nothing from a full buffer for ``stall_seconds``."""
+
+
 class StreamRun:
-    """The samples of one streaming request, each pumped from its worker into one queue."""
+    """The samples of one streaming request, each pumped from its worker into one bounded queue.
+
+    A client that stops reading while keeping its socket open fills the queue; a pump that then cannot add an event
+    for ``stall_seconds`` ends the whole run (every upstream stream closed, so the workers free their rows).
+    """
 
     def __init__(
-        self, upstream: Upstream, model: ResolvedModel, samples: Sequence[Sample], tracker: RequestMetrics
+        self, upstream: Upstream, model: ResolvedModel, samples: Sequence[Sample], tracker: RequestMetrics,
+        *, stall_seconds: float,
     ) -> None:
         self.model = model
         self.samples = list(samples)
         self.tracker = tracker
-        self.queue: asyncio.Queue[_Event] = asyncio.Queue()
+        self.stall_seconds = stall_seconds
+        self.stalled = False
+        self.queue: asyncio.Queue[_Event] = asyncio.Queue(maxsize=STREAM_BUFFER_EVENTS * len(self.samples))
         loop = asyncio.get_running_loop()
         # Each resolves to None (the stream is open) or the APIError that stopped it from opening.
         self.opened: list[asyncio.Future[APIError | None]] = [loop.create_future() for _ in self.samples]
@@ -263,9 +294,37 @@ class StreamRun:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
+    async def _put(self, event: _Event) -> None:
+        try:
+            async with asyncio.timeout(self.stall_seconds):
+                await self.queue.put(event)
+        except TimeoutError:
+            raise _ClientStalled from None
+
+    def _stop_for_stalled_client(self) -> None:
+        if not self.stalled:
+            self.stalled = True
+            logger.warning("a client of %s read nothing for %.0fs: its stream is ended", self.model.model_id,
+                           self.stall_seconds)
+        current = asyncio.current_task()
+        for task in self.tasks:
+            if task is not current:
+                task.cancel()
+
     async def _pump(self, upstream: Upstream, sample: Sample, opened: asyncio.Future[APIError | None]) -> None:
         gauge = _SampleGauge(self.tracker.metrics, self.model.model_id, self.tracker.started)
         gauge.wait()
+        try:
+            await self._pump_events(upstream, sample, opened, gauge)
+        except _ClientStalled:
+            self._stop_for_stalled_client()
+        finally:
+            gauge.done()
+            if not opened.done():
+                opened.set_result(APIError(499, "cancelled", code="client_closed_request"))
+
+    async def _pump_events(self, upstream: Upstream, sample: Sample, opened: asyncio.Future[APIError | None],
+                           gauge: _SampleGauge) -> None:
         stream: UpstreamStream | None = None
         try:
             try:
@@ -274,30 +333,27 @@ class StreamRun:
                 error = broken_stream_error(exc)
                 if not opened.done():
                     opened.set_result(error)
-                await self.queue.put(_Event(sample.index, "error", error))
+                await self._put(_Event(sample.index, "error", error))
                 return
             opened.set_result(None)
             try:
                 async for event in stream.events():
                     if "error" in event:
                         error = event["error"] if isinstance(event["error"], dict) else {}
-                        await self.queue.put(_Event(sample.index, "error", APIError(
+                        await self._put(_Event(sample.index, "error", APIError(
                             502, str(error.get("message") or "The model worker failed mid-stream."),
                             type=error.get("type"), code=error.get("code") or "upstream_error")))
                         return
                     if event.get("text") or event.get("logprob") is not None:
                         gauge.piece()
-                        await self.queue.put(_Event(sample.index, "piece", event))
+                        await self._put(_Event(sample.index, "piece", event))
                     if event.get("finish_reason") is not None or ("usage" in event and "text" not in event):
-                        await self.queue.put(_Event(sample.index, "done", event))
+                        await self._put(_Event(sample.index, "done", event))
                         return
                 raise APIError(502, "The model worker closed the stream before it finished.", code="upstream_error")
             except (WorkerClientError, ValueError, APIError) as exc:
-                await self.queue.put(_Event(sample.index, "error", broken_stream_error(exc)))
+                await self._put(_Event(sample.index, "error", broken_stream_error(exc)))
         finally:
-            gauge.done()
-            if not opened.done():
-                opened.set_result(APIError(499, "cancelled", code="client_closed_request"))
             if stream is not None:
                 await stream.aclose()
 
@@ -313,6 +369,12 @@ class StreamRun:
                     yield sse_data(chunk)
             remaining = len(self.samples)
             while remaining:
+                if self.stalled and self.queue.empty():  # a late reader learns why nothing more comes
+                    status = 408
+                    yield sse_data(APIError(408, "The stream was ended: the client read nothing for "
+                                                 f"{self.stall_seconds:.0f}s.", code="client_stalled").body())
+                    yield DONE
+                    return
                 try:
                     async with asyncio.timeout(keepalive_seconds):  # unlike wait_for, never loses a cancellation
                         event = await self.queue.get()
@@ -371,16 +433,17 @@ async def respond(
     formatter: ChunkFormatter,
     include_usage: bool,
     build_response: Callable[[list[SampleResult], UsageInfo], Any],
+    stalled_client_seconds: float,
 ) -> Any:
     """Run ``samples`` and answer: an SSE stream (errors before the first byte stay HTTP errors) or one JSON body."""
     headers = routing_headers(model)
     try:
         if stream:
-            run = StreamRun(upstream, model, samples, tracker)
+            run = StreamRun(upstream, model, samples, tracker, stall_seconds=stalled_client_seconds)
             await run.wait_opened(keepalive_seconds)
             events = run.events(formatter, include_usage=include_usage, keepalive_seconds=keepalive_seconds,
                                 on_end=tracker.finished)
-            return EventStreamResponse(events, headers=headers)
+            return EventStreamResponse(events, headers=headers, send_timeout_seconds=stalled_client_seconds)
         results = await until_disconnect(request, generate_all(upstream, model, samples, tracker))
         body = build_response(sorted(results, key=lambda r: r.index), total_usage(results, samples))
         tracker.finished(200)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr
 
+from axl_mesh.protocol import MAX_SAMPLES_PER_REQUEST
 from axl_mesh.settings import ServiceSettings
 
 
@@ -27,6 +28,17 @@ class Settings(ServiceSettings):
     keepalive_seconds: float = Field(default=5.0, gt=0, description="SSE comment interval while no token flows")
     default_chat_max_tokens: int = Field(default=1024, ge=1, description="max_tokens of a chat without one")
     max_upstream_connections: int = Field(default=256, ge=1)
+    # Bounded work per request (README, "Limits"): prompts x n samples, and max_tokens clamped (finish_reason
+    # "length") to a ceiling that defaults to a multiple of the model's window (axl_mesh.protocol.max_tokens_ceiling).
+    max_samples_per_request: int = Field(
+        default=MAX_SAMPLES_PER_REQUEST, ge=1, description="most samples (prompts x n) one request may ask for"
+    )
+    max_tokens_ceiling: int | None = Field(
+        default=None, ge=1, description="max_tokens above this is clamped; unset: 4x the model's context window"
+    )
+    stalled_client_seconds: float = Field(
+        default=30.0, gt=0, description="a stream whose client reads nothing this long is ended, freeing its rows"
+    )
 
     def api_key_list(self) -> list[str]:
         return _split(self.api_keys.get_secret_value() if self.api_keys else None)

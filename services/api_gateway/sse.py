@@ -31,13 +31,16 @@ def sse_data(payload: BaseModel | dict[str, Any]) -> str:
 
 
 class EventStreamResponse(StreamingResponse):
-    """``text/event-stream`` that stops (and closes its generator) as soon as the client disconnects."""
+    """``text/event-stream`` that stops (and closes its generator) as soon as the client disconnects, or when one
+    write waits longer than ``send_timeout_seconds`` for a client that stopped reading."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str], headers: dict[str, str] | None = None) -> None:
+    def __init__(self, content: AsyncIterator[str], headers: dict[str, str] | None = None, *,
+                 send_timeout_seconds: float | None = None) -> None:
         super().__init__(content, headers={**SSE_HEADERS, **(headers or {})}, media_type=self.media_type)
         self._events = content
+        self._send_timeout = send_timeout_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gone = asyncio.Event()
@@ -47,7 +50,13 @@ class EventStreamResponse(StreamingResponse):
             # can also be lost (asyncio.wait_for on Python 3.11). Failing the next send stops the stream anyway.
             if gone.is_set():
                 raise OSError("the client disconnected")
-            await send(message)
+            # A client that keeps its socket open but reads nothing blocks send() (the server's write buffer is
+            # full): past the timeout the stream ends as if it had gone, and its rows on the workers are freed.
+            try:
+                async with asyncio.timeout(self._send_timeout):
+                    await send(message)
+            except TimeoutError:
+                raise OSError("the client stopped reading") from None
 
         async def watch() -> None:
             await _wait_for_disconnect(receive)

@@ -20,8 +20,22 @@ BYTE_TOKENS = 256
 SPECIAL_TOKENS = (256, 257)
 MAX_STOP_SEQUENCES = 32
 MAX_N = 16
+# Bounded work per request: samples (prompts x n) one request may ask for (the gateway's default), and how many
+# context windows of new tokens a request may ask for before max_tokens is clamped (finish_reason "length").
+MAX_SAMPLES_PER_REQUEST = 16
+MAX_TOKENS_PER_WINDOW = 4
+MAX_TOKENS_WITHOUT_WINDOW = 8192  # a model that reports no context length
 
 FinishReason = Literal["stop", "length"]
+
+
+def max_tokens_ceiling(context_length: int, configured: int | None = None) -> int:
+    """The most new tokens one sample may ask for: ``configured``, else MAX_TOKENS_PER_WINDOW windows.
+
+    A model's window slides, so without a ceiling a request could hold a worker's row forever."""
+    if configured is not None:
+        return configured
+    return MAX_TOKENS_PER_WINDOW * context_length if context_length > 0 else MAX_TOKENS_WITHOUT_WINDOW
 
 
 def random_id(prefix: str) -> str:

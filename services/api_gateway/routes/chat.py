@@ -28,7 +28,14 @@ from axl_mesh.protocol import (
     random_id,
 )
 from services.api_gateway.deps import MetricsDep, SettingsDep, UpstreamDep
-from services.api_gateway.generation import RequestMetrics, Sample, SampleResult, respond
+from services.api_gateway.generation import (
+    RequestMetrics,
+    Sample,
+    SampleResult,
+    check_sample_count,
+    clamped_max_tokens,
+    respond,
+)
 from services.api_gateway.metrics import UNKNOWN_MODEL
 
 router = APIRouter(prefix="/v1/chat", tags=["chat"])
@@ -91,6 +98,7 @@ async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, upstream: UpstreamDep, settings: SettingsDep, metrics: MetricsDep
 ) -> Any:
     """Creates a model response for the given chat conversation."""
+    check_sample_count(1, body.n, settings.max_samples_per_request)
     try:
         model = await upstream.resolve(body.model, lambda: [m.model_dump() for m in body.messages])
     except APIError as exc:  # 404 unknown model, 503 registry down or no replica
@@ -100,7 +108,8 @@ async def create_chat_completion(
     if model.routed_reason:
         metrics.routed.labels(specialist=model.specialist, model=model.model_id).inc()
     request_id = random_id("chatcmpl")
-    max_tokens = body.requested_max_tokens() or settings.default_chat_max_tokens
+    max_tokens = clamped_max_tokens(body.requested_max_tokens() or settings.default_chat_max_tokens, model,
+                                    settings.max_tokens_ceiling)
     samples = [
         Sample(index=i, payload=body.to_generate_payload(request_id=f"{request_id}-{i}", max_tokens=max_tokens,
                                                          seed_offset=i, stream=bool(body.stream)))
@@ -121,4 +130,5 @@ async def create_chat_completion(
         request, upstream=upstream, keepalive_seconds=settings.keepalive_seconds, tracker=tracker, model=model,
         samples=samples, stream=bool(body.stream), formatter=ChatChunks(model.model_id, bool(body.logprobs)),
         include_usage=body.include_usage, build_response=build,
+        stalled_client_seconds=settings.stalled_client_seconds,
     )

@@ -20,7 +20,14 @@ from axl_mesh.protocol import (
 )
 from axl_mesh.registry_schemas import Capability
 from services.api_gateway.deps import MetricsDep, SettingsDep, UpstreamDep
-from services.api_gateway.generation import RequestMetrics, Sample, SampleResult, respond
+from services.api_gateway.generation import (
+    RequestMetrics,
+    Sample,
+    SampleResult,
+    check_sample_count,
+    clamped_max_tokens,
+    respond,
+)
 from services.api_gateway.metrics import UNKNOWN_MODEL
 
 router = APIRouter(prefix="/v1", tags=["completions"])
@@ -85,6 +92,7 @@ async def create_completion(
 ) -> Any:
     """Creates a completion for the provided prompt(s) and parameters."""
     prompts = body.prompts()
+    check_sample_count(len(prompts), body.n, settings.max_samples_per_request)
     try:
         model = await upstream.resolve(body.model, lambda: prompts[0])
     except APIError as exc:  # 404 unknown model, 503 registry down or no replica
@@ -98,11 +106,12 @@ async def create_completion(
             "use a model whose capabilities include 'fim'.", param="suffix", code="fim_not_supported",
         )
     request_id = random_id("cmpl")
+    max_tokens = clamped_max_tokens(body.max_tokens or 16, model, settings.max_tokens_ceiling)
     samples = [
         Sample(
             index=p * body.n + i,
             payload=body.to_generate_payload(prompt, request_id=f"{request_id}-{p * body.n + i}",
-                                             max_tokens=body.max_tokens or 16, seed_offset=i,
+                                             max_tokens=max_tokens, seed_offset=i,
                                              stream=bool(body.stream)),
             prompt_group=p,
         )
@@ -126,4 +135,5 @@ async def create_completion(
         request, upstream=upstream, keepalive_seconds=settings.keepalive_seconds, tracker=tracker, model=model,
         samples=samples, stream=bool(body.stream), formatter=CompletionChunks(model.model_id, body.logprobs is not None),
         include_usage=body.include_usage, build_response=build,
+        stalled_client_seconds=settings.stalled_client_seconds,
     )
