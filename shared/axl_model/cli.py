@@ -24,6 +24,7 @@ examples:
   axl eval checkpoints/axl-micro --data src/    # bits per byte on the held-out files
   axl plot checkpoints/axl-micro                # loss curve -> checkpoints/axl-micro.run/loss.png
   axl data build --all                          # every specialist's data from the standard library
+  axl data corpus pypi                          # a held-out corpus of PyPI packages for `axl eval`
 """
 
 
@@ -382,8 +383,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- data
 def register_data(subparsers) -> None:
-    p = subparsers.add_parser("data", help="build training data")
-    sub = p.add_subparsers(dest="data_command", required=True, metavar="{build}")
+    p = subparsers.add_parser("data", help="build training data; fetch held-out evaluation corpora")
+    sub = p.add_subparsers(dest="data_command", required=True, metavar="{build,corpus}")
     b = sub.add_parser("build", help="build a specialist's dataset (train.jsonl, val.jsonl) from Python source",
                        epilog="examples:\n  axl data build --specialist docs\n  axl data build --all --source ~/src --out data",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -396,6 +397,20 @@ def register_data(subparsers) -> None:
     b.add_argument("--val-fraction", type=float, default=0.05)
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=cmd_data_build)
+    c = sub.add_parser("corpus", help="fetch a held-out evaluation corpus (never trained on)",
+                       description="Download the pinned pure-Python packages of a held-out corpus and unpack their "
+                                   ".py files. `axl eval` scores it beside the held-out split; `axl train` refuses it.",
+                       epilog="examples:\n  axl data corpus pypi                       # -> data/corpora/pypi/ (manifest.json)\n"
+                              "  axl data corpus pypi --source ~/wheels     # offline: a folder of the pinned wheels",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .corpora import CORPORA
+
+    c.add_argument("name", choices=CORPORA, help="the corpus (pypi: pinned pure-Python packages from PyPI, ~4 MB)")
+    c.add_argument("--out", metavar="DIR", help="where to unpack it (default data/corpora/<name>)")
+    c.add_argument("--source", metavar="DIR_OR_URL",
+                   help="a folder or file:// URL of the pinned wheels instead of PyPI (no index is asked)")
+    c.add_argument("--force", action="store_true", help="fetch again even if the corpus is complete")
+    c.set_defaults(func=cmd_data_corpus)
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:
@@ -408,6 +423,19 @@ def cmd_data_build(args: argparse.Namespace) -> int:
             print(f"{name}: {summary}" if isinstance(summary, str) else _summary_line(summary))
     else:
         print(_summary_line(build_dataset(args.specialist, out_dir=args.out, **common)))
+    return 0
+
+
+def cmd_data_corpus(args: argparse.Namespace) -> int:
+    from .corpora import CorpusError, corpus_dir, fetch_pypi_corpus
+
+    out = Path(args.out) if args.out else corpus_dir(args.name)
+    try:
+        manifest = fetch_pypi_corpus(out, source=args.source, force=args.force)
+    except CorpusError as exc:
+        raise CLIError(str(exc)) from None
+    print(f"{args.name}: {len(manifest['packages'])} packages, {manifest['files']} files, {manifest['bytes']:,} bytes "
+          f"-> {out} (manifest: {out / 'manifest.json'})")
     return 0
 
 

@@ -18,7 +18,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .checkpoint import is_checkpoint, load_checkpoint, load_config, load_training_state, save_checkpoint
 from .config import PRESETS, ModelConfig, memory_bytes
+from .corpora import refuse_held_out_training
 from .data import FilterConfig, PreparedData, TokenDataset, WindowSampler, eval_windows, prepare_data
 from .logger import TrainLogger
 from .model import MultiScaleTransformer
@@ -49,7 +50,7 @@ class TrainConfig:
     # --- data
     data: list[str] | None = None  # files, folders, globs; None: the running Python's standard library
     val_data: list[str] | None = None  # None: hold out files of `data` by hash of their path
-    val_fraction: float = 0.05
+    val_fraction: float = 0.05  # 0 needs val_data: validation is never scored on training data
     min_lines: int = 3
     max_lines: int = 20_000
     fim_rate: float = 0.5  # share of windows in fill-in-the-middle order, for models with config.fim
@@ -68,7 +69,7 @@ class TrainConfig:
     warmup_steps: int | None = None  # None: 5% of a step budget, capped at 100 (50 for a time budget)
     # --- evaluation and checkpoints (in optimizer steps; 0 disables the periodic ones)
     eval_interval: int = 100
-    eval_tokens: int = 65_536  # validation tokens scored per evaluation (the final one too)
+    eval_tokens: int = 65_536  # validation tokens per evaluation (the final one too): a fixed sample over the split
     checkpoint_interval: int = 200
     # --- distillation from a larger checkpoint
     distill_from: str | None = None
@@ -98,6 +99,9 @@ class TrainConfig:
                 problems.append(f"{name} must be > 0, got {value}")
         if self.lr is not None and self.lr <= 0:
             problems.append(f"lr must be > 0, got {self.lr}")
+        if self.val_fraction == 0 and not self.val_data:
+            problems.append("val_fraction 0 holds out no file, and without val_data validation would score the "
+                            "training data; pass val_data (--val-data) or a val_fraction > 0")
         if not 0.0 <= self.distill_alpha <= 1.0 or self.distill_temperature <= 0:
             problems.append(f"distill_alpha must be in [0, 1] and distill_temperature > 0, got "
                             f"{self.distill_alpha} and {self.distill_temperature}")
@@ -160,29 +164,43 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, targets: tor
     return alpha * t * t * kl + (1 - alpha) * masked_cross_entropy(student, targets, mask)
 
 
-@torch.no_grad()
 def evaluate_bpb(model: MultiScaleTransformer, dataset: TokenDataset, seq_len: int, batch_size: int = 8,
                  max_tokens: int | None = None) -> float:
     """Bits per byte on a split: summed cross-entropy over predicted tokens / their count / ln 2.
 
-    Windows are consecutive and non-overlapping, so every held-out token up to max_tokens is scored once.
+    Without max_tokens (or with one at least the split's size) windows are consecutive and non-overlapping, so
+    every held-out token is scored once; otherwise a fixed seeded sample of about max_tokens tokens spread over
+    the whole split (`data.eval_window_spans`), the same at every call.
     """
+    nats, count = score_windows(model, eval_windows(dataset, seq_len, max_tokens), batch_size)
+    if count == 0:
+        raise ValueError("the validation split has no tokens to score")
+    return nats / count / LN2
+
+
+@torch.no_grad()
+def score_windows(model: MultiScaleTransformer, windows: Iterable[tuple[np.ndarray, np.ndarray]], batch_size: int = 8,
+                  on_batch: Callable[[int], None] | None = None) -> tuple[float, float]:
+    """(summed cross-entropy in nats, number of predicted tokens) over windows (tokens, mask); windows of equal
+    length are batched together. on_batch(n) after each batch of n windows (progress bars)."""
     was_training = model.training
     model.eval()
     total_nats, total_count = 0.0, 0.0
-    pending: list[np.ndarray] = []
+    pending: list[tuple[np.ndarray, np.ndarray]] = []
 
-    def score(windows: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    def score(batch: list[tuple[np.ndarray, np.ndarray]]) -> None:
         nonlocal total_nats, total_count
-        tokens = torch.from_numpy(np.stack([w[0] for w in windows]).astype(np.int64))
-        mask = torch.from_numpy(np.stack([w[1][1:] for w in windows]).astype(np.float32))
+        tokens = torch.from_numpy(np.stack([w[0] for w in batch]).astype(np.int64))
+        mask = torch.from_numpy(np.stack([w[1][1:] for w in batch]).astype(np.float32))
         logits = model(tokens[:, :-1])
         losses = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
         total_nats += float((losses * mask.flatten()).sum())
         total_count += float(mask.sum())
+        if on_batch is not None:
+            on_batch(len(batch))
 
     try:
-        for window in eval_windows(dataset, seq_len, max_tokens):
+        for window in windows:
             if pending and len(window[0]) != len(pending[0][0]):
                 score(pending)
                 pending = []
@@ -194,9 +212,7 @@ def evaluate_bpb(model: MultiScaleTransformer, dataset: TokenDataset, seq_len: i
             score(pending)
     finally:
         model.train(was_training)
-    if total_count == 0:
-        raise ValueError("the validation split has no tokens to score")
-    return total_nats / total_count / LN2
+    return total_nats, total_count
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -230,6 +246,7 @@ def _set_python_rng_state(state: list) -> None:
 def train(config: TrainConfig, callbacks: TrainCallbacks | None = None) -> TrainResult:
     """Train (or resume) as `config` says; returns how it ended. User-fixable problems raise ValueError."""
     callbacks = callbacks or TrainCallbacks()
+    refuse_held_out_training(config.data)  # evaluation-only corpora (axl_model.corpora) are never trained on
     torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
     out_dir, run_dir = Path(config.out_dir), config.run_path
 
@@ -260,6 +277,10 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None) -> Train
         config.data, config.data_cache_dir or run_dir / "data", val_data=config.val_data,
         val_fraction=config.val_fraction, filters=FilterConfig(config.min_lines, config.max_lines),
         progress=config.progress)
+    if len(prepared.val) < 2:  # never fall back to scoring the training data
+        raise ValueError(f"the validation data {config.val_data} has nothing left to score after filtering "
+                         f"({prepared.stats.rejected}); pass other --val-data")
+    data_split = prepared.split  # what it trained on and held out, in every checkpoint: `axl eval` scores this split
     sampler = WindowSampler(prepared.train, config.seq_len, config.batch_size, seed=config.seed,
                             fim_rate=config.fim_rate if model.config.fim else 0.0)
     tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
@@ -299,7 +320,8 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None) -> Train
     def save(elapsed: float) -> None:
         metadata = {"step": step, "val_bpb": last_val, "elapsed_s": round(elapsed, 2), "tokens_seen": tokens_seen,
                     "preset": model.config.name, "data": asdict(prepared.stats), "run_dir": str(run_dir),
-                    "train_config": _jsonable(config.to_dict())}
+                    "train_config": _jsonable(config.to_dict()),
+                    "data_split": data_split}
         save_checkpoint(model, out_dir, training_state=training_state(elapsed), metadata=metadata)
         logger.log("event", event="checkpoint", step=step, path=str(out_dir))
         if callbacks.on_checkpoint:
@@ -307,8 +329,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None) -> Train
 
     def run_eval(elapsed: float) -> float:
         nonlocal last_val
-        last_val = evaluate_bpb(model, prepared.val if len(prepared.val) > 1 else prepared.train,
-                                config.seq_len, config.batch_size, config.eval_tokens)
+        last_val = evaluate_bpb(model, prepared.val, config.seq_len, config.batch_size, config.eval_tokens)
         record = {"step": step, "val_bpb": last_val, "elapsed_s": round(elapsed, 3)}
         logger.log("eval", **record)
         if callbacks.on_eval:
