@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
@@ -76,10 +76,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             raise CheckpointError(str(exc)) from None
     path = _resolve(Path(path))
     config = load_config(path)
-    model = MultiScaleTransformer(config)
     weights_file = path / MODEL_FILE
     if not weights_file.is_file():
         raise CheckpointError(f"{weights_file} is missing: the checkpoint has a config but no weights")
+    check_tensor_shapes(_safetensors_shapes(weights_file), config, weights_file, path / CONFIG_FILE)
+    model = MultiScaleTransformer(config)  # only now: the file holds exactly the tensors this config allocates
     try:
         weights = load_file(str(weights_file), device=str(map_location))
     except (SafetensorError, OSError) as exc:
@@ -95,6 +96,40 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except RuntimeError as exc:
         raise CheckpointError(f"{weights_file} does not match {path / CONFIG_FILE}: {exc}") from None
     return model.to(map_location).eval()
+
+
+def expected_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of each tensor of MultiScaleTransformer(config), found without allocating it (meta device)."""
+    with torch.device("meta"):
+        model = MultiScaleTransformer(config)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def check_tensor_shapes(found: dict[str, tuple[int, ...]], config: ModelConfig, source: str | Path,
+                        config_source: str | Path) -> None:
+    """Raise CheckpointError naming the file and the tensor unless ``found`` (tensor name -> shape, as a file's
+    header states it) is exactly what ``config`` builds. Called before the model is allocated, so a config whose
+    dimensions disagree with its weights is a clear error rather than a large allocation that fails later."""
+    expected = expected_tensor_shapes(config)
+    optional = {"lm_head.weight"} if config.tie_embeddings else set()  # the same tensor as embed.weight
+    missing = sorted(set(expected) - set(found) - optional)
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{source} does not match {config_source}: {len(found)} tensors, "
+                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, shape in expected.items():
+        if name in found and tuple(found[name]) != shape:
+            raise CheckpointError(f"{source} does not match {config_source}: tensor {name!r} has shape "
+                                  f"{list(found[name])}, the config needs {list(shape)}")
+
+
+def _safetensors_shapes(weights_file: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header; no tensor data is read."""
+    try:
+        with safe_open(str(weights_file), framework="pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{weights_file} is not a readable safetensors file: {exc}") from None
 
 
 def load_config(path: str | Path) -> ModelConfig:

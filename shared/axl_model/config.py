@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,18 @@ SCALES = (1, 2, 4)  # fine, medium and coarse resolution, in bytes per token
 
 # Bytes per parameter held during training: fp32 weights + grads + optimizer state (Lion: 1 moment, AdamW: 2).
 _OPTIMIZER_STATE_COPIES = {"lion": 1, "adamw": 2, "sgd": 1}
+
+# Upper bounds on what a config may ask for. A config.json or GGUF header is untrusted input, and the model is
+# allocated from it: without bounds a one-line edit is an out-of-memory kill instead of a clear error. Generous:
+# about 16x the largest preset (code-1b) per dimension, 64x its window, 16x its parameter count.
+MAX_DIMENSIONS: dict[str, int] = {
+    "d_model": 16_384,
+    "n_heads": 256,
+    "d_ff": 65_536,
+    "n_layers": 96,  # per scale
+    "max_seq_len": 65_536,
+}
+MAX_PARAMS = 1 << 32
 
 
 @dataclass
@@ -52,6 +65,12 @@ class ModelConfig:
             value = getattr(self, attr)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 problems.append(f"{attr} must be a positive integer, got {value!r}")
+            elif value > MAX_DIMENSIONS[attr]:
+                problems.append(f"{attr} must be at most {MAX_DIMENSIONS[attr]}, got {value}")
+        for attr in ("rope_theta", "norm_eps", "init_std"):
+            value = getattr(self, attr)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+                problems.append(f"{attr} must be a positive finite number, got {value!r}")
         if not problems:
             if self.d_model % self.n_heads:
                 problems.append(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
@@ -59,12 +78,15 @@ class ModelConfig:
                 problems.append(f"head_dim ({self.d_model // self.n_heads}) must be even for RoPE")
             if self.max_seq_len % SCALES[-1]:
                 problems.append(f"max_seq_len ({self.max_seq_len}) must be a multiple of {SCALES[-1]}")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
         self.head_dim = self.d_model // self.n_heads
         self.vocab_size = BASE_VOCAB_SIZE + (len(FIM_TOKENS) if self.fim else 0)
+        if self.param_count() > MAX_PARAMS:  # each dimension in bounds, their product not
+            raise ValueError(f"invalid ModelConfig: param_count ({self.param_count():,}) must be at most "
+                             f"{MAX_PARAMS:,}; lower d_model, d_ff or n_layers")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -80,6 +102,7 @@ class ModelConfig:
         unknown = set(data) - known - {"vocab_size", "head_dim", "format_version"}
         if unknown:
             raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        # vocab_size and head_dim are stored for readers but always derived: a stored value is never used.
         return cls(**{k: v for k, v in data.items() if k in known})
 
     @classmethod

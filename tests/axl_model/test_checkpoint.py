@@ -82,3 +82,66 @@ def test_pickle_files_are_never_loaded(model, tmp_path):
     save_checkpoint(model, tmp_path / "ck")
     (tmp_path / "ck" / "pytorch_model.bin").write_bytes(b"cos\nsystem\n(S'touch /tmp/pwned'\ntR.")
     load_checkpoint(tmp_path / "ck")
+
+
+@pytest.fixture
+def no_allocation(monkeypatch):
+    """Fail a test that builds a real model: only the meta device (shapes, no memory) is allowed."""
+    import axl_model.checkpoint
+
+    real = axl_model.checkpoint.MultiScaleTransformer
+
+    def meta_only(config):
+        assert torch.get_default_device().type == "meta", "the model was allocated before its weights were checked"
+        return real(config)
+
+    monkeypatch.setattr(axl_model.checkpoint, "MultiScaleTransformer", meta_only)
+
+
+def _edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_a_huge_dimension_in_config_json_is_a_clear_error(model, tmp_path, no_allocation):
+    save_checkpoint(model, tmp_path / "ck")
+    _edit_config(tmp_path / "ck", d_model=1 << 30)
+    with pytest.raises(CheckpointError, match=r"config.json.*d_model must be at most"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_config_larger_than_its_weights_fails_before_allocating(model, tmp_path, no_allocation):
+    """A config within the limits that would allocate ~5 GB (~14 GB with 4 layers), next to the tiny model's
+    weights: the safetensors header disagrees, and the error names the file and a tensor before any memory is taken."""
+    save_checkpoint(model, tmp_path / "ck")
+    _edit_config(tmp_path / "ck", d_model=4096, n_heads=32, d_ff=16384)
+    with pytest.raises(CheckpointError, match=r"model.safetensors does not match .*config.json: tensor "
+                                              r"'embed.weight' has shape \[261, 64\], the config needs \[261, 4096\]"):
+        load_checkpoint(tmp_path / "ck")
+    _edit_config(tmp_path / "ck", n_layers=4)
+    with pytest.raises(CheckpointError, match=r"model.safetensors does not match .*config.json: 65 tensors, "
+                                              r"missing \['stacks.coarse.blocks.1.attn.out.weight'"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_weights_with_a_tensor_missing_or_extra_name_it(model, tmp_path, no_allocation):
+    from safetensors.torch import load_file, save_file
+
+    save_checkpoint(model, tmp_path / "ck")
+    weights_file = tmp_path / "ck" / "model.safetensors"
+    weights = load_file(str(weights_file))
+    weights["extra.weight"] = torch.zeros(2)
+    del weights["final_norm.weight"]
+    save_file(weights, str(weights_file))
+    with pytest.raises(CheckpointError, match=r"model.safetensors does not match .*"
+                                              r"missing \['final_norm.weight'\], unexpected \['extra.weight'\]"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_an_untied_head_must_be_stored(tmp_path):
+    untied = MultiScaleTransformer(ModelConfig.from_name("tiny", tie_embeddings=False))
+    save_checkpoint(untied, tmp_path / "ck")
+    assert load_checkpoint(tmp_path / "ck").config.tie_embeddings is False
+    _edit_config(tmp_path / "ck", tie_embeddings=True)  # then lm_head.weight is optional, and must still fit
+    load_checkpoint(tmp_path / "ck")

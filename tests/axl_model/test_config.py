@@ -3,7 +3,7 @@ import json
 import pytest
 
 from axl_model import ModelConfig, MultiScaleTransformer, suggest_models
-from axl_model.config import PRESETS
+from axl_model.config import MAX_DIMENSIONS, MAX_PARAMS, PRESETS
 
 
 @pytest.mark.parametrize("name", ["tiny", "comment", "docs", "micro", "micro-q", "testgen", "refactor"])
@@ -36,6 +36,46 @@ def test_json_round_trip_and_overrides():
 def test_invalid_configs_name_the_problem(overrides, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig.from_name("micro", **overrides)
+
+
+@pytest.mark.parametrize("field", sorted(MAX_DIMENSIONS))
+def test_dimensions_past_their_limit_are_refused_naming_the_field(field):
+    """A config.json is untrusted input: a huge dimension is a clear error, not an allocation."""
+    with pytest.raises(ValueError, match=f"{field} must be at most {MAX_DIMENSIONS[field]}"):
+        ModelConfig.from_dict({**PRESETS["micro"], field: MAX_DIMENSIONS[field] * 4})
+    with pytest.raises(ValueError, match=field):
+        ModelConfig.from_dict({**PRESETS["micro"], field: 10**12})
+
+
+def test_limits_are_generous_for_every_preset():
+    for name, preset in PRESETS.items():
+        config = ModelConfig.from_name(name)
+        for field, limit in MAX_DIMENSIONS.items():
+            assert getattr(config, field) * 16 <= limit, (name, field)
+        assert config.param_count() * 16 <= MAX_PARAMS, name
+
+
+def test_a_parameter_count_past_the_limit_is_refused():
+    """Each dimension within bounds, their product (d_model 16384, 96 layers: ~280 billion parameters) not."""
+    big = dict(d_model=MAX_DIMENSIONS["d_model"], n_heads=128, d_ff=MAX_DIMENSIONS["d_ff"],
+               n_layers=MAX_DIMENSIONS["n_layers"])
+    with pytest.raises(ValueError, match="param_count"):
+        ModelConfig.from_dict(big)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(rope_theta=float("nan")), "rope_theta"), (dict(norm_eps=0.0), "norm_eps"),
+    (dict(init_std=float("inf")), "init_std"), (dict(d_model="256"), "d_model"),
+])
+def test_bad_numbers_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        ModelConfig.from_dict({**PRESETS["micro"], **overrides})
+
+
+def test_stored_vocab_size_is_derived_not_trusted():
+    data = ModelConfig.from_name("micro").to_dict()
+    config = ModelConfig.from_dict({**data, "vocab_size": 10**12, "head_dim": 10**9})
+    assert config == ModelConfig.from_name("micro") and config.vocab_size == 258 and config.head_dim == 64
 
 
 def test_unknown_preset_lists_the_choices():

@@ -211,6 +211,48 @@ def test_gguf_loader_rejects_the_llama_kind_and_missing_files(tiny, tmp_path):
     assert not is_checkpoint(tmp_path / "nope.gguf")
 
 
+def _gguf_claiming(tiny, path, **claims):
+    """A multiscale GGUF holding tiny's tensors under a config whose metadata claims ``claims`` (bypassing the
+    checks a real ModelConfig runs, as a hand-made file would)."""
+    import copy
+    import types
+
+    config = copy.copy(tiny.config)
+    for field, value in claims.items():
+        setattr(config, field, value)
+    return export_multiscale_gguf(types.SimpleNamespace(config=config, state_dict=tiny.state_dict), path)
+
+
+@pytest.fixture
+def no_allocation(monkeypatch):
+    """Fail a test whose GGUF load builds a real model (only meta-device shapes are allowed)."""
+    import axl_model.export.gguf
+
+    def refuse(config):
+        raise AssertionError("the model was allocated before its tensors were checked")
+
+    monkeypatch.setattr(axl_model.export.gguf, "MultiScaleTransformer", refuse)
+
+
+def test_gguf_metadata_past_the_limits_is_a_clear_error(tiny, tmp_path, no_allocation):
+    path = _gguf_claiming(tiny, tmp_path / "huge.gguf", n_layers=10**6)
+    with pytest.raises(CheckpointError, match=r"huge.gguf: bad model config in metadata: .*n_layers must be at most"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="n_layers must be at most"):
+        load_config(path)  # what the model worker reads first
+
+
+def test_gguf_tensors_are_checked_against_its_config_before_allocating(tiny, tmp_path, no_allocation):
+    """Metadata within the limits claiming ~5 GB of model, tiny's tensors: the error names the file and tensor."""
+    path = _gguf_claiming(tiny, tmp_path / "liar.gguf", d_model=4096, n_heads=32, d_ff=16384)
+    with pytest.raises(CheckpointError, match=r"liar.gguf does not match .*: tensor 'embed.weight' has shape "
+                                              r"\[261, 64\], the config needs \[261, 4096\]"):
+        load_checkpoint(path)
+    path = _gguf_claiming(tiny, tmp_path / "deeper.gguf", n_layers=3)
+    with pytest.raises(ValueError, match=r"deeper.gguf does not match .*missing \['stacks.coarse.blocks.1"):
+        load_gguf_model(path)
+
+
 # ---------------------------------------------------------------------------------------------- Modelfile, CLI
 def test_modelfile_for_a_specialist(tiny, tmp_path):
     path = export_llama_gguf(tiny, tmp_path / "axl-coder.gguf")

@@ -395,8 +395,15 @@ def read_gguf_config(path: str | Path) -> ModelConfig:
 
 def load_gguf_model(path: str | Path) -> MultiScaleTransformer:
     """The full model stored in an `axl-multiscale` GGUF, weights dequantized to float32, in eval mode."""
+    from ..checkpoint import check_tensor_shapes  # imported here: checkpoint imports this module lazily too
+
     reader, config = _open_multiscale(path)
-    model = MultiScaleTransformer(config)
+    # GGUF lists dimensions innermost first (ggml's order); torch's shapes are the reverse.
+    found = {tensor.name: tuple(int(n) for n in reversed(tensor.shape)) for tensor in reader.tensors}
+    if len(found) != len(reader.tensors):
+        raise ValueError(f"{path}: a tensor name appears twice")
+    check_tensor_shapes(found, config, path, f"the config in its metadata ({CONFIG_KEY_PREFIX}*)")
+    model = MultiScaleTransformer(config)  # only now: the file holds exactly the tensors this config allocates
     expected = model.state_dict()
     weights = {}
     for tensor in reader.tensors:
