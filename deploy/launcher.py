@@ -3,7 +3,9 @@
 What it does, in order:
 
 1. Redis: uses the one at ``$REDIS_URL`` (or the config's ``redis_url``) if it answers PING, else starts a private
-   ``redis-server`` (append-only file under ``state_dir``) and stops it again at the end.
+   ``redis-server`` (append-only file under ``state_dir``) and stops it again at the end. The Redis it starts
+   requires a password (the URL's, else one generated for the state folder and kept there, mode 0600); children
+   get it in ``AXL_REDIS_URL``; logs show it as ``***``.
 2. The registry secret: ``$AXL_REGISTRY_SECRET`` if set, else a fresh random one for this run; every child gets it.
 3. The bootstrap checkpoint: if the config's ``bootstrap.checkpoint`` folder does not exist and some worker needs it,
    trains it first on the local standard library (``axl_model.train``, a few minutes, a progress bar). An
@@ -175,7 +177,7 @@ class MeshConfig:
             for port in self.queue_worker_ports():
                 claim(port, "queue worker (queue_worker_port_start)")
         if urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
-            problems.append(f"redis_url must be a redis:// URL, got {self.redis_url!r}")
+            problems.append(f"redis_url must be a redis:// URL, got {_redact(self.redis_url)!r}")
         if problems:
             raise ConfigError(f"{source}: " + "; ".join(problems))
 
@@ -266,15 +268,49 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def with_password(url: str, password: str) -> str:
+    """``url`` with ``password`` in it (``redis://:password@host:port/db``)."""
+    parts = urlsplit(url)
+    netloc = f"{parts.username or ''}:{password}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def stored_redis_password(data_dir: Path) -> str | None:
+    """The password of the Redis the launcher starts for this state folder, if one was made."""
+    try:
+        return (data_dir / "password").read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def redis_password(data_dir: Path) -> str:
+    """The stored password, else a new random one stored (0600) beside the Redis data: kept, not regenerated per
+    run, so a second ``make up`` finds (and refuses to duplicate) a Redis left running on this folder's data."""
+    existing = stored_redis_password(data_dir)
+    if existing:
+        return existing
+    data_dir.mkdir(parents=True, exist_ok=True)
+    password = secrets.token_urlsafe(32)  # URL-safe: it goes in redis:// URLs as is
+    fd = os.open(data_dir / "password", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(password + "\n")
+    return password
+
+
 class LocalRedis:
-    """A ``redis-server`` the launcher started (append-only persistence in ``data_dir``) and will stop."""
+    """A ``redis-server`` the launcher started (append-only persistence in ``data_dir``) and will stop.
+
+    It requires a password: the wanted URL's, else :func:`redis_password`. The password reaches redis-server on
+    its stdin (not its command line, which every local user can read) and the children in ``AXL_REDIS_URL``.
+    """
 
     def __init__(self, wanted_url: str, data_dir: Path, console: Console) -> None:
         parts = urlsplit(wanted_url)
         wanted_port = parts.port or 6379
         self.port = wanted_port if port_is_free(wanted_port) else free_port()
         db = parts.path or "/0"
-        self.url = urlunsplit(("redis", f"127.0.0.1:{self.port}", db, "", ""))
+        self.password = parts.password or redis_password(data_dir)
+        self.url = with_password(urlunsplit(("redis", f"127.0.0.1:{self.port}", db, "", "")), self.password)
         self.data_dir = data_dir
         self.console = console
         self.proc: subprocess.Popen[bytes] | None = None
@@ -288,10 +324,13 @@ class LocalRedis:
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
+            [binary, "-", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
              "--appendonly", "yes", "--save", "", "--loglevel", "warning"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
         )
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"requirepass {self.password}\n".encode())  # "-": config read from stdin to EOF
+        self.proc.stdin.close()
         threading.Thread(target=_pump, args=(self.proc, "redis", self.console), daemon=True).start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -442,14 +481,24 @@ class Mesh:
     def prepare(self) -> None:
         cfg = self.config
         wanted = os.environ.get("REDIS_URL") or os.environ.get("AXL_REDIS_URL") or cfg.redis_url
+        redis_dir = cfg.path(cfg.state_dir) / "redis"
+        stored = stored_redis_password(redis_dir)
+        ours = with_password(wanted, stored) if stored and not urlsplit(wanted).password else None
         if redis_answers(wanted):
             self.redis_url = wanted
             self.console.say(f"using the Redis at {_redact(wanted)}")
+            if not urlsplit(wanted).password:
+                self.console.say("warning: that Redis needs no password, so anything that reaches it can change the "
+                                 "mesh's jobs; give it one (requirepass) and put it in REDIS_URL")
+        elif ours and redis_answers(ours):  # the one a launcher started on this state folder, still running
+            self.redis_url = ours
+            self.console.say(f"using the Redis at {_redact(ours)} (this state folder's password)")
         else:
             self.console.say(f"no Redis answers at {_redact(wanted)}; starting a local redis-server")
-            self.redis = LocalRedis(wanted, cfg.path(cfg.state_dir) / "redis", self.console).start()
+            self.redis = LocalRedis(wanted, redis_dir, self.console).start()
             self.redis_url = self.redis.url
-            self.console.say(f"redis-server is up at {self.redis_url} (append-only file in {self.redis.data_dir})")
+            self.console.say(f"redis-server is up at {_redact(self.redis_url)} with a password "
+                             f"(append-only file in {self.redis.data_dir})")
         self.secret = os.environ.get("AXL_REGISTRY_SECRET", "")
         if not self.secret:
             self.secret = secrets.token_urlsafe(24)

@@ -47,11 +47,13 @@ def _stop_process(proc: subprocess.Popen[bytes], grace_seconds: float) -> None:
 
 
 class RedisServer:
-    """A throw-away ``redis-server`` on a free port, no persistence; ``url`` points at DB 0."""
+    """A throw-away ``redis-server`` on a free port, no persistence; ``url`` points at DB 0 (and carries
+    ``password``, which the server then requires, when one is given)."""
 
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, password: str | None = None) -> None:
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = password
+        self.url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{self.port}/0"
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -60,8 +62,9 @@ class RedisServer:
         if binary is None:
             raise RuntimeError("redis-server is not on PATH: install Redis, or set AXL_TEST_REDIS_URL")
         with self.log_path.open("ab") as log:
+            auth = ["--requirepass", self.password] if self.password else []
             self.proc = subprocess.Popen(
-                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *auth],
                 stdout=log, stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + timeout_seconds
@@ -71,7 +74,7 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
                     sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
+                    if sock.recv(16).startswith((b"+PONG", b"-NOAUTH")):  # up (NOAUTH: up, with a password)
                         return self
             except OSError:
                 pass

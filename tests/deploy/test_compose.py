@@ -14,6 +14,7 @@ from tests.deploy.conftest import COMPOSE_FILE, REQUIRED_ENV, app_services, env_
 from tests.support import REPO_ROOT
 
 CHECK_JSONSCHEMA = REPO_ROOT / ".venv" / "bin" / "check-jsonschema"
+REDIS_URL = "redis://:${AXL_REDIS_PASSWORD:?set AXL_REDIS_PASSWORD (random, URL-safe characters)}@redis:6379/0"
 
 
 def _check_jsonschema() -> str:
@@ -31,20 +32,23 @@ def test_compose_cli_validates_the_file() -> None:
 
 
 def test_compose_cli_refuses_to_run_without_the_required_secrets() -> None:
-    result = run_compose(["config", "-q"], {"AXL_API_KEYS": "sk-test"})
-    assert result.returncode != 0
-    assert "AXL_REGISTRY_SECRET" in result.stderr
-    result = run_compose(["config", "-q"], {"AXL_REGISTRY_SECRET": "compose-test-secret"})
-    assert result.returncode != 0
-    assert "AXL_API_KEYS" in result.stderr
+    for missing in REQUIRED_ENV:
+        result = run_compose(["config", "-q"], {k: v for k, v in REQUIRED_ENV.items() if k != missing})
+        assert result.returncode != 0, missing
+        assert missing in result.stderr, missing
 
 
 def test_compose_cli_interpolates_the_secrets_everywhere() -> None:
     result = run_compose(["config"], REQUIRED_ENV)
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)
+    password = REQUIRED_ENV["AXL_REDIS_PASSWORD"]
     for name, service in app_services(resolved).items():
         assert env_of(service)["AXL_REGISTRY_SECRET"] == REQUIRED_ENV["AXL_REGISTRY_SECRET"], name
+        assert env_of(service)["AXL_REDIS_URL"] == f"redis://:{password}@redis:6379/0", name
+    redis = resolved["services"]["redis"]
+    assert redis["command"][redis["command"].index("--requirepass") + 1] == password
+    assert env_of(redis)["REDISCLI_AUTH"] == password  # its health check authenticates
     assert env_of(resolved["services"]["api-gateway"])["AXL_API_KEYS"] == REQUIRED_ENV["AXL_API_KEYS"]
 
 
@@ -90,7 +94,7 @@ def test_service_ports_and_commands(compose: dict[str, Any], service: str, port:
     assert spec["command"] == ["python", "-m", module]
     assert env_of(spec)["AXL_PORT"] == port
     assert env_of(spec)["AXL_HOST"] == "0.0.0.0"
-    assert env_of(spec)["AXL_REDIS_URL"] == "redis://redis:6379/0"
+    assert env_of(spec)["AXL_REDIS_URL"] == REDIS_URL
     assert env_of(spec)["AXL_REGISTRY_URL"] == "http://mesh-registry:8900"
 
 
@@ -129,9 +133,20 @@ def test_dependencies_wait_for_health(compose: dict[str, Any]) -> None:
         assert "redis" in services[name]["depends_on"]
 
 
+def test_redis_requires_a_password_every_service_sends(compose: dict[str, Any]) -> None:
+    """Redis has no open door: requirepass from a required variable, and every service's URL carries it."""
+    redis = compose["services"]["redis"]
+    assert redis["command"][redis["command"].index("--requirepass") + 1].startswith("${AXL_REDIS_PASSWORD:?")
+    assert env_of(redis)["REDISCLI_AUTH"].startswith("${AXL_REDIS_PASSWORD:?")
+    users = {name: s for name, s in compose["services"].items() if "AXL_REDIS_URL" in env_of(s)}
+    assert set(app_services(compose)) <= set(users)
+    for name, spec in users.items():
+        assert env_of(spec)["AXL_REDIS_URL"] == REDIS_URL, name
+
+
 def test_required_secrets_use_the_error_form() -> None:
     text = COMPOSE_FILE.read_text()
-    for variable in ("AXL_REGISTRY_SECRET", "AXL_API_KEYS"):
+    for variable in REQUIRED_ENV:
         assert re.search(r"\$\{" + variable + r":\?[^}]+\}", text), variable
         assert not re.search(r"\$\{" + variable + r"(:-|\})", text), f"{variable} must not have a default"
 

@@ -18,7 +18,7 @@ import openai
 import pytest
 import yaml
 
-from deploy.launcher import redis_answers
+from deploy.launcher import redis_answers, with_password
 from tests.checkpoints import make_tiny_checkpoint
 from tests.support import REPO_ROOT, free_port
 
@@ -138,6 +138,13 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                     os.kill(pid, signal.SIGKILL)
 
 
+def _redis_url(mesh: dict[str, Any]) -> str:
+    """The URL the launcher gave its children (with the password of the Redis it started)."""
+    urls = {_environ(pid).get("AXL_REDIS_URL") for pid in _descendants(mesh["proc"].pid)} - {None}
+    assert len(urls) == 1, "every child gets the same Redis URL"
+    return urls.pop()
+
+
 def _client(mesh: dict[str, Any]) -> openai.OpenAI:
     return openai.OpenAI(base_url=mesh["gateway"] + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
 
@@ -145,7 +152,7 @@ def _client(mesh: dict[str, Any]) -> openai.OpenAI:
 def test_it_started_its_own_redis_and_every_service(mesh: dict[str, Any]) -> None:
     text = mesh["log"].read_text(errors="replace")
     assert "starting a local redis-server" in text
-    assert redis_answers(f"redis://127.0.0.1:{mesh['redis_port']}/0")
+    assert redis_answers(_redis_url(mesh))
     for name in ("registry", "coder", "gateway", "trainer", "quantizer"):
         assert f"{name} is healthy" in text, name
     assert "generated one for this run" in text  # no AXL_REGISTRY_SECRET was given
@@ -153,6 +160,25 @@ def test_it_started_its_own_redis_and_every_service(mesh: dict[str, Any]) -> Non
     first, second = mesh["config"]["queue_worker_port_start"], mesh["config"]["queue_worker_port_start"] + 1
     for port in (first, second):
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+
+
+def test_its_redis_requires_a_generated_password_never_shown(mesh: dict[str, Any]) -> None:
+    from urllib.parse import urlsplit
+
+    url = _redis_url(mesh)
+    password = urlsplit(url).password
+    assert password and len(password) >= 32
+    assert url == with_password(f"redis://127.0.0.1:{mesh['redis_port']}/0", password)
+    assert not redis_answers(f"redis://127.0.0.1:{mesh['redis_port']}/0")  # no password: refused
+    assert not redis_answers(with_password(url, "wrong-password"))
+    assert password not in mesh["log"].read_text(errors="replace")
+    stored = mesh["root"] / "state" / "redis" / "password"
+    assert stored.read_text().strip() == password and stored.stat().st_mode & 0o077 == 0
+    for pid in _descendants(mesh["proc"].pid):  # not on any command line (every local user can read those)
+        try:
+            assert password.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes(), pid
+        except OSError:
+            pass
 
 
 def test_a_completion_through_the_gateway(mesh: dict[str, Any]) -> None:
@@ -216,15 +242,16 @@ def test_a_second_launcher_on_the_same_ports_fails_fast(mesh: dict[str, Any]) ->
     assert "already in use" in result.stdout and "(gateway)" in result.stdout
     assert "using the Redis at" in result.stdout  # the first one's: found, used, and left running
     assert httpx.get(mesh["gateway"] + "/healthz", timeout=5).status_code == 200
-    assert redis_answers(f"redis://127.0.0.1:{mesh['redis_port']}/0")
+    assert redis_answers(_redis_url(mesh))
 
 
 def test_sigint_stops_everything(mesh: dict[str, Any]) -> None:
     proc = mesh["proc"]
+    redis_url = _redis_url(mesh)
     children = _descendants(proc.pid)
     assert len(children) >= 7  # redis, registry, 2 workers, gateway, trainer, quantizer (+ their forks)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(60) == 0, mesh["log"].read_text(errors="replace")[-3000:]
     _wait(lambda: not any(_alive(pid) for pid in children), 10, "every child to be gone", mesh["log"])
-    assert not redis_answers(f"redis://127.0.0.1:{mesh['redis_port']}/0", timeout=0.5)
+    assert not redis_answers(redis_url, timeout=0.5)
     assert "stopped" in mesh["log"].read_text(errors="replace").splitlines()[-1]

@@ -11,18 +11,24 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import openai
 import pytest
+import redis
 
 from axl_mesh.model_store import ModelStore
 from tests.e2e.conftest import Mesh
 from tests.services.trainer_worker.mesh import PAIRS, event_messages, wait_for_status
-from tests.support import ServiceProcess
+from tests.support import RedisServer, ServiceProcess
 
 
 @pytest.fixture
-def job_mesh(redis_url: str, tmp_path: Path) -> Iterator[tuple[Mesh, dict[str, str]]]:
+def job_mesh(tmp_path: Path) -> Iterator[tuple[Mesh, dict[str, str]]]:
+    """Registry, gateway, trainer and (later) a model worker on a Redis that requires a password, as under compose
+    and ``make up``: the password in the URL must work for every client, RQ's included."""
+    redis_server = RedisServer(tmp_path / "redis.log", password="e2e-redis-password").start()
+    redis_url = redis_server.url
     env = {"AXL_REDIS_URL": redis_url, "AXL_DATA_DIR": str(tmp_path / "data"), "AXL_JOBS_KEY_PREFIX": "axl:e2e-jobs",
            "AXL_REAPER_INTERVAL_SECONDS": "1", "AXL_HEARTBEAT_INTERVAL_SECONDS": "1", "AXL_NUM_THREADS": "1"}
     mesh = Mesh(redis_url=redis_url, workdir=tmp_path)
@@ -36,6 +42,7 @@ def job_mesh(redis_url: str, tmp_path: Path) -> Iterator[tuple[Mesh, dict[str, s
         if trainer is not None:
             trainer.stop()
         mesh.stop()
+        redis_server.stop()
 
 
 def test_fine_tuned_model_is_stored_listed_and_answers(job_mesh: tuple[Mesh, dict[str, str]]) -> None:
@@ -75,3 +82,7 @@ def test_fine_tuned_model_is_stored_listed_and_answers(job_mesh: tuple[Mesh, dic
     completion = client.completions.create(model=name, prompt="def add_3(a, b):\n", max_tokens=8, temperature=0)
     assert completion.model == name and completion.choices[0].text is not None
     assert completion.usage.completion_tokens >= 1
+    # All of it went through the password-protected Redis; without the password it refuses.
+    assert redis.Redis.from_url(env["AXL_REDIS_URL"]).exists(f"rq:job:{job.id}")
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=urlsplit(env["AXL_REDIS_URL"]).port).ping()
