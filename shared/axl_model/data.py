@@ -10,11 +10,18 @@ bytes + target bytes + EOS, and the loss mask covers the target (and EOS) only; 
 `specialist` is rendered with that specialist's prompt layout, and a line with `text` is a raw document.
 
 Quality filter: line count within [min_lines, max_lines], `.py` files must parse (`ast`), exact duplicates are
-dropped (by content hash, first kept). The train/validation split is by *file*: a stable hash of the path
-relative to its input root decides, so a file never leaks across the split (a `.jsonl` record is split by its
-`file` field when it has one, else by its line). Tokens are stored as uint16 (`tokens.bin`) with a loss mask
-(`mask.bin`, uint8) and a JSON index of document offsets, memory-mapped on use and never loaded whole. The
-folder is keyed by a hash of the inputs (paths, sizes, mtimes, filter settings), so a second run reuses it.
+dropped (by content hash, first kept). Near-duplicates (line-set Jaccard >= 0.8, found by MinHash with LSH
+banding and then checked exactly) form clusters, and a cluster never straddles the split: it goes wholly to the
+side of its first member's key, and on the validation side only that representative is kept (a held-out file
+that nearly repeats another adds bytes, not evidence). The train/validation split is by *file*: a stable hash of
+the path relative to its input root (`json/decoder.py`, never `python3.11/json/decoder.py`) decides, so a file
+never leaks across the split and the split does not move with the Python version (a `.jsonl` record is split by
+its `file` field when it has one, else by its line). Tokens are stored as uint16 (`tokens.bin`) with a loss
+mask (`mask.bin`, uint8) and a JSON index of document offsets, memory-mapped on use and never loaded whole. The
+validation split holds library files first and test files (`test_*.py`, `*/tests/*`, ...) after them, so the
+two are scored separately (`TokenDataset.groups`). `split.json` records what went where (the validation files,
+content hashes of the training files); a checkpoint carries it (`split_record`). The folder is keyed by a hash
+of the inputs (paths, sizes, mtimes, filter settings), so a second run reuses it.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import re
 import shutil
 import sysconfig
 import tempfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +44,7 @@ import torch
 
 from .tokenizer import BOS_ID, EOS_ID, FIM_MIDDLE_ID, FIM_PREFIX_ID, FIM_SUFFIX_ID
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: keys relative to the input root, near-duplicate clusters, split.json, val groups
 TEXT_SUFFIXES = (".py", ".txt")
 JSONL_SUFFIXES = (".jsonl",)
 SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git", ".venv", "node_modules"}
@@ -54,6 +62,7 @@ class FilterConfig:
     max_lines: int = 20_000
     check_syntax: bool = True  # .py files must parse with `ast`
     dedupe: bool = True
+    near_duplicate_jaccard: float = 0.8  # line-set Jaccard at which two files are one cluster; 0 disables
 
 
 @dataclass
@@ -62,7 +71,9 @@ class DataStats:
     documents: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0})
     tokens: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0})
     rejected: dict[str, int] = field(default_factory=lambda: {"too_short": 0, "too_long": 0, "syntax": 0,
-                                                              "duplicate": 0, "unreadable": 0})
+                                                              "duplicate": 0, "near_duplicate": 0, "unreadable": 0})
+    near_duplicate_clusters: int = 0  # clusters of two or more files (each kept wholly on one side)
+    near_duplicate_files: int = 0  # files in those clusters
     split_note: str = ""
 
 
@@ -95,6 +106,13 @@ class TokenDataset:
         """Tokens the loss is taken on (bytes of raw files, targets of pairs), i.e. held-out 'bytes'."""
         return int(self.index["n_predicted"])
 
+    @property
+    def groups(self) -> dict[str, tuple[int, int]]:
+        """Kind of file -> its token range [start, stop): 'library' and 'test' in a validation split (each
+        present only when non-empty), 'all' in a training split."""
+        groups = self.index.get("groups") or {"all": [0, self.n_tokens]}
+        return {kind: (int(a), int(b)) for kind, (a, b) in groups.items() if b > a}
+
     def window(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(self.tokens[start : start + length]), np.asarray(self.mask[start : start + length])
 
@@ -108,8 +126,11 @@ class _SplitWriter:
         self.offsets: list[int] = []
         self.n_tokens = 0
         self.n_predicted = 0
+        self.groups: dict[str, list[int]] = {}  # kind -> [start, stop) of documents added in kind order
 
-    def add(self, tokens: np.ndarray, mask: np.ndarray) -> None:
+    def add(self, tokens: np.ndarray, mask: np.ndarray, kind: str | None = None) -> None:
+        if kind is not None:
+            self.groups.setdefault(kind, [self.n_tokens, self.n_tokens])[1] = self.n_tokens + len(tokens)
         self.offsets.append(self.n_tokens)
         tokens.astype(TOKEN_DTYPE).tofile(self.tokens)
         mask.astype(np.uint8).tofile(self.mask)
@@ -120,7 +141,7 @@ class _SplitWriter:
         self.tokens.close()
         self.mask.close()
         index = {"format_version": FORMAT_VERSION, "n_tokens": self.n_tokens, "n_predicted": self.n_predicted,
-                 "offsets": self.offsets}
+                 "offsets": self.offsets, **({"groups": self.groups} if self.groups else {})}
         (self.folder / "index.json").write_text(json.dumps(index))
 
 
@@ -155,8 +176,9 @@ def resolve_inputs(paths: Sequence[str | os.PathLike]) -> list[tuple[Path, str]]
                 for name in sorted(filenames):
                     file = Path(dirpath) / name
                     if file.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES:
-                        # keyed by the folder's own name too, so pkg_a/__init__.py and pkg_b/__init__.py differ
-                        found.setdefault(file.resolve(), _relative(file, path.resolve().parent))
+                        # relative to the folder itself: the stdlib's json/decoder.py has the same key under
+                        # python3.11/ and python3.12/, so the split does not move with the Python version
+                        found.setdefault(file.resolve(), _relative(file, path))
         elif path.is_file():
             if path.suffix not in TEXT_SUFFIXES + JSONL_SUFFIXES:
                 raise ValueError(f"data file {path} is not .py, .txt or .jsonl")
@@ -259,13 +281,110 @@ def split_of(split_key: str, val_fraction: float) -> str:
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
+_TEST_DIRS = {"test", "tests", "testing", "idle_test", "unittests"}
+
+
+def file_kind(split_key: str) -> str:
+    """'test' for unit tests (test_*.py, *_test.py, conftest.py, anything under a test/tests folder), else 'library'.
+    A .jsonl record is judged by the source file it names."""
+    path = split_key.rsplit("::", 1)[-1]
+    *folders, name = path.split("/")
+    if name.startswith("test_") or name.endswith("_test.py") or name == "conftest.py" or _TEST_DIRS & set(folders):
+        return "test"
+    return "library"
+
+
+# ---------------------------------------------------------------------------------------------- near-duplicates
+# MinHash over the set of a file's distinct non-blank lines (whitespace-stripped), LSH banding to find candidate
+# pairs, then the exact line-set Jaccard of each candidate. 16 bands x 8 rows find a pair at Jaccard 0.8 with
+# probability 1 - (1 - 0.8^8)^16 = 0.95 (0.9: 0.9999); pairs below ~0.6 rarely become candidates at all.
+MINHASH_BANDS, MINHASH_ROWS = 16, 8
+MINHASH_MIN_LINES = 8  # files with fewer distinct lines are compared by exact content only (too few to judge)
+_PRIME = 4_294_967_311  # the smallest prime above 2^32: a, x < 2^32 keep a * x + b below 2^64 (no overflow)
+
+
+def line_set(data: bytes) -> np.ndarray:
+    """Sorted distinct 32-bit hashes of the whitespace-stripped non-blank lines of a file."""
+    hashes = {zlib.crc32(line) for line in (raw.strip() for raw in data.split(b"\n")) if line}
+    return np.fromiter(hashes, dtype=np.uint64, count=len(hashes)) if hashes else np.zeros(0, np.uint64)
+
+
+def _minhash_params() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0x5EED)  # fixed: signatures (hence clusters, hence the split) are the same everywhere
+    n = MINHASH_BANDS * MINHASH_ROWS
+    return rng.integers(1, 1 << 32, size=n, dtype=np.uint64), rng.integers(0, 1 << 32, size=n, dtype=np.uint64)
+
+
+def minhash(lines: np.ndarray, params: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """(bands * rows,) MinHash signature of a line set under the universal hashes (a * x + b) mod (2^32 + 15)."""
+    a, b = params
+    return ((a[:, None] * lines[None, :] + b[:, None]) % np.uint64(_PRIME)).min(axis=1)  # (n_hashes,)
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """|a & b| / |a | b| of two sorted arrays of distinct values."""
+    common = len(np.intersect1d(a, b, assume_unique=True))
+    return common / (len(a) + len(b) - common) if len(a) + len(b) else 1.0
+
+
+def near_duplicate_clusters(line_sets: Sequence[np.ndarray | None], threshold: float) -> list[int]:
+    """For each item, the index of its cluster's first item: items joined by line-set Jaccard >= threshold
+    (transitively). Items with None or fewer than MINHASH_MIN_LINES lines stay alone."""
+    parent = list(range(len(line_sets)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    params = _minhash_params()
+    buckets: dict[tuple[int, bytes], list[int]] = {}
+    for i, lines in enumerate(line_sets):
+        if lines is None or len(lines) < MINHASH_MIN_LINES:
+            continue
+        signature = minhash(lines, params)
+        for band in range(MINHASH_BANDS):
+            rows = signature[band * MINHASH_ROWS:(band + 1) * MINHASH_ROWS]
+            buckets.setdefault((band, rows.tobytes()), []).append(i)
+    for members in buckets.values():
+        for j, first in enumerate(members):
+            for other in members[j + 1:]:
+                root_a, root_b = find(first), find(other)
+                if root_a != root_b and jaccard(line_sets[first], line_sets[other]) >= threshold:
+                    parent[max(root_a, root_b)] = min(root_a, root_b)  # the earlier item stays the root
+    return [find(i) for i in range(len(line_sets))]
+
+
 # ---------------------------------------------------------------------------------------------- preparing
+SPLIT_FILE = "split.json"
+
+
 @dataclass
 class PreparedData:
     folder: Path
     train: TokenDataset
     val: TokenDataset
     stats: DataStats
+
+    @property
+    def split(self) -> dict:
+        """What went where (split.json): the inputs, filters, val_fraction, the validation files in scoring order
+        ({"path", "kind", "sha1"}), and "train_sha1": content hashes of every training document."""
+        return json.loads((self.folder / SPLIT_FILE).read_text())
+
+
+def content_id(content_hash: str) -> str:
+    """The short content hash a split records per document (64 bits: no accidental collision in any corpus)."""
+    return content_hash[:16]
+
+
+def val_files_digest(val_files: Sequence[dict]) -> str:
+    """One hash of the validation file list (paths and contents), to tell whether two splits are the same."""
+    h = hashlib.sha256()
+    for entry in sorted(val_files, key=lambda e: (e["path"], e["sha1"])):
+        h.update(f"{entry['path']}\0{entry['sha1']}\n".encode())
+    return h.hexdigest()
 
 
 def _inputs_key(train_files, val_files, filters: FilterConfig, val_fraction: float) -> str:
@@ -278,6 +397,15 @@ def _inputs_key(train_files, val_files, filters: FilterConfig, val_fraction: flo
     return h.hexdigest()[:16]
 
 
+def prepared_folder(data: Sequence[str | os.PathLike] | None, cache_dir: str | os.PathLike, *,
+                    val_data: Sequence[str | os.PathLike] | None = None, val_fraction: float = 0.05,
+                    filters: FilterConfig | None = None) -> Path:
+    """The folder prepare_data uses (or would build) for these inputs under cache_dir."""
+    train_files = resolve_inputs(data if data else default_corpus())
+    val_files = resolve_inputs(val_data) if val_data else []
+    return Path(cache_dir) / _inputs_key(train_files, val_files, filters or FilterConfig(), val_fraction)
+
+
 def prepare_data(data: Sequence[str | os.PathLike] | None, cache_dir: str | os.PathLike, *,
                  val_data: Sequence[str | os.PathLike] | None = None, val_fraction: float = 0.05,
                  filters: FilterConfig | None = None, progress: bool = True) -> PreparedData:
@@ -288,6 +416,8 @@ def prepare_data(data: Sequence[str | os.PathLike] | None, cache_dir: str | os.P
     filters = filters or FilterConfig()
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if not 0.0 <= filters.near_duplicate_jaccard <= 1.0:
+        raise ValueError(f"near_duplicate_jaccard must be in [0, 1], got {filters.near_duplicate_jaccard}")
     train_files = resolve_inputs(data if data else default_corpus())
     val_files = resolve_inputs(val_data) if val_data else []
     if not train_files:
@@ -299,8 +429,10 @@ def prepare_data(data: Sequence[str | os.PathLike] | None, cache_dir: str | os.P
 
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=cache_dir))
+    inputs = {"data": [str(p) for p in data] if data else None, "corpus": [str(p) for p in data or default_corpus()],
+              "val_data": [str(p) for p in val_data] if val_data else None}
     try:
-        _build(staging, train_files, val_files, filters, val_fraction, progress)
+        _build(staging, train_files, val_files, filters, val_fraction, progress, inputs)
         if os.path.exists(folder):  # another process finished first
             shutil.rmtree(staging)
         else:
@@ -315,16 +447,30 @@ def _open(folder: Path) -> PreparedData:
     return PreparedData(folder, TokenDataset(folder / "train"), TokenDataset(folder / "val"), stats)
 
 
-def _build(staging: Path, train_files, val_files, filters: FilterConfig, val_fraction: float, progress: bool) -> DataStats:
+@dataclass
+class _Kept:
+    """A document that passed the filters, parked in the staging pool until its cluster's side is known."""
+
+    key: str
+    start: int  # in the pool's tokens
+    length: int
+    content_hash: str
+    forced_val: bool  # from val_data
+    lines: np.ndarray | None  # distinct line hashes of a raw file (near-duplicate search); None for records
+
+
+def _build(staging: Path, train_files, val_files, filters: FilterConfig, val_fraction: float, progress: bool,
+           inputs: dict) -> DataStats:
     from tqdm import tqdm
 
     stats = DataStats()
     seen: set[str] = set()
-    writers = {"train": _SplitWriter(staging / "train"), "val": _SplitWriter(staging / "val")}
-    held_back: list[Document] = []  # when no val data is given and the hash split leaves val empty
-    jobs = [(f, r, None) for f, r in train_files] + [(f, r, "val") for f, r in val_files]
+    # 1. Read, filter and drop exact duplicates; every kept document waits in a pool file (not in RAM).
+    pool = _SplitWriter(staging / "pool")
+    kept: list[_Kept] = []
+    jobs = [(f, r, False) for f, r in train_files] + [(f, r, True) for f, r in val_files]
     bar = tqdm(jobs, desc="preparing data", unit="file", disable=not progress, leave=False)
-    for file, relpath, forced in bar:
+    for file, relpath, forced_val in bar:
         stats.files += 1
         for doc in read_documents(file, relpath, filters, stats.rejected):
             if filters.dedupe:
@@ -332,28 +478,63 @@ def _build(staging: Path, train_files, val_files, filters: FilterConfig, val_fra
                     stats.rejected["duplicate"] += 1
                     continue
                 seen.add(doc.content_hash)
-            split = forced or ("train" if val_files else split_of(doc.split_key, val_fraction))
-            if split == "train" and not val_files and val_fraction > 0 and not held_back:
-                held_back.append(doc)  # the first train doc waits: it becomes val if the hash split gives none
-                continue
-            writers[split].add(doc.tokens, doc.mask)
-            stats.documents[split] += 1
+            lines = line_set(doc.tokens[1:-1].astype(np.uint8).tobytes()) \
+                if filters.near_duplicate_jaccard and file.suffix in TEXT_SUFFIXES else None
+            kept.append(_Kept(doc.split_key, pool.n_tokens, len(doc.tokens), doc.content_hash, forced_val, lines))
+            pool.add(doc.tokens, doc.mask)
     bar.close()
-    for doc in held_back:
-        split = "val" if writers["val"].n_tokens == 0 else "train"
-        if split == "val" and writers["train"].n_tokens == 0:
-            # A single document: hold out its tail so there is something honest to measure.
-            cut = max(2, int(len(doc.tokens) * (1 - max(val_fraction, 0.1))))
-            writers["train"].add(doc.tokens[:cut], doc.mask[:cut])
-            writers["val"].add(doc.tokens[cut:], doc.mask[cut:])
-            stats.documents["train"] += 1
-            stats.documents["val"] += 1
-            stats.split_note = "one document only: its last part is the validation split"
-            continue
-        if split == "val":
-            stats.split_note = "the hash split held out no file: the first file is the validation split"
-        writers[split].add(doc.tokens, doc.mask)
-        stats.documents[split] += 1
+    pool.close()
+
+    # 2. Near-duplicate clusters; a cluster never straddles the split.
+    cluster = (near_duplicate_clusters([k.lines for k in kept], filters.near_duplicate_jaccard)
+               if filters.near_duplicate_jaccard else list(range(len(kept))))
+    sizes: dict[int, int] = {}
+    for root in cluster:
+        sizes[root] = sizes.get(root, 0) + 1
+    stats.near_duplicate_clusters = sum(1 for n in sizes.values() if n > 1)
+    stats.near_duplicate_files = sum(n for n in sizes.values() if n > 1)
+    trained_clusters = {cluster[i] for i, doc in enumerate(kept) if not doc.forced_val}
+    split: list[str | None] = []  # None: dropped as a near-duplicate
+    for i, doc in enumerate(kept):
+        if val_files:  # given validation data: a validation file close to a training file would be a leak
+            split.append(("val" if cluster[i] not in trained_clusters else None) if doc.forced_val else "train")
+        else:  # the cluster goes where its first member's key says; val keeps only that representative
+            side = split_of(kept[cluster[i]].key, val_fraction)
+            split.append(None if side == "val" and cluster[i] != i else side)
+    note = ""
+    if not val_files and val_fraction > 0 and kept and "val" not in split:
+        # The hash split held out nothing: the first file (a lone one if there is one) becomes the validation split.
+        chosen = next((i for i in range(len(kept)) if sizes[cluster[i]] == 1), 0)
+        for i in range(len(kept)):
+            if cluster[i] == cluster[chosen]:
+                split[i] = "val" if i == chosen else None
+        note = "the hash split held out no file: the first file is the validation split"
+    stats.rejected["near_duplicate"] = split.count(None)
+
+    # 3. Write the splits: training in reading order; validation library files first, then test files.
+    pool_data = TokenDataset(staging / "pool")
+    writers = {"train": _SplitWriter(staging / "train"), "val": _SplitWriter(staging / "val")}
+    train_ids = [i for i, side in enumerate(split) if side == "train"]
+    val_ids = sorted((i for i, side in enumerate(split) if side == "val"), key=lambda i: file_kind(kept[i].key) == "test")
+    hashed_train_ids = train_ids
+    if not train_ids and len(val_ids) == 1 and not val_files:
+        # A single document: hold out its tail so there is something honest to measure.
+        doc = kept[val_ids[0]]
+        tokens, mask = pool_data.window(doc.start, doc.length)
+        cut = max(2, int(len(tokens) * (1 - max(val_fraction, 0.1))))
+        writers["train"].add(tokens[:cut], mask[:cut])
+        writers["val"].add(tokens[cut:], mask[cut:], kind=file_kind(doc.key))
+        train_ids, hashed_train_ids = val_ids, []  # its content hash marks it held out (the tail is scored)
+        note = "one document only: its last part is the validation split"
+    else:
+        for i in train_ids:
+            writers["train"].add(*pool_data.window(kept[i].start, kept[i].length))
+        for i in val_ids:
+            writers["val"].add(*pool_data.window(kept[i].start, kept[i].length), kind=file_kind(kept[i].key))
+    del pool_data
+    shutil.rmtree(staging / "pool")
+    stats.split_note = note
+    stats.documents = {"train": len(train_ids), "val": len(val_ids)}
     for name, writer in writers.items():
         writer.close()
         stats.tokens[name] = writer.n_tokens
@@ -361,6 +542,12 @@ def _build(staging: Path, train_files, val_files, filters: FilterConfig, val_fra
         raise ValueError(f"no training data left after filtering {stats.files} file(s) "
                          f"(rejected: {', '.join(f'{k} {v}' for k, v in stats.rejected.items() if v) or 'none'}; "
                          f"filter keeps {filters.min_lines}..{filters.max_lines} lines)")
+    val_entries = [{"path": kept[i].key, "kind": file_kind(kept[i].key), "sha1": content_id(kept[i].content_hash)}
+                   for i in val_ids]
+    record = {"format_version": FORMAT_VERSION, **inputs, "filters": asdict(filters), "val_fraction": val_fraction,
+              "split_note": note, "val_files": val_entries, "val_files_sha256": val_files_digest(val_entries),
+              "train_sha1": sorted({content_id(kept[i].content_hash) for i in hashed_train_ids})}
+    (staging / SPLIT_FILE).write_text(json.dumps(record, indent=1))
     (staging / "stats.json").write_text(json.dumps(asdict(stats), indent=2))
     return stats
 
@@ -425,11 +612,33 @@ def fim_rearrange(tokens: np.ndarray, weights: np.ndarray, rng: np.random.Genera
     return np.concatenate(pieces), np.concatenate(piece_weights)
 
 
-def eval_windows(dataset: TokenDataset, seq_len: int, max_tokens: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Consecutive non-overlapping windows (tokens of length <= seq_len + 1, mask) over a split, in order."""
-    end = len(dataset) if max_tokens is None else min(len(dataset), max_tokens + 1)
-    start = 0
-    while start < end - 1:
-        stop = min(start + seq_len + 1, end)
-        yield dataset.window(start, stop - start)
-        start = stop - 1
+VAL_SAMPLE_SEED = 0  # one fixed sample for every run and every evaluation, so numbers compare
+
+
+def eval_window_spans(n_tokens: int, seq_len: int, max_tokens: int | None = None,
+                      seed: int = VAL_SAMPLE_SEED) -> list[tuple[int, int]]:
+    """(start, length) of the windows (length <= seq_len + 1) that score a split of n_tokens tokens.
+
+    The whole split (max_tokens None or not smaller than it): consecutive non-overlapping windows, every target
+    once. Otherwise a fixed sample of max_tokens // seq_len full windows spread over the whole split: it is cut
+    into that many equal strata and each gets one window at a seeded random offset, so every stretch of the
+    split (every file of any size) is represented and the same windows are scored at every evaluation.
+    """
+    if max_tokens is None or n_tokens <= max_tokens + 1 or n_tokens <= seq_len + 1:
+        spans, start = [], 0
+        while start < n_tokens - 1:
+            stop = min(start + seq_len + 1, n_tokens)
+            spans.append((start, stop - start))
+            start = stop - 1
+        return spans
+    count = max(1, max_tokens // seq_len)
+    room = n_tokens - (seq_len + 1)  # the last possible start
+    offsets = np.random.default_rng(seed).random(count)
+    return [(int((i + offsets[i]) * room / count), seq_len + 1) for i in range(count)]
+
+
+def eval_windows(dataset: TokenDataset, seq_len: int, max_tokens: int | None = None,
+                 seed: int = VAL_SAMPLE_SEED) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The windows (tokens of length <= seq_len + 1, mask) of `eval_window_spans` over a split, in order."""
+    for start, length in eval_window_spans(len(dataset), seq_len, max_tokens, seed):
+        yield dataset.window(start, length)
