@@ -3,7 +3,11 @@
 The event loop never touches the model. A request enters a bounded waiting list (``submit``; full -> ``QueueFull``);
 the scheduler thread, between two decode steps, drops requests whose client went away (``cancel``), prefills
 waiting requests into free cache rows, then runs one ``step()`` for every active sequence and hands each step's
-outputs to the requests' asyncio queues with one ``call_soon_threadsafe`` per step (not one per token).
+outputs to the requests' output buffers with one ``call_soon_threadsafe`` per step (not one per token).
+
+A reader that stops reading (the gateway's stream is stuck on a client that reads nothing) would let a buffer
+grow without end while its row keeps decoding: a request whose oldest output waited ``stalled_reader_seconds``, or
+that has ``MAX_UNREAD_OUTPUTS`` waiting, is cancelled instead, which frees its row before the next step.
 
 The same thread loads the checkpoint first (so ``torch.set_num_threads`` applies to the thread that computes),
 which is why ``/readyz`` can answer while a large model is still loading.
@@ -30,6 +34,10 @@ from services.model_worker.metrics import WorkerMetrics
 logger = logging.getLogger(__name__)
 
 
+# Outputs one request may have waiting for its reader before it counts as stalled, whatever the time.
+MAX_UNREAD_OUTPUTS = 4096
+
+
 class QueueFull(Exception):
     """Every row is busy and the waiting list holds ``max_queue`` requests already."""
 
@@ -40,6 +48,37 @@ class SchedulerClosed(Exception):
 
 class GenerationFailed(Exception):
     """The model raised while serving this request; the message is safe to show."""
+
+
+class OutputBuffer:
+    """A request's outputs waiting for its reader, each with the time it arrived (to tell a stalled reader).
+
+    Touched only on the request's event loop (the model thread hands outputs over with call_soon_threadsafe)."""
+
+    def __init__(self) -> None:
+        self._items: deque[tuple[float, StepOutput | GenerationFailed]] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: StepOutput | GenerationFailed) -> None:
+        self._items.append((time.monotonic(), item))
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self) -> StepOutput | GenerationFailed:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()[1]
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def oldest_wait(self, now: float) -> float:
+        """Seconds the oldest unread output has waited (0 when the reader is up to date)."""
+        return now - self._items[0][0] if self._items else 0.0
 
 
 @dataclass(eq=False)
@@ -53,7 +92,7 @@ class GenerationRequest:
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    events: asyncio.Queue[StepOutput | GenerationFailed] = field(default_factory=asyncio.Queue)
+    events: OutputBuffer = field(default_factory=OutputBuffer)
     cancelled: bool = False
     finished: bool = False
     completion_tokens: int = 0
@@ -72,6 +111,7 @@ class Scheduler:
         max_batch: int,
         max_queue: int,
         num_threads: int,
+        stalled_reader_seconds: float,
         metrics: WorkerMetrics | None = None,
         on_loaded: Callable[[MultiScaleTransformer], None] | None = None,
     ) -> None:
@@ -79,6 +119,7 @@ class Scheduler:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.num_threads = num_threads
+        self.stalled_reader_seconds = stalled_reader_seconds
         self.metrics = metrics
         self._on_loaded = on_loaded
         self.model: MultiScaleTransformer | None = None
@@ -279,7 +320,7 @@ class Scheduler:
                 by_loop.setdefault(request.loop, []).append((request, event))
         for loop, batch in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_put_all, batch)
+                loop.call_soon_threadsafe(self._put_all, batch)
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 pass
 
@@ -293,7 +334,18 @@ class Scheduler:
             self._record_outcome(request, "error")
         self._deliver([(request, GenerationFailed(reason)) for request in leftover])
 
-
-def _put_all(batch: list[tuple[GenerationRequest, StepOutput | GenerationFailed]]) -> None:
-    for request, event in batch:
-        request.events.put_nowait(event)
+    def _put_all(self, batch: list[tuple[GenerationRequest, StepOutput | GenerationFailed]]) -> None:
+        """On the requests' event loop: buffer each output, or cancel a request whose reader stopped reading."""
+        now = time.monotonic()
+        for request, event in batch:
+            if request.cancelled:
+                continue
+            buffer = request.events
+            if not request.finished and (buffer.qsize() >= MAX_UNREAD_OUTPUTS
+                                         or buffer.oldest_wait(now) > self.stalled_reader_seconds):
+                logger.warning("request %s: its reader took nothing for %.0fs (%d outputs waiting); cancelled",
+                               request.request_id, buffer.oldest_wait(now), buffer.qsize())
+                self.cancel(request)  # its row is freed before the next step
+                buffer.put_nowait(GenerationFailed("the client stopped reading the stream"))
+                continue
+            buffer.put_nowait(event)

@@ -36,6 +36,9 @@ class Settings(ServiceSettings):
     drain_seconds: float = Field(default=30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
     heartbeat_seconds: float | None = Field(default=None, gt=0, description="default: a third of the registry TTL")
     retry_after_seconds: int = Field(default=1, ge=0, description="Retry-After of the 503 answers")
+    stalled_reader_seconds: float = Field(
+        default=30.0, gt=0, description="a request whose stream nobody reads for this long is cancelled (row freed)"
+    )
 
     @field_validator("specialist")
     @classmethod
