@@ -7,6 +7,9 @@
   on a free port, waits for its ``/healthz`` and returns a :class:`tests.support.ServiceProcess` (``.url``,
   ``.restart()``, ``.stop()``, ``.logs()``); every process it started is stopped at teardown.
 - Plain helpers (``free_port``, ``ServiceProcess``) are in ``tests/support.py`` for module-scoped fixtures.
+- No test sees the developer's state (autouse): every ``AXL_*`` variable but ``AXL_TEST_*`` is dropped, and
+  ``AXL_DATA_DIR`` (uploads, job folders, the model store) points at a temporary folder of each test's own; the
+  settings' default, ``data/`` in the repository, is what `make up` and a fine-tune fill.
 """
 
 from __future__ import annotations
@@ -21,6 +24,24 @@ import redis
 from tests.support import RedisServer, ServiceProcess, free_port
 
 __all__ = ["free_port"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_developer_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """For the whole session (module-scoped fixtures included): no AXL_* setting of the shell that ran pytest,
+    and a temporary data folder instead of the repository's ``data/``."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in list(os.environ):
+            if name.startswith("AXL_") and not name.startswith("AXL_TEST_"):
+                patch.delenv(name)
+        patch.setenv("AXL_DATA_DIR", str(tmp_path_factory.mktemp("session-data")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _own_data_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's own data folder, for settings read in the test process (in-process apps, JobsSettings())."""
+    monkeypatch.setenv("AXL_DATA_DIR", str(tmp_path_factory.mktemp("data")))
 
 
 @pytest.fixture(scope="session")

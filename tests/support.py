@@ -91,7 +91,8 @@ class ServiceProcess:
     """One of our services run as ``python -m <module>`` on a free loopback port, ready once ``health_path`` is 200.
 
     The environment is the test process's minus every ``AXL_*`` variable (so a developer's settings never leak in),
-    plus ``AXL_HOST``/``AXL_PORT`` and ``env``. Output goes to ``log_path``; a failed start raises with its tail.
+    plus ``AXL_HOST``/``AXL_PORT``, ``AXL_DATA_DIR`` (``data`` beside the log) and ``env``. Output goes to
+    ``log_path``; a failed start raises with its tail.
 
         with ServiceProcess("services.mesh_registry", {"AXL_REDIS_URL": url}, log_path=tmp / "reg.log") as svc:
             httpx.get(svc.url + "/v1/models")
@@ -112,7 +113,10 @@ class ServiceProcess:
         self.health_path = health_path
         self.log_path = log_path
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("AXL_")}
-        self.env.update({"AXL_HOST": "127.0.0.1", "AXL_PORT": str(self.port), "PYTHONUNBUFFERED": "1"})
+        # Its own data folder beside its log: the settings' default ("data", relative to the repository it runs
+        # in) holds the developer's models and uploads after `make up` and a fine-tune.
+        self.env.update({"AXL_HOST": "127.0.0.1", "AXL_PORT": str(self.port), "PYTHONUNBUFFERED": "1",
+                         "AXL_DATA_DIR": str(log_path.parent / "data")})
         self.env.update(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
 
