@@ -64,7 +64,7 @@ def local_mesh(threads: int | None = None, max_batch: int = 8, preset: str = "mi
                                     health_path="/readyz")
             services.append(worker.start(120))
             gateway = ServiceProcess("services.api_gateway", {
-                "AXL_REGISTRY_URL": registry.url, "AXL_LOG_LEVEL": "warning",
+                "AXL_REGISTRY_URL": registry.url, "AXL_REGISTRY_SECRET": SECRET, "AXL_LOG_LEVEL": "warning",
             }, log_path=root / "gateway.log", health_path="/readyz")
             services.append(gateway.start(60))
             yield LocalMesh(worker=worker, gateway=gateway, model_id="axl-coder")
@@ -91,6 +91,7 @@ def run(args) -> dict:
         direct_body = {"prompt": "x = ", "max_tokens": 1, "temperature": 0.0, "stream": False}
         gateway_body = {"model": mesh.model_id, **direct_body}
         direct_url = mesh.worker.url + "/internal/v1/generate"
+        direct_auth = {"Authorization": f"Bearer {SECRET}"}
         gateway_url = mesh.gateway.url + "/v1/completions"
         direct, through = [], []
         assert mesh.gateway.proc is not None
@@ -101,7 +102,8 @@ def run(args) -> dict:
                     cpu_before = process_cpu_seconds(gateway_pid)
                 for url, body, into in ((direct_url, direct_body, direct), (gateway_url, gateway_body, through)):
                     started = time.perf_counter()
-                    response = client.post(url, json=body)
+                    # The direct call carries the mesh secret, as the gateway's own call to the worker does.
+                    response = client.post(url, json=body, headers=direct_auth if url == direct_url else None)
                     elapsed = time.perf_counter() - started
                     response.raise_for_status()
                     if i >= WARMUP:

@@ -16,6 +16,7 @@ from axl_mesh.metrics import instrument_requests, mount_metrics
 from axl_mesh.registry_client import CachedLookup, RegistryClient, RegistryError
 from axl_mesh.registry_schemas import InstanceRecord
 from services.api_gateway.auth import ApiKeyMiddleware
+from services.api_gateway.exposure import HostCheckMiddleware, host_check_needed
 from services.api_gateway.metrics import AgentMetrics, GatewayMetrics
 from services.api_gateway.routes import ROUTERS, health
 from services.api_gateway.settings import Settings
@@ -36,7 +37,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = RegistryClient(settings.registry_url, settings.registry_secret_value(),
                                   timeout_seconds=settings.connect_timeout_seconds + 3)
-        http = WorkerClient(connect_timeout=settings.connect_timeout_seconds,
+        http = WorkerClient(mesh_secret=settings.registry_secret_value(),
+                            connect_timeout=settings.connect_timeout_seconds,
                             read_timeout=settings.read_timeout_seconds,
                             max_connections=settings.max_upstream_connections)
         lookup = CachedLookup(registry, ttl_seconds=settings.lookup_ttl_seconds)
@@ -61,6 +63,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     model_store = ModelStore(jobs_settings.resolved_model_store_dir)
     upload_limit = jobs_settings.max_file_bytes + (1 << 20)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, path_limits={"/v1/files": upload_limit})
+    if host_check_needed(settings):
+        # Open (no API keys) on loopback: refuse other Host names before any body is read (DNS rebinding).
+        app.add_middleware(HostCheckMiddleware, extra_hosts=settings.allowed_host_list())
     # Outside the body limit and the routes: a request without a valid key gets its 401 before its body is read.
     app.add_middleware(ApiKeyMiddleware, keys=app.state.api_keys)
     instrument_requests(app, metrics_registry)

@@ -13,10 +13,21 @@ def _split(value: str | None) -> list[str]:
 
 
 class Settings(ServiceSettings):
-    """The gateway binds :8880; ``AXL_API_KEYS`` (comma-separated) turns on bearer auth for ``/v1/*``."""
+    """The gateway binds :8880; ``AXL_API_KEYS`` (comma-separated) turns on bearer auth for ``/v1/*``.
+
+    Without keys it is open: allowed on loopback (with a Host check against DNS rebinding), elsewhere only with
+    ``AXL_ALLOW_OPEN=true`` / ``--allow-open``."""
 
     port: int = Field(default=8880, ge=0, le=65535)
+    # Required: the gateway reads the registry and calls the workers with it (every internal hop carries it).
+    registry_secret: SecretStr
     api_keys: SecretStr | None = Field(default=None, description="comma-separated bearer tokens; unset: open")
+    # With no API keys the gateway serves anyone: it refuses to start so on a non-loopback address unless this
+    # (or --allow-open) says the operator means it. See services/api_gateway/exposure.py.
+    allow_open: bool = Field(default=False, description="serve without API keys on a non-loopback address")
+    allowed_hosts: str = Field(
+        default="", description="comma-separated Host names an open gateway also answers, besides localhost"
+    )
     cors_origins: str = Field(default="", description="comma-separated origins ('*' for any); unset: no CORS")
     lookup_ttl_seconds: float = Field(default=2.0, gt=0, description="how long registry answers are reused")
     failed_instance_cooldown_seconds: float = Field(
@@ -45,3 +56,6 @@ class Settings(ServiceSettings):
 
     def cors_origin_list(self) -> list[str]:
         return _split(self.cors_origins)
+
+    def allowed_host_list(self) -> list[str]:
+        return [host.lower() for host in _split(self.allowed_hosts)]

@@ -13,9 +13,10 @@ answer with a few bytes methods. It keeps what the gateway relies on:
   another replica), :class:`WorkerReadTimeout`, :class:`WorkerProtocolError` (closed or reset mid-answer);
 - streaming: :meth:`WorkerClient.stream` returns once the status line and headers are in; its body is read
   (chunked or sized) line by line; closing it early closes the connection, so the worker sees the disconnect
-  and drops the request.
+  and drops the request;
+- the mesh secret: every request carries ``Authorization: Bearer <mesh_secret>`` (workers answer 401 without it).
 
-    client = WorkerClient(connect_timeout=2, read_timeout=300)
+    client = WorkerClient(mesh_secret=settings.registry_secret_value(), connect_timeout=2, read_timeout=300)
     answer = await client.post_json("http://127.0.0.1:8901/internal/v1/generate", {"prompt": "x"})
     async with await client.stream(url, payload) as response:
         async for line in response.lines(): ...
@@ -222,7 +223,12 @@ class WorkerClient:
         max_connections: int = 256,
         idle_seconds: float = DEFAULT_IDLE_SECONDS,
         ssl_context: ssl.SSLContext | None = None,
+        mesh_secret: str | None = None,
     ) -> None:
+        if mesh_secret is not None and any(c in mesh_secret for c in "\r\n"):
+            raise ValueError("the mesh secret must not contain line breaks")  # it goes into a header line as is
+        # One pre-built header line, so the hot path only joins bytes.
+        self._auth_line = f"Authorization: Bearer {mesh_secret}\r\n".encode() if mesh_secret else b""
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.idle_seconds = idle_seconds
@@ -251,8 +257,8 @@ class WorkerClient:
         body = json.dumps(payload, separators=(",", ":")).encode()
         request = b"".join((
             b"POST ", path.encode("ascii"), b" HTTP/1.1\r\nHost: ", origin.host_header,
-            b"\r\nContent-Type: application/json\r\nAccept: */*\r\nContent-Length: ", str(len(body)).encode(),
-            b"\r\n\r\n", body,
+            b"\r\nContent-Type: application/json\r\nAccept: */*\r\n", self._auth_line,
+            b"Content-Length: ", str(len(body)).encode(), b"\r\n\r\n", body,
         ))
         conn = await self._acquire(origin)
         try:

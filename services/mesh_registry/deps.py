@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from axl_mesh.errors import AuthenticationError
+from axl_mesh.mesh_auth import check_mesh_bearer
 from services.mesh_registry.settings import Settings
 from services.mesh_registry.store import RegistryStore
 
@@ -25,12 +24,7 @@ StoreDep = Annotated[RegistryStore, Depends(get_store)]
 
 
 def _check_bearer(request: Request, settings: Settings) -> None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise AuthenticationError("Missing bearer token: send 'Authorization: Bearer <AXL_REGISTRY_SECRET>'.")
-    expected = settings.registry_secret.get_secret_value()
-    if not hmac.compare_digest(token.strip().encode(), expected.encode()):
-        raise AuthenticationError("Wrong registry secret.")
+    check_mesh_bearer(request.headers.get("authorization"), settings.registry_secret.get_secret_value())
 
 
 def require_writer(request: Request, settings: SettingsDep) -> None:
@@ -39,7 +33,7 @@ def require_writer(request: Request, settings: SettingsDep) -> None:
 
 
 def require_reader(request: Request, settings: SettingsDep) -> None:
-    """Reads are open unless AXL_REGISTRY_PROTECT_READS is set."""
+    """Reads need the secret too unless AXL_REGISTRY_PROTECT_READS=false."""
     if settings.registry_protect_reads:
         _check_bearer(request, settings)
 

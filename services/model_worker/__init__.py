@@ -2,10 +2,11 @@
 
 Run: ``AXL_CHECKPOINT=<dir> AXL_SPECIALIST=coder python -m services.model_worker`` (binds :8901). Settings
 (``AXL_``): ``CHECKPOINT``, ``SPECIALIST``, ``MODEL_ID`` (``axl-<specialist>``), ``HOST``, ``PORT``, ``PUBLIC_URL``,
-``REGISTRY_URL`` (empty: standalone), ``REGISTRY_SECRET``, ``MAX_BATCH`` (8), ``MAX_QUEUE`` (64),
+``REGISTRY_URL`` (empty: standalone), ``REGISTRY_SECRET`` (required), ``MAX_BATCH`` (8), ``MAX_QUEUE`` (64),
 ``NUM_THREADS`` (CPU count), ``DRAIN_SECONDS`` (30).
 
-API (internal: only the gateway calls it; errors in the OpenAI shape):
+API (internal: only the gateway calls it; errors in the OpenAI shape). Every ``/internal/v1`` call must carry
+``Authorization: Bearer <AXL_REGISTRY_SECRET>`` (the mesh secret), else 401; health and metrics stay open:
   POST /internal/v1/generate  {request_id, prompt | messages, suffix, max_tokens, temperature, top_p, top_k,
                               repetition_penalty, seed, stop, logprobs, echo, stream}; unset sampling fields take
                               the specialist's defaults. JSON {text, finish_reason, usage, logprobs, model}, or

@@ -9,11 +9,14 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from axl_mesh.errors import BodySizeLimitMiddleware, install_error_handlers
+from axl_mesh.mesh_auth import MeshSecretMiddleware
 from axl_mesh.metrics import instrument_requests, mount_metrics
 from services.model_worker.metrics import WorkerMetrics
 from services.model_worker.routes import generate, health, info
 from services.model_worker.settings import Settings
 from services.model_worker.worker import ModelWorker
+
+INTERNAL_PREFIX = "/internal"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -40,6 +43,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Only the gateway may call /internal/v1/*: it carries the mesh secret. /healthz, /readyz and /metrics stay
+    # open for container health checks and Prometheus (deploy/prometheus.yml scrapes without credentials); they
+    # tell load and readiness, never a completion. Added after the body limit, so it runs before it: a caller
+    # without the secret gets its 401 before any body is read (request metrics still count it).
+    app.add_middleware(MeshSecretMiddleware, secret=settings.registry_secret.get_secret_value(),
+                       path_prefix=INTERNAL_PREFIX)
     instrument_requests(app, metrics_registry)
 
     async def refresh_load_gauges() -> None:

@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from axl_mesh.registry_schemas import NAME_PATTERN
 from axl_mesh.settings import ServiceSettings
@@ -15,9 +15,14 @@ from axl_model.specialists import get_specialist
 
 
 class Settings(ServiceSettings):
-    """One worker serves one checkpoint as one specialist; ``AXL_REGISTRY_URL=""`` runs it standalone."""
+    """One worker serves one checkpoint as one specialist; ``AXL_REGISTRY_URL=""`` runs it standalone.
+
+    ``AXL_REGISTRY_SECRET`` (the mesh secret) is required: the worker announces itself with it and refuses
+    internal calls that do not carry it."""
 
     port: int = Field(default=8901, ge=0, le=65535)
+    # Required, standalone too: /internal/v1/* answers only calls that carry it (the worker has no other auth).
+    registry_secret: SecretStr
     checkpoint: Path = Field(description="checkpoint folder (model.safetensors + config.json)")
     checkpoint_wait_seconds: float = Field(
         default=0.0, ge=0, description="wait this long for a missing checkpoint to appear (a bootstrap training)"

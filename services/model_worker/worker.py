@@ -120,8 +120,6 @@ class ModelWorker:
         if self.draining:
             return
         self._registry = RegistryClient(self.settings.registry_url, self.settings.registry_secret_value())
-        if self.settings.registry_secret is None:
-            logger.warning("AXL_REGISTRY_SECRET is not set: the registry will refuse this worker's registration")
         self._heartbeat = self._registry.heartbeat_forever(
             self.registration(), load_fn=self.load, interval_seconds=self.settings.heartbeat_seconds
         )

@@ -9,6 +9,9 @@ Worker:
 Gateway:
     lookup = CachedLookup(client, ttl_seconds=2.0)
     instances = await lookup.instances("axl-micro")     # least busy first
+
+Every call carries the mesh secret (``AXL_REGISTRY_SECRET``) as a bearer: the registry refuses writes without it,
+and reads too unless it runs with ``AXL_REGISTRY_PROTECT_READS=false``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel
 
+from axl_mesh.mesh_auth import bearer_header
 from axl_mesh.registry_schemas import (
     InstanceAck,
     InstanceList,
@@ -50,7 +54,8 @@ class RegistryError(Exception):
 
 
 class RegistryClient:
-    """Thin typed wrapper over the registry's HTTP API; every call is bounded by ``timeout_seconds``."""
+    """Thin typed wrapper over the registry's HTTP API; every call is bounded by ``timeout_seconds`` and carries
+    ``secret`` (the mesh secret; None only for a registry whose reads are open, and then writes are refused)."""
 
     def __init__(
         self,
@@ -60,9 +65,8 @@ class RegistryClient:
         timeout_seconds: float = 5.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        headers = {"Authorization": f"Bearer {secret}"} if secret else {}
         self._http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_seconds, transport=transport
+            base_url=base_url.rstrip("/"), headers=bearer_header(secret), timeout=timeout_seconds, transport=transport
         )
 
     async def aclose(self) -> None:
@@ -132,7 +136,7 @@ class RegistryClient:
                 failing = True
             await asyncio.sleep(interval)
 
-    # --- reads ---
+    # --- reads (need the secret unless the registry opened them) ---
 
     async def lookup(self, model: str | None = None, specialist: str | None = None) -> list[InstanceRecord]:
         """Healthy instances of ``model`` (and/or ``specialist``), least busy first."""

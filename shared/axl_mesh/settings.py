@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+MIN_SECRET_CHARS = 8  # the mesh secret (AXL_REGISTRY_SECRET), wherever it is set
 
 
 class ServiceSettings(BaseSettings):
@@ -24,10 +25,18 @@ class ServiceSettings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     redis_url: str = "redis://127.0.0.1:6379/0"
     registry_url: str = "http://127.0.0.1:8900"
-    # Shared by the registry and everything that writes to it; None means "not configured".
+    # The mesh secret: every internal hop carries it as a bearer (see axl_mesh.mesh_auth); None: not configured.
+    # The registry, the model workers and the gateway require it; the job workers need none.
     registry_secret: SecretStr | None = None
     log_level: LogLevel = "info"
     max_body_bytes: int = Field(default=1 << 20, ge=0, description="requests with a larger body get a 413")
+
+    @field_validator("registry_secret")
+    @classmethod
+    def _secret_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_SECRET_CHARS:
+            raise ValueError(f"AXL_REGISTRY_SECRET must be at least {MIN_SECRET_CHARS} characters")
+        return value
 
     def registry_secret_value(self) -> str | None:
         """The secret as a plain string (or None), for building an Authorization header."""

@@ -49,11 +49,17 @@ def test_client_round_trip(registry: ServiceProcess) -> None:
             assert (model.id, model.instances, model.capabilities) == ("axl-micro-python", 2, ["fim"])
             assert await client.deregister("w2") is True
 
-        async with RegistryClient(registry.url, "wrong-secret") as intruder:
-            with pytest.raises(RegistryError) as info:
-                await intruder.register(registration("w3"))
-        assert info.value.status == 401
-        assert info.value.error["type"] == "authentication_error"
+        for secret in ("wrong-secret", None):
+            async with RegistryClient(registry.url, secret) as intruder:
+                with pytest.raises(RegistryError) as info:
+                    await intruder.register(registration("w3"))
+                assert info.value.status == 401
+                assert info.value.error["type"] == "authentication_error"
+                # Reads need the secret too: without it no one learns where the workers are.
+                for read in (intruder.lookup("axl-micro-python"), intruder.list_models()):
+                    with pytest.raises(RegistryError) as info:
+                        await read
+                    assert info.value.status == 401
 
     asyncio.run(scenario())
 

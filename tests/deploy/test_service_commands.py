@@ -90,7 +90,8 @@ def test_service_starts_from_its_compose_definition(name: str, local: dict[str, 
         metrics = httpx.get(process.url + "/metrics", timeout=5)
         assert metrics.status_code == 200 and "# TYPE" in metrics.text  # what Prometheus scrapes
         if module == "services.model_worker":  # a worker registers itself under its specialist's model id
-            models = httpx.get(local["registry"].url + "/v1/models", timeout=5).json()
+            mesh_auth = {"Authorization": f"Bearer {env['AXL_REGISTRY_SECRET']}"}  # registry reads need it too
+            models = httpx.get(local["registry"].url + "/v1/models", headers=mesh_auth, timeout=5).json()
             assert f"axl-{env['AXL_SPECIALIST']}" in str(models)
     finally:
         process.stop()

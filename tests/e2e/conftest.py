@@ -20,6 +20,7 @@ from tests.checkpoints import make_tiny_checkpoint
 from tests.support import ServiceProcess
 
 REGISTRY_SECRET = "e2e-registry-secret"
+MESH_AUTH = {"Authorization": f"Bearer {REGISTRY_SECRET}"}  # every internal hop carries the mesh secret
 API_KEY = "sk-e2e-test-key"
 TTL_SECONDS = 2.0
 MAX_BODY_BYTES = 64 * 1024
@@ -44,7 +45,8 @@ class Mesh:
     def start_gateway(self, **env: str) -> ServiceProcess:
         assert self.registry is not None
         self.gateway = ServiceProcess("services.api_gateway", {
-            "AXL_REGISTRY_URL": self.registry.url, "AXL_API_KEYS": f"other-key,{API_KEY}",
+            "AXL_REGISTRY_URL": self.registry.url, "AXL_REGISTRY_SECRET": REGISTRY_SECRET,
+            "AXL_API_KEYS": f"other-key,{API_KEY}",
             "AXL_MAX_BODY_BYTES": str(MAX_BODY_BYTES), "AXL_LOOKUP_TTL_SECONDS": "0.5",
             "AXL_KEEPALIVE_SECONDS": "1", "AXL_LOG_LEVEL": "warning", **env,
         }, log_path=self.workdir / "gateway.log").start()
@@ -67,7 +69,8 @@ class Mesh:
 
     def instances(self, model: str) -> list[dict]:
         assert self.registry is not None
-        return httpx.get(f"{self.registry.url}/v1/instances", params={"model": model}, timeout=5).json()["data"]
+        return httpx.get(f"{self.registry.url}/v1/instances", params={"model": model}, headers=MESH_AUTH,
+                         timeout=5).json()["data"]
 
     def wait_for_instances(self, model: str, count: int | None, timeout: float = 60.0) -> list[dict]:
         """Wait until the registry lists ``count`` instances of ``model`` (None: one more than before is enough

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import API_KEY, TTL_SECONDS, Mesh
+from tests.e2e.conftest import API_KEY, MESH_AUTH, TTL_SECONDS, Mesh
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -26,7 +26,7 @@ def _kill(worker) -> None:  # noqa: ANN001 - a tests.support.ServiceProcess
 
 
 def _running(worker) -> int:  # noqa: ANN001
-    info = httpx.get(worker.url + "/internal/v1/info", timeout=5).json()
+    info = httpx.get(worker.url + "/internal/v1/info", headers=MESH_AUTH, timeout=5).json()
     return info["running"] + info["waiting"]
 
 

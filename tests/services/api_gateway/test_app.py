@@ -25,7 +25,8 @@ def registry(start_service: Callable[..., ServiceProcess], redis_url: str) -> Se
 @pytest.fixture
 def gateway(start_service: Callable[..., ServiceProcess], registry: ServiceProcess) -> Iterator[ServiceProcess]:
     yield start_service("services.api_gateway", {
-        "AXL_REGISTRY_URL": registry.url, "AXL_API_KEYS": KEY, "AXL_CORS_ORIGINS": "http://editor.local",
+        "AXL_REGISTRY_URL": registry.url, "AXL_REGISTRY_SECRET": SECRET, "AXL_API_KEYS": KEY,
+        "AXL_CORS_ORIGINS": "http://editor.local",
         "AXL_MAX_BODY_BYTES": "2000", "AXL_LOOKUP_TTL_SECONDS": "0.1", "AXL_LOG_LEVEL": "warning",
     })
 

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from axl_mesh.mesh_auth import MeshSecretMiddleware
 from services.api_gateway.worker_client import (
     WorkerClient,
     WorkerConnectError,
@@ -53,9 +54,14 @@ def _worker_app(client_ports: list[int]) -> Starlette:
 
 
 @asynccontextmanager
-async def uvicorn_worker(client_ports: list[int], keep_alive_seconds: float = 5) -> AsyncIterator[str]:
+async def uvicorn_worker(
+    client_ports: list[int], keep_alive_seconds: float = 5, mesh_secret: str | None = None
+) -> AsyncIterator[str]:
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(_worker_app(client_ports), host="127.0.0.1", port=port,
+    app = _worker_app(client_ports)
+    if mesh_secret is not None:  # what a real worker puts in front of /internal
+        app = MeshSecretMiddleware(app, secret=mesh_secret, path_prefix="/internal")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                            log_level="warning", timeout_keep_alive=keep_alive_seconds))
     task = asyncio.ensure_future(server.serve())
     while not server.started:
@@ -91,6 +97,34 @@ def test_keep_alive_reuses_one_connection_for_json_and_chunked_streams() -> None
         assert len(ports) == 8 and len(set(ports)) == 1, ports  # every call on the same connection
 
     asyncio.run(main())
+
+
+def test_every_call_carries_the_mesh_secret() -> None:
+    async def main() -> None:
+        ports: list[int] = []
+        async with uvicorn_worker(ports, mesh_secret="the-mesh-secret") as url:
+            client = WorkerClient(connect_timeout=2, read_timeout=5, mesh_secret="the-mesh-secret")
+            outsider = WorkerClient(connect_timeout=2, read_timeout=5)
+            try:
+                for _ in range(2):  # a fresh and a reused connection
+                    status, _, body = await client.post_json(url, {"prompt": "abc"})
+                    assert status == 200 and json.loads(body)["text"] == "cba"
+                async with await client.stream(url, {"stream": True, "pieces": 3}) as response:
+                    assert response.status_code == 200
+                    assert len([line async for line in response.lines()]) == 4
+                status, headers, body = await outsider.post_json(url, {"prompt": "abc"})
+                assert status == 401 and json.loads(body)["error"]["type"] == "authentication_error"
+            finally:
+                await client.aclose()
+                await outsider.aclose()
+        assert len(ports) == 3  # the outsider never reached the route
+
+    asyncio.run(main())
+
+
+def test_a_mesh_secret_cannot_inject_header_lines() -> None:
+    with pytest.raises(ValueError):
+        WorkerClient(mesh_secret="secret\r\nX-Evil: 1")
 
 
 def test_a_connection_the_worker_closed_while_idle_is_not_reused() -> None:

@@ -23,7 +23,7 @@ def test_registrations_survive_a_registry_restart(start_service: StartService, r
     registry = start_service("services.mesh_registry", registry_env(redis_url, AXL_INSTANCE_TTL_SECONDS="30"))
     assert httpx.post(registry.url + "/v1/instances", json=registration(), headers=AUTH).status_code == 200
     registry.restart()
-    [instance] = httpx.get(registry.url + "/v1/instances").json()["data"]
+    [instance] = httpx.get(registry.url + "/v1/instances", headers=AUTH).json()["data"]
     assert instance["instance_id"] == "worker-1"
     heartbeat = httpx.put(registry.url + "/v1/instances/worker-1/heartbeat", json=registration(), headers=AUTH)
     assert heartbeat.json()["created"] is False
@@ -36,7 +36,7 @@ def test_readiness_fails_while_redis_is_unreachable(start_service: StartService)
     for response in (
         httpx.get(registry.url + "/readyz", timeout=10),
         httpx.post(registry.url + "/v1/instances", json=registration(), headers=AUTH, timeout=10),
-        httpx.get(registry.url + "/v1/models", timeout=10),
+        httpx.get(registry.url + "/v1/models", headers=AUTH, timeout=10),
     ):
         assert response.status_code == 503, response.text
         assert response.headers["retry-after"] == "1"
@@ -53,11 +53,12 @@ def test_the_registry_refuses_to_start_without_a_secret(redis_url: str) -> None:
     assert b"registry_secret" in done.stderr
 
 
-def test_reads_can_require_the_secret(start_service: StartService, redis_url: str) -> None:
-    registry = start_service("services.mesh_registry", registry_env(redis_url, AXL_REGISTRY_PROTECT_READS="true"))
-    assert httpx.get(registry.url + "/v1/models").status_code == 401
-    assert httpx.get(registry.url + "/v1/instances", headers={"Authorization": "Bearer nope"}).status_code == 401
-    assert httpx.get(registry.url + "/v1/models", headers=AUTH).status_code == 200
+def test_reads_can_be_opened_for_a_closed_network(start_service: StartService, redis_url: str) -> None:
+    # Reads need the secret by default (test_routes); AXL_REGISTRY_PROTECT_READS=false opens them, writes stay shut.
+    registry = start_service("services.mesh_registry", registry_env(redis_url, AXL_REGISTRY_PROTECT_READS="false"))
+    assert httpx.get(registry.url + "/v1/models").status_code == 200
+    assert httpx.get(registry.url + "/v1/instances").status_code == 200
+    assert httpx.post(registry.url + "/v1/instances", json=registration()).status_code == 401
     assert httpx.get(registry.url + "/healthz").status_code == 200
 
 

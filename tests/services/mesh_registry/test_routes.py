@@ -37,7 +37,7 @@ def test_register_then_lookup_and_list_models(api: httpx.Client) -> None:
     again = api.post("/v1/instances", json=registration(), headers=AUTH)
     assert again.json()["created"] is False
 
-    found = api.get("/v1/instances", params={"model": "axl-micro-python"}).json()
+    found = api.get("/v1/instances", headers=AUTH, params={"model": "axl-micro-python"}).json()
     assert found["object"] == "list"
     [instance] = found["data"]
     assert instance["instance_id"] == "worker-1"
@@ -46,8 +46,8 @@ def test_register_then_lookup_and_list_models(api: httpx.Client) -> None:
     assert instance["load"] == {"running": 0, "waiting": 0}
     assert instance["expires_at"] > instance["last_heartbeat"] >= instance["registered_at"]
 
-    assert api.get("/v1/instances", params={"model": "other-model"}).json()["data"] == []
-    models = api.get("/v1/models").json()
+    assert api.get("/v1/instances", headers=AUTH, params={"model": "other-model"}).json()["data"] == []
+    models = api.get("/v1/models", headers=AUTH).json()
     assert models["object"] == "list"
     assert models["data"] == [
         {
@@ -68,7 +68,7 @@ def test_models_summarise_their_instances(api: httpx.Client) -> None:
     api.post("/v1/instances", json=registration("b", context_length=1024, capabilities=["fim"]), headers=AUTH)
     api.post("/v1/instances", json=registration("c", model_id="axl-micro-sql", specialist="sql"), headers=AUTH)
 
-    models = {m["id"]: m for m in api.get("/v1/models").json()["data"]}
+    models = {m["id"]: m for m in api.get("/v1/models", headers=AUTH).json()["data"]}
     assert set(models) == {"axl-micro-python", "axl-micro-sql"}
     python = models["axl-micro-python"]
     assert (python["instances"], python["context_length"], python["capabilities"]) == (2, 1024, ["fim"])
@@ -82,13 +82,14 @@ def test_lookup_filters_by_specialist_and_orders_least_busy_first(api: httpx.Cli
     for body in (busy, idle, sql):
         assert api.post("/v1/instances", json=body, headers=AUTH).status_code == 200
 
-    by_model = api.get("/v1/instances", params={"model": "axl-micro-python"}).json()["data"]
+    by_model = api.get("/v1/instances", headers=AUTH, params={"model": "axl-micro-python"}).json()["data"]
     assert [i["instance_id"] for i in by_model] == ["idle", "busy"]
-    by_specialist = api.get("/v1/instances", params={"specialist": "sql"}).json()["data"]
+    by_specialist = api.get("/v1/instances", headers=AUTH, params={"specialist": "sql"}).json()["data"]
     assert [i["instance_id"] for i in by_specialist] == ["sql-1"]
-    both = api.get("/v1/instances", params={"model": "axl-micro-python", "specialist": "sql"}).json()["data"]
+    both = api.get("/v1/instances", headers=AUTH,
+                   params={"model": "axl-micro-python", "specialist": "sql"}).json()["data"]
     assert both == []
-    everything = api.get("/v1/instances").json()["data"]
+    everything = api.get("/v1/instances", headers=AUTH).json()["data"]
     assert {i["instance_id"] for i in everything} == {"busy", "idle", "sql-1"}
 
 
@@ -105,7 +106,16 @@ def test_writes_without_the_secret_are_401(api: httpx.Client, headers: dict[str,
     ):
         error = assert_openai_error(response, 401, "authentication_error")
         assert error["code"] == "invalid_api_key"
-    assert api.get("/v1/instances").json()["data"] == []
+    assert api.get("/v1/instances", headers=AUTH).json()["data"] == []
+
+
+@pytest.mark.parametrize("path", ["/v1/instances", "/v1/models"])
+def test_reads_without_the_secret_are_401(api: httpx.Client, path: str) -> None:
+    api.post("/v1/instances", json=registration(), headers=AUTH)
+    for headers in ({}, {"Authorization": "Bearer wrong-secret"}):
+        error = assert_openai_error(api.get(path, headers=headers), 401, "authentication_error")
+        assert "AXL_REGISTRY_SECRET" in error["message"] or "secret" in error["message"]
+    assert api.get(path, headers=AUTH).status_code == 200
 
 
 def test_a_registered_instance_cannot_be_hijacked_without_the_secret(api: httpx.Client) -> None:
@@ -113,7 +123,7 @@ def test_a_registered_instance_cannot_be_hijacked_without_the_secret(api: httpx.
     stray = registration(url="http://10.0.0.66:9999")
     assert api.put("/v1/instances/worker-1/heartbeat", json=stray).status_code == 401
     assert api.post("/v1/instances", json=stray, headers={"Authorization": "Bearer nope"}).status_code == 401
-    [instance] = api.get("/v1/instances").json()["data"]
+    [instance] = api.get("/v1/instances", headers=AUTH).json()["data"]
     assert instance["url"] == "http://127.0.0.1:8901"
 
 
@@ -128,49 +138,49 @@ def test_heartbeats_keep_an_instance_alive_and_report_its_load(api: httpx.Client
         assert response.status_code == 200, response.text
         assert response.json()["created"] is False
         time.sleep(TTL_SECONDS / 4)
-    [instance] = api.get("/v1/instances", params={"model": "axl-micro-python"}).json()["data"]
+    [instance] = api.get("/v1/instances", headers=AUTH, params={"model": "axl-micro-python"}).json()["data"]
     assert instance["load"] == {"running": beat, "waiting": 1}
 
 
 def test_an_instance_that_stops_heartbeating_disappears_after_the_ttl(api: httpx.Client) -> None:
     api.post("/v1/instances", json=registration(), headers=AUTH)
-    assert len(api.get("/v1/instances", params={"model": "axl-micro-python"}).json()["data"]) == 1
+    assert len(api.get("/v1/instances", headers=AUTH, params={"model": "axl-micro-python"}).json()["data"]) == 1
     time.sleep(TTL_SECONDS + 0.3)
-    assert api.get("/v1/instances", params={"model": "axl-micro-python"}).json()["data"] == []
-    assert api.get("/v1/instances", params={"specialist": "python"}).json()["data"] == []
-    assert api.get("/v1/models").json()["data"] == []
+    assert api.get("/v1/instances", headers=AUTH, params={"model": "axl-micro-python"}).json()["data"] == []
+    assert api.get("/v1/instances", headers=AUTH, params={"specialist": "python"}).json()["data"] == []
+    assert api.get("/v1/models", headers=AUTH).json()["data"] == []
 
 
 def test_a_heartbeat_recreates_an_instance_the_registry_lost(api: httpx.Client) -> None:
     response = api.put("/v1/instances/worker-9/heartbeat", json=registration("worker-9"), headers=AUTH)
     assert response.status_code == 200, response.text
     assert response.json()["created"] is True
-    assert [i["instance_id"] for i in api.get("/v1/instances").json()["data"]] == ["worker-9"]
+    assert [i["instance_id"] for i in api.get("/v1/instances", headers=AUTH).json()["data"]] == ["worker-9"]
 
 
 def test_a_heartbeat_must_name_the_instance_of_its_url(api: httpx.Client) -> None:
     response = api.put("/v1/instances/worker-1/heartbeat", json=registration("worker-2"), headers=AUTH)
     error = assert_openai_error(response, 400, "invalid_request_error")
     assert error["param"] == "instance_id"
-    assert api.get("/v1/instances").json()["data"] == []
+    assert api.get("/v1/instances", headers=AUTH).json()["data"] == []
 
 
 def test_reasserting_a_new_model_moves_the_instance(api: httpx.Client) -> None:
     api.post("/v1/instances", json=registration(), headers=AUTH)
     moved = registration(model_id="axl-micro-python-ft", specialist="python-ft")
     assert api.put("/v1/instances/worker-1/heartbeat", json=moved, headers=AUTH).json()["created"] is False
-    assert api.get("/v1/instances", params={"model": "axl-micro-python"}).json()["data"] == []
-    assert api.get("/v1/instances", params={"specialist": "python"}).json()["data"] == []
-    [instance] = api.get("/v1/instances", params={"model": "axl-micro-python-ft"}).json()["data"]
+    assert api.get("/v1/instances", headers=AUTH, params={"model": "axl-micro-python"}).json()["data"] == []
+    assert api.get("/v1/instances", headers=AUTH, params={"specialist": "python"}).json()["data"] == []
+    [instance] = api.get("/v1/instances", headers=AUTH, params={"model": "axl-micro-python-ft"}).json()["data"]
     assert instance["specialist"] == "python-ft"
-    assert [m["id"] for m in api.get("/v1/models").json()["data"]] == ["axl-micro-python-ft"]
+    assert [m["id"] for m in api.get("/v1/models", headers=AUTH).json()["data"]] == ["axl-micro-python-ft"]
 
 
 def test_deregister_removes_the_instance_now(api: httpx.Client) -> None:
     api.post("/v1/instances", json=registration(), headers=AUTH)
     assert api.delete("/v1/instances/worker-1", headers=AUTH).status_code == 204
-    assert api.get("/v1/instances").json()["data"] == []
-    assert api.get("/v1/models").json()["data"] == []
+    assert api.get("/v1/instances", headers=AUTH).json()["data"] == []
+    assert api.get("/v1/models", headers=AUTH).json()["data"] == []
     error = assert_openai_error(api.delete("/v1/instances/worker-1", headers=AUTH), 404, "invalid_request_error")
     assert error["param"] == "instance_id"
 
@@ -199,7 +209,8 @@ def test_malformed_json_and_bad_query_are_400(api: httpx.Client) -> None:
         "/v1/instances", content=b'{"instance_id": ', headers={**AUTH, "Content-Type": "application/json"}
     )
     assert assert_openai_error(response, 400, "invalid_request_error")["code"] == "invalid_json"
-    error = assert_openai_error(api.get("/v1/instances", params={"model": "bad model!"}), 400, "invalid_request_error")
+    bad = api.get("/v1/instances", headers=AUTH, params={"model": "bad model!"})
+    error = assert_openai_error(bad, 400, "invalid_request_error")
     assert error["param"] == "model"
 
 

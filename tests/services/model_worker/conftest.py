@@ -16,6 +16,9 @@ from tests.support import ServiceProcess
 
 WORKER = "services.model_worker"
 GENERATE = "/internal/v1/generate"
+# The mesh secret every worker requires; /internal/v1/* calls carry it (the gateway does, see worker_client.py).
+MESH_SECRET = "test-registry-secret"
+MESH_AUTH = {"Authorization": f"Bearer {MESH_SECRET}"}
 
 
 def worker_env(checkpoint: Path | str, **extra: str) -> dict[str, str]:
@@ -24,6 +27,7 @@ def worker_env(checkpoint: Path | str, **extra: str) -> dict[str, str]:
         "AXL_CHECKPOINT": str(checkpoint),
         "AXL_SPECIALIST": "coder",
         "AXL_REGISTRY_URL": "",
+        "AXL_REGISTRY_SECRET": MESH_SECRET,
         "AXL_NUM_THREADS": "1",
         "AXL_LOG_LEVEL": "warning",
         **extra,
@@ -49,7 +53,7 @@ def wait_until(predicate, timeout_seconds: float = 5.0, interval: float = 0.02) 
 
 
 def info(url: str) -> dict[str, Any]:
-    response = httpx.get(url + "/internal/v1/info")
+    response = httpx.get(url + "/internal/v1/info", headers=MESH_AUTH)
     response.raise_for_status()
     return response.json()
 
@@ -59,7 +63,8 @@ def ndjson(response: httpx.Response) -> list[dict[str, Any]]:
 
 
 def stream_lines(url: str, body: dict[str, Any], timeout: float = 60.0) -> list[dict[str, Any]]:
-    with httpx.stream("POST", url + GENERATE, json={**body, "stream": True}, timeout=timeout) as response:
+    with httpx.stream("POST", url + GENERATE, json={**body, "stream": True}, headers=MESH_AUTH,
+                      timeout=timeout) as response:
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("application/x-ndjson")
         return ndjson(response)

@@ -12,6 +12,7 @@ import httpx
 
 from tests.services.model_worker.conftest import (
     GENERATE,
+    MESH_AUTH,
     WORKER,
     info,
     metric_value,
@@ -56,7 +57,7 @@ def test_concurrent_requests_share_the_batch_and_match_sequential_results(worker
     requests = [_long(seed, max_tokens=150) for seed in range(4)]
 
     def run(body: dict[str, object]) -> str:
-        response = httpx.post(worker.url + GENERATE, json=body, timeout=60)
+        response = httpx.post(worker.url + GENERATE, headers=MESH_AUTH, json=body, timeout=60)
         assert response.status_code == 200, response.text
         return response.json()["text"]
 
@@ -71,7 +72,7 @@ def test_concurrent_requests_share_the_batch_and_match_sequential_results(worker
 def test_a_full_queue_answers_503_with_retry_after(start_service: StartService, tiny_checkpoint: Path) -> None:
     service = start_service(WORKER, worker_env(tiny_checkpoint, AXL_MAX_BATCH="1", AXL_MAX_QUEUE="1"))
     wait_ready(service.url)
-    with httpx.Client(base_url=service.url, timeout=30) as client:
+    with httpx.Client(base_url=service.url, headers=MESH_AUTH, timeout=30) as client:
         with client.stream("POST", GENERATE, json=_long(1, stream=True)) as running:
             assert running.status_code == 200
             assert wait_until(lambda: info(service.url)["running"] == 1)
@@ -93,7 +94,8 @@ def test_a_full_queue_answers_503_with_retry_after(start_service: StartService, 
 
 def test_a_stream_whose_client_disconnects_leaves_the_batch(worker: ServiceProcess) -> None:
     cancelled_before = metric_value(worker.url, "axl_worker_requests_total", 'status="cancelled"')
-    with httpx.stream("POST", worker.url + GENERATE, json=_long(7, stream=True), timeout=30) as response:
+    with httpx.stream("POST", worker.url + GENERATE, headers=MESH_AUTH, json=_long(7, stream=True),
+                      timeout=30) as response:
         lines = response.iter_lines()
         for _ in range(5):
             assert next(lines)
@@ -107,7 +109,7 @@ def test_a_stream_whose_client_disconnects_leaves_the_batch(worker: ServiceProce
 
 def test_a_non_streaming_request_whose_client_gives_up_leaves_the_batch(worker: ServiceProcess) -> None:
     try:
-        httpx.post(worker.url + GENERATE, json=_long(8), timeout=httpx.Timeout(30, read=0.5))
+        httpx.post(worker.url + GENERATE, headers=MESH_AUTH, json=_long(8), timeout=httpx.Timeout(30, read=0.5))
     except httpx.ReadTimeout:
         pass
     else:
@@ -116,7 +118,7 @@ def test_a_non_streaming_request_whose_client_gives_up_leaves_the_batch(worker: 
 
 
 def test_metrics_follow_the_vllm_naming(worker: ServiceProcess) -> None:
-    httpx.post(worker.url + GENERATE, json=_long(9, max_tokens=10), timeout=30).raise_for_status()
+    httpx.post(worker.url + GENERATE, headers=MESH_AUTH, json=_long(9, max_tokens=10), timeout=30).raise_for_status()
     text = httpx.get(worker.url + "/metrics").text
     for name in (
         "axl_worker_num_requests_running", "axl_worker_num_requests_waiting",

@@ -8,7 +8,15 @@ from pathlib import Path
 import httpx
 
 from axl_model.specialists import get_specialist
-from tests.services.model_worker.conftest import GENERATE, WORKER, info, stream_lines, wait_ready, worker_env
+from tests.services.model_worker.conftest import (
+    GENERATE,
+    MESH_AUTH,
+    WORKER,
+    info,
+    stream_lines,
+    wait_ready,
+    worker_env,
+)
 from tests.support import ServiceProcess
 
 StartService = Callable[..., ServiceProcess]
@@ -16,7 +24,7 @@ PROMPT = "def add(a, b):\n"
 
 
 def generate(url: str, **body: object) -> httpx.Response:
-    return httpx.post(url + GENERATE, json=body, timeout=60)
+    return httpx.post(url + GENERATE, headers=MESH_AUTH, json=body, timeout=60)
 
 
 def test_info_describes_the_served_model(worker: ServiceProcess) -> None:

@@ -12,11 +12,20 @@ from pathlib import Path
 import httpx
 
 from tests.checkpoints import make_tiny_checkpoint
-from tests.services.model_worker.conftest import GENERATE, WORKER, info, ndjson, wait_until, worker_env
+from tests.services.model_worker.conftest import (
+    GENERATE,
+    MESH_AUTH,
+    MESH_SECRET,
+    WORKER,
+    info,
+    ndjson,
+    wait_until,
+    worker_env,
+)
 from tests.support import REPO_ROOT, ServiceProcess, free_port
 
 StartService = Callable[..., ServiceProcess]
-SECRET = "test-registry-secret"
+SECRET = MESH_SECRET  # the registry's and the workers' secret are one
 
 
 def test_readyz_is_503_until_the_checkpoint_is_loaded(start_service: StartService, tmp_path: Path) -> None:
@@ -24,13 +33,14 @@ def test_readyz_is_503_until_the_checkpoint_is_loaded(start_service: StartServic
     service = start_service(WORKER, worker_env(checkpoint, AXL_CHECKPOINT_WAIT_SECONDS="60"))
     assert httpx.get(service.url + "/healthz").status_code == 200
     for response in (httpx.get(service.url + "/readyz"),
-                     httpx.post(service.url + GENERATE, json={"prompt": "a", "max_tokens": 1})):
+                     httpx.post(service.url + GENERATE, headers=MESH_AUTH, json={"prompt": "a", "max_tokens": 1})):
         assert response.status_code == 503, response.text
         assert response.headers["retry-after"] == "1"
         assert response.json()["error"]["code"] == "model_loading"
     make_tiny_checkpoint(checkpoint)  # appears atomically, as a training run writes it
     assert wait_until(lambda: httpx.get(service.url + "/readyz").status_code == 200, timeout_seconds=10)
-    assert httpx.post(service.url + GENERATE, json={"prompt": "a", "max_tokens": 1}).status_code == 200
+    served = httpx.post(service.url + GENERATE, headers=MESH_AUTH, json={"prompt": "a", "max_tokens": 1})
+    assert served.status_code == 200
 
 
 def test_a_checkpoint_that_cannot_load_keeps_readyz_503_with_the_reason(
@@ -59,7 +69,7 @@ def _registry(start_service: StartService, redis_url: str) -> ServiceProcess:
 
 
 def _instances(registry: ServiceProcess) -> list[dict]:
-    return httpx.get(registry.url + "/v1/instances", params={"model": "axl-coder"}).json()["data"]
+    return httpx.get(registry.url + "/v1/instances", params={"model": "axl-coder"}, headers=MESH_AUTH).json()["data"]
 
 
 def test_registers_heartbeats_and_deregisters_on_sigterm(
@@ -80,7 +90,7 @@ def test_registers_heartbeats_and_deregisters_on_sigterm(
     assert instance["checkpoint_version"] == described["checkpoint_version"]
     assert instance["max_concurrency"] == 3
     # Heartbeats carry the live load.
-    with httpx.stream("POST", worker.url + GENERATE, timeout=30,
+    with httpx.stream("POST", worker.url + GENERATE, headers=MESH_AUTH, timeout=30,
                       json={"prompt": "a", "max_tokens": 100_000, "ignore_eos": True, "stream": True}) as response:
         lines = response.iter_lines()  # keep the iterator: dropping it closes the connection (a disconnect)
         assert next(lines)
@@ -107,7 +117,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
 
     def consume() -> None:
         body = {"prompt": "a", "max_tokens": max_tokens, "ignore_eos": True, "stream": True, "seed": 0}
-        with httpx.stream("POST", worker.url + GENERATE, json=body, timeout=60) as response:
+        with httpx.stream("POST", worker.url + GENERATE, headers=MESH_AUTH, json=body, timeout=60) as response:
             started.set()
             lines.extend(ndjson(response))
 
@@ -118,7 +128,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
     assert worker.proc is not None
     worker.proc.send_signal(signal.SIGTERM)
     assert wait_until(lambda: _instances(registry) == [], timeout_seconds=5)
-    refused = httpx.post(worker.url + GENERATE, json={"prompt": "a", "max_tokens": 1})
+    refused = httpx.post(worker.url + GENERATE, headers=MESH_AUTH, json={"prompt": "a", "max_tokens": 1})
     assert refused.status_code == 503
     assert refused.json()["error"]["code"] == "shutting_down"
     assert httpx.get(worker.url + "/readyz").status_code == 503

@@ -29,7 +29,8 @@ class JobMesh:
         self.start_service = start_service
         self.env = {
             "AXL_REDIS_URL": redis_url, "AXL_DATA_DIR": str(root / "data"), "AXL_JOBS_KEY_PREFIX": "axl:test-jobs",
-            "AXL_REGISTRY_URL": "http://127.0.0.1:9", "AXL_REAPER_INTERVAL_SECONDS": "1",
+            "AXL_REGISTRY_URL": "http://127.0.0.1:9", "AXL_REGISTRY_SECRET": "job-mesh-secret",
+            "AXL_REAPER_INTERVAL_SECONDS": "1",
             "AXL_HEARTBEAT_INTERVAL_SECONDS": "1", "AXL_HEARTBEAT_TTL_SECONDS": "4", "AXL_CANCEL_GRACE_SECONDS": "5",
             "AXL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "AXL_LOG_LEVEL": "info", **env,
         }
