@@ -60,7 +60,8 @@ RULES: tuple[Rule, ...] = (
     Rule("refactor", "asks to refactor or clean up",
          _rx(r"\brefactor\w*\b|\bclean\s*up\b|\bcleaner\b|\bsimplif(y|ied)\b|\brestructure\b|\bmore readable\b")),
     Rule("reasoning", "asks for step-by-step reasoning or why",
-         _rx(r"\bstep[- ]by[- ]step\b|\bexplain\b.{0,40}\bwhy\b|^[^\S\n]*why\b|\bwhy (does|is|do|did|would)\b|\breason(ing)? (about|through)\b")),
+         _rx(r"\bstep[- ]by[- ]step\b|\bexplain\b.{0,40}\bwhy\b|^[^\S\n]*why\b|\bwhy (does|is|do|did|would)\b|"
+             r"\breason(ing)? (about|through)\b")),
     Rule("coder", "asks for code to be written",
          _rx(r"\b(write|implement|create|generate|code|build|make)\b.{0,60}\b(function|class|script|program|"
              r"method|code|snippet|module|algorithm|regex|decorator|parser)\b")),

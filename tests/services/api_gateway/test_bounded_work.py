@@ -69,7 +69,8 @@ class FakeUpstream:
 @pytest.fixture
 def gateway(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[tuple[TestClient, FakeUpstream]]:
     monkeypatch.setenv("AXL_DATA_DIR", str(tmp_path / "data"))
-    app = create_app(Settings(api_keys=KEY, registry_secret="bounded-work-test-secret", registry_url="http://127.0.0.1:9"))
+    settings = Settings(api_keys=KEY, registry_secret="bounded-work-test-secret", registry_url="http://127.0.0.1:9")
+    app = create_app(settings)
     with TestClient(app) as client:
         upstream = FakeUpstream()
         app.state.upstream = upstream
