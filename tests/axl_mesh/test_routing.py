@@ -97,10 +97,12 @@ def test_routing_is_linear_on_adversarial_megabyte_prompts(shape):
     import time
 
     for request in (shape, [{"role": "user", "content": shape}]):
-        started = time.perf_counter()
-        choose_specialist(request, ALL)
-        elapsed = time.perf_counter() - started
-        assert elapsed < 0.05, f"{elapsed * 1000:.0f} ms for {shape[:20]!r}..."
+        timings = []
+        for _ in range(3):  # the best of three: a busy test machine must not fail a linear router
+            started = time.perf_counter()
+            choose_specialist(request, ALL)
+            timings.append(time.perf_counter() - started)
+        assert min(timings) < 0.05, f"{min(timings) * 1000:.0f} ms for {shape[:20]!r}..."
 
 
 def test_long_requests_keep_the_ask_at_the_start_and_the_traceback_at_the_end():
