@@ -268,7 +268,8 @@ class JobStore:
         args: list[Any] = [record_id, self.finished_ttl_seconds, status.value, "status", json.dumps(status.value)]
         for name, value in fields.items():
             args += [name, json.dumps(value)]
-        keys = [self.key(kind, record_id), self.active_key(kind), self.ended_key(kind), *self._job_keys(kind, record_id)]
+        keys = [self.key(kind, record_id), self.active_key(kind), self.ended_key(kind),
+                *self._job_keys(kind, record_id)]
         return self._set_status(keys=keys, args=args) == 1
 
     def delete(self, kind: str, record_id: str) -> bool:
