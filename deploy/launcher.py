@@ -15,13 +15,17 @@ What it does, in order:
    endpoint and a curl example.
 5. Supervises: a child that exits on its own is restarted with exponential backoff; with
    ``auto_serve_new_models`` a worker is started for each new model that appears in the model store's manifest.
-6. Ctrl-C / SIGTERM: SIGTERM to every child's process group, a grace period, SIGKILL for stragglers, then the
-   Redis it started. Exit status 0 after a clean stop.
+6. Ctrl-C / SIGTERM / SIGHUP: SIGTERM to every child's process group, a grace period, SIGKILL for stragglers,
+   then the Redis it started. Exit status 0 after a clean stop.
+7. Killed outright (SIGKILL, an OOM kill): the kernel kills every child it started too (a parent-death signal set
+   in each; Linux), so no orphan keeps a port and the next start finds them free. ``--exit-with-parent`` (what
+   ``make up`` passes) makes the launcher itself stop, cleanly, when the process that started it dies.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import itertools
 import os
@@ -327,6 +331,7 @@ class LocalRedis:
             [binary, "-", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
              "--appendonly", "yes", "--save", "", "--loglevel", "warning"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_launcher(signal.SIGTERM),  # redis-server flushes its append-only file and exits
         )
         assert self.proc.stdin is not None
         self.proc.stdin.write(f"requirepass {self.password}\n".encode())  # "-": config read from stdin to EOF
@@ -350,6 +355,48 @@ class LocalRedis:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+
+# --------------------------------------------------------------------------------------------------- dying together
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _resolve_prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up once here rather than in a freshly forked child (loading a library after fork can
+    deadlock on a lock another thread held); None where there is none (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _resolve_prctl()
+
+
+def set_parent_death_signal(sig: signal.Signals, parent_pid: int) -> None:
+    """Have the kernel send ``sig`` to this process when ``parent_pid`` (its parent) dies, however it dies.
+
+    The signal follows the death of the parent *thread* that forked us: the launcher starts every child from its
+    main thread. A parent that is already gone (it died before the call) gets the signal sent right away.
+    """
+    if _PRCTL is None:
+        return
+    _PRCTL(PR_SET_PDEATHSIG, int(sig))
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), sig)
+
+
+def die_with_launcher(sig: signal.Signals = signal.SIGKILL) -> Callable[[], None]:
+    """A Popen ``preexec_fn``: the child gets ``sig`` when the launcher dies.
+
+    SIGKILL for services: a SIGKILLed launcher cannot escalate, and a child that lingers (a trainer finishing its
+    job before a warm shutdown) keeps its port, so the next ``make up`` refuses to start. Every service already
+    survives being SIGKILLed (the registry forgets it, the reaper requeues its job, checkpoints are atomic).
+    """
+    launcher_pid = os.getpid()
+    return lambda: set_parent_death_signal(sig, launcher_pid)
 
 
 def _pump(proc: subprocess.Popen[bytes], name: str, console: Console) -> None:
@@ -394,6 +441,7 @@ class Child:
         self.proc = subprocess.Popen(
             [sys.executable, "-u", "-m", self.spec.module], cwd=REPO_ROOT, env=env,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_launcher(),
         )
         self.started_at = time.monotonic()
         self.restart_at = None
@@ -788,6 +836,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="validate the config, print the processes it would start, and exit")
     parser.add_argument("--no-bootstrap", action="store_true",
                         help="fail instead of training when the bootstrap checkpoint is missing")
+    parser.add_argument("--exit-with-parent", action="store_true",
+                        help="stop the mesh when the process that started this one dies (make up passes it)")
     return parser
 
 
@@ -815,6 +865,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)  # its terminal closed
+    if args.exit_with_parent:  # `make up`: killing make must stop the mesh, not leave it running without a terminal
+        set_parent_death_signal(signal.SIGTERM, os.getppid())
     return mesh.run()
 
 
