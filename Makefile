@@ -1,8 +1,10 @@
-# AXL Mesh. `make install` once, then `make test`, `make up`, `make bench`.
+# AXL Mesh. `make test`, `make up`, `make bench`: each installs what is missing first (`make install` forces it).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
+# Stamp of a complete install of the project and its extras; stale when pyproject.toml changes.
+INSTALLED := $(VENV)/.installed
 EXTRAS ?= dev,eval,llama
 # Two cores on the reference machine: one intra-op thread per core.
 export OMP_NUM_THREADS ?= 2
@@ -16,26 +18,33 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
 
-install: $(PY)  ## create .venv and install the project with every extra (builds llama.cpp: ~15 min the first time)
+# The stamp is written only after pip succeeds: an interrupted install is redone by the next target that needs it.
+$(INSTALLED): pyproject.toml | $(PY)
 	$(PIP) install -e '.[$(EXTRAS)]'
+	touch $@
 
-test:  ## run the whole test suite
+install:  ## create .venv and install the project with every extra, again if done (builds llama.cpp: ~15 min the first time)
+	rm -f $(INSTALLED)
+	$(MAKE) --no-print-directory $(INSTALLED)
+
+test: $(INSTALLED)  ## run the whole test suite
 	$(PY) -m pytest -q tests
 
-test-fast:  ## the model library's tests only
+test-fast: $(INSTALLED)  ## the model library's tests only
 	$(PY) -m pytest -q tests/axl_model
 
-bench:  ## measure speed and quality (minutes); prints figures and ratios
+bench: $(INSTALLED)  ## measure speed and quality (minutes); prints figures and ratios
 	$(PY) -m bench
 
-up:  ## run the mesh as local processes (gateway :8880, registry :8900, workers :8901+)
-	$(PY) -m deploy.launcher --config deploy/mesh.yaml
+# --exit-with-parent: killing make (or its terminal) stops the mesh rather than leaving it running unseen.
+up: $(INSTALLED)  ## run the mesh as local processes (gateway :8880, registry :8900, workers :8901+)
+	$(PY) -m deploy.launcher --config deploy/mesh.yaml --exit-with-parent
 
-data:  ## build the specialists' training data from the local standard library
+data: $(INSTALLED)  ## build the specialists' training data from the local standard library
 	$(VENV)/bin/axl data build --all
 
 EVAL_CHECKPOINT ?= checkpoints/axl-micro
-eval:  ## evaluate a checkpoint: held-out bits/byte, HumanEval (sandboxed), docs/fixer checks -> docs/results.md
+eval: $(INSTALLED)  ## evaluate a checkpoint: held-out bits/byte, HumanEval (sandboxed), docs/fixer checks -> docs/results.md
 	$(VENV)/bin/axl eval $(EVAL_CHECKPOINT) --humaneval --tasks docs,fixer --task-limit 50 --out docs/results.md
 
 clean:  ## remove caches (keeps .venv and checkpoints)

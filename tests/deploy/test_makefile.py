@@ -1,0 +1,104 @@
+"""The Makefile: on a fresh clone every everyday target works as the first command (it installs what is missing),
+and an installed tree does not install again (``make -n``: what make would run, nothing run)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.support import REPO_ROOT
+
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+
+EVERYDAY = {"test": "-m pytest", "test-fast": "-m pytest", "up": "-m deploy.launcher", "bench": "-m bench",
+            "eval": "/bin/axl eval", "data": "/bin/axl data build"}
+
+
+def _dry_run(target: str, venv: Path) -> list[str]:
+    result = subprocess.run(["make", "-n", "-C", str(REPO_ROOT), "--no-print-directory", target, f"VENV={venv}"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def _index(lines: list[str], fragment: str) -> int:
+    matches = [i for i, line in enumerate(lines) if fragment in line]
+    assert matches, f"{fragment!r} not in {lines}"
+    return matches[0]
+
+
+@pytest.mark.parametrize("target", sorted(EVERYDAY))
+def test_a_fresh_clone_installs_before_running(target: str, tmp_path: Path) -> None:
+    lines = _dry_run(target, tmp_path / "venv")  # no venv there yet
+    create, install = _index(lines, "-m venv"), _index(lines, "pip install -e")
+    stamp, command = _index(lines, "touch"), _index(lines, EVERYDAY[target])
+    assert create < install < stamp < command, lines
+    assert lines[stamp].endswith(str(tmp_path / "venv" / ".installed"))
+
+
+def _installed_venv(root: Path) -> Path:
+    venv = root / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").touch()
+    (venv / ".installed").touch()
+    return venv
+
+
+@pytest.mark.parametrize("target", sorted(EVERYDAY))
+def test_an_installed_tree_runs_at_once(target: str, tmp_path: Path) -> None:
+    lines = _dry_run(target, _installed_venv(tmp_path))
+    assert not any("pip install" in line or "-m venv" in line for line in lines), lines
+    assert any(EVERYDAY[target] in line for line in lines)
+
+
+def test_a_changed_pyproject_installs_again(tmp_path: Path) -> None:
+    venv = _installed_venv(tmp_path)
+    older = (REPO_ROOT / "pyproject.toml").stat().st_mtime - 60
+    os.utime(venv / ".installed", (older, older))
+    lines = _dry_run("test", venv)
+    assert _index(lines, "pip install -e") < _index(lines, "-m pytest")
+    assert not any("-m venv" in line for line in lines)  # the venv itself is kept
+
+
+def _fake_pip(venv: Path, status: int) -> Path:
+    """A pip that records its arguments and exits with ``status``."""
+    pip, calls = venv / "bin" / "pip", venv / "pip-calls"
+    pip.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexit {status}\n')
+    pip.chmod(0o755)
+    return calls
+
+
+def _make(target: str, venv: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["make", "-C", str(REPO_ROOT), "--no-print-directory", f"VENV={venv}", target],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_install_installs_even_when_done(tmp_path: Path) -> None:
+    """`make install` (what .ci/run calls before `make test`) always installs, and leaves the stamp for `make test`."""
+    venv = _installed_venv(tmp_path)
+    calls = _fake_pip(venv, 0)
+    result = _make("install", venv)
+    assert result.returncode == 0, result.stderr
+    assert calls.read_text().split() == ["install", "-e", ".[dev,eval,llama]"]
+    assert (venv / ".installed").exists()
+    assert not any("pip install" in line for line in _dry_run("test", venv))
+    ci = [line.strip() for line in (REPO_ROOT / ".ci" / "run").read_text().splitlines()]
+    assert ci.index("make install") < ci.index("make test")
+
+
+def test_up_stops_the_mesh_when_make_dies(tmp_path: Path) -> None:
+    lines = _dry_run("up", _installed_venv(tmp_path))
+    assert "--exit-with-parent" in lines[_index(lines, "-m deploy.launcher")]
+
+
+def test_the_stamp_is_not_written_when_pip_fails(tmp_path: Path) -> None:
+    """An install that fails leaves no stamp: the next target tries it again."""
+    venv = _installed_venv(tmp_path)
+    (venv / ".installed").unlink()
+    _fake_pip(venv, 1)
+    assert _make(str(venv / ".installed"), venv).returncode != 0
+    assert not (venv / ".installed").exists()
