@@ -36,9 +36,10 @@ test-fast: $(INSTALLED)  ## the model library's tests only
 bench: $(INSTALLED)  ## measure speed and quality (minutes); prints figures and ratios
 	$(PY) -m bench
 
-# --exit-with-parent: killing make (or its terminal) stops the mesh rather than leaving it running unseen.
+# --exit-with-parent: killing make (or its terminal) stops the mesh rather than leaving it running unseen. `exec`
+# keeps the launcher make's own child (no shell between them), whatever the recipe grows into.
 up: $(INSTALLED)  ## run the mesh as local processes (gateway :8880, registry :8900, workers :8901+)
-	$(PY) -m deploy.launcher --config deploy/mesh.yaml --exit-with-parent
+	exec $(PY) -m deploy.launcher --config deploy/mesh.yaml --exit-with-parent
 
 data: $(INSTALLED)  ## build the specialists' training data from the local standard library
 	$(VENV)/bin/axl data build --all

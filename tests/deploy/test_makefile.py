@@ -92,7 +92,8 @@ def test_install_installs_even_when_done(tmp_path: Path) -> None:
 
 def test_up_stops_the_mesh_when_make_dies(tmp_path: Path) -> None:
     lines = _dry_run("up", _installed_venv(tmp_path))
-    assert "--exit-with-parent" in lines[_index(lines, "-m deploy.launcher")]
+    launcher = lines[_index(lines, "-m deploy.launcher")]
+    assert launcher.startswith("exec ") and "--exit-with-parent" in launcher  # make's own child, no shell between
 
 
 def test_the_stamp_is_not_written_when_pip_fails(tmp_path: Path) -> None:
