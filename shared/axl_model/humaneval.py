@@ -27,6 +27,7 @@ __all__ = [
     "STOP_SEQUENCES",
     "check_completion",
     "evaluate",
+    "fit_prompt",
     "humaneval_data_path",
     "load_problems",
     "pass_at_k",
@@ -73,6 +74,54 @@ def truncate_completion(completion: str, stops: Sequence[str] = STOP_SEQUENCES) 
         if index != -1:
             cut = min(cut, index)
     return completion[:cut]
+
+
+def fit_prompt(prompt: str, budget: int, entry_point: str | None = None) -> str:
+    """The prompt in at most `budget` UTF-8 bytes without losing what the task is: the `def` line and the imports.
+
+    Cuts, in this order, until it fits: lines from the middle of the entry point's docstring (an indented `...`
+    marks the cut; its first and last lines and the closing quotes stay), then the code between the imports and
+    the entry point (helper functions). If even imports + signature + docstring quotes exceed the budget, that
+    is returned and the caller's front cut applies. A prompt that fits, or that does not parse, is returned as is.
+    """
+    import ast
+
+    size = lambda text: len(text.encode("utf-8"))  # noqa: E731
+    if size(prompt) <= budget:
+        return prompt
+    try:
+        tree = ast.parse(prompt)
+    except SyntaxError:
+        return prompt
+    functions = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    entry = next((n for n in functions if n.name == entry_point), functions[-1] if functions else None)
+    if entry is None:
+        return prompt
+    lines = prompt.splitlines(keepends=True)
+    start = min([entry.lineno] + [d.lineno for d in entry.decorator_list]) - 1  # 0-based first line of the entry
+    first_doc = last_doc = None
+    body = entry.body[0] if entry.body else None
+    if isinstance(body, ast.Expr) and isinstance(body.value, ast.Constant) and isinstance(body.value.value, str):
+        first_doc, last_doc = body.lineno - 1, body.end_lineno - 1  # 0-based lines of the opening/closing quotes
+    before = "".join(lines[:start])
+
+    def entry_text(keep: int) -> str:
+        if first_doc is None or last_doc - first_doc - 1 <= keep:
+            return "".join(lines[start:])
+        middle = lines[first_doc + 1:last_doc]
+        opening = lines[first_doc]
+        indent = opening[:len(opening) - len(opening.lstrip())]
+        head, tail = middle[:(keep + 1) // 2], middle[len(middle) - keep // 2:] if keep // 2 else []
+        return "".join(lines[start:first_doc + 1] + head + [f"{indent}...\n"] + tail + lines[last_doc:])
+
+    inner = last_doc - first_doc - 1 if first_doc is not None else 0
+    for keep in range(inner - 1, -1, -1):  # fewer and fewer docstring lines, cut from the middle
+        candidate = before + entry_text(keep)
+        if size(candidate) <= budget:
+            return candidate
+    imports = "".join("".join(lines[n.lineno - 1:n.end_lineno]) for n in tree.body
+                      if isinstance(n, (ast.Import, ast.ImportFrom)) and n.lineno - 1 < start)
+    return (imports + "\n\n" if imports else "") + entry_text(0)
 
 
 def build_program(problem: dict, completion: str) -> str:

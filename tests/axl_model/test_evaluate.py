@@ -38,13 +38,18 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ck") / "axl-tiny", seed=0, max_seq_len=512)
 
 
+def signature(prompt: str) -> str:
+    """The last `def` line of a HumanEval prompt: what every prompt keeps when it is cut to fit the window."""
+    return next((line for line in reversed(prompt.splitlines()) if line.startswith("def ")), prompt)
+
+
 def answering(answers: dict[str, list[str]]) -> E.GenerateFn:
-    """A GenerateFn that returns fixed texts per prompt (found by substring), as a model would."""
+    """A GenerateFn that returns fixed texts per prompt (found by substring or signature), as a model would."""
 
     def generate(prompts, n, spec):
         out = []
         for prompt in prompts:
-            texts = next(v for k, v in answers.items() if k in prompt)
+            texts = next(v for k, v in answers.items() if signature(k) in prompt)
             assert len(texts) == n
             out.append(list(texts))
         return out
@@ -61,7 +66,7 @@ def test_humaneval_scores_correct_and_wrong_solutions(tiny: Path, problems: dict
         problems["HumanEval/2"]["prompt"]: [problems["HumanEval/2"]["canonical_solution"], wrong],
         problems["HumanEval/53"]["prompt"]: [wrong, "    return x - y\n"],
     }
-    report = E.run_evaluation(tiny, bpb=False, humaneval=E.HumanEvalOptions(n=2, k=(1, 2)),
+    report = E.run_evaluation(tiny, bpb=False, humaneval=E.HumanEvalOptions(n=2, k=(1, 2), greedy=False),
                               generate_fn=answering(answers), humaneval_problems=problems, prompt_format="raw")
     he = report["humaneval"]
     by_task = {r["task_id"]: r["correct"] for r in he["results"]}
@@ -80,9 +85,10 @@ def test_humaneval_specialist_layout_cuts_at_the_end_marker(tiny: Path, problems
         seen_prompts.extend(prompts)
         assert END_MARKER in spec.stop
         # without the cut, the junk after the marker would be a syntax error
-        return [[next(v for k, v in canonical.items() if k in p) + f"{END_MARKER}\n)))junk"] * n for p in prompts]
+        return [[next(v for k, v in canonical.items() if signature(k) in p) + f"{END_MARKER}\n)))junk"] * n
+                for p in prompts]
 
-    report = E.run_evaluation(tiny, bpb=False, humaneval=E.HumanEvalOptions(limit=2), generate_fn=generate,
+    report = E.run_evaluation(tiny, bpb=False, humaneval=E.HumanEvalOptions(n=1, k=(1,), limit=2), generate_fn=generate,
                               humaneval_problems=problems, prompt_format="specialist")
     assert report["humaneval"]["pass@1"] == 1.0 and report["humaneval"]["problems"] == 2
     assert all(p.startswith("<|axl:coder|>") and p.endswith("### Output:\n") for p in seen_prompts)
@@ -236,7 +242,9 @@ def test_is_function() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the CLI
-def test_axl_eval_end_to_end_writes_the_table(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_axl_eval_end_to_end_writes_the_table(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no held-out corpus in data/corpora/ here: the split only
     corpus = tmp_path / "src"
     corpus.mkdir()
     for name in ("bisect.py", "heapq.py", "keyword.py", "fnmatch.py", "glob.py", "numbers.py"):
@@ -247,11 +255,12 @@ def test_axl_eval_end_to_end_writes_the_table(tiny: Path, tmp_path: Path, capsys
             "--out", str(table), "--json", str(report_file), "--threads", "1", "--no-progress"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "held-out bits/byte" in printed and "HumanEval: pass@1" in printed
+    assert "held-out bits/byte" in printed and "HumanEval: greedy pass@1" in printed
 
     report = json.loads(report_file.read_text())
     assert 0 < report["held_out"]["bpb"] < 12  # a random model: near log2(258) = 8.01
     assert report["humaneval"]["problems"] == 2 and len(report["humaneval"]["results"]) == 2
+    assert report["humaneval"]["n"] == 20 and {"pass@1", "pass@10", "greedy_pass@1"} <= set(report["humaneval"])
     assert report["docs"]["count"] == 2 and report["fixer"]["count"] == 2
     assert report["prompt_format"] == "raw" and report["params"] > 0
 

@@ -1,0 +1,120 @@
+"""Next-line completion (seeded sample, exact match, edit similarity, previous-line baseline) and the second held-out
+corpus in `axl eval`: bits/byte on both corpora, next-line on both, the results table's columns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from axl_model import nextline as N
+from axl_model.checkpoint import load_checkpoint
+from axl_model.cli import main
+from axl_model.corpora import CorpusSplit, corpus_bpb, corpora_to_score, fetch_pypi_corpus, load_corpus
+from axl_model.evaluate import model_generate_fn, write_results_table
+from axl_model.train import evaluate_bpb
+from tests.axl_model.test_corpora import make_wheel
+from tests.checkpoints import make_tiny_checkpoint
+
+DOCS = [("a.py", "import os\n\n\ndef f(x):\n    return x\n\n\ndef g(x):\n    return x\n"),
+        ("b.py", "x = 1\ny = 2\n   \nz = 3\n")]
+
+
+def test_sample_is_seeded_uniform_and_skips_blank_lines() -> None:
+    cases = N.sample_lines(DOCS, 100)
+    assert len(cases) == 8 and all(c.target.strip() for c in cases)  # every non-blank line once
+    assert N.sample_lines(DOCS, 3, seed=1) == N.sample_lines(DOCS, 3, seed=1) != N.sample_lines(DOCS, 3, seed=2)
+    g_return = next(c for c in cases if c.file == "a.py" and c.line == 8)
+    assert g_return.prompt == "import os\n\n\ndef f(x):\n    return x\n\n\ndef g(x):\n"
+    assert g_return.target == "    return x" and g_return.previous == "def g(x):"
+    z = next(c for c in cases if c.target == "z = 3")
+    assert z.previous == "y = 2"  # the whitespace-only line is skipped
+    assert next(c for c in cases if c.line == 0 and c.file == "a.py").previous == ""
+
+
+def test_edit_similarity() -> None:
+    assert N.edit_similarity("return x", "return x") == 1.0
+    assert N.edit_similarity("", "") == 1.0 and N.edit_similarity("abc", "") == 0.0
+    assert N.edit_similarity("return y", "return x") == pytest.approx(14 / 16)
+
+
+def test_scores_against_the_previous_line_baseline() -> None:
+    seen = []
+
+    def oracle(prompts, n, spec):  # answers every line right except the first line of each file
+        seen.append(spec)
+        out = []
+        for prompt in prompts:
+            text = next(t for _, t in DOCS if t.startswith(prompt)) if prompt else ""
+            out.append([text[len(prompt):].split("\n", 1)[0] + "\nmore" if prompt else "nope"])
+        return out
+
+    report = N.evaluate_nextline(oracle, DOCS, 100)
+    assert seen[0].temperature == 0.0 and seen[0].stop == ("\n",) and seen[0].max_tokens == N.NEXTLINE_MAX_TOKENS
+    assert report["lines"] == 8 and report["exact"] == pytest.approx(6 / 8)
+    # baseline: "return x" after "def g(x):" no; "    return x" repeated never; nothing equal to its previous line
+    assert report["baseline"]["exact"] == 0.0 and 0 < report["baseline"]["similarity"] < report["similarity"]
+    assert {r["prediction"] for r in report["results"]} >= {"    return x", "nope"}
+
+
+def test_real_model_uses_the_kv_cache_generator(tmp_path: Path) -> None:
+    model = load_checkpoint(make_tiny_checkpoint(tmp_path / "ck", max_seq_len=256))
+    report = N.evaluate_nextline(model_generate_fn(model), DOCS, 4, max_tokens=8)
+    assert report["lines"] == 4 and all("\n" not in r["prediction"] for r in report["results"])
+    assert 0.0 <= report["similarity"] <= 1.0
+
+
+def test_corpus_split_scores_every_byte(tmp_path: Path) -> None:
+    folder, package = tmp_path / "wheels", make_wheel(tmp_path / "wheels")
+    fetch_pypi_corpus(tmp_path / "pypi", packages=[package], source=str(folder))
+    documents = load_corpus("pypi", tmp_path)
+    assert sorted(name for name, _ in documents) == ["tiny-pkg-1.0/tiny_pkg/__init__.py", "tiny-pkg-1.0/tiny_pkg/core.py"]
+    assert len(load_corpus("pypi", tmp_path, max_bytes=1)) == 1  # whole files, in a fixed hashed order
+    model = load_checkpoint(make_tiny_checkpoint(tmp_path / "ck", max_seq_len=256))
+    result = corpus_bpb(model, "pypi", root=tmp_path, seq_len=64)
+    split = CorpusSplit(documents)
+    assert result["bytes"] == sum(len(d) + 1 for _, d in documents)  # bytes and each end-of-file
+    assert result["bpb"] == pytest.approx(evaluate_bpb(model, split, 64)) and result["packages"] == ["tiny-pkg==1.0"]
+    assert corpora_to_score("auto", tmp_path) == (True, ["pypi"])
+    assert corpora_to_score("split", tmp_path) == (True, [])
+    assert corpora_to_score("auto", tmp_path / "none") == (True, [])
+    with pytest.raises(ValueError, match="axl data corpus pypi"):
+        corpora_to_score("both", tmp_path / "none")
+
+
+def test_axl_eval_reports_both_corpora_and_next_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(tmp_path)
+    folder, package = tmp_path / "wheels", make_wheel(tmp_path / "wheels")
+    fetch_pypi_corpus(Path("data/corpora/pypi"), packages=[package], source=str(folder))
+    source = tmp_path / "src"
+    source.mkdir()
+    for i in range(6):
+        (source / f"m{i}.py").write_text("".join(f"def f{j}(x):\n    return x + {j}\n\n" for j in range(i + 3)))
+    tiny = make_tiny_checkpoint(tmp_path / "axl-tiny", max_seq_len=256)
+    table, report_file = tmp_path / "results.md", tmp_path / "report.json"
+    assert main(["eval", str(tiny), "--data", str(source), "--val-fraction", "0.5", "--seq-len", "64",
+                 "--nextline", "3", "--out", str(table), "--json", str(report_file), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "pypi corpus bits/byte" in printed and "next line (pypi, 3 lines)" in printed
+    report = json.loads(report_file.read_text())
+    assert report["held_out"]["bpb"] > 0 and report["held_out_pypi"]["files"] == 2
+    assert set(report["nextline"]) == {"held_out", "pypi"} and report["nextline"]["pypi"]["lines"] == 3
+    text = table.read_text()
+    assert "| PyPI bits/byte | Next-line completion |" in text and "prev line" in text
+    assert "--nextline 3" in text and '"results"' not in text  # the sampled lines stay in the JSON report
+
+    assert main(["eval", str(tiny), "--corpus", "pypi", "--no-table", "--no-progress", "--seq-len", "64"]) == 0
+    assert "pypi corpus bits/byte" in capsys.readouterr().out
+    assert main(["eval", str(tiny), "--nextline", "0", "--no-table"]) == 2
+    monkeypatch.chdir(source)
+    assert main(["eval", str(tiny), "--corpus", "pypi", "--no-table"]) == 2
+    assert "axl data corpus pypi" in capsys.readouterr().err
+
+
+def test_table_without_the_new_measures_shows_dashes(tmp_path: Path) -> None:
+    report = {"model": "m", "checkpoint": "c", "preset": "tiny", "params": 1000, "prompt_format": "raw",
+              "date": "today", "machine": "here"}
+    text = write_results_table(report, tmp_path / "r.md").read_text()
+    assert "| `m` (tiny, raw prompts) | 1K | – | – | – | – | – | – | today |" in text
