@@ -48,25 +48,53 @@ def _stop_process(proc: subprocess.Popen[bytes], grace_seconds: float) -> None:
 
 class RedisServer:
     """A throw-away ``redis-server`` on a free port, no persistence; ``url`` points at DB 0 (and carries
-    ``password``, which the server then requires, when one is given)."""
+    ``password``, which the server then requires, when one is given).
 
-    def __init__(self, log_path: Path, password: str | None = None) -> None:
+    With ``acl_users`` (user -> password; ``acl_prefixes`` as for ``axl_mesh.redis_acl.acl_directives``) it runs
+    the mesh's ACL instead: the default user off, the mesh's users with their key patterns; ``url_for(user)`` is a
+    user's URL and ``url`` is then the jobs user's."""
+
+    def __init__(self, log_path: Path, password: str | None = None, *, acl_users: dict[str, str] | None = None,
+                 acl_prefixes: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.password = password
+        self.acl_users = acl_users
+        self.acl_prefixes = acl_prefixes or {}
         self.url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{self.port}/0"
+        if acl_users:
+            from axl_mesh.redis_acl import JOBS_USER
+
+            self.url = self.url_for(JOBS_USER)
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def url_for(self, user: str) -> str:
+        """The URL logging in as ``user`` of ``acl_users``."""
+        from axl_mesh.redis_acl import url_for_user
+
+        assert self.acl_users is not None, "started without acl_users"
+        return url_for_user(f"redis://127.0.0.1:{self.port}/0", user, self.acl_users[user])
 
     def start(self, timeout_seconds: float = 10.0) -> RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not on PATH: install Redis, or set AXL_TEST_REDIS_URL")
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        config = b""
+        if self.acl_users:  # the ACL on stdin ("-": config read from stdin), as the launcher gives it
+            from axl_mesh.redis_acl import acl_directives
+
+            args.insert(1, "-")
+            config = "".join(line + "\n" for line in acl_directives(self.acl_users, **self.acl_prefixes)).encode()
+        elif self.password:
+            args += ["--requirepass", self.password]
         with self.log_path.open("ab") as log:
-            auth = ["--requirepass", self.password] if self.password else []
-            self.proc = subprocess.Popen(
-                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *auth],
-                stdout=log, stderr=subprocess.STDOUT,
-            )
+            self.proc = subprocess.Popen(args, stdin=subprocess.PIPE if config else None, stdout=log,
+                                         stderr=subprocess.STDOUT)
+        if config:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(config)
+            self.proc.stdin.close()
         deadline = time.monotonic() + timeout_seconds
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
