@@ -1,7 +1,10 @@
 """The API gateway: the OpenAI-compatible front door of AXL Mesh (the only service users talk to).
 
-Run: ``python -m services.api_gateway`` (binds :8880). Settings (env): ``AXL_REGISTRY_URL``, ``AXL_API_KEYS``
-(comma-separated bearer tokens; unset: open), ``AXL_CORS_ORIGINS`` (comma-separated, ``*`` for any),
+Run: ``python -m services.api_gateway [--allow-open]`` (binds :8880). Settings (env): ``AXL_REGISTRY_URL``,
+``AXL_REGISTRY_SECRET`` (required: the mesh secret its registry reads and worker calls carry), ``AXL_API_KEYS``
+(comma-separated bearer tokens; unset: open, which is allowed on loopback only, with a Host check, unless
+``AXL_ALLOW_OPEN``/``--allow-open``; ``AXL_ALLOWED_HOSTS`` adds Host names; see ``exposure.py``),
+``AXL_CORS_ORIGINS`` (comma-separated, ``*`` for any),
 ``AXL_LOOKUP_TTL_SECONDS`` (2), ``AXL_KEEPALIVE_SECONDS`` (5), ``AXL_MAX_BODY_BYTES`` (1 MiB),
 ``AXL_READ_TIMEOUT_SECONDS`` (300), ``AXL_DEFAULT_CHAT_MAX_TOKENS`` (1024).
 
