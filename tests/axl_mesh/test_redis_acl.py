@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
+from redis.retry import Retry
 
 from axl_mesh.jobs import JobKind, JobsSettings, JobStore, QueueName, fetch_rq_job, rq_queue
 from axl_mesh.model_store import MODEL_STORE_CHANNEL
@@ -84,12 +86,13 @@ def test_the_jobs_user_cannot_touch_registry_keys(acl_redis: RedisServer, attemp
 
 
 def test_the_default_user_is_off(acl_redis: RedisServer) -> None:
+    once = {"retry": Retry(NoBackoff(), 0)}  # a refused login is final; redis-py would retry it with backoff
     with pytest.raises(AuthenticationError):
-        redis.Redis(port=acl_redis.port).get(REGISTRY_KEY)
+        redis.Redis(port=acl_redis.port, **once).get(REGISTRY_KEY)
     with pytest.raises(AuthenticationError):  # the old requirepass style (password only = the default user)
-        redis.Redis(port=acl_redis.port, password=PASSWORDS[JOBS_USER]).ping()
+        redis.Redis(port=acl_redis.port, password=PASSWORDS[JOBS_USER], **once).ping()
     with pytest.raises(AuthenticationError):
-        redis.Redis.from_url(url_for_user(f"redis://127.0.0.1:{acl_redis.port}/0", JOBS_USER, "wrong")).ping()
+        redis.Redis.from_url(url_for_user(f"redis://127.0.0.1:{acl_redis.port}/0", JOBS_USER, "wrong"), **once).ping()
 
 
 def test_registry_store_works_as_the_registry_user(acl_redis: RedisServer) -> None:

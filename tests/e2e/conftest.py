@@ -33,12 +33,17 @@ class Mesh:
     registry: ServiceProcess | None = None
     gateway: ServiceProcess | None = None
     workers: list[ServiceProcess] = field(default_factory=list)
+    registry_redis_url: str | None = None  # the registry's own Redis login (ACL), when not ``redis_url``
+
+    @property
+    def registry_key_prefix(self) -> str:
+        return f"e2e:{self.workdir.name}"
 
     def start_registry(self) -> ServiceProcess:
         self.registry = ServiceProcess("services.mesh_registry", {
-            "AXL_REDIS_URL": self.redis_url, "AXL_REGISTRY_SECRET": REGISTRY_SECRET,
+            "AXL_REDIS_URL": self.registry_redis_url or self.redis_url, "AXL_REGISTRY_SECRET": REGISTRY_SECRET,
             "AXL_INSTANCE_TTL_SECONDS": str(TTL_SECONDS), "AXL_LOG_LEVEL": "warning",
-            "AXL_REGISTRY_KEY_PREFIX": f"e2e:{self.workdir.name}",
+            "AXL_REGISTRY_KEY_PREFIX": self.registry_key_prefix,
         }, log_path=self.workdir / "registry.log").start()
         return self.registry
 

@@ -16,22 +16,31 @@ from urllib.parse import urlsplit
 import openai
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from axl_mesh.model_store import ModelStore
+from axl_mesh.redis_acl import JOBS_USER, REGISTRY_USER
 from tests.e2e.conftest import Mesh
 from tests.services.trainer_worker.mesh import PAIRS, event_messages, wait_for_status
 from tests.support import RedisServer, ServiceProcess
 
+ACL_PASSWORDS = {REGISTRY_USER: "e2e-registry-redis-password", JOBS_USER: "e2e-jobs-redis-password"}
+
 
 @pytest.fixture
 def job_mesh(tmp_path: Path) -> Iterator[tuple[Mesh, dict[str, str]]]:
-    """Registry, gateway, trainer and (later) a model worker on a Redis that requires a password, as under compose
-    and ``make up``: the password in the URL must work for every client, RQ's included."""
-    redis_server = RedisServer(tmp_path / "redis.log", password="e2e-redis-password").start()
-    redis_url = redis_server.url
-    env = {"AXL_REDIS_URL": redis_url, "AXL_DATA_DIR": str(tmp_path / "data"), "AXL_JOBS_KEY_PREFIX": "axl:e2e-jobs",
-           "AXL_REAPER_INTERVAL_SECONDS": "1", "AXL_HEARTBEAT_INTERVAL_SECONDS": "1", "AXL_NUM_THREADS": "1"}
-    mesh = Mesh(redis_url=redis_url, workdir=tmp_path)
+    """Registry, gateway, trainer and (later) a model worker on a Redis with the mesh's ACL, as under compose and
+    ``make up``: the registry logs in as ``registry``, the gateway and the trainer as ``jobs`` (user and password
+    in the URL, which must work for every client, RQ's included), and the default user is off."""
+    mesh = Mesh(redis_url="", workdir=tmp_path)
+    redis_server = RedisServer(tmp_path / "redis.log", acl_users=ACL_PASSWORDS, acl_prefixes={
+        "registry_prefix": mesh.registry_key_prefix, "jobs_prefix": "axl:e2e-jobs"}).start()
+    mesh.redis_url = redis_server.url_for(JOBS_USER)
+    mesh.registry_redis_url = redis_server.url_for(REGISTRY_USER)
+    env = {"AXL_REDIS_URL": mesh.redis_url, "AXL_DATA_DIR": str(tmp_path / "data"),
+           "AXL_JOBS_KEY_PREFIX": "axl:e2e-jobs", "AXL_REAPER_INTERVAL_SECONDS": "1",
+           "AXL_HEARTBEAT_INTERVAL_SECONDS": "1", "AXL_NUM_THREADS": "1"}
     trainer = None
     try:
         mesh.start_registry()
@@ -82,7 +91,15 @@ def test_fine_tuned_model_is_stored_listed_and_answers(job_mesh: tuple[Mesh, dic
     completion = client.completions.create(model=name, prompt="def add_3(a, b):\n", max_tokens=8, temperature=0)
     assert completion.model == name and completion.choices[0].text is not None
     assert completion.usage.completion_tokens >= 1
-    # All of it went through the password-protected Redis; without the password it refuses.
-    assert redis.Redis.from_url(env["AXL_REDIS_URL"]).exists(f"rq:job:{job.id}")
+    # All of it went through the ACL'd Redis: the jobs login reaches RQ's keys, not the registry's instance records
+    # (which exist: the registry wrote them under its own login); without a login Redis refuses.
+    jobs = redis.Redis.from_url(env["AXL_REDIS_URL"])
+    assert jobs.exists(f"rq:job:{job.id}")
+    registry = redis.Redis.from_url(mesh.registry_redis_url, decode_responses=True)
+    instances_key = f"{mesh.registry_key_prefix}:instances"
+    assert registry.zcard(instances_key) >= 1
+    for attempt in (lambda: jobs.zrange(instances_key, 0, -1), lambda: jobs.zadd(instances_key, {"evil": 1e15})):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            attempt()
     with pytest.raises(redis.AuthenticationError):
-        redis.Redis(port=urlsplit(env["AXL_REDIS_URL"]).port).ping()
+        redis.Redis(port=urlsplit(env["AXL_REDIS_URL"]).port, retry=Retry(NoBackoff(), 0)).ping()
