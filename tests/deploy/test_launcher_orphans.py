@@ -33,7 +33,9 @@ def _config(root: Path, *, with_worker: bool) -> tuple[Path, list[int]]:
         "host": "127.0.0.1", "redis_url": f"redis://127.0.0.1:{ports['redis']}/0",
         "registry": {"port": ports["registry"]}, "gateway": {"port": ports["gateway"], "api_keys": ["sk-orphans"]},
         "trainer_workers": 0, "quantizer_workers": 0, "queue_worker_port_start": free_port(),
-        "data_dir": str(root / "data"), "state_dir": str(root / "state"), "auto_serve_new_models": False,
+        "data_dir": str(root / "data"), "model_store": str(root / "data" / "models"),
+        "files_dir": str(root / "data" / "files"), "jobs_dir": str(root / "data" / "jobs"),
+        "state_dir": str(root / "state"), "auto_serve_new_models": False,
         "worker_num_threads": 1, "health_timeout_seconds": 120,
     }
     if with_worker:
