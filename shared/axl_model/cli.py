@@ -53,7 +53,8 @@ def register_train(subparsers) -> None:
     data.add_argument("--data", nargs="+", metavar="PATH",
                       help="files, folders or globs of .py/.txt/.jsonl (default: the Python standard library)")
     data.add_argument("--val-data", nargs="+", metavar="PATH", help="validation data (default: held-out files of --data)")
-    data.add_argument("--val-fraction", type=float, default=0.05)
+    data.add_argument("--val-fraction", type=float, default=0.05,
+                      help="share of files held out for validation (default 0.05; 0 needs --val-data)")
     budget = p.add_argument_group("budget (whichever ends first; none: one epoch)")
     budget.add_argument("--max-time", type=float, metavar="SECONDS", help="wall-clock budget, summed over resumes")
     budget.add_argument("--max-steps", type=int)
@@ -204,8 +205,11 @@ def register_eval(subparsers) -> None:
     p.add_argument("checkpoint")
     bpb = p.add_argument_group("bits per byte")
     bpb.add_argument("--data", nargs="+", metavar="PATH",
-                     help="score the held-out split of these files (default: the Python standard library)")
-    bpb.add_argument("--val-fraction", type=float, default=0.05, help="the split training used (default 0.05)")
+                     help="score the held-out split of these files instead (refused if it holds a file the checkpoint "
+                          "trained on; default: exactly the split the checkpoint recorded, or for a checkpoint that "
+                          "records none the Python standard library)")
+    bpb.add_argument("--val-fraction", type=float,
+                     help="split --data with this fraction (default: the checkpoint's, or 0.05)")
     bpb.add_argument("--seq-len", type=int, default=256)
     bpb.add_argument("--max-bytes", type=int, help="score at most this many held-out bytes")
     bpb.add_argument("--no-bpb", action="store_true", help="skip bits per byte")
@@ -305,7 +309,7 @@ def _eval_command(args: argparse.Namespace) -> str:
     if args.data:
         parts += ["--data", *args.data]
     # (option, default); a default of False marks a flag
-    options = [("val_fraction", 0.05), ("seq_len", 256), ("max_bytes", None), ("no_bpb", False), ("corpus", "auto"),
+    options = [("val_fraction", None), ("seq_len", 256), ("max_bytes", None), ("no_bpb", False), ("corpus", "auto"),
                ("nextline", None), ("humaneval", False), ("n", None), ("k", None), ("no_greedy", False),
                ("limit", None), ("temperature", None), ("max_tokens", 384), ("tasks", ""),
                ("task_limit", 50), ("prompt_format", "auto"), ("out", None), ("threads", None)]
@@ -331,6 +335,14 @@ def _print_eval(report: dict) -> None:
     if held:
         print(f"  held-out bits/byte: {held['bpb']:.4f} on {held['bytes']:,} bytes "
               f"(perplexity per byte {held['perplexity_per_byte']:.3f}; near 1.0 would mean a leak)")
+        for kind, part in (held.get("by_kind") or {}).items():
+            print(f"    {'unit tests' if kind == 'test' else kind}: {part['bpb']:.4f} on {part['bytes']:,} bytes "
+                  f"of {part['files']} files")
+        if held.get("split_source"):
+            own = held["split_source"] == "the checkpoint's split"
+            matches = {True: ", the same files it recorded", False: ", NOT the files it recorded (the corpus changed "
+                       "on this machine)", None: ""}[held.get("split_matches_checkpoint") if own else None]
+            print(f"    split: {held['split_source']}{matches}")
     for name in CORPORA:
         corpus = report.get(f"held_out_{name}")
         if corpus:
@@ -346,7 +358,6 @@ def _print_eval(report: dict) -> None:
         scores = ", ".join(f"{k} {100 * v:.2f}%" for k, v in he.items() if k.startswith("pass@"))
         if "greedy_pass@1" in he:
             scores = f"greedy pass@1 {100 * he['greedy_pass@1']:.2f}%, {scores}"
-
         print(f"  HumanEval: {scores} on {he['problems']} problems (n={he['n']}, T={he['temperature']:g})")
     docs = report.get("docs")
     if docs:

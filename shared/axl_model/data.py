@@ -509,6 +509,12 @@ def _build(staging: Path, train_files, val_files, filters: FilterConfig, val_fra
             if cluster[i] == cluster[chosen]:
                 split[i] = "val" if i == chosen else None
         note = "the hash split held out no file: the first file is the validation split"
+    elif not val_files and "train" not in split and len({cluster[i] for i, side in enumerate(split) if side}) > 1:
+        # The hash split held out every file (a tiny corpus): the first cluster trains.
+        for i in range(len(kept)):
+            if cluster[i] == cluster[0]:
+                split[i] = "train"
+        note = "the hash split held out every file: the first file (and its near-duplicates) is the training split"
     stats.rejected["near_duplicate"] = split.count(None)
 
     # 3. Write the splits: training in reading order; validation library files first, then test files.

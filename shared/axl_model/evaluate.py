@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import datetime as _dt
+import hashlib
 import html
 import inspect
 import json
@@ -191,59 +192,113 @@ def trained_specialist(metadata: dict) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- bits per byte
+def recorded_split(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
+    """The split a checkpoint trained with (metadata "data_split", see `data.PreparedData.split`), or None for a
+    checkpoint that records none (trained before splits were recorded, or never trained)."""
+    from .checkpoint import load_metadata
+
+    return load_metadata(checkpoint).get("data_split")
+
+
+def split_to_score(checkpoint: str | os.PathLike, data: Sequence[str] | None = None,
+                   val_fraction: float | None = None) -> dict[str, Any]:
+    """How to rebuild the held-out split to score: {"data", "val_data", "filters", "val_fraction", "recorded",
+    "source"}. By default exactly the checkpoint's split (its corpus, validation data, filters, val_fraction);
+    with `data` (or `val_fraction`), that corpus split the same way with the checkpoint's filters. A checkpoint
+    that records no split: the hash split of `data` (default: the standard library) at val_fraction (0.05)."""
+    from .data import FilterConfig
+
+    recorded = recorded_split(checkpoint)
+    if recorded is None:
+        return {"data": list(data) if data else None, "val_data": None, "filters": FilterConfig(),
+                "val_fraction": 0.05 if val_fraction is None else val_fraction, "recorded": None,
+                "source": "not recorded in the checkpoint"}
+    own = data is None and val_fraction in (None, recorded["val_fraction"])
+    return {"data": recorded["data"] if data is None else list(data),
+            "val_data": recorded["val_data"] if data is None else None,
+            "filters": FilterConfig(**recorded["filters"]),
+            "val_fraction": recorded["val_fraction"] if val_fraction is None else val_fraction,
+            "recorded": recorded, "source": "the checkpoint's split" if own else "the given data"}
+
+
+def refuse_training_overlap(split: dict[str, Any], recorded: dict[str, Any] | None, checkpoint, where: str) -> None:
+    """ValueError naming the files when a held-out file to score is, by content, one the checkpoint trained on."""
+    if not recorded:
+        return
+    trained = set(recorded.get("train_sha1") or ())
+    leaked = [entry["path"] for entry in split["val_files"] if entry["sha1"] in trained]
+    if leaked:
+        raise ValueError(f"refusing to score {where}: {len(leaked)} of its {len(split['val_files'])} held-out files "
+                         f"are files {checkpoint} trained on (e.g. {', '.join(leaked[:3])}), so the score would "
+                         f"not be held out; drop --data/--val-fraction to score the split the checkpoint held out, "
+                         f"or pass a corpus it never trained on")
+
+
 def held_out_bpb(checkpoint: str | os.PathLike, data: Sequence[str] | None = None, *, seq_len: int = 256,
-                 max_bytes: int | None = None, val_fraction: float = 0.05, batch_size: int = 8,
+                 max_bytes: int | None = None, val_fraction: float | None = None, batch_size: int = 8,
                  progress: bool = False) -> dict[str, Any]:
-    """Bits per byte of the checkpoint on the held-out split of `data` (default: the standard library).
+    """Bits per byte of the checkpoint on held-out files: by default exactly the split it recorded when it trained
+    (`split_to_score`); with `data`, the held-out split of that corpus, refused when it holds a training file.
 
     Returns {"bpb", "perplexity_per_byte", "bytes" (scored: the files' bytes and each end-of-file), "tokens"
-    (of the split, with the begin markers), "data", "val_fraction"}. The split is the one training uses
-    (a hash of each file's path), so for a model trained on the same corpus these files were never seen.
-    The data folder that training prepared is reused when it matches; otherwise a temporary one is built.
-    The split is scored in slices (for the progress bar) whose windows are exactly those of one pass of
-    `train.evaluate_bpb`; the result is the count-weighted mean of the slices.
+    (scored, with the begin markers), "by_kind" ({"library": {"bpb", "bytes", "files"}, "test": ...}: unit tests
+    apart from library code), "files", "split_source", "split_matches_checkpoint" (None when it recorded none),
+    "val_files_sha256", "data", "val_fraction"}. The whole split is scored unless max_bytes: then a fixed sample of
+    windows spread over each kind's files (`data.eval_window_spans`). The data folder training prepared is reused
+    when it matches; otherwise a temporary one is built.
     """
     from .checkpoint import load_checkpoint
-    from .data import FilterConfig, _inputs_key, default_corpus, prepare_data, resolve_inputs
-    from .train import evaluate_bpb
+    from .data import default_corpus, eval_window_spans, eval_windows, prepare_data, prepared_folder
+    from .train import score_windows
 
-    paths = list(data) if data else default_corpus()
+    settings = split_to_score(checkpoint, data, val_fraction)
+    paths = settings["data"] or default_corpus()
     model = load_checkpoint(checkpoint)
     seq_len = min(seq_len, model.config.max_seq_len)
-    cache_dir: str | None = None
+    options = {"val_data": settings["val_data"], "val_fraction": settings["val_fraction"], "filters": settings["filters"]}
+    cache_dir: Path | None = None
     run_data = Path(f"{Path(checkpoint)}.run") / "data"
-    if run_data.is_dir():  # reuse training's tokenized corpus only if it is exactly this one
-        key = _inputs_key(resolve_inputs(paths), [], FilterConfig(), val_fraction)
-        if (run_data / key / "stats.json").is_file():
-            cache_dir = str(run_data)
+    if run_data.is_dir() and (prepared_folder(settings["data"], run_data, **options) / "stats.json").is_file():
+        cache_dir = run_data  # training's tokenized corpus, exactly this one
     with tempfile.TemporaryDirectory(prefix="axl-eval-data-") as tmp:
-        dataset = prepare_data(paths, cache_dir or tmp, val_fraction=val_fraction, progress=progress).val
-        end = len(dataset) if max_bytes is None else min(len(dataset), max_bytes + 1)
-        if end < 2:
-            raise ValueError(f"the held-out split of {paths} is empty (val_fraction={val_fraction}); "
+        prepared = prepare_data(settings["data"], cache_dir or tmp, progress=progress, **options)
+        split = prepared.split
+        refuse_training_overlap(split, settings["recorded"], checkpoint, f"the held-out split of {list(map(str, paths))}")
+        dataset = prepared.val
+        if len(dataset) < 2:
+            raise ValueError(f"the held-out split of {paths} is empty (val_fraction={settings['val_fraction']}); "
                              f"pass more files or a larger --val-fraction")
-        chunk = seq_len * batch_size * 16
+        groups = dataset.groups
+        total = sum(stop - start for start, stop in groups.values())
+        plans = {kind: (_Slice(dataset, start, stop),
+                        None if max_bytes is None else max(seq_len, max_bytes * (stop - start) // total))
+                 for kind, (start, stop) in groups.items()}
+        spans = {kind: eval_window_spans(len(view), seq_len, budget) for kind, (view, budget) in plans.items()}
         bar = None
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=end - 1, desc="held-out bits/byte", unit="B", unit_scale=True)
-        bits, count = 0.0, 0
-        for start in range(0, end - 1, chunk):
-            stop = min(start + chunk + 1, end)
-            predicted = int(np.asarray(dataset.mask[start + 1 : stop]).sum())
-            if predicted:
-                bits += evaluate_bpb(model, _Slice(dataset, start, stop), seq_len, batch_size) * predicted
-                count += predicted
-            if bar is not None:
-                bar.update(stop - 1 - start)
+            bar = tqdm(total=sum(map(len, spans.values())), desc="held-out bits/byte", unit="window")
+        files = Counter(entry["kind"] for entry in split["val_files"])
+        by_kind, nats, count = {}, 0.0, 0.0
+        for kind, (view, budget) in plans.items():
+            kind_nats, kind_count = score_windows(model, eval_windows(view, seq_len, budget), batch_size,
+                                                  on_batch=bar.update if bar is not None else None)
+            if kind_count:
+                by_kind[kind] = {"bpb": kind_nats / kind_count / LN2, "bytes": int(kind_count), "files": files[kind]}
+            nats, count = nats + kind_nats, count + kind_count
         if bar is not None:
             bar.close()
     if count == 0:
         raise ValueError(f"the held-out split of {paths} has no bytes to score")
-    bpb = bits / count
-    return {"bpb": bpb, "perplexity_per_byte": 2.0 ** bpb, "bytes": count, "tokens": end,
-            "data": [str(p) for p in paths], "val_fraction": val_fraction}
+    bpb = nats / count / LN2
+    recorded = settings["recorded"]
+    return {"bpb": bpb, "perplexity_per_byte": 2.0 ** bpb, "bytes": int(count),
+            "tokens": sum(length - 1 for kind_spans in spans.values() for _, length in kind_spans) + len(spans),
+            "by_kind": by_kind, "files": len(split["val_files"]), "split_source": settings["source"],
+            "split_matches_checkpoint": (split["val_files_sha256"] == recorded["val_files_sha256"]) if recorded else None,
+            "val_files_sha256": split["val_files_sha256"], "data": [str(p) for p in paths],
+            "val_fraction": settings["val_fraction"]}
 
 
 class _Slice:
@@ -374,10 +429,11 @@ def training_exposure(checkpoint: str | os.PathLike) -> tuple[set[str], bool]:
     """(real paths of the .py/.txt files in the checkpoint's training split, whether it trained on .jsonl pairs),
     from its recorded train config; (empty, False) when it records none (e.g. a randomly initialised model)."""
     from .checkpoint import load_metadata
-    from .data import TEXT_SUFFIXES, default_corpus, resolve_inputs
+    from .data import TEXT_SUFFIXES, content_id, default_corpus, resolve_inputs
     from .data import split_of as data_split_of
 
-    train_config = load_metadata(checkpoint).get("train_config")
+    metadata = load_metadata(checkpoint)
+    train_config = metadata.get("train_config")
     if not train_config:
         return set(), False
     data = train_config.get("data") or default_corpus()  # None: training read the default corpus
@@ -387,6 +443,12 @@ def training_exposure(checkpoint: str | os.PathLike) -> tuple[set[str], bool]:
         inputs = resolve_inputs(data)
     except ValueError:  # the training data is gone from this machine: nothing to exclude by
         return set(), on_recipes
+    recorded = metadata.get("data_split")
+    if recorded:  # the files whose contents it trained on (near-duplicate clusters make keys alone insufficient)
+        trained = set(recorded.get("train_sha1") or ())
+        files = {os.path.realpath(file) for file, _ in inputs if file.suffix in TEXT_SUFFIXES
+                 and content_id(hashlib.sha1(file.read_bytes()).hexdigest()) in trained}
+        return files, on_recipes
     all_trained = bool(train_config.get("val_data"))  # a separate validation set: every data file trained
     files = {os.path.realpath(file) for file, key in inputs
              if file.suffix in TEXT_SUFFIXES and (all_trained or data_split_of(key, val_fraction) == "train")}
@@ -611,7 +673,7 @@ def evaluate_fixer(generate_fn: GenerateFn, records: Sequence[TaskRecord], *, pr
 
 # ---------------------------------------------------------------------------------------------- the suite
 def run_evaluation(checkpoint: str | os.PathLike, *, data: Sequence[str] | None = None, seq_len: int = 256,
-                   max_bytes: int | None = None, val_fraction: float = 0.05, bpb: bool = True,
+                   max_bytes: int | None = None, val_fraction: float | None = None, bpb: bool = True,
                    humaneval: HumanEvalOptions | None = None, tasks: Iterable[str] = (), task_limit: int | None = 50,
                    task_sources: Sequence[str] | None = None, prompt_format: PromptFormat | None = None,
                    generate_fn: GenerateFn | None = None, progress: bool = False,
@@ -625,6 +687,7 @@ def run_evaluation(checkpoint: str | os.PathLike, *, data: Sequence[str] | None 
     nextline: lines to complete per corpus (report["nextline"][<"held_out" or corpus name>]); None: skipped.
     """
     from .corpora import corpora_to_score
+
     from .checkpoint import load_checkpoint
 
     tasks = list(tasks)
@@ -632,6 +695,7 @@ def run_evaluation(checkpoint: str | os.PathLike, *, data: Sequence[str] | None 
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; tasks: {', '.join(TASKS)} (coder: use --humaneval)")
     info = checkpoint_info(checkpoint)
+    val_fraction = split_to_score(checkpoint, data, val_fraction)["val_fraction"]  # None: the checkpoint's
     fmt: PromptFormat = prompt_format or ("specialist" if info["specialist"] else "raw")
     report: dict[str, Any] = {**info, "prompt_format": fmt,
                               "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -741,6 +805,9 @@ def _pct(x: float) -> str:
 def _cells(row: dict[str, Any]) -> list[str]:
     held = row.get("held_out")
     bpb = f"{held['bpb']:.3f} (ppl/byte {held['perplexity_per_byte']:.2f}; {held['bytes']:,} B)" if held else "–"
+    if held and held.get("by_kind"):  # library code and unit tests apart
+        bpb += "; " + ", ".join(f"{'tests' if kind == 'test' else kind} {part['bpb']:.3f} ({part['bytes']:,} B)"
+                                for kind, part in held["by_kind"].items())
     pypi = row.get("held_out_pypi")
     pypi_cell = (f"{pypi['bpb']:.3f} ({pypi['files']} files, {pypi['bytes']:,} B)" if pypi else "–")
     nextline_cell = "; ".join(
@@ -786,9 +853,16 @@ def write_results_table(report: dict[str, Any], path: str | os.PathLike = "docs/
         "",
         "Generated by `axl eval` (shared/axl_model/evaluate.py); edit by re-running it, not by hand.",
         "",
-        "- **Held-out bits/byte**: cross-entropy in bits per byte on the files training held out (the same",
-        "  file-hash split), never training loss. Perplexity per byte is 2^bpb; a value near 1.0 would mean",
-        "  the held-out text leaked into training. Uniform guessing over 256 bytes is 8 bits/byte.",
+        "- **Held-out bits/byte**: cross-entropy in bits per byte on the files training held out, never",
+        "  training loss. The checkpoint records its split (corpus, filters, val_fraction, the validation",
+        "  files, content hashes of its training files) and `axl eval` scores exactly that split; a corpus",
+        "  holding a training file is refused. Files are split by a hash of their path relative to the data",
+        "  root (`json/decoder.py`, whatever the Python version); near-duplicates (line-set Jaccard >= 0.8,",
+        "  e.g. the codec tables) form clusters that stay on one side, one representative when held out.",
+        "  Library files and unit tests (`test_*.py`, `*/tests/*`, `test/`) are also shown apart. Perplexity",
+        "  per byte is 2^bpb; a value near 1.0 would mean the held-out text leaked into training. Uniform",
+        "  guessing over 256 bytes is 8 bits/byte. A row without the library/tests figures used the older",
+        "  split (keys with the python3.x folder, near-duplicates on both sides, unit tests 56% of the bytes).",
         "- **PyPI bits/byte**: the same measure on a second corpus no model here trained on: 28 pinned",
         "  pure-Python packages from PyPI (`axl data corpus pypi`; `data/corpora/pypi/manifest.json` lists",
         "  name, version and sha256), scored whole (or a fixed sample of whole files with --max-bytes).",

@@ -99,6 +99,7 @@ def test_data_build_for_a_specialist(corpus: Path, tmp_path: Path, capsys: pytes
     (("train", "--preset", "tiny", "--data", "/nonexistent/dir", "--out", "{tmp}/x"), "does not exist"),
     (("train", "--specialist", "wizard"), "unknown specialist 'wizard'"),
     (("train", "--out", "{tmp}/none", "--resume"), "nothing to resume"),
+    (("train", "--preset", "tiny", "--val-fraction", "0", "--out", "{tmp}/x"), "val_fraction 0 holds out no file"),
     (("generate", "{tmp}/missing", "x"), "does not exist"),
     (("plot", "{tmp}"), "no metrics.jsonl"),
 ])

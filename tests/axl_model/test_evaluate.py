@@ -133,6 +133,78 @@ def test_sliced_bpb_equals_one_pass(tiny: Path, tmp_path: Path) -> None:
     assert sliced["tokens"] == one_pass["tokens"]
 
 
+def _checkpoint_with_split(tmp_path: Path, corpus: Path, val_fraction: float) -> Path:
+    """A tiny model whose metadata records the split of `corpus`, as training records it."""
+    from axl_model import save_checkpoint
+    from axl_model.data import prepare_data
+
+    prepared = prepare_data([corpus], tmp_path / "train-cache", val_fraction=val_fraction, progress=False)
+    model = load_checkpoint(make_tiny_checkpoint(tmp_path / "random", seed=0, max_seq_len=512))
+    return save_checkpoint(model, tmp_path / "ck", metadata={"data_split": prepared.split,
+                                                             "train_config": {"data": [str(corpus)]}})
+
+
+def _library_and_tests(root: Path) -> Path:
+    (root / "tests").mkdir(parents=True)
+    for i in range(16):
+        (root / f"lib{i}.py").write_text(f"def lib{i}(x):\n    total = x * {i}\n    return total + {i * i}\n")
+        (root / "tests" / f"test_lib{i}.py").write_text(f"from lib{i} import lib{i}\n\n\ndef test_lib{i}():\n"
+                                                         f"    assert lib{i}(2) == {2 * i + i * i}\n")
+    return root
+
+
+def test_eval_scores_the_recorded_split_and_refuses_training_files(tmp_path: Path) -> None:
+    corpus = _library_and_tests(tmp_path / "src")
+    ck = _checkpoint_with_split(tmp_path, corpus, val_fraction=0.3)
+    recorded = E.recorded_split(ck)
+
+    default = E.held_out_bpb(ck, seq_len=64)  # no --data: exactly the recorded split
+    assert default["split_source"] == "the checkpoint's split" and default["split_matches_checkpoint"] is True
+    assert default["val_files_sha256"] == recorded["val_files_sha256"]
+    assert default["val_fraction"] == 0.3 and default["files"] == len(recorded["val_files"])
+    kinds = {e["kind"] for e in recorded["val_files"]}
+    assert set(default["by_kind"]) == kinds == {"library", "test"}  # unit tests scored apart from library code
+    assert sum(part["bytes"] for part in default["by_kind"].values()) == default["bytes"]
+    assert sum(part["files"] for part in default["by_kind"].values()) == default["files"]
+
+    # another split of the same corpus holds training files: refused, naming them
+    with pytest.raises(ValueError, match="refusing to score .* held-out files are files .* trained on"):
+        E.held_out_bpb(ck, [str(corpus)], seq_len=64, val_fraction=0.6)
+    with pytest.raises(ValueError, match="trained on"):
+        E.held_out_bpb(ck, seq_len=64, val_fraction=0.6)
+    # a copy of a training file elsewhere is refused too (by content, not by path)
+    other = tmp_path / "other"
+    other.mkdir()
+    trained_file = next(f for f, _ in resolve_inputs([corpus])
+                        if f.name not in {e["path"].rsplit("/", 1)[-1] for e in recorded["val_files"]})
+    (other / "renamed.py").write_text(trained_file.read_text())
+    with pytest.raises(ValueError, match="renamed.py"):
+        E.held_out_bpb(ck, [str(other)], seq_len=64, val_fraction=0.5)
+    # a corpus it never saw is fine
+    (other / "renamed.py").unlink()
+    for i in range(8):
+        (other / f"new{i}.py").write_text(f"def new{i}(y):\n    value = y - {i}\n    return value * {i + 3}\n")
+    fresh = E.held_out_bpb(ck, [str(other)], seq_len=64, val_fraction=0.5)
+    assert fresh["split_source"] == "the given data" and fresh["bytes"] > 0
+    # task records avoid exactly the files whose contents it trained on
+    trained, _ = E.training_exposure(ck)
+    held_out = {e["path"] for e in recorded["val_files"]}
+    assert trained == {str(f.resolve()) for f, key in resolve_inputs([corpus]) if key not in held_out}
+
+
+def test_axl_eval_defaults_to_the_recorded_split(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no data/ folder of the working tree (fetched corpora) joins the evaluation
+    corpus = _library_and_tests(tmp_path / "src")
+    ck = _checkpoint_with_split(tmp_path, corpus, val_fraction=0.3)
+    assert main(["eval", str(ck), "--seq-len", "64", "--no-table", "--no-progress", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "split: the checkpoint's split, the same files it recorded" in printed
+    assert "unit tests:" in printed and "library:" in printed
+    assert main(["eval", str(ck), "--data", str(corpus), "--val-fraction", "0.6", "--no-table", "--no-progress"]) == 2
+    assert "refusing to score" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------- fixer
 ORIGINAL = "def clamp(x, low, high):\n    if x < low:\n        return low\n    return min(x, high)\n"
 BUGGY = "def clamp(x, low, high):\n    if x > low:\n        return low\n    return min(x, high)\n"

@@ -200,11 +200,43 @@ def test_eval_checkpoint_on_held_out_data(corpus: Path, tmp_path: Path) -> None:
     assert report["split"] == "val" and 0 < report["val_bpb"] < 12 and report["tokens"] > 0
 
 
+def test_the_checkpoint_records_its_split(corpus: Path, tmp_path: Path) -> None:
+    """What it trained on and what it held out travel with the checkpoint (metadata.json "data_split")."""
+    import hashlib
+
+    from axl_model.data import prepare_data
+
+    train(small_config(tmp_path / "rec", corpus, max_steps=2, eval_interval=0))
+    recorded = load_metadata(tmp_path / "rec")["data_split"]
+    prepared = prepare_data([corpus], tmp_path / "data-cache", val_fraction=0.2, progress=False)
+    assert recorded == prepared.split
+    assert recorded["data"] == [str(corpus)] and recorded["val_fraction"] == 0.2 and recorded["val_data"] is None
+    assert recorded["filters"]["near_duplicate_jaccard"] == 0.8 and recorded["filters"]["min_lines"] == 3
+    val_paths = {e["path"] for e in recorded["val_files"]}
+    assert val_paths and val_paths < set(MODULES) and len(recorded["val_files_sha256"]) == 64
+    sha = {name: hashlib.sha1((corpus / name).read_bytes()).hexdigest()[:16] for name in MODULES}
+    assert set(recorded["train_sha1"]) == {sha[name] for name in MODULES if name not in val_paths}
+
+
+def test_in_training_validation_is_a_spread_sample_of_the_held_out_split(corpus: Path, tmp_path: Path) -> None:
+    from axl_model.data import eval_window_spans, prepare_data
+
+    result = train(small_config(tmp_path / "spread", corpus, max_steps=2, eval_interval=0, eval_tokens=512))
+    val = prepare_data([corpus], tmp_path / "data-cache", val_fraction=0.2, progress=False).val
+    spans = eval_window_spans(len(val), 64, 512)
+    assert len(val) > 4 * 512 and spans[-1][0] > len(val) // 2  # not the head of the split
+    model = load_checkpoint(tmp_path / "spread")
+    assert result.val_bpb == pytest.approx(evaluate_bpb(model, val, 64, 4, 512), rel=1e-5)
+
+
 def test_user_errors_are_value_errors(corpus: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         TrainConfig(out_dir=str(tmp_path / "x"), preset="huge")
     with pytest.raises(ValueError, match="unknown optimizer"):
         TrainConfig(out_dir=str(tmp_path / "x"), optimizer="adam")
+    with pytest.raises(ValueError, match="val_fraction 0 holds out no file"):  # never a score on training data
+        TrainConfig(out_dir=str(tmp_path / "x"), val_fraction=0.0)
+    TrainConfig(out_dir=str(tmp_path / "x"), val_fraction=0.0, val_data=[str(corpus / "bisect.py")])  # fine
     with pytest.raises(ValueError, match="does not exist"):
         train(small_config(tmp_path / "x", tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="exceeds the model's window"):
