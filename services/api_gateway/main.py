@@ -18,6 +18,7 @@ from axl_mesh.registry_schemas import InstanceRecord
 from services.api_gateway.auth import ApiKeyMiddleware
 from services.api_gateway.exposure import HostCheckMiddleware, host_check_needed
 from services.api_gateway.metrics import AgentMetrics, GatewayMetrics
+from services.api_gateway.openapi import install_openapi
 from services.api_gateway.routes import ROUTERS, health
 from services.api_gateway.settings import Settings
 from services.api_gateway.upstream import Upstream
@@ -88,4 +89,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     for router in ROUTERS:
         app.include_router(router)
+    install_openapi(app)
     return app

@@ -10,7 +10,7 @@ from enum import StrEnum
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 
 # Ids we mint; validated wherever they come back from a client (they name Redis keys and files, never raw paths).
 FILE_ID_PATTERN = r"^file-[0-9a-f]{24}$"
@@ -101,14 +101,21 @@ def _auto_or(kind: type, low: float, high: float) -> Callable[[Any], Any]:
     return check
 
 
+def _auto_or_schema(kind: type, low: float, high: float) -> WithJsonSchema:
+    """The JSON schema of :func:`_auto_or` (the union's own schema would allow any string)."""
+    number = {"type": "integer" if kind is int else "number", "minimum": low, "maximum": high}
+    return WithJsonSchema({"anyOf": [{"type": "string", "enum": ["auto"]}, number], "default": "auto"})
+
+
 class Hyperparameters(BaseModel):
     """OpenAI's three knobs ("auto" means our default), then our extensions."""
 
     model_config = ConfigDict(extra="forbid")
 
-    batch_size: Annotated[int | str, BeforeValidator(_auto_or(int, 1, 512))] = "auto"
-    learning_rate_multiplier: Annotated[float | str, BeforeValidator(_auto_or(float, 1e-6, 100))] = "auto"
-    n_epochs: Annotated[int | str, BeforeValidator(_auto_or(int, 1, 1000))] = "auto"
+    batch_size: Annotated[int | str, BeforeValidator(_auto_or(int, 1, 512)), _auto_or_schema(int, 1, 512)] = "auto"
+    learning_rate_multiplier: Annotated[float | str, BeforeValidator(_auto_or(float, 1e-6, 100)),
+                                        _auto_or_schema(float, 1e-6, 100)] = "auto"
+    n_epochs: Annotated[int | str, BeforeValidator(_auto_or(int, 1, 1000)), _auto_or_schema(int, 1, 1000)] = "auto"
     # --- AXL extensions: bounds of a run on the CPU and the shape of training
     max_time_seconds: Annotated[float, Field(gt=0, le=7 * 24 * 3600)] | None = None
     max_steps: Annotated[int, Field(ge=1, le=10_000_000)] | None = None

@@ -13,6 +13,7 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 OWNED_BY = "axl-mesh"
 # The AXL tokenizer is byte-level: token ids 0-255 are the bytes, 256 BOS, 257 EOS (not accepted in prompts).
@@ -101,8 +102,21 @@ def _normalize_stop(value: str | list[str] | None) -> list[str]:
     return stops
 
 
+# Cross-field rules of the validators below, stated in the JSON schema too (clients and fuzzers read it).
+STREAM_OPTIONS_NEED_STREAM = {
+    "if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
+    "then": {"required": ["stream"], "properties": {"stream": {"const": True}}},
+}
+TOP_LOGPROBS_NEED_LOGPROBS = {
+    "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer", "minimum": 1}}},
+    "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+}
+
+
 class SamplingFields(OpenAIBaseModel):
     """Fields completions and chat share, with the limits the model workers accept."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"allOf": [STREAM_OPTIONS_NEED_STREAM]})
 
     frequency_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)  # accepted, not applied
     logit_bias: dict[str, float] | None = None  # accepted, not applied
@@ -160,7 +174,7 @@ class SamplingFields(OpenAIBaseModel):
 
 # --- completions ----------------------------------------------------------------------------------------------
 
-TokenIds = list[Annotated[int, Field(ge=0)]]
+TokenIds = list[Annotated[int, Field(ge=0, le=max(SPECIAL_TOKENS))]]
 
 
 class CompletionRequest(SamplingFields):
@@ -266,7 +280,8 @@ class OtherContentPart(OpenAIBaseModel):
     type: str
 
 
-ContentPart = TextContentPart | OtherContentPart
+# Other parts validate (so the error names the part we cannot read) but the schema offers only text parts.
+ContentPart = TextContentPart | SkipJsonSchema[OtherContentPart]
 
 
 class ChatMessage(OpenAIBaseModel):
@@ -289,6 +304,9 @@ class ChatMessage(OpenAIBaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``; tools, response_format and the like are accepted and not applied."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={
+        "allOf": [STREAM_OPTIONS_NEED_STREAM, TOP_LOGPROBS_NEED_LOGPROBS]})
 
     messages: list[ChatMessage] = Field(min_length=1)
     model: str
