@@ -4,8 +4,10 @@ What it does, in order:
 
 1. Redis: uses the one at ``$REDIS_URL`` (or the config's ``redis_url``) if it answers PING, else starts a private
    ``redis-server`` (append-only file under ``state_dir``) and stops it again at the end. The Redis it starts
-   requires a password (the URL's, else one generated for the state folder and kept there, mode 0600); children
-   get it in ``AXL_REDIS_URL``; logs show it as ``***``.
+   has the mesh's ACL (``axl_mesh.redis_acl``): the default user off, a ``registry`` user for the registry's keys
+   only and a ``jobs`` user for the job system's (gateway, trainer, quantizer), each with a password generated for
+   the state folder and kept there (``<user>.password``, mode 0600). Each child gets its own user's login in
+   ``AXL_REDIS_URL`` (model workers use no Redis and get none); logs show passwords as ``***``.
 2. The registry secret: ``$AXL_REGISTRY_SECRET`` if set, else a fresh random one for this run; every child gets it.
 3. The bootstrap checkpoint: if the config's ``bootstrap.checkpoint`` folder does not exist and some worker needs it,
    trains it first on the local standard library (``axl_model.train``, a few minutes, a progress bar). An
@@ -25,7 +27,6 @@ What it does, in order:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import itertools
 import os
@@ -44,6 +45,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import yaml
+
+from axl_mesh.process import set_parent_death_signal
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "deploy" / "mesh.yaml"
@@ -279,42 +282,67 @@ def with_password(url: str, password: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-def stored_redis_password(data_dir: Path) -> str | None:
-    """The password of the Redis the launcher starts for this state folder, if one was made."""
-    try:
-        return (data_dir / "password").read_text().strip() or None
-    except FileNotFoundError:
-        return None
+def redis_password_file(data_dir: Path, user: str) -> Path:
+    return data_dir / f"{user}.password"
 
 
-def redis_password(data_dir: Path) -> str:
-    """The stored password, else a new random one stored (0600) beside the Redis data: kept, not regenerated per
+def stored_redis_passwords(data_dir: Path) -> dict[str, str]:
+    """The passwords of the Redis users (``axl_mesh.redis_acl.USERS``) the launcher made for this state folder:
+    all of them, or {} when any is missing."""
+    from axl_mesh.redis_acl import USERS
+
+    passwords = {}
+    for user in USERS:
+        try:
+            passwords[user] = redis_password_file(data_dir, user).read_text().strip()
+        except FileNotFoundError:
+            return {}
+    return passwords if all(passwords.values()) else {}
+
+
+def redis_passwords(data_dir: Path) -> dict[str, str]:
+    """The stored passwords, else new random ones stored (0600) beside the Redis data: kept, not regenerated per
     run, so a second ``make up`` finds (and refuses to duplicate) a Redis left running on this folder's data."""
-    existing = stored_redis_password(data_dir)
+    from axl_mesh.redis_acl import USERS
+
+    existing = stored_redis_passwords(data_dir)
     if existing:
         return existing
     data_dir.mkdir(parents=True, exist_ok=True)
-    password = secrets.token_urlsafe(32)  # URL-safe: it goes in redis:// URLs as is
-    fd = os.open(data_dir / "password", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(password + "\n")
-    return password
+    passwords = {}
+    for user in USERS:
+        passwords[user] = secrets.token_urlsafe(32)  # URL-safe: it goes in redis:// URLs as is
+        fd = os.open(redis_password_file(data_dir, user), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(passwords[user] + "\n")
+    return passwords
+
+
+def redis_user_urls(url: str, passwords: Mapping[str, str]) -> dict[str, str]:
+    """Each Redis user's login to the Redis at ``url``."""
+    from axl_mesh.redis_acl import url_for_user
+
+    return {user: url_for_user(url, user, password) for user, password in passwords.items()}
 
 
 class LocalRedis:
     """A ``redis-server`` the launcher started (append-only persistence in ``data_dir``) and will stop.
 
-    It requires a password: the wanted URL's, else :func:`redis_password`. The password reaches redis-server on
-    its stdin (not its command line, which every local user can read) and the children in ``AXL_REDIS_URL``.
+    It runs the mesh's ACL (``axl_mesh.redis_acl``) with the passwords of :func:`redis_passwords` (a password in
+    the wanted URL is not used: each user has its own). The ACL reaches redis-server on its stdin (not its command
+    line, which every local user can read); ``urls`` holds each user's login, ``url`` the jobs user's.
     """
 
     def __init__(self, wanted_url: str, data_dir: Path, console: Console) -> None:
+        from axl_mesh.redis_acl import JOBS_USER
+
         parts = urlsplit(wanted_url)
         wanted_port = parts.port or 6379
         self.port = wanted_port if port_is_free(wanted_port) else free_port()
         db = parts.path or "/0"
-        self.password = parts.password or redis_password(data_dir)
-        self.url = with_password(urlunsplit(("redis", f"127.0.0.1:{self.port}", db, "", "")), self.password)
+        self.passwords = redis_passwords(data_dir)
+        self.urls = redis_user_urls(urlunsplit(("redis", f"127.0.0.1:{self.port}", db, "", "")), self.passwords)
+        self.url = self.urls[JOBS_USER]
         self.data_dir = data_dir
         self.console = console
         self.proc: subprocess.Popen[bytes] | None = None
@@ -333,8 +361,11 @@ class LocalRedis:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=die_with_launcher(signal.SIGTERM),  # redis-server flushes its append-only file and exits
         )
+        from axl_mesh.redis_acl import acl_directives
+
         assert self.proc.stdin is not None
-        self.proc.stdin.write(f"requirepass {self.password}\n".encode())  # "-": config read from stdin to EOF
+        acl = "".join(line + "\n" for line in acl_directives(self.passwords))
+        self.proc.stdin.write(acl.encode())  # "-": config read from stdin to EOF
         self.proc.stdin.close()
         threading.Thread(target=_pump, args=(self.proc, "redis", self.console), daemon=True).start()
         deadline = time.monotonic() + timeout
@@ -358,36 +389,6 @@ class LocalRedis:
 
 
 # --------------------------------------------------------------------------------------------------- dying together
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _resolve_prctl() -> Callable[..., int] | None:
-    """libc's prctl, looked up once here rather than in a freshly forked child (loading a library after fork can
-    deadlock on a lock another thread held); None where there is none (not Linux)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _resolve_prctl()
-
-
-def set_parent_death_signal(sig: signal.Signals, parent_pid: int) -> None:
-    """Have the kernel send ``sig`` to this process when ``parent_pid`` (its parent) dies, however it dies.
-
-    The signal follows the death of the parent *thread* that forked us: the launcher starts every child from its
-    main thread. A parent that is already gone (it died before the call) gets the signal sent right away.
-    """
-    if _PRCTL is None:
-        return
-    _PRCTL(PR_SET_PDEATHSIG, int(sig))
-    if os.getppid() != parent_pid:
-        os.kill(os.getpid(), sig)
-
-
 def die_with_launcher(sig: signal.Signals = signal.SIGKILL) -> Callable[[], None]:
     """A Popen ``preexec_fn``: the child gets ``sig`` when the launcher dies.
 
@@ -519,7 +520,8 @@ class Mesh:
         self.stop_event = threading.Event()
         self.children: list[Child] = []
         self.redis: LocalRedis | None = None
-        self.redis_url = ""
+        self.redis_url = ""  # the Redis every service uses when it has no login of its own in redis_urls
+        self.redis_urls: dict[str, str] = {}  # Redis user -> its login (axl_mesh.redis_acl), for a Redis we know
         self.secret = ""
         self.served_store_models: set[str] = set()
         self._announced_healthy: set[Child] = set()
@@ -530,23 +532,26 @@ class Mesh:
         cfg = self.config
         wanted = os.environ.get("REDIS_URL") or os.environ.get("AXL_REDIS_URL") or cfg.redis_url
         redis_dir = cfg.path(cfg.state_dir) / "redis"
-        stored = stored_redis_password(redis_dir)
-        ours = with_password(wanted, stored) if stored and not urlsplit(wanted).password else None
+        stored = stored_redis_passwords(redis_dir)
+        ours = redis_user_urls(wanted, stored) if stored and not urlsplit(wanted).password else {}
         if redis_answers(wanted):
             self.redis_url = wanted
             self.console.say(f"using the Redis at {_redact(wanted)}")
             if not urlsplit(wanted).password:
                 self.console.say("warning: that Redis needs no password, so anything that reaches it can change the "
                                  "mesh's jobs; give it one (requirepass) and put it in REDIS_URL")
-        elif ours and redis_answers(ours):  # the one a launcher started on this state folder, still running
-            self.redis_url = ours
-            self.console.say(f"using the Redis at {_redact(ours)} (this state folder's password)")
+            self.console.say("warning: every service logs in to that Redis the same way, so any of them (the trainer "
+                             "included) can rewrite the registry's records; let the launcher start its own Redis, "
+                             "which has a user per service (axl_mesh.redis_acl)")
+        elif ours and all(redis_answers(url) for url in ours.values()):  # one a launcher started here, still running
+            self.redis_urls = ours
+            self.console.say(f"using the Redis at {_redact(wanted)} (this state folder's users)")
         else:
             self.console.say(f"no Redis answers at {_redact(wanted)}; starting a local redis-server")
             self.redis = LocalRedis(wanted, redis_dir, self.console).start()
-            self.redis_url = self.redis.url
-            self.console.say(f"redis-server is up at {_redact(self.redis_url)} with a password "
-                             f"(append-only file in {self.redis.data_dir})")
+            self.redis_urls = self.redis.urls
+            self.console.say(f"redis-server is up at {_redact(self.redis.url)} with a user per service "
+                             f"({', '.join(self.redis_urls)}; append-only file in {self.redis.data_dir})")
         self.secret = os.environ.get("AXL_REGISTRY_SECRET", "")
         if not self.secret:
             self.secret = secrets.token_urlsafe(24)
@@ -575,7 +580,6 @@ class Mesh:
             "PYTHONPATH": os.pathsep.join(shared),
             "PYTHONUNBUFFERED": "1",
             "AXL_HOST": cfg.host,
-            "AXL_REDIS_URL": self.redis_url,
             "AXL_REGISTRY_URL": f"http://{_connect_host(cfg.host)}:{cfg.registry_port}",
             "AXL_REGISTRY_SECRET": self.secret,
             "AXL_DATA_DIR": str(cfg.path(cfg.data_dir)),
@@ -583,6 +587,16 @@ class Mesh:
             "AXL_FILES_DIR": str(cfg.path(cfg.files_dir)),
             "AXL_JOBS_DIR": str(cfg.path(cfg.jobs_dir)),
         }
+
+    def redis_env(self, module: str) -> dict[str, str]:
+        """``AXL_REDIS_URL`` of the service run as ``module``: its own user's login (``axl_mesh.redis_acl``) where
+        the Redis has the mesh's users, else the one shared URL; nothing for a service that uses no Redis."""
+        from axl_mesh.redis_acl import SERVICE_USERS
+
+        user = SERVICE_USERS.get(module)
+        if user is None:
+            return {}
+        return {"AXL_REDIS_URL": self.redis_urls.get(user) or self.redis_url}
 
     def _url(self, port: int, path: str) -> str:
         return f"http://{_connect_host(self.config.host)}:{port}{path}"
@@ -603,7 +617,8 @@ class Mesh:
         """Registry first, then workers, gateway, queue workers (the order they start in)."""
         cfg = self.config
         common = self.common_env()
-        specs = [ChildSpec("registry", "services.mesh_registry", {**common, "AXL_PORT": str(cfg.registry_port)},
+        specs = [ChildSpec("registry", "services.mesh_registry",
+                           {**common, **self.redis_env("services.mesh_registry"), "AXL_PORT": str(cfg.registry_port)},
                            self._url(cfg.registry_port, "/healthz"))]
         for worker in cfg.workers:
             checkpoint = cfg.worker_checkpoint(worker)
@@ -611,7 +626,7 @@ class Mesh:
                 name = worker.specialist if worker.replicas == 1 else f"{worker.specialist}#{replica}"
                 specs.append(self.worker_spec(name, worker.specialist, worker.port + replica, checkpoint,
                                               worker.model_id))
-        gateway_env = {**common, "AXL_PORT": str(cfg.gateway_port)}
+        gateway_env = {**common, **self.redis_env("services.api_gateway"), "AXL_PORT": str(cfg.gateway_port)}
         api_keys = os.environ.get("AXL_API_KEYS") or ",".join(cfg.api_keys)
         if api_keys:
             gateway_env["AXL_API_KEYS"] = api_keys
@@ -622,7 +637,7 @@ class Mesh:
             for index in range(count):
                 port = next(ports)
                 name = kind if count == 1 else f"{kind}#{index}"
-                specs.append(ChildSpec(name, module, {**common, "AXL_PORT": str(port)},
+                specs.append(ChildSpec(name, module, {**common, **self.redis_env(module), "AXL_PORT": str(port)},
                                        self._url(port, "/healthz")))
         return specs
 

@@ -15,7 +15,8 @@ from tests.support import REPO_ROOT
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 # Values for the required variables (${VAR:?}) so that the file interpolates.
 REQUIRED_ENV = {"AXL_REGISTRY_SECRET": "compose-test-secret", "AXL_API_KEYS": "sk-test-1,sk-test-2",
-                "AXL_REDIS_PASSWORD": "compose-test-redis-password"}
+                "AXL_REDIS_REGISTRY_PASSWORD": "compose-test-registry-password",
+                "AXL_REDIS_JOBS_PASSWORD": "compose-test-jobs-password"}
 
 
 def compose_command() -> list[str] | None:

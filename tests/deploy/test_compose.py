@@ -14,7 +14,15 @@ from tests.deploy.conftest import COMPOSE_FILE, REQUIRED_ENV, app_services, env_
 from tests.support import REPO_ROOT
 
 CHECK_JSONSCHEMA = REPO_ROOT / ".venv" / "bin" / "check-jsonschema"
-REDIS_URL = "redis://:${AXL_REDIS_PASSWORD:?set AXL_REDIS_PASSWORD (random, URL-safe characters)}@redis:6379/0"
+# Each service's Redis login (axl_mesh.redis_acl.SERVICE_USERS): user and the variable holding its password.
+REDIS_LOGINS = {"registry": "AXL_REDIS_REGISTRY_PASSWORD", "jobs": "AXL_REDIS_JOBS_PASSWORD"}
+SERVICE_REDIS_USER = {"mesh-registry": "registry", "api-gateway": "jobs", "trainer-worker": "jobs",
+                      "quantizer": "jobs", "coder-worker": None, "debugger-worker": None}
+
+
+def _redis_url(user: str) -> str:
+    variable = REDIS_LOGINS[user]
+    return f"redis://{user}:${{{variable}:?set {variable} (random, URL-safe characters)}}@redis:6379/0"
 
 
 def _check_jsonschema() -> str:
@@ -42,13 +50,15 @@ def test_compose_cli_interpolates_the_secrets_everywhere() -> None:
     result = run_compose(["config"], REQUIRED_ENV)
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)
-    password = REQUIRED_ENV["AXL_REDIS_PASSWORD"]
     for name, service in app_services(resolved).items():
         assert env_of(service)["AXL_REGISTRY_SECRET"] == REQUIRED_ENV["AXL_REGISTRY_SECRET"], name
-        assert env_of(service)["AXL_REDIS_URL"] == f"redis://:{password}@redis:6379/0", name
+        user = SERVICE_REDIS_USER[name]
+        expected = f"redis://{user}:{REQUIRED_ENV[REDIS_LOGINS[user]]}@redis:6379/0" if user else None
+        assert env_of(service).get("AXL_REDIS_URL") == expected, name
     redis = resolved["services"]["redis"]
-    assert redis["command"][redis["command"].index("--requirepass") + 1] == password
-    assert env_of(redis)["REDISCLI_AUTH"] == password  # its health check authenticates
+    for user, variable in REDIS_LOGINS.items():
+        assert f">{REQUIRED_ENV[variable]}" in redis["command"], user
+    assert env_of(redis)["REDISCLI_AUTH"] == REQUIRED_ENV["AXL_REDIS_JOBS_PASSWORD"]  # its health check logs in
     assert env_of(resolved["services"]["api-gateway"])["AXL_API_KEYS"] == REQUIRED_ENV["AXL_API_KEYS"]
 
 
@@ -94,7 +104,8 @@ def test_service_ports_and_commands(compose: dict[str, Any], service: str, port:
     assert spec["command"] == ["python", "-m", module]
     assert env_of(spec)["AXL_PORT"] == port
     assert env_of(spec)["AXL_HOST"] == "0.0.0.0"
-    assert env_of(spec)["AXL_REDIS_URL"] == REDIS_URL
+    user = SERVICE_REDIS_USER[service]
+    assert env_of(spec).get("AXL_REDIS_URL") == (_redis_url(user) if user else None)
     assert env_of(spec)["AXL_REGISTRY_URL"] == "http://mesh-registry:8900"
 
 
@@ -133,15 +144,85 @@ def test_dependencies_wait_for_health(compose: dict[str, Any]) -> None:
         assert "redis" in services[name]["depends_on"]
 
 
-def test_redis_requires_a_password_every_service_sends(compose: dict[str, Any]) -> None:
-    """Redis has no open door: requirepass from a required variable, and every service's URL carries it."""
+def _acl_directives(command: list[str]) -> list[str]:
+    """The ``--user`` directives of a redis-server command line, one ``user ...`` line each."""
+    lines: list[list[str]] = []
+    for arg in command:
+        if arg.startswith("--"):
+            lines.append([arg[2:]])
+        elif lines:
+            lines[-1].append(arg)
+    return [" ".join(line) for line in lines if line[0] == "user"]
+
+
+def test_redis_has_the_mesh_acl_and_each_service_its_own_login(compose: dict[str, Any]) -> None:
+    """Redis has no open door and no shared password: the ACL of axl_mesh.redis_acl from required variables (no
+    default user), and each service logs in as its own user (the registry's keys are the registry user's alone)."""
+    from axl_mesh.redis_acl import SERVICE_USERS, acl_directives
+
     redis = compose["services"]["redis"]
-    assert redis["command"][redis["command"].index("--requirepass") + 1].startswith("${AXL_REDIS_PASSWORD:?")
-    assert env_of(redis)["REDISCLI_AUTH"].startswith("${AXL_REDIS_PASSWORD:?")
-    users = {name: s for name, s in compose["services"].items() if "AXL_REDIS_URL" in env_of(s)}
-    assert set(app_services(compose)) <= set(users)
-    for name, spec in users.items():
-        assert env_of(spec)["AXL_REDIS_URL"] == REDIS_URL, name
+    placeholders = {user: f"${{{variable}:?set {variable} (random, URL-safe characters)}}"
+                    for user, variable in REDIS_LOGINS.items()}
+    assert _acl_directives(redis["command"]) == acl_directives(placeholders)
+    assert "--requirepass" not in redis["command"]
+    assert env_of(redis)["REDISCLI_AUTH"] == placeholders["jobs"]
+    assert redis["healthcheck"]["test"] == ["CMD-SHELL", "redis-cli --user jobs ping | grep -q PONG"]
+    services = app_services(compose)
+    assert set(SERVICE_REDIS_USER) == set(services)
+    for name, spec in services.items():
+        assert SERVICE_REDIS_USER[name] == SERVICE_USERS.get(spec["command"][-1]), name
+        user = SERVICE_REDIS_USER[name]
+        assert env_of(spec).get("AXL_REDIS_URL") == (_redis_url(user) if user else None), name
+
+
+def test_the_compose_redis_command_runs_the_acl(compose: dict[str, Any], tmp_path: Path) -> None:
+    """The redis service's command line, run by the local redis-server: the users log in, the jobs user gets NOPERM
+    on a registry key, the default user is off, and the health check's redis-cli call answers PONG."""
+    import os
+    import shutil
+    import time
+
+    import redis as redis_client
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from axl_mesh.redis_acl import url_for_user
+    from tests.support import free_port
+
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server / redis-cli not installed")
+    command = [re.sub(r"\$\{(\w+):\?[^}]*\}", lambda m: REQUIRED_ENV[m.group(1)], arg)
+               for arg in compose["services"]["redis"]["command"]]
+    port = free_port()
+    command = [command[0], "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path), *command[1:]]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"redis://127.0.0.1:{port}/0"
+        registry = redis_client.Redis.from_url(
+            url_for_user(base, "registry", REQUIRED_ENV["AXL_REDIS_REGISTRY_PASSWORD"]))
+        jobs = redis_client.Redis.from_url(url_for_user(base, "jobs", REQUIRED_ENV["AXL_REDIS_JOBS_PASSWORD"]))
+        for _ in range(100):
+            try:
+                registry.ping()
+                break
+            except redis_client.ConnectionError:
+                time.sleep(0.05)
+        registry.set("axl:registry:probe", "1")
+        jobs.set("rq:probe", "1")
+        with pytest.raises(redis_client.exceptions.NoPermissionError):
+            jobs.get("axl:registry:probe")
+        with pytest.raises(redis_client.exceptions.NoPermissionError):
+            jobs.set("axl:registry:probe", "2")
+        with pytest.raises(redis_client.AuthenticationError):
+            redis_client.Redis(port=port, retry=Retry(NoBackoff(), 0)).ping()
+        check = compose["services"]["redis"]["healthcheck"]["test"][1].replace("redis-cli", f"redis-cli -p {port}")
+        env = {**os.environ, "REDISCLI_AUTH": REQUIRED_ENV["AXL_REDIS_JOBS_PASSWORD"]}
+        assert subprocess.run(["sh", "-c", check], env=env, timeout=10).returncode == 0
+        env["REDISCLI_AUTH"] = "wrong"
+        assert subprocess.run(["sh", "-c", check], env=env, timeout=10, capture_output=True).returncode != 0
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_required_secrets_use_the_error_form() -> None:

@@ -138,11 +138,19 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                     os.kill(pid, signal.SIGKILL)
 
 
-def _redis_url(mesh: dict[str, Any]) -> str:
-    """The URL the launcher gave its children (with the password of the Redis it started)."""
+def _redis_urls(mesh: dict[str, Any]) -> dict[str, str]:
+    """The Redis logins the launcher gave its children, by Redis user (every child of a kind gets the same)."""
+    from urllib.parse import urlsplit
+
     urls = {_environ(pid).get("AXL_REDIS_URL") for pid in _descendants(mesh["proc"].pid)} - {None}
-    assert len(urls) == 1, "every child gets the same Redis URL"
-    return urls.pop()
+    by_user = {urlsplit(url).username: url for url in urls}
+    assert len(by_user) == len(urls), f"one login per user: {sorted(by_user)}"
+    return by_user
+
+
+def _redis_url(mesh: dict[str, Any]) -> str:
+    """The jobs user's login (gateway, trainer, quantizer) to the Redis the launcher started."""
+    return _redis_urls(mesh)["jobs"]
 
 
 def _client(mesh: dict[str, Any]) -> openai.OpenAI:
@@ -162,23 +170,60 @@ def test_it_started_its_own_redis_and_every_service(mesh: dict[str, Any]) -> Non
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
 
 
-def test_its_redis_requires_a_generated_password_never_shown(mesh: dict[str, Any]) -> None:
+def test_its_redis_has_a_user_per_service_with_generated_passwords_never_shown(mesh: dict[str, Any]) -> None:
+    """The Redis it started has the mesh's ACL users (axl_mesh.redis_acl), each with a generated password kept 0600
+    in the state folder; the registry logs in as ``registry``, the gateway and queue workers as ``jobs``, model
+    workers not at all; ``jobs`` cannot read or write the registry's keys; the default user is off."""
     from urllib.parse import urlsplit
 
-    url = _redis_url(mesh)
-    password = urlsplit(url).password
-    assert password and len(password) >= 32
-    assert url == with_password(f"redis://127.0.0.1:{mesh['redis_port']}/0", password)
-    assert not redis_answers(f"redis://127.0.0.1:{mesh['redis_port']}/0")  # no password: refused
-    assert not redis_answers(with_password(url, "wrong-password"))
-    assert password not in mesh["log"].read_text(errors="replace")
-    stored = mesh["root"] / "state" / "redis" / "password"
-    assert stored.read_text().strip() == password and stored.stat().st_mode & 0o077 == 0
-    for pid in _descendants(mesh["proc"].pid):  # not on any command line (every local user can read those)
-        try:
-            assert password.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes(), pid
+    import redis
+
+    from axl_mesh.redis_acl import url_for_user
+
+    urls = _redis_urls(mesh)
+    assert set(urls) == {"registry", "jobs"}
+    base = f"redis://127.0.0.1:{mesh['redis_port']}/0"
+    log = mesh["log"].read_text(errors="replace")
+    passwords = {}
+    for user, url in urls.items():
+        password = urlsplit(url).password
+        assert password and len(password) >= 32, user
+        assert url == url_for_user(base, user, password)
+        assert redis.Redis.from_url(url, decode_responses=True).acl_whoami() == user  # the user exists, logs in
+        assert not redis_answers(url_for_user(base, user, "wrong-password"))
+        stored = mesh["root"] / "state" / "redis" / f"{user}.password"
+        assert stored.read_text().strip() == password and stored.stat().st_mode & 0o077 == 0
+        assert password not in log
+        passwords[user] = password
+    assert passwords["registry"] != passwords["jobs"]
+    assert not redis_answers(base)  # no login: refused (the default user is off)
+    assert not redis_answers(with_password(base, passwords["jobs"]))  # nor a password alone
+
+    ports = {str(mesh["config"]["registry"]["port"]): "registry", str(mesh["config"]["gateway"]["port"]): "jobs",
+             str(mesh["config"]["queue_worker_port_start"]): "jobs",
+             str(mesh["config"]["queue_worker_port_start"] + 1): "jobs",
+             str(mesh["config"]["workers"][0]["port"]): None}
+    seen = set()
+    for pid in _descendants(mesh["proc"].pid):
+        env = _environ(pid)
+        if env.get("AXL_PORT") in ports:
+            login = env.get("AXL_REDIS_URL")
+            assert (urlsplit(login).username if login else None) == ports[env["AXL_PORT"]], env["AXL_PORT"]
+            seen.add(env["AXL_PORT"])
+        try:  # not on any command line (every local user can read those)
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
-            pass
+            continue
+        assert not any(password.encode() in cmdline for password in passwords.values()), pid
+    assert seen == set(ports)
+
+    registry = redis.Redis.from_url(urls["registry"], decode_responses=True)
+    assert registry.zcard("axl:registry:instances") >= 1  # the coder worker's registration
+    jobs = redis.Redis.from_url(urls["jobs"])
+    for attempt in (lambda: jobs.zrange("axl:registry:instances", 0, -1),
+                    lambda: jobs.zadd("axl:registry:instances", {"evil": 1e15}), jobs.flushall):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            attempt()
 
 
 def test_a_completion_through_the_gateway(mesh: dict[str, Any]) -> None:

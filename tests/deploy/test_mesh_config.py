@@ -50,7 +50,21 @@ def test_the_plan_lists_every_process() -> None:
     for spec in specs.values():
         assert spec.env["AXL_REGISTRY_SECRET"] == "s" * 16
         assert spec.env["AXL_REGISTRY_URL"] == "http://127.0.0.1:8900"
-        assert spec.env["AXL_REDIS_URL"] == "redis://127.0.0.1:6379/0"
+    # Redis only for the services that use it (model workers do not); one shared URL for a Redis without the users
+    assert {name for name, spec in specs.items() if "AXL_REDIS_URL" in spec.env} == {
+        "registry", "gateway", "trainer", "quantizer"}
+    assert {spec.env.get("AXL_REDIS_URL") for spec in specs.values()} - {None} == {"redis://127.0.0.1:6379/0"}
+
+
+def test_each_service_logs_in_to_redis_as_its_own_user() -> None:
+    mesh = Mesh(MeshConfig.from_file(MESH_YAML))
+    mesh.secret = "s" * 16
+    mesh.redis_urls = {"registry": "redis://registry:pw1@127.0.0.1:6379/0", "jobs": "redis://jobs:pw2@127.0.0.1:6379/0"}
+    specs = {s.name: s for s in mesh.child_specs()}
+    assert specs["registry"].env["AXL_REDIS_URL"] == mesh.redis_urls["registry"]
+    for name in ("gateway", "trainer", "quantizer"):
+        assert specs[name].env["AXL_REDIS_URL"] == mesh.redis_urls["jobs"], name
+    assert "AXL_REDIS_URL" not in specs["coder"].env
 
 
 def test_worker_checkpoint_resolution(tmp_path: Path) -> None:
