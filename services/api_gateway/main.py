@@ -13,6 +13,7 @@ from axl_mesh.errors import BodySizeLimitMiddleware, install_error_handlers
 from axl_mesh.jobs import JobsSettings
 from axl_mesh.model_store import ModelStore
 from axl_mesh.metrics import instrument_requests, mount_metrics
+from axl_mesh.redis_util import install_redis_error_handler
 from axl_mesh.registry_client import CachedLookup, RegistryClient, RegistryError
 from axl_mesh.registry_schemas import InstanceRecord
 from services.api_gateway.auth import ApiKeyMiddleware
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.api_keys = [key.encode() for key in settings.api_key_list()]
 
     install_error_handlers(app)
+    install_redis_error_handler(app)  # Redis down (the job routes): 503 + Retry-After, not a 500
     # Uploads have their own, larger limit (plus room for the multipart framing); the files route checks the file.
     jobs_settings = JobsSettings()
     model_store = ModelStore(jobs_settings.resolved_model_store_dir)

@@ -43,6 +43,7 @@ from prometheus_client.registry import Collector
 from pydantic import Field
 
 from axl_mesh.jobs_protocol import FILE_ID_PATTERN, FT_JOB_ID_PATTERN, QUANT_JOB_ID_PATTERN, JobStatus
+from axl_mesh.redis_util import reconnect_policy
 from axl_mesh.settings import ServiceSettings
 from axl_model.config import PRESETS, ModelConfig, memory_bytes
 
@@ -421,7 +422,8 @@ def open_job(settings: JobsSettings, kind: JobKind, job_id: str) -> tuple[JobSto
 
 
 def open_store(settings: JobsSettings) -> JobStore:
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30)
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30,
+                                  **reconnect_policy())
     return JobStore(client, settings)
 
 
@@ -614,7 +616,7 @@ class JobsCollector(Collector):
 
 def rq_connection(settings: JobsSettings) -> redis.Redis:
     """The plain (bytes) client RQ wants."""
-    return redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
+    return redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, **reconnect_policy())
 
 
 # --- RQ, JSON only ------------------------------------------------------------------------------------------------
