@@ -50,6 +50,11 @@ class Settings(ServiceSettings):
     stalled_client_seconds: float = Field(
         default=30.0, gt=0, description="a stream whose client reads nothing this long is ended, freeing its rows"
     )
+    # Shorter than the grace the launcher (15 s) and compose (30 s) give before SIGKILL: open streams end on the
+    # gateway's terms, and a restart never waits on a stream that would outlive it (tests/faults).
+    drain_seconds: float = Field(
+        default=8.0, ge=0, description="on SIGTERM, how long open requests and streams may finish before they are cut"
+    )
 
     def api_key_list(self) -> list[str]:
         return _split(self.api_keys.get_secret_value() if self.api_keys else None)
