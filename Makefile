@@ -44,6 +44,14 @@ up: $(INSTALLED)  ## run the mesh as local processes (gateway :8880, registry :8
 data: $(INSTALLED)  ## build the specialists' training data from the local standard library
 	$(VENV)/bin/axl data build --all
 
+# Schemathesis against the gateway's schema on a real mesh: FUZZ_EXAMPLES cases per operation and per seed.
+FUZZ_EXAMPLES ?= 200
+FUZZ_SEEDS ?= 1,2,3,4,5
+.PHONY: fuzz
+fuzz: $(INSTALLED)  ## fuzz the gateway's API (schemathesis, stateful too): many more cases than make test
+	AXL_TEST_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) AXL_TEST_FUZZ_SEEDS=$(FUZZ_SEEDS) \
+		$(PY) -m pytest -q -p no:cacheprovider tests/services/api_gateway/test_fuzz.py
+
 EVAL_CHECKPOINT ?= checkpoints/axl-micro
 eval: $(INSTALLED)  ## evaluate a checkpoint: held-out bits/byte, HumanEval (sandboxed), docs/fixer checks -> docs/results.md
 	$(VENV)/bin/axl eval $(EVAL_CHECKPOINT) --humaneval --tasks docs,fixer --task-limit 50 --out docs/results.md

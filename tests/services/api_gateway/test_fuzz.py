@@ -189,3 +189,29 @@ def test_every_operation(fuzz_mesh: FuzzMesh, seed: int) -> None:
     refused, positives = findings.refused, findings.positives
     too_many = [label for label in refused if len(refused[label]) > MAX_REFUSED_SHARE * positives[label]]
     assert not too_many, findings.report()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_stateful(fuzz_mesh: FuzzMesh, seed: int) -> None:
+    """Sequences linked through the schema (an uploaded file's id into a job, a created job's id into retrieve,
+    events and cancel, ...), each step checked as above."""
+    machine = fuzz_mesh.schema.as_state_machine()
+    steps: Counter[str] = Counter()
+
+    class Stateful(machine):  # type: ignore[misc,valid-type]
+        def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, Any]:
+            return {"base_url": fuzz_mesh.gateway.url, "headers": AUTH, "timeout": 60}
+
+        def validate_response(self, response: schemathesis.Response, case: schemathesis.Case,
+                              additional_checks: Any = None, **kwargs: Any) -> None:
+            steps[f"{case.operation.label} {response.status_code}"] += 1
+            assert not _server_error(response), "server error: " + _describe(case, response)
+            case.validate_response(response, checks=CHECKS)
+
+    test_case = hypothesis.seed(seed)(Stateful.TestCase)
+    test_case.settings = hypothesis.settings(
+        max_examples=EXAMPLES, stateful_step_count=6, deadline=None, database=None,
+        suppress_health_check=list(HealthCheck), phases=[hypothesis.Phase.generate])
+    test_case().runTest()
+    print(sorted(steps.items()))
+    assert sum(steps.values()) > EXAMPLES
