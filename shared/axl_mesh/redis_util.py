@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 # A Redis that restarted has closed every pooled connection, and clients made by ``from_url`` never retry: each
 # stale connection failed its next command (a 503 per pooled connection after every Redis restart, or a failed job
 # call). Reconnect and resend on a connection error; a Redis that stops answering is not retried, so the socket
-# timeout stays the bound.
+# timeout stays the bound. (A command whose reply alone was lost runs twice: at worst a job event logged twice.)
 RECONNECT_RETRIES = 2
 RECONNECT_BACKOFF_SECONDS = (0.05, 0.5)  # first wait, longest wait
 
