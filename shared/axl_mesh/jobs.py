@@ -43,6 +43,7 @@ from prometheus_client.registry import Collector
 from pydantic import Field
 
 from axl_mesh.jobs_protocol import FILE_ID_PATTERN, FT_JOB_ID_PATTERN, QUANT_JOB_ID_PATTERN, JobStatus
+from axl_mesh.process import set_parent_death_signal
 from axl_mesh.redis_util import reconnect_policy
 from axl_mesh.settings import ServiceSettings
 from axl_model.config import PRESETS, ModelConfig, memory_bytes
@@ -752,20 +753,3 @@ def run_worker(settings: JobsSettings, queue: QueueName, *, burst: bool = False,
     finally:
         reaper.stop()
         server.shutdown()
-
-
-def set_parent_death_signal() -> None:
-    """Make this (forked job) process die with its worker: a SIGKILLed worker must not leave an orphan training
-    in the job's folder while the requeued attempt starts writing there too (Linux only; a no-op elsewhere)."""
-    import ctypes
-    import os
-    import signal
-
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the worker died before prctl took effect
-        os._exit(1)
