@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -21,6 +22,7 @@ from services.api_gateway.exposure import HostCheckMiddleware, host_check_needed
 from services.api_gateway.metrics import AgentMetrics, GatewayMetrics
 from services.api_gateway.openapi import install_openapi
 from services.api_gateway.routes import ROUTERS, health
+from services.api_gateway.routes.agent import log_sandbox_status
 from services.api_gateway.settings import Settings
 from services.api_gateway.upstream import Upstream
 from services.api_gateway.worker_client import WorkerClient
@@ -39,6 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = RegistryClient(settings.registry_url, settings.registry_secret_value(),
                                   timeout_seconds=settings.connect_timeout_seconds + 3)
+        await asyncio.to_thread(log_sandbox_status)
         http = WorkerClient(mesh_secret=settings.registry_secret_value(),
                             connect_timeout=settings.connect_timeout_seconds,
                             read_timeout=settings.read_timeout_seconds,
