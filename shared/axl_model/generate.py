@@ -89,11 +89,16 @@ class Sampler:
         if p.repetition_penalty != 1.0 and context:
             seen = torch.tensor(sorted(set(context)))
             values = logits[seen]
-            logits[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+            # A tiny penalty (5e-324 is > 0) is 0 in float32 (-inf x 0 is NaN) and overflows a division to inf
+            # (softmax of inf is NaN): the smallest normal float at least, and finite results.
+            finfo = torch.finfo(logits.dtype)
+            penalty = max(p.repetition_penalty, finfo.tiny)
+            penalized = torch.where(values > 0, values / penalty, values * penalty)
+            logits[seen] = penalized.clamp(max=finfo.max)
         if p.temperature < GREEDY_BELOW:
             token = int(logits.argmax())
         else:
-            scaled = logits / p.temperature
+            scaled = (logits / p.temperature).clamp(max=torch.finfo(logits.dtype).max)  # finite, as above
             if p.top_k:
                 kth = torch.topk(scaled, min(p.top_k, scaled.numel())).values[-1]
                 scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -101,6 +106,7 @@ class Sampler:
                 ordered, order = scaled.sort(descending=True)
                 cumulative = ordered.softmax(-1).cumsum(-1)
                 drop = cumulative - ordered.softmax(-1) >= p.top_p  # keep the smallest prefix reaching top_p
+                drop[0] = False  # rounding can make the first term > a tiny top_p: never drop every token
                 scaled[order[drop]] = float("-inf")
             token = int(torch.multinomial(scaled.softmax(-1), 1, generator=self.generator))
         return token, (self._logprob(logits, token) if p.logprobs is not None else None)
@@ -220,9 +226,13 @@ class BatchDecoder:
             return sequence, sequence._finish("length", None)
         sequence.row = len(self.active)
         self.active.append(sequence)
-        with torch.inference_mode():
-            logits = self.model.prefill(torch.tensor(sequence.window), self.cache, sequence.row)
-        output = sequence.accept(logits)
+        try:
+            with torch.inference_mode():
+                logits = self.model.prefill(torch.tensor(sequence.window), self.cache, sequence.row)
+            output = sequence.accept(logits)
+        except BaseException:
+            self.remove(sequence)  # a failed prefill must not keep its row (the batch would fill up for good)
+            raise
         if sequence.finished:
             self.remove(sequence)
         return sequence, output

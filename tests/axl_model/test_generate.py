@@ -115,3 +115,25 @@ def test_rows_sliding_their_windows_at_different_steps_match_single_sequences():
     batched = generator.generate_batch(prompts, params)
     for prompt, completion in zip(prompts, batched):
         assert completion.token_ids == generator.generate(prompt, params).token_ids
+
+
+def test_a_tiny_repetition_penalty_samples_instead_of_failing(generator):
+    # Found by schemathesis (tests/services/api_gateway/test_fuzz.py): repetition_penalty 5e-324 made the
+    # penalised logits inf, softmax NaN, and torch.multinomial raised (a 500 from the worker).
+    for temperature in (1.0, 0.2):
+        params = SamplingParams(max_tokens=4, temperature=temperature, top_p=5e-324, repetition_penalty=5e-324,
+                                seed=16)
+        assert len(generator.generate("abcabc", params).token_ids) >= 1
+
+
+def test_a_failed_prefill_frees_its_row(generator, monkeypatch):
+    # Found by schemathesis: every failed prefill kept its row, until the batch was full and every later request
+    # failed with "no free rows in this batch".
+    decoder = BatchDecoder(generator.model, max_batch=1)
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    monkeypatch.setattr(generator.model, "prefill", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        decoder.add(generator.encode("x"), params)
+    monkeypatch.undo()
+    assert decoder.free_rows == 1
+    decoder.add(generator.encode("x"), params)

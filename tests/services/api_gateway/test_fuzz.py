@@ -215,3 +215,16 @@ def test_stateful(fuzz_mesh: FuzzMesh, seed: int) -> None:
     test_case().runTest()
     print(sorted(steps.items()))
     assert sum(steps.values()) > EXAMPLES
+
+
+def test_regression_tiny_penalties_then_the_worker_still_serves(fuzz_mesh: FuzzMesh) -> None:
+    """Found by schemathesis: this request was a 500 (NaN probabilities), and each such failure kept a worker row
+    until every later request failed with 'no free rows in this batch'."""
+    url = fuzz_mesh.gateway.url + "/v1/completions"
+    body = {"model": SERVED_MODEL, "prompt": [[228, 215, 88], [16], [], [], [], [98, 0]], "best_of": 1,
+            "frequency_penalty": 5e-324, "ignore_eos": False, "max_tokens": 1, "repetition_penalty": 5e-324,
+            "seed": 16, "stop": None, "stream": None, "stream_options": None, "top_k": 0, "top_p": 5e-324}
+    for _ in range(20):  # more than the worker's 16 rows
+        answer = httpx.post(url, json=body, headers=AUTH, timeout=60)
+        assert answer.status_code == 200, answer.text
+    assert httpx.post(url, json={"model": SERVED_MODEL, "prompt": ""}, headers=AUTH, timeout=60).status_code == 200
