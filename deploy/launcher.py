@@ -651,6 +651,18 @@ class Mesh:
             raise RuntimeError(f"port(s) already in use: {', '.join(busy)}; is a mesh already running? "
                                "Stop it, or change the ports in the mesh config")
 
+    def check_exposure(self) -> None:
+        """Fail before starting anything when the gateway would refuse to start (open on a routable address),
+        instead of restarting it with backoff forever."""
+        from services.api_gateway.exposure import is_loopback_bind
+
+        if (self.config.api_keys or os.environ.get("AXL_API_KEYS") or is_loopback_bind(self.config.host)
+                or os.environ.get("AXL_ALLOW_OPEN", "").strip().lower() in {"1", "true", "yes", "on"}):
+            return
+        raise RuntimeError(
+            f"the gateway would be open to anyone on {self.config.host!r}: set gateway.api_keys in the mesh config "
+            "or AXL_API_KEYS, bind host: 127.0.0.1, or set AXL_ALLOW_OPEN=true if an open gateway is what you want")
+
     def start(self) -> None:
         specs = self.child_specs()
         self.check_ports(specs)
@@ -744,6 +756,7 @@ class Mesh:
 
     def run(self) -> int:
         try:
+            self.check_exposure()  # before Redis or a bootstrap training start
             self.prepare()
             self.ensure_bootstrap_checkpoint()
             if self.stop_event.is_set():

@@ -300,3 +300,18 @@ def test_sigint_stops_everything(mesh: dict[str, Any]) -> None:
     _wait(lambda: not any(_alive(pid) for pid in children), 10, "every child to be gone", mesh["log"])
     assert not redis_answers(redis_url, timeout=0.5)
     assert "stopped" in mesh["log"].read_text(errors="replace").splitlines()[-1]
+
+
+def test_an_open_gateway_on_a_routable_address_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    config = {"host": "0.0.0.0", "redis_url": f"redis://127.0.0.1:{free_port()}/0", "state_dir": str(tmp_path / "s"),
+              "data_dir": str(tmp_path / "data"), "registry": {"port": free_port()},
+              "gateway": {"port": free_port(), "api_keys": []},
+              "workers": [{"specialist": "coder", "port": free_port()}]}
+    (tmp_path / "mesh.yaml").write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AXL_") and k != "REDIS_URL"}
+    result = subprocess.run([sys.executable, "-m", "deploy.launcher", "--config", str(tmp_path / "mesh.yaml"),
+                             "--no-bootstrap"], cwd=REPO_ROOT, env={**env, "NO_COLOR": "1"}, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1, result.stdout
+    assert "open to anyone on '0.0.0.0'" in result.stdout and "AXL_API_KEYS" in result.stdout
+    assert "redis" not in result.stdout.lower().split("error:")[0], "nothing was started first"
