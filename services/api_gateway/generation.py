@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -19,7 +19,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from axl_mesh.errors import APIError, InvalidRequestError
-from axl_mesh.protocol import FinishReason, UsageInfo, max_tokens_ceiling
+from axl_mesh.protocol import PROMPT_TRUNCATED_HEADER, FinishReason, UsageInfo, max_tokens_ceiling
 from services.api_gateway.metrics import GatewayMetrics
 from services.api_gateway.sse import DONE, KEEPALIVE, EventStreamResponse, sse_data
 from services.api_gateway.upstream import ResolvedModel, Upstream, UpstreamStream
@@ -45,6 +45,7 @@ class SampleResult:
     finish_reason: FinishReason | None
     usage: UsageInfo
     logprobs: Any = None
+    prompt_truncated: int = 0  # bytes of the prompt the worker left out to fit the window
 
 
 def check_sample_count(prompts: int, n: int, limit: int) -> None:
@@ -72,6 +73,25 @@ def total_usage(results: Sequence[SampleResult], samples: Sequence[Sample]) -> U
         usage.add(result.usage, count_prompt=group not in seen_groups)
         seen_groups.add(group)
     return usage
+
+
+def truncation_headers(samples: Sequence[Sample], truncated: Mapping[int, int]) -> dict[str, str]:
+    """``x-axl-prompt-truncated``: bytes left out of the prompts (each prompt once, however many samples it has),
+    from the workers' reports by sample index; no header when nothing was left out."""
+    groups = {s.index: s.prompt_group for s in samples}
+    per_prompt: dict[int, int] = {}
+    for index, dropped in truncated.items():
+        group = groups.get(index, 0)
+        per_prompt[group] = max(per_prompt.get(group, 0), dropped)
+    total = sum(per_prompt.values())
+    return {PROMPT_TRUNCATED_HEADER: str(total)} if total > 0 else {}
+
+
+def _count(raw: Any) -> int:
+    try:
+        return max(0, int(raw or 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _usage(raw: Any) -> UsageInfo:
@@ -164,6 +184,7 @@ async def generate_all(
             finish_reason=_finish_reason(answer.get("finish_reason")),
             usage=_usage(answer.get("usage")),
             logprobs=answer.get("logprobs"),
+            prompt_truncated=_count(answer.get("prompt_truncated")),
         )
 
     if len(samples) == 1:  # the common case: no tasks to spawn and cancel
@@ -265,6 +286,7 @@ class StreamRun:
         self.tracker = tracker
         self.stall_seconds = stall_seconds
         self.stalled = False
+        self.truncated: dict[int, int] = {}  # sample index -> prompt bytes its worker left out (its stream's header)
         self.queue: asyncio.Queue[_Event] = asyncio.Queue(maxsize=STREAM_BUFFER_EVENTS * len(self.samples))
         loop = asyncio.get_running_loop()
         # Each resolves to None (the stream is open) or the APIError that stopped it from opening.
@@ -335,6 +357,7 @@ class StreamRun:
                     opened.set_result(error)
                 await self._put(_Event(sample.index, "error", error))
                 return
+            self.truncated[sample.index] = stream.prompt_truncated
             opened.set_result(None)
             try:
                 async for event in stream.events():
@@ -435,7 +458,10 @@ async def respond(
     build_response: Callable[[list[SampleResult], UsageInfo], Any],
     stalled_client_seconds: float,
 ) -> Any:
-    """Run ``samples`` and answer: an SSE stream (errors before the first byte stay HTTP errors) or one JSON body."""
+    """Run ``samples`` and answer: an SSE stream (errors before the first byte stay HTTP errors) or one JSON body.
+
+    Both carry ``x-axl-prompt-truncated`` when a worker fitted a prompt into the window (for a stream, as reported
+    by the workers whose streams opened before its headers went out)."""
     headers = routing_headers(model)
     try:
         if stream:
@@ -443,10 +469,12 @@ async def respond(
             await run.wait_opened(keepalive_seconds)
             events = run.events(formatter, include_usage=include_usage, keepalive_seconds=keepalive_seconds,
                                 on_end=tracker.finished)
+            headers.update(truncation_headers(samples, run.truncated))
             return EventStreamResponse(events, headers=headers, send_timeout_seconds=stalled_client_seconds)
         results = await until_disconnect(request, generate_all(upstream, model, samples, tracker))
         body = build_response(sorted(results, key=lambda r: r.index), total_usage(results, samples))
         tracker.finished(200)
+        headers.update(truncation_headers(samples, {r.index: r.prompt_truncated for r in results}))
         return JSONResponse(body.model_dump(mode="json"), headers=headers)
     except APIError as exc:
         tracker.finished(exc.status)

@@ -14,6 +14,7 @@ from axl_mesh.errors import BodySizeLimitMiddleware, install_error_handlers
 from axl_mesh.jobs import JobsSettings
 from axl_mesh.model_store import ModelStore
 from axl_mesh.metrics import instrument_requests, mount_metrics
+from axl_mesh.protocol import PROMPT_TRUNCATED_HEADER
 from axl_mesh.redis_util import install_redis_error_handler
 from axl_mesh.registry_client import CachedLookup, RegistryClient, RegistryError
 from axl_mesh.registry_schemas import InstanceRecord
@@ -78,7 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.cors_origin_list():
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origin_list(), allow_methods=["*"], allow_headers=["*"],
-            expose_headers=["x-axl-routed-to", "x-axl-routing-reason", "Retry-After"],
+            expose_headers=["x-axl-routed-to", "x-axl-routing-reason", PROMPT_TRUNCATED_HEADER, "Retry-After"],
         )
 
     async def refresh_worker_gauges() -> None:

@@ -47,6 +47,10 @@ class Settings(ServiceSettings):
     max_tokens_ceiling: int | None = Field(
         default=None, ge=1, description="max_tokens above this is clamped; unset: 4x the model's context window"
     )
+    truncate_prompts: bool = Field(
+        default=True, description="fit prompts longer than a model's window into it (false: 400 "
+        "context_length_exceeded, as OpenAI); a request's `truncate` overrides it",
+    )
     stalled_client_seconds: float = Field(
         default=30.0, gt=0, description="a stream whose client reads nothing this long is ended, freeing its rows"
     )

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from axl_mesh.errors import APIError, ModelNotFoundError, ServiceUnavailableError
+from axl_mesh.protocol import PROMPT_TRUNCATED_HEADER
 from axl_mesh.registry_client import CachedLookup, RegistryError
 from axl_mesh.registry_schemas import InstanceRecord, ModelSummary
 from axl_mesh.routing import choose_specialist
@@ -62,6 +63,12 @@ class UpstreamStream:
     response: WorkerResponse
     _release: Callable[[], None]
     _closed: bool = field(default=False)
+
+    @property
+    def prompt_truncated(self) -> int:
+        """Bytes of the prompt the worker left out to fit its window (its ``x-axl-prompt-truncated`` header)."""
+        value = self.response.headers.get(PROMPT_TRUNCATED_HEADER, "0")
+        return int(value) if value.isdigit() else 0
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """The worker's NDJSON objects, one per line (pieces, then a final one with ``finish_reason``)."""

@@ -41,6 +41,9 @@ class GenerateRequest(BaseModel):
     stream: bool = False
     # --- AXL extension: keep sampling past the end-of-text token (benches, tests; vLLM's `ignore_eos`)
     ignore_eos: bool = False
+    # Fit a prompt that does not fit the window into it (axl_model.prompt_fit) instead of a 400
+    # context_length_exceeded. The gateway always says which (its AXL_TRUNCATE_PROMPTS or the request's `truncate`).
+    truncate: bool = False
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -85,6 +88,8 @@ class GenerateResponse(BaseModel):
     usage: Usage
     logprobs: list[TokenLogprobOut] | None = None
     model: str
+    # Tokens of the prompt left out to fit the window (a stream says it in the PROMPT_TRUNCATED_HEADER header).
+    prompt_truncated: int = 0
 
 
 class StreamPiece(BaseModel):

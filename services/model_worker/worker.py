@@ -26,6 +26,7 @@ from axl_model.checkpoint import MODEL_FILE, is_checkpoint, load_checkpoint, loa
 from axl_model.config import ModelConfig
 from axl_model.generate import SamplingParams, StepOutput
 from axl_model.model import MultiScaleTransformer
+from axl_model.prompt_fit import fit_chat, fit_fim, fit_text, generation_reserve
 from axl_model.specialists import Specialist, get_specialist
 from axl_model.tokenizer import ByteTokenizer
 from services.model_worker.metrics import WorkerMetrics
@@ -47,6 +48,7 @@ class PreparedPrompt:
     ids: list[int]
     text: str  # what `echo` returns: the prompt as given, or the rendered chat prompt
     params: SamplingParams
+    truncated: int = 0  # tokens of the prompt left out to fit the window (axl_model.prompt_fit)
 
 
 def checkpoint_version(path: Path) -> str:
@@ -220,17 +222,23 @@ class ModelWorker:
     # --- serving one request -------------------------------------------------------------------------------------
 
     def prepare(self, body: GenerateRequest) -> PreparedPrompt:
-        """Tokens and sampling parameters for a request; InvalidRequestError (400) for what cannot be served."""
+        """Tokens and sampling parameters for a request; InvalidRequestError (400) for what cannot be served.
+
+        With ``truncate`` a prompt longer than the window less the room for the answer is fitted into it
+        (axl_model.prompt_fit); without, one longer than the window is a 400 context_length_exceeded."""
         assert self.config is not None and self.tokenizer is not None, "prepare() before the model loaded"
+        s = self.specialist
+        max_tokens = s.max_tokens if body.max_tokens is None else body.max_tokens
+        budget = self.context_length - generation_reserve(max_tokens, self.context_length) if body.truncate else None
         stop = list(body.stop)
         if body.messages is not None:
             param = "messages"
             try:
-                text = self.specialist.render_chat([m.model_dump() for m in body.messages])
+                fitted = fit_chat(s, self.tokenizer, [m.model_dump() for m in body.messages], budget)
             except (ValueError, KeyError) as exc:
                 raise InvalidRequestError(f"Invalid messages: {exc}", param="messages") from None
-            stop += [s for s in self.specialist.stop if s not in stop]
-            ids = self.tokenizer.encode(text)
+            stop += [stop_string for stop_string in s.stop if stop_string not in stop]
+            text = fitted.text
         elif body.suffix is not None:
             param = "prompt"
             if not self.config.fim:
@@ -239,23 +247,23 @@ class ModelWorker:
                     "tokens); leave out `suffix`.", param="suffix", code="fim_not_supported",
                 )
             assert body.prompt is not None
+            fitted = fit_fim(self.tokenizer, body.prompt, body.suffix, budget)
             text = body.prompt
-            ids = self.tokenizer.encode_fim(body.prompt, body.suffix)
         else:
             param = "prompt"
             assert body.prompt is not None
+            fitted = fit_text(self.tokenizer, body.prompt, budget)
             text = body.prompt
-            ids = self.tokenizer.encode(text)
+        ids = fitted.ids
         if len(ids) > self.context_length:
             raise InvalidRequestError(
                 f"This model's maximum context length is {self.context_length} tokens (bytes). However, your "
                 f"prompt has {len(ids)} tokens. Please shorten the prompt.",
                 param=param, code="context_length_exceeded",
             )
-        s = self.specialist
         try:
             params = SamplingParams(
-                max_tokens=s.max_tokens if body.max_tokens is None else body.max_tokens,
+                max_tokens=max_tokens,
                 temperature=s.temperature if body.temperature is None else body.temperature,
                 top_p=s.top_p if body.top_p is None else body.top_p,
                 top_k=body.top_k or 0,
@@ -267,7 +275,7 @@ class ModelWorker:
             )
         except ValueError as exc:
             raise InvalidRequestError(str(exc)) from None
-        return PreparedPrompt(ids=ids, text=text, params=params)
+        return PreparedPrompt(ids=ids, text=text, params=params, truncated=fitted.dropped)
 
     def submit(self, body: GenerateRequest) -> tuple[GenerationRequest, PreparedPrompt]:
         """Validate and queue a request; raises the 400 or 503 the client should see."""

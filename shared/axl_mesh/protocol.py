@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
+from axl_mesh.fim_templates import split_fim_template
+
 OWNED_BY = "axl-mesh"
 # The AXL tokenizer is byte-level: token ids 0-255 are the bytes, 256 BOS, 257 EOS (not accepted in prompts).
 BYTE_TOKENS = 256
@@ -26,6 +28,8 @@ MAX_N = 16
 MAX_SAMPLES_PER_REQUEST = 16
 MAX_TOKENS_PER_WINDOW = 4
 MAX_TOKENS_WITHOUT_WINDOW = 8192  # a model that reports no context length
+# Set on a response whose prompt was fitted into the model's window: how many bytes (tokens) of it were left out.
+PROMPT_TRUNCATED_HEADER = "x-axl-prompt-truncated"
 
 FinishReason = Literal["stop", "length"]
 
@@ -134,6 +138,9 @@ class SamplingFields(OpenAIBaseModel):
     top_k: int | None = Field(default=None, ge=-1, description="sample among the k likeliest bytes; 0 or -1: off")
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     ignore_eos: bool = Field(default=False, description="keep sampling past end-of-text (benchmarks; as in vLLM)")
+    truncate: bool | None = Field(default=None, description=(
+        "fit a prompt longer than the model's window into it (true) or answer 400 context_length_exceeded "
+        "(false, OpenAI's behaviour); unset: the server's AXL_TRUNCATE_PROMPTS (on by default). As in Ollama."))
     # --- end of AXL extensions ---
 
     @field_validator("stop")
@@ -151,7 +158,11 @@ class SamplingFields(OpenAIBaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def _sampling_payload(self, max_tokens: int, seed_offset: int) -> dict[str, Any]:
+    def truncates(self, server_default: bool) -> bool:
+        """Whether this request's prompt is fitted into the window: its ``truncate``, else the server's setting."""
+        return server_default if self.truncate is None else self.truncate
+
+    def _sampling_payload(self, max_tokens: int, seed_offset: int, truncate: bool) -> dict[str, Any]:
         seed = None if self.seed is None else self.seed + seed_offset
         top_k = self.top_k if self.top_k and self.top_k > 0 else 0
         payload: dict[str, Any] = {
@@ -159,6 +170,7 @@ class SamplingFields(OpenAIBaseModel):
             "top_k": top_k,
             "seed": seed,
             "stop": list(self.stop or []),
+            "truncate": truncate,
         }
         if self.ignore_eos:
             payload["ignore_eos"] = True
@@ -209,16 +221,25 @@ class CompletionRequest(SamplingFields):
             return [_ids_to_text(value)]  # type: ignore[arg-type]
         return [_ids_to_text(ids) for ids in value]  # type: ignore[arg-type]
 
+    def infill(self, prompt: str, fim: bool) -> tuple[str, str | None]:
+        """``(prompt, suffix)`` for the worker: the request's ``suffix`` when given; for a model with FIM tokens, a
+        prompt in a client's fill-in-the-middle template (axl_mesh.fim_templates) split into prefix and suffix."""
+        if self.suffix is not None or not fim:
+            return prompt, self.suffix
+        return split_fim_template(prompt) or (prompt, None)
+
     def to_generate_payload(
-        self, prompt: str, *, request_id: str, max_tokens: int, seed_offset: int = 0, stream: bool = False
+        self, prompt: str, *, request_id: str, max_tokens: int, truncate: bool, seed_offset: int = 0,
+        stream: bool = False, suffix: str | None = None,
     ) -> dict[str, Any]:
-        """Body of the worker's ``POST /internal/v1/generate`` for one prompt and one of the ``n`` samples."""
+        """Body of the worker's ``POST /internal/v1/generate`` for one prompt and one of the ``n`` samples
+        (``suffix``: the one :meth:`infill` found)."""
         return {
             "request_id": request_id,
             "prompt": prompt,
             "messages": None,
-            "suffix": self.suffix,
-            **self._sampling_payload(max_tokens, seed_offset),
+            "suffix": suffix,
+            **self._sampling_payload(max_tokens, seed_offset, truncate),
             "logprobs": self.logprobs,
             "echo": bool(self.echo),
             "stream": stream,
@@ -358,7 +379,7 @@ class ChatCompletionRequest(SamplingFields):
         return (users[-1] if users else self.messages[-1]).text()
 
     def to_generate_payload(
-        self, *, request_id: str, max_tokens: int, seed_offset: int = 0, stream: bool = False
+        self, *, request_id: str, max_tokens: int, truncate: bool, seed_offset: int = 0, stream: bool = False
     ) -> dict[str, Any]:
         """Body of the worker's ``POST /internal/v1/generate`` for one of the ``n`` samples."""
         return {
@@ -366,7 +387,7 @@ class ChatCompletionRequest(SamplingFields):
             "prompt": None,
             "messages": self.worker_messages(),
             "suffix": None,
-            **self._sampling_payload(max_tokens, seed_offset),
+            **self._sampling_payload(max_tokens, seed_offset, truncate),
             "logprobs": (self.top_logprobs or 0) if self.logprobs else None,
             "echo": False,
             "stream": stream,

@@ -31,13 +31,23 @@ def test_stop_string_or_list_without_empties_and_bounded() -> None:
 def test_completion_payload_per_sample() -> None:
     request = CompletionRequest(model="m", prompt="p", max_tokens=4096, temperature=0.01, top_k=-1, seed=10, n=2,
                                 suffix="s", logprobs=2, echo=True, stop=["\n"], repetition_penalty=1.1)
-    payload = request.to_generate_payload("p", request_id="r-1", max_tokens=4096, seed_offset=1, stream=True)
+    prompt, suffix = request.infill("p", fim=True)
+    payload = request.to_generate_payload(prompt, suffix=suffix, request_id="r-1", max_tokens=4096, truncate=True,
+                                          seed_offset=1, stream=True)
     assert payload == {"request_id": "r-1", "prompt": "p", "messages": None, "suffix": "s", "max_tokens": 4096,
                        "top_k": 0, "seed": 11, "stop": ["\n"], "temperature": 0.01, "repetition_penalty": 1.1,
-                       "logprobs": 2, "echo": True, "stream": True}
+                       "logprobs": 2, "echo": True, "stream": True, "truncate": True}
     # Sampling left unset is left out, so the worker applies the specialist's defaults.
-    bare = CompletionRequest(model="m", prompt="p").to_generate_payload("p", request_id="r", max_tokens=16)
+    bare = CompletionRequest(model="m", prompt="p").to_generate_payload("p", request_id="r", max_tokens=16,
+                                                                        truncate=False)
     assert "temperature" not in bare and "top_p" not in bare and bare["seed"] is None
+
+
+def test_truncate_is_the_requests_choice_else_the_servers() -> None:
+    assert CompletionRequest(model="m", prompt="p").truncates(True) is True
+    assert CompletionRequest(model="m", prompt="p").truncates(False) is False
+    assert CompletionRequest(model="m", prompt="p", truncate=False).truncates(True) is False
+    assert ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], truncate=True).truncates(False)
 
 
 def test_chat_accepts_what_editors_send_and_flattens_content() -> None:
@@ -55,7 +65,7 @@ def test_chat_accepts_what_editors_send_and_flattens_content() -> None:
         ],
     })
     assert request.include_usage and request.requested_max_tokens() == 7
-    payload = request.to_generate_payload(request_id="r", max_tokens=7)
+    payload = request.to_generate_payload(request_id="r", max_tokens=7, truncate=True)
     assert payload["messages"] == [{"role": "developer", "content": "be brief"},
                                    {"role": "user", "content": "one\ntwo"},
                                    {"role": "assistant", "content": ""}, {"role": "tool", "content": "result"}]

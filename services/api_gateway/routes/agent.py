@@ -83,7 +83,7 @@ async def resolve_roles(upstream: Upstream, body: AgentSolveRequest) -> dict[Age
 
 
 def worker_generate(upstream: Upstream, metrics: GatewayMetrics, models: dict[AgentRole, ResolvedModel],
-                    body: AgentSolveRequest, solve_id: str) -> Generate:
+                    body: AgentSolveRequest, solve_id: str, *, truncate: bool) -> Generate:
     """``generate(role, messages, round)`` on the role's model, through the completions path."""
 
     async def generate(role: AgentRole, messages: Messages, round_number: int) -> Generation:
@@ -92,7 +92,8 @@ def worker_generate(upstream: Upstream, metrics: GatewayMetrics, models: dict[Ag
         chat = ChatCompletionRequest(model=model.model_id, messages=messages, temperature=sampling.temperature,
                                      top_p=sampling.top_p, seed=sampling.seed)
         payload = chat.to_generate_payload(request_id=f"{solve_id}-{round_number}-{role}",
-                                           max_tokens=sampling.max_tokens, seed_offset=round_number)
+                                           max_tokens=sampling.max_tokens, truncate=truncate,
+                                           seed_offset=round_number)
         tracker = RequestMetrics(metrics, "agent", model.model_id)
         try:
             [result] = await generate_all(upstream, model, [Sample(index=0, payload=payload)], tracker)
@@ -153,7 +154,7 @@ async def solve(
     await sandbox_ready()
     models = await resolve_roles(upstream, body)
     solve_id = random_id("solve")
-    generate = worker_generate(upstream, metrics, models, body, solve_id)
+    generate = worker_generate(upstream, metrics, models, body, solve_id, truncate=settings.truncate_prompts)
     events = counted(solve_events(body, generate, solve_id=solve_id), agent_metrics(request.app))
     if body.stream:
         return EventStreamResponse(sse_events(events, settings.keepalive_seconds))

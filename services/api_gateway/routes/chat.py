@@ -1,7 +1,9 @@
 """``POST /v1/chat/completions``: messages rendered with the model's chat template by the worker, streamed or not.
 
 ``tools``, ``tool_choice``, ``response_format`` and the like are accepted and not applied: editors such as
-Continue send tools with every request and read only the streamed ``delta.content``.
+Continue send tools with every request and read only the streamed ``delta.content``. Tool definitions never reach
+the prompt (a byte model cannot call tools); a conversation longer than the window is fitted into it by the worker
+(axl_model.prompt_fit) unless ``truncate`` (or AXL_TRUNCATE_PROMPTS) is false.
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ async def create_chat_completion(
                                     settings.max_tokens_ceiling)
     samples = [
         Sample(index=i, payload=body.to_generate_payload(request_id=f"{request_id}-{i}", max_tokens=max_tokens,
+                                                         truncate=body.truncates(settings.truncate_prompts),
                                                          seed_offset=i, stream=bool(body.stream)))
         for i in range(body.n)
     ]

@@ -1,4 +1,9 @@
-"""``POST /v1/completions``: text completion of one or several prompts (FIM with ``suffix``), streamed or not."""
+"""``POST /v1/completions``: text completion of one or several prompts (FIM with ``suffix``), streamed or not.
+
+For a model with FIM tokens, a prompt written in an editor's fill-in-the-middle template (Continue's autocomplete
+sends ``<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>``) is served as ``prompt`` + ``suffix``
+(axl_mesh.fim_templates). A prompt longer than the window is fitted into it by the worker unless ``truncate`` is false.
+"""
 
 from __future__ import annotations
 
@@ -107,15 +112,17 @@ async def create_completion(
         )
     request_id = random_id("cmpl")
     max_tokens = clamped_max_tokens(body.max_tokens or 16, model, settings.max_tokens_ceiling)
+    fim = Capability.FIM in model.capabilities
+    infills = [body.infill(prompt, fim) for prompt in prompts]
     samples = [
         Sample(
             index=p * body.n + i,
-            payload=body.to_generate_payload(prompt, request_id=f"{request_id}-{p * body.n + i}",
-                                             max_tokens=max_tokens, seed_offset=i,
-                                             stream=bool(body.stream)),
+            payload=body.to_generate_payload(prefix, suffix=suffix, request_id=f"{request_id}-{p * body.n + i}",
+                                             max_tokens=max_tokens, truncate=body.truncates(settings.truncate_prompts),
+                                             seed_offset=i, stream=bool(body.stream)),
             prompt_group=p,
         )
-        for p, prompt in enumerate(prompts)
+        for p, (prefix, suffix) in enumerate(infills)
         for i in range(body.n)
     ]
     if model.routed_reason:

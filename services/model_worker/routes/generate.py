@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from axl_mesh.errors import APIError, error_body
+from axl_mesh.protocol import PROMPT_TRUNCATED_HEADER
 from axl_model.generate import StepOutput, TokenLogprob
 from services.model_worker.deps import WorkerDep
 from services.model_worker.scheduler import GenerationFailed, GenerationRequest
@@ -35,7 +36,10 @@ async def generate(body: GenerateRequest, worker: WorkerDep, request: Request) -
     """Generate one sample; errors before the first byte are OpenAI-shaped (400 context_length_exceeded, 503)."""
     generation, prepared = worker.submit(body)
     if body.stream:
-        return StreamingResponse(_ndjson(worker, generation, prepared, body.echo), media_type=NDJSON)
+        # The gateway reads this before the first line, so its own response can carry it in its headers.
+        headers = {PROMPT_TRUNCATED_HEADER: str(prepared.truncated)} if prepared.truncated else None
+        return StreamingResponse(_ndjson(worker, generation, prepared, body.echo), media_type=NDJSON,
+                                 headers=headers)
     collecting = asyncio.ensure_future(_collect(worker, generation, prepared, body.echo))
     disconnected = asyncio.ensure_future(_client_disconnected(request))
     try:
@@ -83,6 +87,7 @@ async def _collect(worker: ModelWorker, generation: GenerationRequest, prepared:
     return GenerateResponse(
         text="".join(pieces), finish_reason=last.finish_reason, usage=_usage(prepared, generation),
         logprobs=logprobs if prepared.params.logprobs is not None else None, model=worker.model_id,
+        prompt_truncated=prepared.truncated,
     )
 
 

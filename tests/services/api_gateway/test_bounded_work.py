@@ -30,6 +30,8 @@ MODEL = ResolvedModel("axl-coder", "coder", WINDOW, ("completion", "chat"))
 class EndlessStream:
     """An upstream stream that never finishes (a model whose window slides forever)."""
 
+    prompt_truncated = 0
+
     def __init__(self) -> None:
         self.sent = 0
         self.closed = False
