@@ -15,6 +15,10 @@ from typing import Any
 from .tokenizer import BASE_VOCAB_SIZE, FIM_TOKENS
 
 SCALES = (1, 2, 4)  # fine, medium and coarse resolution, in bytes per token
+SCALE_NAMES = ("fine", "medium", "coarse")
+# What `ModelConfig.scales` may set per scale. The fine stack's width is `d_model` itself (the byte embedding,
+# the fusion and the head share it), so only medium and coarse may choose their own width.
+PER_SCALE_FIELDS = ("d_model", "n_heads", "d_ff", "n_layers", "local_window")
 
 # Bytes per parameter held during training: fp32 weights + grads + optimizer state (Lion: 1 moment, AdamW: 2).
 _OPTIMIZER_STATE_COPIES = {"lion": 1, "adamw": 2, "sgd": 1}
@@ -32,11 +36,46 @@ MAX_DIMENSIONS: dict[str, int] = {
 MAX_PARAMS = 1 << 32
 
 
+@dataclass(frozen=True)
+class ScaleShape:
+    """The resolved shape of one scale's stack (`ModelConfig.shape(name)`)."""
+
+    name: str
+    factor: int  # bytes per token
+    d_model: int
+    n_heads: int
+    d_ff: int
+    n_layers: int
+    local_window: int  # bytes this scale's attention looks back (the token's own bytes included); 0: all
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def window_tokens(self) -> int:
+        """Tokens of this scale a self-attention query sees (itself included); 0: every earlier one."""
+        return self.local_window // self.factor
+
+
+def pair_window(a: ScaleShape, b: ScaleShape) -> int:
+    """Bytes a cross-scale attention between scales a and b looks back: the tighter local window; 0: all."""
+    windows = [s.local_window for s in (a, b) if s.local_window]
+    return min(windows, default=0)
+
+
 @dataclass
 class ModelConfig:
     """Shape and behaviour of one MultiScaleTransformer.
 
     Attributes are grouped: identity, width/depth (`n_layers` is per scale), context, numerics, tokens.
+
+    `d_model`, `n_heads`, `d_ff` and `n_layers` shape every scale alike unless `scales` overrides them for one:
+    `scales={"fine": {"n_layers": 1, "local_window": 512}, "coarse": {"d_model": 512, "n_heads": 8,
+    "d_ff": 1376, "n_layers": 4}}` is a shallow fine stack that attends to its last 512 bytes and a deep, wide
+    coarse stack that sees the whole window. `local_window` (bytes, a multiple of 4; 0 or absent: the whole
+    window) bounds a scale's self-attention and the cross-scale attentions it takes part in. A config without
+    `scales` is the original uniform model, tensor for tensor.
     """
 
     name: str = "micro"
@@ -55,6 +94,8 @@ class ModelConfig:
     # --- tokens
     fim: bool = False  # append fill-in-the-middle prefix/suffix/middle tokens after EOS
     tie_embeddings: bool = True
+    # --- per-scale overrides: scale name -> {field in PER_SCALE_FIELDS: value}; empty: uniform
+    scales: dict[str, dict[str, int]] = field(default_factory=dict)
     # --- derived in __post_init__
     vocab_size: int = field(default=0)
     head_dim: int = field(default=0)
@@ -71,11 +112,15 @@ class ModelConfig:
             value = getattr(self, attr)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
                 problems.append(f"{attr} must be a positive finite number, got {value!r}")
+        problems += self._scale_problems()
         if not problems:
-            if self.d_model % self.n_heads:
-                problems.append(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-            elif (self.d_model // self.n_heads) % 2:
-                problems.append(f"head_dim ({self.d_model // self.n_heads}) must be even for RoPE")
+            for shape in self.shapes():
+                where = "" if not self.scales else f"{shape.name} "
+                if shape.d_model % shape.n_heads:
+                    problems.append(f"{where}d_model ({shape.d_model}) must be divisible by n_heads ({shape.n_heads})")
+                elif (shape.d_model // shape.n_heads) % 2:
+                    problems.append(f"{where}head_dim ({shape.d_model // shape.n_heads}) must be even for RoPE")
+            problems = list(dict.fromkeys(problems))  # a uniform config reports its one shape once
             if self.max_seq_len % SCALES[-1]:
                 problems.append(f"max_seq_len ({self.max_seq_len}) must be a multiple of {SCALES[-1]}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
@@ -87,6 +132,50 @@ class ModelConfig:
         if self.param_count() > MAX_PARAMS:  # each dimension in bounds, their product not
             raise ValueError(f"invalid ModelConfig: param_count ({self.param_count():,}) must be at most "
                              f"{MAX_PARAMS:,}; lower d_model, d_ff or n_layers")
+
+    def _scale_problems(self) -> list[str]:
+        """What is wrong with `scales` (each value bounded like the uniform field it overrides)."""
+        if not isinstance(self.scales, dict):
+            return [f"scales must be a mapping of scale name to fields, got {self.scales!r}"]
+        problems = []
+        for scale, fields in self.scales.items():
+            if scale not in SCALE_NAMES:
+                problems.append(f"scales: unknown scale {scale!r}; choose from {', '.join(SCALE_NAMES)}")
+                continue
+            if not isinstance(fields, dict):
+                problems.append(f"scales.{scale} must be a mapping of fields, got {fields!r}")
+                continue
+            for attr, value in fields.items():
+                if attr not in PER_SCALE_FIELDS or (scale == "fine" and attr == "d_model"):
+                    allowed = [f for f in PER_SCALE_FIELDS if scale != "fine" or f != "d_model"]
+                    problems.append(f"scales.{scale}.{attr} is not a per-scale field; choose from {', '.join(allowed)}"
+                                    + (" (the fine width is d_model)" if attr == "d_model" else ""))
+                elif not isinstance(value, int) or isinstance(value, bool) or value < (0 if attr == "local_window" else 1):
+                    kind = "a non-negative" if attr == "local_window" else "a positive"
+                    problems.append(f"scales.{scale}.{attr} must be {kind} integer, got {value!r}")
+                elif attr == "local_window":
+                    if value % SCALES[-1] or value > MAX_DIMENSIONS["max_seq_len"]:
+                        problems.append(f"scales.{scale}.local_window must be a multiple of {SCALES[-1]} and at most "
+                                        f"{MAX_DIMENSIONS['max_seq_len']}, got {value}")
+                elif value > MAX_DIMENSIONS[attr]:
+                    problems.append(f"scales.{scale}.{attr} must be at most {MAX_DIMENSIONS[attr]}, got {value}")
+        return problems
+
+    def shape(self, scale: str) -> ScaleShape:
+        """The resolved shape of one scale: its overrides in `scales`, the uniform fields otherwise."""
+        fields = {attr: getattr(self, attr) for attr in PER_SCALE_FIELDS if attr != "local_window"}
+        fields["local_window"] = 0
+        fields.update(self.scales.get(scale, {}))
+        return ScaleShape(name=scale, factor=SCALES[SCALE_NAMES.index(scale)], **fields)
+
+    def shapes(self) -> tuple[ScaleShape, ScaleShape, ScaleShape]:
+        return tuple(self.shape(name) for name in SCALE_NAMES)
+
+    @property
+    def uniform(self) -> bool:
+        """Every scale has the uniform shape and sees the whole window (the original model)."""
+        return all((s.d_model, s.n_heads, s.d_ff, s.n_layers, s.local_window)
+                   == (self.d_model, self.n_heads, self.d_ff, self.n_layers, 0) for s in self.shapes())
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -120,7 +209,10 @@ class ModelConfig:
         return cls.from_file(Path(checkpoint_dir) / "config.json")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not self.scales:  # a uniform config reads as it always did (and older readers still accept it)
+            del data["scales"]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -132,12 +224,20 @@ class ModelConfig:
 
     def param_count(self) -> int:
         """Exact number of parameters of MultiScaleTransformer(self)."""
-        d, f, L = self.d_model, self.d_ff, self.n_layers
-        block = 2 * d + 3 * d * d + d * d + 3 * d * f  # two norms, qkv, out, SwiGLU (gate, up, down)
-        stacks = 3 * (L * block + d)  # three scale stacks, each with a final norm
-        downsample = 2 * d * d + 4 * d * d + 2 * d  # medium and coarse projections + their start tokens
-        cross = 6 * (2 * d + 4 * d * d + 2 * d)  # six directed pairs: two norms, q/k/v/out, null key/value
-        fusion = 3 * d * 3 + 3 + d  # gate projection (with bias) + final norm
+        d = self.d_model
+        shapes = self.shapes()
+        stacks = downsample = cross = 0
+        for s in shapes:
+            block = 2 * s.d_model + 4 * s.d_model ** 2 + 3 * s.d_model * s.d_ff  # two norms, qkv, out, SwiGLU
+            stacks += s.n_layers * block + s.d_model  # each stack ends in a norm
+            if s.factor > 1:
+                downsample += s.factor * d * s.d_model + s.d_model  # projection of k byte embeddings + start token
+        for q in shapes:
+            for k in shapes:
+                if q is not k:  # norms, q/out, k/v (into the query's width), null key/value
+                    cross += q.d_model + k.d_model + 2 * q.d_model ** 2 + 2 * k.d_model * q.d_model + 2 * q.d_model
+        # gate projection (with bias), final norm, and a projection to d_model for each scale of another width
+        fusion = 3 * d * 3 + 3 + d + sum(s.d_model * d for s in shapes if s.d_model != d)
         embed = self.vocab_size * d
         head = 0 if self.tie_embeddings else self.vocab_size * d
         return embed + stacks + downsample + cross + fusion + head
@@ -149,12 +249,14 @@ class ModelConfig:
         seq_len = seq_len or self.max_seq_len
         params = self.param_count()
         state = params * 4 * (2 + _OPTIMIZER_STATE_COPIES[optimizer])
-        tokens = batch_size * seq_len * (1 + 1 / 2 + 1 / 4)
         # Floats saved for backward per token: per layer ~ (18 d + 5 d_ff) (norms, projections, SwiGLU, attention
         # output); per scale ~ 24 d (embeddings, grouping, cross-scale attention, fusion) and 4 V (logits, softmax).
         # Calibrated against the peak RSS of micro and testgen training steps (batch 8 x 1024).
-        per_token = self.n_layers * (18 * self.d_model + 5 * self.d_ff) + 24 * self.d_model + 4 * self.vocab_size
-        activations = int(tokens * per_token * 4)
+        floats = 0.0
+        for s in self.shapes():
+            per_token = s.n_layers * (18 * s.d_model + 5 * s.d_ff) + 24 * s.d_model + 4 * self.vocab_size
+            floats += batch_size * seq_len / s.factor * per_token
+        activations = int(floats * 4)
         overhead = 400 * 2**20  # the Python interpreter, torch and data loading
         return state + activations + overhead
 

@@ -12,6 +12,17 @@ index j >= 1 ends at byte k*j - 1. A query may attend a key iff e_key <= e_query
 reads medium index (t+1)//2 and coarse index (t+1)//4: the last complete groups. Cross attentions also carry
 a learned null key/value so that a query with nothing visible (a start token looking at bytes) is defined.
 
+Shapes. Each scale may have its own depth and width (`ModelConfig.scales`); the byte embedding, the fusion
+and the head have the fine width `d_model`. Downsampling projects k byte embeddings to the scale's width, a
+cross attention works at its query scale's width (keys and values projected from the key scale's), and the
+fusion projects a medium or coarse state of another width to `d_model`. A uniform config builds exactly the
+original tensors.
+
+Local windows. A scale with `local_window` W attends only to tokens whose end byte is less than W bytes
+before its own (e_query - e_key < W), in its self-attention and in the cross attentions it takes part in
+(the tighter window of the two scales). Training computes such self-attention block by block (cost ~ T x W,
+not T^2), and decoding keeps only the last W/k tokens of such a scale in a ring buffer.
+
 Incremental decoding keeps a KV cache for every scale and for every cross attention; a medium (coarse)
 token is appended when its group of 2 (4) bytes completes. Rows of a batch are independent: each has its
 own length, so prompts of any lengths decode together and requests can join or leave a running batch.
@@ -24,9 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import SCALES, ModelConfig
-
-SCALE_NAMES = ("fine", "medium", "coarse")
+from .config import SCALE_NAMES, SCALES, ModelConfig, ScaleShape, pair_window
 # The six directed (query scale, key scale) pairs of cross-scale attention.
 CROSS_PAIRS = tuple((q, k) for q in SCALE_NAMES for k in SCALE_NAMES if q != k)
 
@@ -90,15 +99,45 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-class SelfAttention(nn.Module):
-    """Causal multi-head self-attention with RoPE, fused QKV projection."""
+def sliding_window_attention(q, k, v, window: int, dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention where query i sees keys j with 0 <= i - j < window; q, k, v: (B, H, T, D).
 
-    def __init__(self, config: ModelConfig) -> None:
+    Queries go in blocks of `window // 2` (at least 1); each block reads the keys from `window` before its
+    start to its end, so the cost is ~ 1.5 T x window instead of T^2, and the mask is built once per call.
+    """
+    B, H, T, D = q.shape
+    block = max(1, window // 2)
+    n_blocks = -(-T // block)
+    pad = n_blocks * block - T
+    span = window + block  # keys one block reads: positions [m * block - window, (m + 1) * block)
+
+    def key_blocks(x: torch.Tensor) -> torch.Tensor:  # (B, H, T, D) -> (B * n_blocks, H, span, D)
+        padded = F.pad(x, (0, 0, window, pad))  # `window` zero keys before position 0 (masked), tail padding
+        blocks = padded.unfold(2, span, block).permute(0, 2, 1, 4, 3)  # (B, n_blocks, H, span, D)
+        return blocks.reshape(B * n_blocks, H, span, D)
+
+    queries = F.pad(q, (0, 0, 0, pad)).view(B, H, n_blocks, block, D).transpose(1, 2).reshape(B * n_blocks, H, block, D)
+    i = torch.arange(block, device=q.device)[:, None]  # query offset in its block
+    j = torch.arange(span, device=q.device)[None, :]  # key offset in its block's span
+    starts = torch.arange(n_blocks, device=q.device)[:, None, None] * block  # first query position per block
+    # key position starts + j - window, query position starts + i: 0 <= i - j + window < window, key position >= 0
+    mask = (j > i) & (j <= i + window) & (starts + j >= window)  # (n_blocks, block, span)
+    mask = mask.repeat(B, 1, 1)[:, None]  # (B * n_blocks, 1, block, span)
+    y = F.scaled_dot_product_attention(queries, key_blocks(k), key_blocks(v), attn_mask=mask, dropout_p=dropout_p)
+    return y.view(B, n_blocks, H, block, D).transpose(1, 2).reshape(B, H, n_blocks * block, D)[:, :, :T]
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head self-attention with RoPE, fused QKV projection, optionally within a local window."""
+
+    def __init__(self, config: ModelConfig, shape: ScaleShape | None = None) -> None:
         super().__init__()
-        self.n_heads, self.head_dim = config.n_heads, config.head_dim
-        self.qkv = Linear(config.d_model, 3 * config.d_model, bias=False)
-        self.out = Linear(config.d_model, config.d_model, bias=False)
+        shape = shape or config.shape("fine")
+        self.n_heads, self.head_dim = shape.n_heads, shape.head_dim
+        self.qkv = Linear(shape.d_model, 3 * shape.d_model, bias=False)
+        self.out = Linear(shape.d_model, shape.d_model, bias=False)
         self.dropout = config.dropout
+        self.window = shape.window_tokens  # 0: every earlier token
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         B, T, C = x.shape
@@ -110,11 +149,14 @@ class SelfAttention(nn.Module):
         """Full causal attention over x (B, T, C). Returns the output and this layer's (k, v) for a cache."""
         q, k, v = self.project(x, cos, sin)
         drop = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)  # (B, H, T, D)
+        if self.window and self.window < x.shape[1]:
+            y = sliding_window_attention(q, k, v, self.window, drop)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)  # (B, H, T, D)
         return self.out(y.transpose(1, 2).reshape(x.shape)), (k, v)
 
     def step(self, x: torch.Tensor, cos, sin, cache_k, cache_v, slot: "Slots", mask):
-        """One new token per row (x: (B, 1, C)) written at `slot`; attends cache slots [0, slot] of its row."""
+        """One new token per row (x: (B, 1, C)) written at `slot`; attends the cache slots [0, slot.span)."""
         q, k, v = self.project(x, cos, sin)  # (B, H, 1, D)
         slot.write(cache_k, k)
         slot.write(cache_v, v)
@@ -124,10 +166,11 @@ class SelfAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, shape: ScaleShape | None = None) -> None:
         super().__init__()
-        self.gate_up = Linear(config.d_model, 2 * config.d_ff, bias=False)
-        self.down = Linear(config.d_ff, config.d_model, bias=False)
+        shape = shape or config.shape("fine")
+        self.gate_up = Linear(shape.d_model, 2 * shape.d_ff, bias=False)
+        self.down = Linear(shape.d_ff, shape.d_model, bias=False)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,12 +181,13 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, shape: ScaleShape | None = None) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.attn = SelfAttention(config)
-        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.mlp = SwiGLU(config)
+        shape = shape or config.shape("fine")
+        self.attn_norm = RMSNorm(shape.d_model, config.norm_eps)
+        self.attn = SelfAttention(config, shape)
+        self.mlp_norm = RMSNorm(shape.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config, shape)
 
     def forward(self, x, cos, sin):
         attended, kv = self.attn(self.attn_norm(x), cos, sin)
@@ -156,12 +200,13 @@ class Block(nn.Module):
 
 
 class ScaleStack(nn.Module):
-    """The layers of one resolution, with a final norm."""
+    """The layers of one resolution, with a final norm (default: the fine scale's shape)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, shape: ScaleShape | None = None) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        shape = shape or config.shape("fine")
+        self.blocks = nn.ModuleList(Block(config, shape) for _ in range(shape.n_layers))
+        self.norm = RMSNorm(shape.d_model, config.norm_eps)
 
     def forward(self, x, cos, sin):
         """x: (B, T, C) -> (B, T, C), plus [(k, v)] per layer."""
@@ -181,18 +226,21 @@ class CrossScaleAttention(nn.Module):
     """Queries from one scale read keys/values of another, under the end-byte visibility rule.
 
     No RoPE here: the scales have different resolutions, and the mask already encodes order. A learned
-    null key/value at slot 0 is always visible, so no query row is empty.
+    null key/value at slot 0 is always visible, so no query row is empty. Attention runs at the query
+    scale's width and heads; keys and values are projected into it from the key scale's width.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, query: ScaleShape | None = None, key: ScaleShape | None = None) -> None:
         super().__init__()
-        self.n_heads, self.head_dim = config.n_heads, config.head_dim
-        self.query_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.key_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.q = Linear(config.d_model, config.d_model, bias=False)
-        self.kv = Linear(config.d_model, 2 * config.d_model, bias=False)
-        self.out = Linear(config.d_model, config.d_model, bias=False)
-        self.null_kv = nn.Parameter(torch.zeros(2, config.n_heads, 1, config.head_dim))
+        query, key = query or config.shape("fine"), key or config.shape("fine")
+        d = query.d_model
+        self.n_heads, self.head_dim = query.n_heads, query.head_dim
+        self.query_norm = RMSNorm(d, config.norm_eps)
+        self.key_norm = RMSNorm(key.d_model, config.norm_eps)
+        self.q = Linear(d, d, bias=False)
+        self.kv = Linear(key.d_model, 2 * d, bias=False)
+        self.out = Linear(d, d, bias=False)
+        self.null_kv = nn.Parameter(torch.zeros(2, query.n_heads, 1, query.head_dim))
 
     def keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """source: (B, S, C) -> k, v: (B, H, S, D) each."""
@@ -214,11 +262,20 @@ class CrossScaleAttention(nn.Module):
 
 
 class GatedFusion(nn.Module):
-    """Softmax gate over the three scales, computed per fine position."""
+    """Softmax gate over the three scales, computed per fine position.
+
+    A medium or coarse stack of another width than d_model is first projected to it (`to_fine_width`, applied
+    at the scale's own resolution, before its states are spread over the fine positions).
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.gate = Linear(3 * config.d_model, 3)
+        self.inputs = nn.ModuleDict({s.name: Linear(s.d_model, config.d_model, bias=False)
+                                     for s in config.shapes() if s.d_model != config.d_model})
+
+    def to_fine_width(self, scale: str, x: torch.Tensor) -> torch.Tensor:
+        return self.inputs[scale](x) if scale in self.inputs else x
 
     def forward(self, fine, medium, coarse):
         """Each (B, T, C) -> (B, T, C)."""
@@ -229,18 +286,30 @@ class GatedFusion(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- cache
 class Slots:
-    """Where each row writes its new token and how far attention reaches (`span`) in one decode step."""
+    """Where each row writes its new token and how far attention reaches (`span`) in one decode step.
 
-    def __init__(self, index: torch.Tensor | None, rows: torch.Tensor | None, uniform: int | None) -> None:
-        self.index, self.rows, self.uniform = index, rows, uniform  # uniform: shared slot when rows agree
-        self.span = (uniform if uniform is not None else int(index.max())) + 1
+    A cache holds `base` fixed slots (a cross cache's null key) and then a ring of `ring` slots: token j (its
+    position, also its RoPE index) lives at slot base + j % ring. Without a local window the ring holds the
+    whole window, so j % ring = j. `write` (ragged rows) marks the rows whose token exists this step.
+    """
+
+    def __init__(self, index: torch.Tensor | None, rows: torch.Tensor | None, uniform: int | None,
+                 ring: int, base: int = 0, write: torch.Tensor | None = None) -> None:
+        self.index, self.rows, self.uniform = index, rows, uniform  # uniform: shared position when rows agree
+        self.ring, self.base, self.write_rows = ring, base, write
+        self.span = base + min((uniform if uniform is not None else int(index.max())) + 1, ring)
 
     def write(self, cache: torch.Tensor, value: torch.Tensor) -> None:
         """cache: (B, H, S, D); value: (B, H, 1, D)."""
         if self.uniform is not None:
-            cache[:, :, self.uniform] = value[:, :, 0]
+            cache[:, :, self.base + self.uniform % self.ring] = value[:, :, 0]
         else:
-            cache[self.rows, :, self.index] = value[:, :, 0]
+            # Only rows whose token completed write: in a ring, the slot past a row's tokens may hold its
+            # oldest token, still visible.
+            rows, index, value = self.rows, self.index, value[:, :, 0]
+            if self.write_rows is not None:
+                rows, index, value = rows[self.write_rows], index[self.write_rows], value[self.write_rows]
+            cache[rows, :, self.base + index % self.ring] = value
 
 
 @dataclass
@@ -248,7 +317,8 @@ class KVCache:
     """Decoding state for a batch of independent rows.
 
     lengths[b] is the number of bytes row b holds; medium and coarse counts follow from it. Cross caches
-    hold the null slot at index 0 followed by the key scale's tokens.
+    hold the null slot at index 0 followed by the key scale's tokens. A scale (or cross attention) with a
+    local window keeps only its last window of tokens, in a ring (see `Slots`).
     """
 
     lengths: torch.Tensor  # (B,) long
@@ -259,14 +329,11 @@ class KVCache:
     recent_embeddings: torch.Tensor  # (B, 4, C): fine embeddings of the current coarse group, slot t % 4
     fused_medium: torch.Tensor  # (B, C): cross-updated latest medium token, what fine positions read
     fused_coarse: torch.Tensor  # (B, C)
+    capacity: int  # bytes a row may hold
 
     @property
     def batch_size(self) -> int:
         return self.lengths.shape[0]
-
-    @property
-    def capacity(self) -> int:
-        return self.self_k["fine"][0].shape[2]
 
     def tensors(self) -> list[torch.Tensor]:
         """Every per-row tensor (first dimension = row), lengths included."""
@@ -285,6 +352,7 @@ class KVCache:
             recent_embeddings=self.recent_embeddings[:n],
             fused_medium=self.fused_medium[:n],
             fused_coarse=self.fused_coarse[:n],
+            capacity=self.capacity,
         )
 
     def move_row(self, source: int, target: int) -> None:
@@ -298,31 +366,40 @@ class MultiScaleTransformer(nn.Module):
         super().__init__()
         self.config = config
         d = config.d_model
+        shapes = {s.name: s for s in config.shapes()}
         self.embed = nn.Embedding(config.vocab_size, d)
-        self.stacks = nn.ModuleDict({name: ScaleStack(config) for name in SCALE_NAMES})
-        # Learned downsampling: concatenate k neighbouring byte embeddings and project to d_model.
+        self.stacks = nn.ModuleDict({name: ScaleStack(config, shapes[name]) for name in SCALE_NAMES})
+        # Learned downsampling: concatenate k neighbouring byte embeddings and project to the scale's width.
         self.downsample = nn.ModuleDict({
-            "medium": Linear(SCALES[1] * d, d, bias=False),
-            "coarse": Linear(SCALES[2] * d, d, bias=False),
+            "medium": Linear(SCALES[1] * d, shapes["medium"].d_model, bias=False),
+            "coarse": Linear(SCALES[2] * d, shapes["coarse"].d_model, bias=False),
         })
         self.start_tokens = nn.ParameterDict({
-            "medium": nn.Parameter(torch.zeros(d)),
-            "coarse": nn.Parameter(torch.zeros(d)),
+            "medium": nn.Parameter(torch.zeros(shapes["medium"].d_model)),
+            "coarse": nn.Parameter(torch.zeros(shapes["coarse"].d_model)),
         })
-        self.cross = nn.ModuleDict({cross_name(q, k): CrossScaleAttention(config) for q, k in CROSS_PAIRS})
+        self.cross = nn.ModuleDict({cross_name(q, k): CrossScaleAttention(config, shapes[q], shapes[k])
+                                    for q, k in CROSS_PAIRS})
+        # Bytes each cross attention looks back (0: all), by the end-byte rule in the module docstring.
+        self.cross_windows = {cross_name(q, k): pair_window(shapes[q], shapes[k]) for q, k in CROSS_PAIRS}
         self.fusion = GatedFusion(config)
         self.final_norm = RMSNorm(d, config.norm_eps)
         self.lm_head = Linear(d, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        # RoPE tables cover the longest sequence at any scale (fine is the longest).
-        cos, sin = rope_tables(config.head_dim, config.max_seq_len + 1, config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        # RoPE tables per scale (its head width), covering its longest sequence (start token included).
+        for name, length in zip(SCALE_NAMES, config.scale_lengths(config.max_seq_len)):
+            cos, sin = rope_tables(shapes[name].head_dim, length + 1, config.rope_theta)
+            self.register_buffer(f"rope_cos_{name}", cos, persistent=False)
+            self.register_buffer(f"rope_sin_{name}", sin, persistent=False)
         self.apply(self._init_weights)
-        for name, param in self.named_parameters():  # scaled init of residual projections (GPT-2)
+        for name, param in self.named_parameters():  # scaled init of residual projections (GPT-2), per stack depth
             if name.endswith(("attn.out.weight", "mlp.down.weight")):
-                nn.init.normal_(param, std=config.init_std / (2 * config.n_layers) ** 0.5)
+                n_layers = shapes[name.split(".")[1]].n_layers
+                nn.init.normal_(param, std=config.init_std / (2 * n_layers) ** 0.5)
+
+    def rope(self, scale: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"rope_cos_{scale}"), getattr(self, f"rope_sin_{scale}")
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -350,8 +427,8 @@ class MultiScaleTransformer(nn.Module):
         inputs = {"fine": embeddings}
         for name, k in (("medium", SCALES[1]), ("coarse", SCALES[2])):
             groups = embeddings[:, : (T // k) * k].reshape(B, T // k, k * C)  # (B, T/k, k*C)
-            start = self.start_tokens[name].expand(B, 1, C)
-            inputs[name] = torch.cat([start, self.downsample[name](groups)], dim=1)  # (B, 1 + T/k, C)
+            start = self.start_tokens[name].expand(B, 1, -1)
+            inputs[name] = torch.cat([start, self.downsample[name](groups)], dim=1)  # (B, 1 + T/k, C_scale)
         return inputs
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -374,7 +451,8 @@ class MultiScaleTransformer(nn.Module):
         stacked, self_kvs = {}, {}
         for name in SCALE_NAMES:
             n = inputs[name].shape[1]
-            stacked[name], self_kvs[name] = self.stacks[name](inputs[name], self.rope_cos[:n], self.rope_sin[:n])
+            cos, sin = self.rope(name)
+            stacked[name], self_kvs[name] = self.stacks[name](inputs[name], cos[:n], sin[:n])
 
         updated = dict(stacked)
         cross_kvs = {}
@@ -382,16 +460,22 @@ class MultiScaleTransformer(nn.Module):
             module = self.cross[cross_name(query, key)]
             k, v = module.with_null(*module.keys_values(stacked[key]))  # (B, H, 1 + S, D)
             cross_kvs[cross_name(query, key)] = (k, v)
-            visible = ends[key][None, :] <= ends[query][:, None]  # (Tq, S)
+            behind = ends[query][:, None] - ends[key][None, :]  # (Tq, S): bytes from the key's end to the query's
+            visible = behind >= 0
+            window = self.cross_windows[cross_name(query, key)]
+            if window:
+                visible = visible & (behind < window)
             mask = F.pad(visible, (1, 0), value=True)  # the null slot is always visible
             updated[query] = updated[query] + module.attend(stacked[query], k, v, mask)
 
+        # Medium and coarse at the fine width (identity for a uniform config), at their own resolution.
+        fused_inputs = {name: self.fusion.to_fine_width(name, updated[name]) for name in ("medium", "coarse")}
         positions = torch.arange(T, device=ids.device)
-        medium_up = updated["medium"][:, (positions + 1) // SCALES[1]]  # (B, T, C): last complete pair
-        coarse_up = updated["coarse"][:, (positions + 1) // SCALES[2]]  # (B, T, C): last complete quad
+        medium_up = fused_inputs["medium"][:, (positions + 1) // SCALES[1]]  # (B, T, C): last complete pair
+        coarse_up = fused_inputs["coarse"][:, (positions + 1) // SCALES[2]]  # (B, T, C): last complete quad
         fused = self.fusion(updated["fine"], medium_up, coarse_up)
         logits = self.lm_head(self.final_norm(fused))  # (B, T, V)
-        return logits, (embeddings, self_kvs, cross_kvs, updated)
+        return logits, (embeddings, self_kvs, cross_kvs, fused_inputs)
 
     def forward_fine_only(self, ids: torch.Tensor) -> torch.Tensor:
         """The fine stack alone (ending in its own norm), then the head.
@@ -400,7 +484,8 @@ class MultiScaleTransformer(nn.Module):
         It skips the medium/coarse scales, so it is a degraded model, not the one that was trained.
         """
         T = ids.shape[1]
-        hidden, _ = self.stacks["fine"](self.embed(ids), self.rope_cos[:T], self.rope_sin[:T])
+        cos, sin = self.rope("fine")
+        hidden, _ = self.stacks["fine"](self.embed(ids), cos[:T], sin[:T])
         return self.lm_head(hidden)
 
     # ------------------------------------------------------------------ incremental decoding
@@ -411,37 +496,48 @@ class MultiScaleTransformer(nn.Module):
         if capacity > cfg.max_seq_len or capacity % SCALES[-1]:
             raise ValueError(f"cache capacity must be a multiple of 4 and <= {cfg.max_seq_len}, got {capacity}")
         weight = self.embed.weight
+        shapes = {s.name: s for s in cfg.shapes()}
         sizes = dict(zip(SCALE_NAMES, cfg.scale_lengths(capacity)))
 
-        def buffer(length: int) -> torch.Tensor:
-            return weight.new_zeros(batch_size, cfg.n_heads, length, cfg.head_dim)
+        def ring(scale: str, window: int) -> int:  # tokens of `scale` a cache keeps: its last window, or all
+            return min(sizes[scale], window // shapes[scale].factor) if window else sizes[scale]
+
+        def buffer(shape: ScaleShape, length: int) -> torch.Tensor:
+            return weight.new_zeros(batch_size, shape.n_heads, length, shape.head_dim)
+
+        def self_buffers(s: str) -> list[torch.Tensor]:
+            return [buffer(shapes[s], ring(s, shapes[s].local_window)) for _ in range(shapes[s].n_layers)]
+
+        def cross_buffer(q: str, k: str) -> torch.Tensor:  # the null slot, then the key scale's tokens
+            return buffer(shapes[q], 1 + ring(k, self.cross_windows[cross_name(q, k)]))
 
         return KVCache(
             lengths=torch.zeros(batch_size, dtype=torch.long, device=weight.device),
-            self_k={s: [buffer(sizes[s]) for _ in range(cfg.n_layers)] for s in SCALE_NAMES},
-            self_v={s: [buffer(sizes[s]) for _ in range(cfg.n_layers)] for s in SCALE_NAMES},
-            cross_k={cross_name(q, k): buffer(1 + sizes[k]) for q, k in CROSS_PAIRS},
-            cross_v={cross_name(q, k): buffer(1 + sizes[k]) for q, k in CROSS_PAIRS},
+            self_k={s: self_buffers(s) for s in SCALE_NAMES},
+            self_v={s: self_buffers(s) for s in SCALE_NAMES},
+            cross_k={cross_name(q, k): cross_buffer(q, k) for q, k in CROSS_PAIRS},
+            cross_v={cross_name(q, k): cross_buffer(q, k) for q, k in CROSS_PAIRS},
             recent_embeddings=weight.new_zeros(batch_size, SCALES[-1], cfg.d_model),
             fused_medium=weight.new_zeros(batch_size, cfg.d_model),
             fused_coarse=weight.new_zeros(batch_size, cfg.d_model),
+            capacity=capacity,
         )
 
     @torch.no_grad()
-    def copy_into_cache(self, cache: KVCache, rows: torch.Tensor, embeddings, self_kvs, cross_kvs, updated) -> None:
+    def copy_into_cache(self, cache: KVCache, rows: torch.Tensor, embeddings, self_kvs, cross_kvs, fused_inputs) -> None:
         """Store the states of a full forward pass over a prefix into cache rows `rows`."""
         T = embeddings.shape[1]
         for scale in SCALE_NAMES:
             for layer, (k, v) in enumerate(self_kvs[scale]):
-                cache.self_k[scale][layer][rows, :, : k.shape[2]] = k
-                cache.self_v[scale][layer][rows, :, : v.shape[2]] = v
+                _copy_into_ring(cache.self_k[scale][layer], rows, k, base=0)
+                _copy_into_ring(cache.self_v[scale][layer], rows, v, base=0)
         for name, (k, v) in cross_kvs.items():
-            cache.cross_k[name][rows, :, : k.shape[2]] = k
-            cache.cross_v[name][rows, :, : v.shape[2]] = v
+            _copy_into_ring(cache.cross_k[name], rows, k, base=1)
+            _copy_into_ring(cache.cross_v[name], rows, v, base=1)
         for t in range(max(0, T - SCALES[-1]), T):
             cache.recent_embeddings[rows, t % SCALES[-1]] = embeddings[:, t]
-        cache.fused_medium[rows] = updated["medium"][:, -1]
-        cache.fused_coarse[rows] = updated["coarse"][:, -1]
+        cache.fused_medium[rows] = fused_inputs["medium"][:, -1]
+        cache.fused_coarse[rows] = fused_inputs["coarse"][:, -1]
         cache.lengths[rows] = T
 
     @torch.no_grad()
@@ -483,18 +579,20 @@ class MultiScaleTransformer(nn.Module):
                 token = x[:, None]  # (B, 1, C)
             else:
                 group = plan.group(cache.recent_embeddings, k)  # (B, k, C), oldest byte first
-                token = self.downsample[scale](group.reshape(group.shape[0], 1, -1))  # (B, 1, C)
-            offset = 0 if k == 1 else 1  # grouped scales start with their start token
-            slot = plan.slot(k, offset)
-            cos, sin = plan.rope(self.rope_cos, slot), plan.rope(self.rope_sin, slot)
+                token = self.downsample[scale](group.reshape(group.shape[0], 1, -1))  # (B, 1, C_scale)
+            start = 0 if k == 1 else 1  # grouped scales start with their start token
+            ring = cache.self_k[scale][0].shape[2]
+            slot = plan.slot(k, start, ring, base=0)
+            cos, sin = (plan.rope(table, slot) for table in self.rope(scale))
             outputs[scale] = self.stacks[scale].step(
-                token, cos, sin, cache.self_k[scale], cache.self_v[scale], slot, plan.self_mask(k, offset, slot.span))
+                token, cos, sin, cache.self_k[scale], cache.self_v[scale], slot, plan.self_mask(k, start, ring, slot.span))
 
         # 2. Key/value projections of the new tokens for the cross attentions that read them.
         for query, key in CROSS_PAIRS:
             if key in outputs:
                 name, k = cross_name(query, key), SCALE_FACTOR[key]
-                slot = plan.slot(k, offset=1 if k == 1 else 2)  # after the null slot (and the start token)
+                ring = cache.cross_k[name].shape[2] - 1
+                slot = plan.slot(k, 0 if k == 1 else 1, ring, base=1)  # after the null slot
                 keys, values = self.cross[name].keys_values(outputs[key])  # (B, H, 1, D)
                 slot.write(cache.cross_k[name], keys)
                 slot.write(cache.cross_v[name], values)
@@ -502,14 +600,14 @@ class MultiScaleTransformer(nn.Module):
         # 3. Cross-scale updates of the new tokens, then fusion at the fine position.
         def cross_update(query: str, key: str, x_query: torch.Tensor) -> torch.Tensor:
             name, k = cross_name(query, key), SCALE_FACTOR[key]
-            span, mask = plan.visible(k, offset=1 if k == 1 else 2)
+            span, mask = plan.visible(k, 0 if k == 1 else 1, cache.cross_k[name].shape[2] - 1)
             return self.cross[name].attend(x_query, cache.cross_k[name][:, :, :span], cache.cross_v[name][:, :, :span], mask)
 
         for scale, target in (("medium", cache.fused_medium), ("coarse", cache.fused_coarse)):
             if scale in outputs:
                 others = [s for s in SCALE_NAMES if s != scale]
                 updated = outputs[scale] + sum(cross_update(scale, other, outputs[scale]) for other in others)
-                plan.keep_completed(target, updated[:, 0], SCALE_FACTOR[scale])
+                plan.keep_completed(target, self.fusion.to_fine_width(scale, updated)[:, 0], SCALE_FACTOR[scale])
         fine = outputs["fine"]
         fine = fine + cross_update("fine", "medium", fine) + cross_update("fine", "coarse", fine)
         fused = self.fusion(fine, cache.fused_medium[:, None], cache.fused_coarse[:, None])
@@ -518,6 +616,18 @@ class MultiScaleTransformer(nn.Module):
 
 
 SCALE_FACTOR = dict(zip(SCALE_NAMES, SCALES))
+
+
+def _copy_into_ring(cache: torch.Tensor, rows: torch.Tensor, states: torch.Tensor, base: int) -> None:
+    """Write `states` (len(rows), H, base + n, D: fixed slots, then tokens 0..n-1) into cache rows: the fixed
+    slots as they are, token j at base + j % ring; a ring shorter than n keeps the newest tokens."""
+    ring, n = cache.shape[2] - base, states.shape[2] - base
+    first = max(0, n - ring)
+    slots = base + torch.arange(first, n, device=cache.device) % ring
+    for i, row in enumerate(rows.tolist()):
+        target = cache[row]  # (H, S, D), a view: writing into it writes the cache
+        target[:, :base] = states[i, :, :base]
+        target[:, slots] = states[i, :, base + first:]
 
 
 class _UniformPlan:
@@ -536,17 +646,17 @@ class _UniformPlan:
         first = (self.n + 1 - k) % SCALES[-1]  # a complete group occupies consecutive ring slots
         return ring[:, first : first + k]
 
-    def slot(self, k: int, offset: int) -> Slots:
-        return Slots(None, None, offset + self.n // k)
+    def slot(self, k: int, start: int, ring: int, base: int) -> Slots:
+        return Slots(None, None, start + self.n // k, ring, base)
 
     def rope(self, table: torch.Tensor, slot: Slots) -> torch.Tensor:
         return table[slot.uniform]  # (D,) broadcasts over (B, H, 1, D)
 
-    def self_mask(self, k: int, offset: int, span: int) -> None:
-        return None
+    def self_mask(self, k: int, start: int, ring: int, span: int) -> None:
+        return None  # every slot in the span holds one of the row's visible tokens
 
-    def visible(self, k: int, offset: int) -> tuple[int, None]:
-        return offset + (self.n + 1) // k, None
+    def visible(self, k: int, start: int, ring: int) -> tuple[int, None]:
+        return 1 + min(start + (self.n + 1) // k, ring), None  # null + the key tokens held
 
     def keep_completed(self, target: torch.Tensor, updated: torch.Tensor, k: int) -> None:
         target.copy_(updated)  # only called when the group completed (for every row alike)
@@ -569,10 +679,10 @@ class _RaggedPlan:
         ring_slots = [(self.lengths - i) % SCALES[-1] for i in range(k - 1, -1, -1)]
         return torch.stack([ring[self.rows, s] for s in ring_slots], 1)
 
-    def slot(self, k: int, offset: int) -> Slots:
-        # Every row writes at its token count so far; rows whose group did not complete write past their
-        # valid length, which is masked now and overwritten later.
-        return Slots(offset + self.lengths // k, self.rows, None)
+    def slot(self, k: int, start: int, ring: int, base: int) -> Slots:
+        # Every row computes a token at its next position; only rows whose group completed write it. The
+        # others' outputs are discarded, and they attend to the tokens they already hold.
+        return Slots(start + self.lengths // k, self.rows, None, ring, base, write=self.new_lengths % k == 0)
 
     def rope(self, table: torch.Tensor, slot: Slots) -> torch.Tensor:
         return table[slot.index][:, None, None, :]  # (B, 1, 1, D)
@@ -580,12 +690,13 @@ class _RaggedPlan:
     def _mask(self, valid: torch.Tensor, span: int) -> torch.Tensor:
         return (torch.arange(span, device=valid.device)[None, :] < valid[:, None])[:, None, None, :]  # (B, 1, 1, S)
 
-    def self_mask(self, k: int, offset: int, span: int) -> torch.Tensor:
-        incomplete = (self.new_lengths % k != 0).long()
-        return self._mask(offset + self.new_lengths // k + incomplete, span)  # includes the slot just written
+    def self_mask(self, k: int, start: int, ring: int, span: int) -> torch.Tensor:
+        # (start +) complete tokens so far, the one just written included; a grouped scale always holds its
+        # start token, so no row is empty
+        return self._mask((start + self.new_lengths // k).clamp(max=ring), span)
 
-    def visible(self, k: int, offset: int) -> tuple[int, torch.Tensor]:
-        valid = offset + self.new_lengths // k  # null (+ start) + everything complete so far
+    def visible(self, k: int, start: int, ring: int) -> tuple[int, torch.Tensor]:
+        valid = 1 + (start + self.new_lengths // k).clamp(max=ring)  # null + the key tokens held
         span = int(valid.max())
         return span, self._mask(valid, span)
 

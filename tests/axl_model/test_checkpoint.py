@@ -22,6 +22,16 @@ def test_save_load_round_trip(model, tmp_path):
     assert torch.equal(model.eval()(ids), loaded(ids))
 
 
+def test_per_scale_shapes_round_trip_and_a_uniform_config_json_is_unchanged(tmp_path):
+    config = ModelConfig.from_name("tiny", scales={"fine": {"local_window": 16}, "medium": {"d_model": 32, "n_heads": 2}})
+    model = MultiScaleTransformer(config).eval()
+    loaded = load_checkpoint(save_checkpoint(model, tmp_path / "ck"))
+    assert loaded.config == config and loaded.config.shape("medium").d_model == 32
+    ids = torch.randint(0, 256, (1, 40))
+    assert torch.equal(model(ids), loaded(ids))
+    assert "scales" not in json.loads(ModelConfig.from_name("tiny").to_json())  # older readers still load it
+
+
 def test_training_state_round_trip(model, tmp_path):
     optimizer = torch.optim.AdamW(model.parameters())
     model(torch.zeros(1, 8, dtype=torch.long)).sum().backward()

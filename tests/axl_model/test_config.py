@@ -47,6 +47,44 @@ def test_dimensions_past_their_limit_are_refused_naming_the_field(field):
         ModelConfig.from_dict({**PRESETS["micro"], field: 10**12})
 
 
+PER_SCALE = {"fine": {"n_layers": 1, "local_window": 512},
+             "coarse": {"d_model": 512, "n_heads": 8, "d_ff": 1376, "n_layers": 4}}
+
+
+def test_per_scale_param_count_matches_the_model():
+    config = ModelConfig.from_name("micro", max_seq_len=4096, scales=PER_SCALE)
+    assert config.param_count() == MultiScaleTransformer(config).num_parameters()
+    assert config.shape("coarse").d_model == 512 and config.shape("medium").d_model == 256
+    assert config.shape("fine").local_window == 512 and config.shape("coarse").local_window == 0
+
+
+@pytest.mark.parametrize("field", ["d_model", "n_heads", "d_ff", "n_layers"])
+def test_per_scale_dimensions_past_their_limit_are_refused(field):
+    with pytest.raises(ValueError, match=f"scales.coarse.{field} must be at most {MAX_DIMENSIONS[field]}"):
+        ModelConfig.from_dict({**PRESETS["micro"], "scales": {"coarse": {field: MAX_DIMENSIONS[field] * 4}}})
+
+
+def test_per_scale_parameter_count_past_the_limit_is_refused():
+    huge = {"d_model": MAX_DIMENSIONS["d_model"], "n_heads": 128, "d_ff": MAX_DIMENSIONS["d_ff"], "n_layers": 96}
+    with pytest.raises(ValueError, match="param_count"):
+        ModelConfig.from_dict({**PRESETS["micro"], "scales": {"coarse": huge}})
+
+
+@pytest.mark.parametrize("scales, message", [
+    ({"fine": {"d_model": 128}}, "the fine width is d_model"),
+    ({"huge": {}}, "unknown scale"),
+    ({"coarse": {"dropout": 0.1}}, "not a per-scale field"),
+    ({"medium": {"local_window": 6}}, "multiple of 4"),
+    ({"medium": {"local_window": -4}}, "non-negative"),
+    ({"coarse": {"d_model": 100, "n_heads": 3}}, "coarse d_model .100. must be divisible"),
+    ({"coarse": "wide"}, "mapping"),
+    ([], "mapping"),
+])
+def test_invalid_scales_name_the_problem(scales, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_name("micro", scales=scales)
+
+
 def test_limits_are_generous_for_every_preset():
     for name, preset in PRESETS.items():
         config = ModelConfig.from_name(name)

@@ -163,6 +163,41 @@ def test_multiscale_f32_round_trip_is_exact(tiny, tmp_path):
         assert torch.equal(tensor, loaded.state_dict()[name]), name
 
 
+PER_SCALE = dict(scales={"fine": {"n_layers": 2, "d_ff": 96, "local_window": 32},
+                         "coarse": {"d_model": 128, "n_heads": 4, "d_ff": 256, "n_layers": 3}})
+
+
+@pytest.fixture(scope="module")
+def per_scale():
+    return spread_weights(MultiScaleTransformer(ModelConfig.from_name("tiny", **PER_SCALE)), seed=2)
+
+
+@pytest.mark.parametrize("qtype", ["f32", "q8_0"])
+def test_multiscale_round_trip_of_per_scale_shapes(per_scale, tmp_path, qtype):
+    path = export_multiscale_gguf(per_scale, tmp_path / f"per-scale-{qtype}.gguf", qtype=qtype)
+    loaded = load_gguf_model(path)
+    assert loaded.config == per_scale.config and loaded.config.shape("coarse").n_layers == 3
+    ids = torch.randint(0, 258, (1, 100), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if qtype == "f32":
+            assert torch.equal(per_scale(ids), loaded(ids))
+        else:
+            assert (per_scale(ids).argmax(-1) == loaded(ids).argmax(-1)).float().mean() > 0.8
+
+
+def test_llama_export_of_per_scale_shapes_holds_the_fine_stack_and_its_window(per_scale, tmp_path):
+    path = export_llama_gguf(per_scale, tmp_path / "fine.gguf")
+    meta = read_metadata(path)
+    assert meta["llama.block_count"] == 2 and meta["llama.feed_forward_length"] == 96
+    assert meta["llama.context_length"] == 32  # the fine stack's local window: it never looked further back
+    assert "num_ctx 32" in write_modelfile(path, per_scale.config).read_text()
+    if llama_cpp is not None:
+        llm = open_llama(path, n_ctx=32)
+        tokens = llm.tokenize(TEXT.encode())[:32]
+        ours = per_scale.forward_fine_only(torch.tensor([tokens]))[0].detach().numpy()
+        assert np.abs(ours - llama_logits(llm, tokens)).max() < 1e-3
+
+
 def test_load_checkpoint_accepts_a_gguf_file(tiny, tmp_path):
     path = export_multiscale_gguf(tiny, tmp_path / "full-q8_0.gguf", qtype="q8_0")
     types = read_tensor_types(path)

@@ -10,6 +10,20 @@ from tests.checkpoints import perturbed_model
 # Every preset's shape family (width, heads, d_ff) at one layer per scale to keep the test fast.
 SHAPE_FAMILIES = [name for name in PRESETS]
 
+# Per-scale shapes and local windows on tiny's width (64-byte window): windows that the tests' sequences
+# outgrow at every scale, medium/coarse narrower and wider than the fine stack, and both together.
+MIXED_SHAPES = {
+    "windows": dict(scales={"fine": {"local_window": 8}, "medium": {"local_window": 16}}),
+    "widths": dict(scales={"medium": {"d_model": 32, "n_heads": 2, "d_ff": 96, "n_layers": 2},
+                           "coarse": {"d_model": 96, "n_heads": 3, "d_ff": 256, "n_layers": 2}}),
+    "both": dict(scales={"fine": {"n_layers": 2, "local_window": 12},
+                         "coarse": {"d_model": 128, "n_heads": 4, "d_ff": 256, "n_layers": 2, "local_window": 32}}),
+}
+
+
+def mixed_config(kind: str, **overrides) -> ModelConfig:
+    return ModelConfig.from_name("tiny", **{"max_seq_len": 64, **MIXED_SHAPES[kind], **overrides})
+
 
 @pytest.mark.parametrize("name", SHAPE_FAMILIES)
 def test_changing_the_future_never_changes_the_past(name):
@@ -25,6 +39,44 @@ def test_changing_the_future_never_changes_the_past(name):
             logits = model(changed)
             assert torch.allclose(logits[:, : t + 1], reference[:, : t + 1], atol=1e-5), (name, length, t)
             assert not torch.allclose(logits[:, t + 1:], reference[:, t + 1:])  # the future does matter
+
+
+@pytest.mark.parametrize("kind", MIXED_SHAPES)
+def test_per_scale_shapes_and_windows_are_causal(kind):
+    model = perturbed_model(mixed_config(kind))
+    generator = torch.Generator().manual_seed(2)
+    for length in (29, 64):
+        ids = torch.randint(0, 256, (2, length), generator=generator)
+        reference = model(ids)
+        for t in range(0, length - 1):
+            changed = ids.clone()
+            changed[:, t + 1:] = torch.randint(0, 256, (2, length - t - 1), generator=generator)
+            logits = model(changed)
+            assert torch.allclose(logits[:, : t + 1], reference[:, : t + 1], atol=1e-5), (kind, length, t)
+            assert not torch.allclose(logits[:, t + 1:], reference[:, t + 1:])
+
+
+def test_the_fine_window_bounds_what_the_fine_stack_sees():
+    """With local_window W the fine stack at byte t reads bytes t-W+1..t only; the whole model still sees
+    further back (through the medium and coarse scales)."""
+    model = perturbed_model(mixed_config("windows"))
+    ids = torch.randint(0, 256, (1, 48))
+    changed = ids.clone()
+    changed[0, 20] = (ids[0, 20] + 1) % 256
+    fine, fine_changed = model.forward_fine_only(ids), model.forward_fine_only(changed)
+    assert not torch.allclose(fine[:, 20 + 7], fine_changed[:, 20 + 7])  # byte 20 is inside the window of 27
+    assert torch.allclose(fine[:, 20 + 8:], fine_changed[:, 20 + 8:], atol=1e-6)  # and outside it from 28 on
+    assert not torch.allclose(model(ids)[:, 40:], model(changed)[:, 40:])
+
+
+@pytest.mark.parametrize("window, length", [(1, 5), (4, 17), (8, 8), (8, 40), (6, 23)])
+def test_sliding_window_attention_equals_masked_attention(window, length):
+    from axl_model.model import sliding_window_attention
+
+    q, k, v = (torch.randn(2, 3, length, 8) for _ in range(3))
+    i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (i - j < window))
+    assert torch.allclose(sliding_window_attention(q, k, v, window), dense, atol=1e-5)
 
 
 def test_the_future_leak_is_real_without_the_shift():
@@ -49,8 +101,9 @@ def test_fine_only_path_is_causal():
     assert torch.allclose(model.forward_fine_only(ids)[:, :10], model.forward_fine_only(changed)[:, :10], atol=1e-5)
 
 
-def test_cached_decoding_equals_recomputation_across_groups_and_the_window():
-    config = ModelConfig.from_name("tiny", max_seq_len=64)
+@pytest.mark.parametrize("kind", ["uniform", *MIXED_SHAPES])
+def test_cached_decoding_equals_recomputation_across_groups_and_the_window(kind):
+    config = ModelConfig.from_name("tiny", max_seq_len=64) if kind == "uniform" else mixed_config(kind)
     model = perturbed_model(config)
     decoder = BatchDecoder(model, max_batch=1)
     params = SamplingParams(max_tokens=300, temperature=0.0, stop_at_eos=False)
@@ -84,19 +137,43 @@ def test_cached_decoding_equals_recomputation_across_groups_and_the_window():
     assert worst < 1e-4, worst
 
 
-def test_ragged_batch_decoding_matches_single_sequences():
-    model = perturbed_model(ModelConfig.from_name("tiny"))
+@pytest.mark.parametrize("kind", ["uniform", *MIXED_SHAPES])
+def test_ragged_batch_decoding_matches_single_sequences(kind):
+    # The windowed kinds' rings wrap (fine 8-12 bytes, medium 16) while rows sit at different offsets.
+    config = ModelConfig.from_name("tiny") if kind == "uniform" else mixed_config(kind, max_seq_len=128)
+    model = perturbed_model(config)
     cache = model.new_cache(3)
-    sequences = [torch.randint(0, 256, (40,)) for _ in range(3)]
-    starts = [3, 6, 9]
+    sequences = [torch.randint(0, 256, (60,)) for _ in range(3)]
+    starts = [3, 6, 21]
     for row, start in enumerate(starts):
         model.prefill(sequences[row][:start], cache, row)
-    for step in range(25):
+    for step in range(37):
         tokens = torch.stack([s[start + step] for s, start in zip(sequences, starts)])
         logits = model.decode_step(tokens, cache)
         for row, start in enumerate(starts):
             reference = model(sequences[row][: start + step + 1][None])[0, -1]
             assert torch.allclose(logits[row], reference, atol=1e-4)
+
+
+def test_a_uniform_config_builds_the_original_tensors():
+    """Per-scale overrides equal to the uniform shape change nothing: same names, shapes and parameter count."""
+    plain = MultiScaleTransformer(ModelConfig.from_name("tiny"))
+    spelled = ModelConfig.from_name("tiny", scales={"fine": {"n_layers": 1}, "coarse": {"d_model": 64, "local_window": 0}})
+    assert spelled.uniform and ModelConfig.from_name("tiny").uniform and not mixed_config("windows").uniform
+    shapes = {k: v.shape for k, v in MultiScaleTransformer(spelled).state_dict().items()}
+    assert shapes == {k: v.shape for k, v in plain.state_dict().items()}
+    assert "fusion.inputs.coarse.weight" in MultiScaleTransformer(mixed_config("widths")).state_dict()
+
+
+def test_windowed_caches_hold_only_the_window():
+    model = MultiScaleTransformer(mixed_config("both", max_seq_len=256))
+    cache = model.new_cache(2)
+    assert cache.self_k["fine"][0].shape[2] == 12  # the fine window in bytes
+    assert cache.self_k["medium"][0].shape[2] == 1 + 256 // 2  # no window: start token + every pair
+    assert cache.self_k["coarse"][0].shape[2] == 32 // 4
+    assert cache.cross_k["coarse_from_fine"].shape[2] == 1 + 12  # null + the tighter window (fine's)
+    assert cache.cross_k["medium_from_coarse"].shape[2] == 1 + 32 // 4
+    assert cache.cross_k["coarse_from_medium"].shape[1:] == (4, 1 + 32 // 2, 32)  # the query's heads and width
 
 
 def test_sequence_longer_than_the_window_is_refused_with_the_numbers():

@@ -17,6 +17,10 @@ RoPE: our attention rotates halves (dimension i pairs with i + D/2, the NEOX / H
 llama.cpp's llama architecture rotates interleaved pairs (2i, 2i+1), so the rows of W_q and W_k are permuted
 per head, as llama.cpp's convert_hf_to_gguf.py does for Hugging Face checkpoints.
 
+Per-scale shapes: the llama kind takes the fine stack's depth, heads and d_ff; a fine stack with a local
+window W becomes a llama GGUF with a context of W bytes (llama.cpp's llama architecture has no sliding
+window, and the fine stack never attended further back). The multiscale kind stores `scales` as a JSON string.
+
 Quantization: llama-kind files go through llama.cpp's own `llama_model_quantize` (llama-cpp-python);
 multiscale files are quantized tensor by tensor in Python: F16 and Q8_0 with `gguf.quants`, K-quants with
 ggml's `ggml_quantize_chunk` from the library llama-cpp-python ships. K-quants need rows (a weight's input
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
 import logging
 import os
 import tempfile
@@ -236,7 +241,8 @@ def _permute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 def llama_tensors(model: MultiScaleTransformer) -> dict[str, np.ndarray]:
     """The fine-scale path under llama.cpp's tensor names, float32, numpy (out_features, in_features) order."""
     cfg = model.config
-    d, f = cfg.d_model, cfg.d_ff
+    shape = cfg.shape("fine")
+    d, f = shape.d_model, shape.d_ff
     fine = model.stacks["fine"]
     tensors: dict[str, torch.Tensor] = {"token_embd.weight": model.embed.weight}
     for i, block in enumerate(fine.blocks):
@@ -244,8 +250,8 @@ def llama_tensors(model: MultiScaleTransformer) -> dict[str, np.ndarray]:
         gate_up = block.mlp.gate_up.weight  # (2 d_ff, d): gate rows then up rows
         tensors.update({
             f"blk.{i}.attn_norm.weight": block.attn_norm.weight,
-            f"blk.{i}.attn_q.weight": _permute_rope_rows(qkv[:d], cfg.n_heads),
-            f"blk.{i}.attn_k.weight": _permute_rope_rows(qkv[d:2 * d], cfg.n_heads),
+            f"blk.{i}.attn_q.weight": _permute_rope_rows(qkv[:d], shape.n_heads),
+            f"blk.{i}.attn_k.weight": _permute_rope_rows(qkv[d:2 * d], shape.n_heads),
             f"blk.{i}.attn_v.weight": qkv[2 * d:],
             f"blk.{i}.attn_output.weight": block.attn.out.weight,
             f"blk.{i}.ffn_norm.weight": block.mlp_norm.weight,
@@ -259,20 +265,27 @@ def llama_tensors(model: MultiScaleTransformer) -> dict[str, np.ndarray]:
     return {k: v.detach().float().cpu().contiguous().numpy() for k, v in tensors.items()}
 
 
+def llama_context_length(config: ModelConfig) -> int:
+    """The window of the llama kind: the fine stack's local window if it has one, else the model's."""
+    return config.shape("fine").local_window or config.max_seq_len
+
+
 def _add_common_metadata(writer: GGUFWriter, config: ModelConfig, name: str, description: str,
-                         file_type: LlamaFileType) -> None:
+                         file_type: LlamaFileType, context_length: int | None = None) -> None:
+    """General and llama.* keys, describing the fine stack (what the llama kind holds)."""
+    fine = config.shape("fine")
     writer.add_name(name)
     writer.add_description(description)
     writer.add_file_type(int(file_type))
-    writer.add_context_length(config.max_seq_len)
-    writer.add_embedding_length(config.d_model)
-    writer.add_block_count(config.n_layers)
-    writer.add_feed_forward_length(config.d_ff)
-    writer.add_head_count(config.n_heads)
-    writer.add_head_count_kv(config.n_heads)
+    writer.add_context_length(context_length or config.max_seq_len)
+    writer.add_embedding_length(fine.d_model)
+    writer.add_block_count(fine.n_layers)
+    writer.add_feed_forward_length(fine.d_ff)
+    writer.add_head_count(fine.n_heads)
+    writer.add_head_count_kv(fine.n_heads)
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_rope_freq_base(config.rope_theta)
-    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_dimension_count(fine.head_dim)
     writer.add_vocab_size(config.vocab_size)
     _add_vocabulary(writer, config)
 
@@ -300,7 +313,8 @@ def export_llama_gguf(model: MultiScaleTransformer, path: str | Path, *, name: s
     log.warning(QUALITY_WARNING)
     writer, staging = _new_writer(path, "llama")
     try:
-        _add_common_metadata(writer, config, name or f"axl-{config.name}-fine", QUALITY_WARNING, LlamaFileType.ALL_F32)
+        _add_common_metadata(writer, config, name or f"axl-{config.name}-fine", QUALITY_WARNING, LlamaFileType.ALL_F32,
+                             context_length=llama_context_length(config))
         for tensor_name, data in llama_tensors(model).items():
             writer.add_tensor(tensor_name, data)
         _write(writer)
@@ -331,9 +345,13 @@ def export_multiscale_gguf(model: MultiScaleTransformer, path: str | Path, *, qt
                        "axl_model.checkpoint.load_checkpoint. llama.cpp cannot run this architecture.")
         _add_common_metadata(writer, config, name or f"axl-{config.name}", description, _FILE_TYPES[qtype])
         for key, value in config.to_dict().items():
+            if key == "scales":  # a nested mapping: GGUF metadata holds scalars, so it travels as JSON text
+                value = json.dumps(value, sort_keys=True)
             _add_typed(writer, CONFIG_KEY_PREFIX + key, value)
         for tensor_name, data in tqdm(weights.items(), desc=f"quantize {qtype}", unit="tensor", disable=not progress):
-            ggml_type = _multiscale_tensor_type(tensor_name, data, qtype, config.n_layers)
+            parts = tensor_name.split(".")
+            n_layers = config.shape(parts[1]).n_layers if parts[0] == "stacks" else config.n_layers
+            ggml_type = _multiscale_tensor_type(tensor_name, data, qtype, n_layers)
             stored = _quantize(data, ggml_type)
             writer.add_tensor(tensor_name, stored, raw_dtype=None if ggml_type in (T.F32, T.F16) else ggml_type)
         _write(writer)
@@ -383,6 +401,8 @@ def _open_multiscale(path: str | Path) -> tuple[GGUFReader, ModelConfig]:
     config_values = {key[len(CONFIG_KEY_PREFIX):]: f.contents() for key, f in reader.fields.items()
                      if key.startswith(CONFIG_KEY_PREFIX)}
     try:
+        if isinstance(config_values.get("scales"), str):
+            config_values["scales"] = json.loads(config_values["scales"])
         return reader, ModelConfig.from_dict(config_values)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: bad model config in metadata: {exc}") from None
@@ -534,7 +554,7 @@ def write_modelfile(gguf_path: str | Path, config: ModelConfig, specialist: str 
         *(f"PARAMETER stop {_quote(s)}" for s in stops),
         f"PARAMETER temperature {temperature}",
         f"PARAMETER top_p {top_p}",
-        f"PARAMETER num_ctx {config.max_seq_len}",
+        f"PARAMETER num_ctx {llama_context_length(config)}",
     ]
     path = gguf_path.with_name(f"{gguf_path.stem}.Modelfile")
     path.write_text("\n".join(lines) + "\n")
