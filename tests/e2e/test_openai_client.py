@@ -19,15 +19,72 @@ pytestmark = pytest.mark.timeout(120)
 CODER = "axl-coder"
 PROMPT = "def fibonacci(n):\n    "
 CONTINUE_STOPS = ["\n\n", "\r\n\r\n", "/src/", "#- coding: utf-8", "```", "\ndef", "\nclass", "\n\"\"\"#", "\n@"]
+# Continue adds its FIM template's own stops (AutocompleteTemplate.ts, the StarCoder one it picks for our names).
+CONTINUE_FIM_STOPS = ["<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<file_sep>", "<|endoftext|>", "</fim_middle>",
+                      "</code>"]
+WINDOW = 128  # the tiny checkpoints' context length
 
 
-def sse_lines(mesh: Mesh, path: str, body: dict) -> list[str]:
+def continue_agent_system_prompt() -> str:
+    """About the size and shape of Continue's agent system message (1.4 KB): rules, then how to write code blocks."""
+    rules = (
+        "<important_rules>\n  You are in agent mode.\n\n  Always include the language and file name in the info "
+        "string when you write code blocks. If you are editing \"src/main.py\" for example, your code block should "
+        "start with '```python src/main.py'.\n\n  When addressing code modification requests, present a concise "
+        "code snippet that emphasizes only the necessary changes and uses abbreviated placeholders for unmodified "
+        "sections, for example:\n\n  ```language /path/to/file\n  // ... existing code ...\n\n  {{ modified "
+        "code here }}\n\n  // ... existing code ...\n\n  {{ another modification }}\n\n  // ... rest of code "
+        "...\n  ```\n\n  In existing files, you should always restate the function or class that the snippet "
+        "belongs to.\n\n  Since you are in agent mode, use the tools you have to read files before you change "
+        "them, to list and search the workspace, and to run commands in the terminal when the user asks for it. "
+        "Do not guess at the content of a file you have not read. Prefer small, reviewable edits; explain each "
+        "change in one sentence after the code block. When a tool fails, say so and try another way rather than "
+        "repeating the same call. Never run destructive commands without asking first.\n</important_rules>"
+    )
+    workspace = ("\n\n<workspace>\n  The workspace root is file:///home/dev/project. The user's operating system is "
+                 "Linux and their shell is bash. Paths in tool calls are relative to the workspace root unless they "
+                 "start with a slash; the currently open file is src/app/main.py.\n</workspace>")
+    return rules + workspace
+
+
+def continue_agent_tools() -> list[dict]:
+    """Nine tool definitions, in the shape Continue's agent sends with every chat request."""
+    def tool(name: str, description: str, **properties: str) -> dict:
+        return {"type": "function", "function": {
+            "name": name, "description": description,
+            "parameters": {"type": "object", "required": list(properties),
+                           "properties": {k: {"type": "string", "description": v} for k, v in properties.items()}}}}
+    return [
+        tool("read_file", "Use this tool to read the contents of an existing file.",
+             filepath="The path of the file to read, relative to the root of the workspace"),
+        tool("create_new_file", "Create a new file.", filepath="Where to create it", contents="Its contents"),
+        tool("run_terminal_command", "Run a terminal command in the current directory.", command="The command"),
+        tool("file_glob_search", "Search for files recursively by glob pattern.", pattern="A glob pattern"),
+        tool("view_diff", "View the current diff of working changes."),
+        tool("read_currently_open_file", "Read the currently open file in the IDE."),
+        tool("ls", "List files and folders in a given directory.", dirPath="The directory to list"),
+        tool("grep_search", "Perform a search over the repository using ripgrep.", query="The search query"),
+        tool("edit_existing_file", "Edit an existing file.", filepath="The file to edit", changes="The changes"),
+    ]
+
+
+def twenty_kb_python_file() -> str:
+    """A 20 KB Python module, as an editor holds it."""
+    blocks = [f"def helper_{i}(values: list[int]) -> int:\n    \"\"\"Sum of the values times {i}.\"\"\"\n"
+              f"    total = 0\n    for value in values:\n        total += value * {i}\n    return total\n\n\n"
+              for i in range(160)]
+    text = "import os\nimport sys\n\n\n" + "".join(blocks)
+    assert len(text.encode()) >= 20_000
+    return text
+
+
+def sse_response(mesh: Mesh, path: str, body: dict) -> tuple[httpx.Headers, list[str]]:
     assert mesh.gateway is not None
     with httpx.stream("POST", mesh.gateway.url + path, json=body, timeout=60,
                       headers={"Authorization": f"Bearer {API_KEY}"}) as response:
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("text/event-stream")
-        return [line for line in response.iter_lines() if line]
+        return response.headers, [line for line in response.iter_lines() if line]
 
 
 # --- models ------------------------------------------------------------------------------------------------------
@@ -113,14 +170,54 @@ def test_echo_and_logprobs(mesh: Mesh) -> None:
 
 
 def test_continue_autocomplete_request(mesh: Mesh) -> None:
-    """What Continue.dev sends for tab completion: max_tokens far over the window, 9 stops, near-greedy, stream."""
-    body = {"model": CODER, "prompt": "import os\n\ndef main():\n    ", "max_tokens": 4096, "temperature": 0.01,
-            "stop": CONTINUE_STOPS, "stream": True}
-    lines = sse_lines(mesh, "/v1/completions", body)
-    assert lines[-1] == "data: [DONE]"
-    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1] if line.startswith("data: ")]
-    assert chunks and all(c["object"] == "text_completion" for c in chunks)
-    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    """What Continue.dev sends for tab completion: its FIM template around the prefix and suffix of a 20 KB file,
+    as a plain prompt, max_tokens far over the window, ~16 stops, near-greedy, stream. To a FIM model the gateway
+    hands prefix and suffix (fitted, prefix-weighted) to the model's own FIM tokens; to the others, the prompt's
+    end. Both answer 200 with text, and say how much of the prompt they left out."""
+    source = twenty_kb_python_file()
+    cursor = source.index("        total += value * 90\n") + len("        total += ")  # inside a line
+    prefix, suffix = source[:cursor], source[cursor:]
+    for model in ("axl-docs", CODER):
+        body = {"model": model, "prompt": f"<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>",
+                "max_tokens": 4096, "temperature": 0.01, "stop": CONTINUE_STOPS + CONTINUE_FIM_STOPS, "stream": True,
+                "stream_options": {"include_usage": True}}
+        headers, lines = sse_response(mesh, "/v1/completions", body)
+        assert lines[-1] == "data: [DONE]"
+        chunks = [json.loads(line[len("data: "):]) for line in lines[:-1] if line.startswith("data: ")]
+        assert chunks and all(c["object"] == "text_completion" for c in chunks)
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]), f"{model} answered no text"
+        finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+        assert finishes[-1] in ("stop", "length")
+        used = chunks[-1]["usage"]["prompt_tokens"]
+        assert used == WINDOW - WINDOW // 4  # max_tokens 4096: a quarter of the window left for the answer
+        whole = len(body["prompt"].encode()) + 1 if model == CODER else len(source.encode()) + 4  # + BOS (+ FIM)
+        assert int(headers["x-axl-prompt-truncated"]) == whole - used
+
+
+def test_autocomplete_with_suffix_keeps_both_sides_of_the_cursor(mesh: Mesh) -> None:
+    """OpenAI's own `suffix` on a FIM model: the end of the prefix and the start of the suffix, prefix-weighted."""
+    raw = mesh.client().completions.with_raw_response.create(
+        model="axl-docs", prompt="p" * 5000 + "before", suffix="after" + "s" * 5000, max_tokens=16, echo=True)
+    out = raw.parse()
+    assert out.usage.prompt_tokens == WINDOW - 16
+    assert int(raw.headers["x-axl-prompt-truncated"]) == 10_011 + 4 - (WINDOW - 16)
+    assert out.choices[0].text.startswith("p" * 5000 + "before")  # echo: the prompt as sent
+
+
+@pytest.mark.parametrize("template", [
+    "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>",  # StarCoder / StableCode: Continue's default
+    "<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>",  # Qwen-Coder, CodeGemma
+    "<PRE> {prefix} <SUF>{suffix} <MID>",  # CodeLlama
+    "<｜fim▁begin｜>{prefix}<｜fim▁hole｜>{suffix}<｜fim▁end｜>",  # DeepSeek-Coder
+    "[SUFFIX]{suffix}[PREFIX]{prefix}",  # Codestral
+])
+def test_editor_fim_templates_reach_a_fim_model_as_its_fim_tokens(mesh: Mesh, template: str) -> None:
+    prefix, suffix = "def area(r):\n    return 3.14 * ", "\n\nprint(area(2))\n"
+    out = mesh.client().completions.create(model="axl-docs", prompt=template.format(prefix=prefix, suffix=suffix),
+                                           max_tokens=8, temperature=0.01, stop=CONTINUE_STOPS)
+    # BOS + <fim_prefix> prefix <fim_suffix> suffix <fim_middle>: the template's markers are not in the prompt.
+    assert out.usage.prompt_tokens == len(prefix.encode()) + len(suffix.encode()) + 4
+    assert out.choices[0].finish_reason in ("stop", "length")
 
 
 # --- chat ----------------------------------------------------------------------------------------------------
@@ -144,27 +241,30 @@ def test_chat_completion_and_stream(mesh: Mesh) -> None:
 
 
 def test_continue_agent_chat_with_tools(mesh: Mesh) -> None:
-    """Continue's agent mode sends tools, tool_choice and friends with every request and reads delta.content."""
+    """Continue's agent mode: a 1.4 KB system prompt and nine tools with every (streamed) request, tool calls and
+    results in the history; it reads delta.content. The conversation is ten times the window: it is fitted."""
     client = mesh.client()
-    tools = [{"type": "function", "function": {"name": "read_file", "description": "Read a file",
-                                               "parameters": {"type": "object",
-                                                              "properties": {"path": {"type": "string"}}}}}]
-    stream = client.chat.completions.create(
-        model=CODER, stream=True, max_tokens=12, temperature=0.5, tools=tools, tool_choice="auto",
+    system = continue_agent_system_prompt()
+    assert 1300 <= len(system.encode()) <= 1600
+    raw = client.chat.completions.with_raw_response.create(
+        model=CODER, stream=True, max_tokens=4096, temperature=0.5, seed=3,  # the seed: the same text every run
+        tools=continue_agent_tools(), tool_choice="auto",
         parallel_tool_calls=False, user="dev", metadata={"session": "x"}, presence_penalty=0.0, frequency_penalty=0.0,
         stop=CONTINUE_STOPS,
-        # Short, to fit the tiny model's 128-byte window with the chat template around it.
-        messages=[{"role": "system", "content": "Agent."},
-                  {"role": "user", "content": "ls"},
+        messages=[{"role": "system", "content": system},
+                  {"role": "user", "content": "List the files in this folder."},
                   {"role": "assistant", "content": None, "tool_calls": [
-                      {"id": "call_1", "type": "function", "function": {"name": "read_file", "arguments": "{}"}}]},
-                  {"role": "tool", "tool_call_id": "call_1", "content": "a.py"},
+                      {"id": "call_1", "type": "function", "function": {"name": "ls", "arguments": "{}"}}]},
+                  {"role": "tool", "tool_call_id": "call_1", "content": "a.py\nb.py"},
                   {"role": "user", "content": "ok"}],
         stream_options={"include_usage": True},
     )
-    chunks = list(stream)
+    assert int(raw.headers["x-axl-prompt-truncated"]) > len(system.encode()) - WINDOW
+    chunks = list(raw.parse())
     assert chunks[-1].usage is not None and chunks[-1].choices == []
+    assert 0 < chunks[-1].usage.prompt_tokens <= WINDOW - WINDOW // 4
     assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), "no text"
 
 
 def test_chat_n_two_streams(mesh: Mesh) -> None:
@@ -240,14 +340,22 @@ def test_oversized_body_is_413(mesh: Mesh) -> None:
     assert info.value.code == "request_too_large"
 
 
-def test_prompt_over_the_window_is_context_length_exceeded(mesh: Mesh) -> None:
+def test_prompt_over_the_window_is_fitted_or_with_truncate_false_context_length_exceeded(mesh: Mesh) -> None:
     client = mesh.client()
+    fitted = client.completions.with_raw_response.create(model=CODER, prompt="y" * 1000, max_tokens=4)
+    assert fitted.parse().usage.prompt_tokens == WINDOW - 4
+    assert fitted.headers["x-axl-prompt-truncated"] == str(1001 - (WINDOW - 4))
+    strict = {"truncate": False}  # OpenAI's behaviour, per request (AXL_TRUNCATE_PROMPTS=false: for all)
     with pytest.raises(openai.BadRequestError) as info:
-        client.completions.create(model=CODER, prompt="y" * 1000, max_tokens=4)
+        client.completions.create(model=CODER, prompt="y" * 1000, max_tokens=4, extra_body=strict)
     assert info.value.code == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError) as info:  # the same before the first byte of a stream
-        list(client.completions.create(model=CODER, prompt="y" * 1000, max_tokens=4, stream=True))
+        list(client.completions.create(model=CODER, prompt="y" * 1000, max_tokens=4, stream=True, extra_body=strict))
     assert info.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=CODER, messages=[{"role": "user", "content": "y" * 1000}],
+                                       extra_body=strict)
+    assert info.value.code == "context_length_exceeded" and info.value.param == "messages"
 
 
 def test_metrics_count_requests_tokens_and_workers(mesh: Mesh) -> None:
