@@ -16,7 +16,8 @@ COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 # Values for the required variables (${VAR:?}) so that the file interpolates.
 REQUIRED_ENV = {"AXL_REGISTRY_SECRET": "compose-test-secret", "AXL_API_KEYS": "sk-test-1,sk-test-2",
                 "AXL_REDIS_REGISTRY_PASSWORD": "compose-test-registry-password",
-                "AXL_REDIS_JOBS_PASSWORD": "compose-test-jobs-password"}
+                "AXL_REDIS_JOBS_PASSWORD": "compose-test-jobs-password",
+                "AXL_GRAFANA_ADMIN_PASSWORD": "compose-test-grafana-password"}
 
 
 def compose_command() -> list[str] | None:

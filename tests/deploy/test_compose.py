@@ -60,6 +60,11 @@ def test_compose_cli_interpolates_the_secrets_everywhere() -> None:
         assert f">{REQUIRED_ENV[variable]}" in redis["command"], user
     assert env_of(redis)["REDISCLI_AUTH"] == REQUIRED_ENV["AXL_REDIS_JOBS_PASSWORD"]  # its health check logs in
     assert env_of(resolved["services"]["api-gateway"])["AXL_API_KEYS"] == REQUIRED_ENV["AXL_API_KEYS"]
+    grafana = env_of(resolved["services"]["grafana"])
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"] == REQUIRED_ENV["AXL_GRAFANA_ADMIN_PASSWORD"]
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    (port,) = resolved["services"]["grafana"]["ports"]  # v1 prints "ip:host:container", v2 the long form
+    assert (port.split(":")[0] if isinstance(port, str) else port["host_ip"]) == "127.0.0.1"
 
 
 def test_compose_spec_schema_accepts_the_file() -> None:
@@ -81,14 +86,15 @@ def test_compose_spec_schema_rejects_a_broken_file(tmp_path: Path) -> None:
 
 def test_the_required_services_are_there(compose: dict[str, Any]) -> None:
     assert {"redis", "api-gateway", "mesh-registry", "coder-worker", "debugger-worker", "trainer-worker",
-            "quantizer", "prometheus"} <= set(compose["services"])
+            "quantizer", "prometheus", "grafana"} <= set(compose["services"])
 
 
-def test_only_the_gateway_and_prometheus_are_published(compose: dict[str, Any]) -> None:
+def test_only_the_gateway_prometheus_and_grafana_are_published(compose: dict[str, Any]) -> None:
     published = {name: s["ports"] for name, s in compose["services"].items() if s.get("ports")}
-    assert set(published) == {"api-gateway", "prometheus"}
+    assert set(published) == {"api-gateway", "prometheus", "grafana"}
     assert published["api-gateway"] == ["${AXL_GATEWAY_PORT:-8880}:8880"]
     assert published["prometheus"] == ["${AXL_PROMETHEUS_PORT:-9090}:9090"]
+    assert published["grafana"] == ["127.0.0.1:${AXL_GRAFANA_PORT:-3000}:3000"]  # loopback: a tunnel or a proxy
 
 
 @pytest.mark.parametrize(("service", "port", "module"), [
