@@ -573,9 +573,9 @@ class JobsCollector(Collector):
     def collect(self) -> Iterator[Any]:
         depth = GaugeMetricFamily("axl_job_queue_depth", "Jobs waiting per queue", labels=["queue"])
         by_status = GaugeMetricFamily("axl_jobs", "Jobs by kind and status", labels=["kind", "status"])
-        step = GaugeMetricFamily("axl_training_step", "Current step of running training jobs", labels=["job"])
-        loss = GaugeMetricFamily("axl_training_loss", "Last training loss of running jobs", labels=["job"])
-        speed = GaugeMetricFamily("axl_training_bytes_per_second", "Training throughput", labels=["job"])
+        step = GaugeMetricFamily("axl_training_step", "Current step of running training jobs", labels=["job_id"])
+        loss = GaugeMetricFamily("axl_training_loss", "Last training loss of running jobs", labels=["job_id"])
+        speed = GaugeMetricFamily("axl_training_bytes_per_second", "Training throughput", labels=["job_id"])
         try:
             for name in self.queues:
                 depth.add_metric([name], rq_queue(name, self.store.redis).count)

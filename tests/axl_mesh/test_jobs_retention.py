@@ -214,7 +214,7 @@ def test_the_reaper_and_the_metrics_read_only_active_jobs(redis_url: str) -> Non
     assert record_reads == {store.key(FT, active)}
     counts = {s.labels["status"]: s.value for s in families["axl_jobs"].samples if s.labels["kind"] == "ft"}
     assert counts["succeeded"] == 30 and counts["running"] == 1 and counts["queued"] == 0
-    steps = {s.labels["job"]: s.value for s in families["axl_training_step"].samples}
+    steps = {s.labels["job_id"]: s.value for s in families["axl_training_step"].samples}
     assert steps == {active: 7}
     conn.close()
 

@@ -63,8 +63,9 @@ def test_compose_cli_interpolates_the_secrets_everywhere() -> None:
     grafana = env_of(resolved["services"]["grafana"])
     assert grafana["GF_SECURITY_ADMIN_PASSWORD"] == REQUIRED_ENV["AXL_GRAFANA_ADMIN_PASSWORD"]
     assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
-    (port,) = resolved["services"]["grafana"]["ports"]  # v1 prints "ip:host:container", v2 the long form
-    assert (port.split(":")[0] if isinstance(port, str) else port["host_ip"]) == "127.0.0.1"
+    for name in ("grafana", "prometheus"):
+        (port,) = resolved["services"][name]["ports"]  # v1 prints "ip:host:container", v2 the long form
+        assert (port.split(":")[0] if isinstance(port, str) else port["host_ip"]) == "127.0.0.1", name
 
 
 def test_compose_spec_schema_accepts_the_file() -> None:
@@ -93,7 +94,7 @@ def test_only_the_gateway_prometheus_and_grafana_are_published(compose: dict[str
     published = {name: s["ports"] for name, s in compose["services"].items() if s.get("ports")}
     assert set(published) == {"api-gateway", "prometheus", "grafana"}
     assert published["api-gateway"] == ["${AXL_GATEWAY_PORT:-8880}:8880"]
-    assert published["prometheus"] == ["${AXL_PROMETHEUS_PORT:-9090}:9090"]
+    assert published["prometheus"] == ["127.0.0.1:${AXL_PROMETHEUS_PORT:-9090}:9090"]  # it has no auth of its own
     assert published["grafana"] == ["127.0.0.1:${AXL_GRAFANA_PORT:-3000}:3000"]  # loopback: a tunnel or a proxy
 
 

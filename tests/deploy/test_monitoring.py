@@ -38,8 +38,8 @@ ALERTS = DEPLOY / "alerts.yml"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus.yml"
 
 # Series Prometheus makes itself rather than scraping them, and the labels it puts on every scraped series. A
-# scraped label named like a target label is renamed ``exported_<name>`` (honor_labels is off), e.g. the
-# fine-tuning job id of axl_training_loss{job=...} is queried as exported_job.
+# scraped label named like a target label is renamed ``exported_<name>`` (honor_labels is off): our own series use
+# other names (the fine-tuning job id is ``job_id``), and a test keeps it so.
 SYNTHETIC_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
 TARGET_LABELS = {"job", "instance"}
 # Words of PromQL that look like metric names: keywords, and the modifiers whose "(...)" holds label names.
@@ -331,7 +331,9 @@ def test_the_mesh_serves_what_the_checks_need(served_metrics: dict[str, set[str]
                  "axl_gateway_requests_total", "axl_registry_instances", "axl_worker_num_requests_waiting",
                  "axl_job_queue_depth", "axl_jobs", "axl_training_loss", "axl_job_duration_seconds_bucket"):
         assert name in served_metrics, name
-    assert "job" in served_metrics["axl_training_loss"]  # queried as exported_job once Prometheus scrapes it
+    assert "job_id" in served_metrics["axl_training_loss"]
+    clashing = {name: labels & TARGET_LABELS for name, labels in served_metrics.items() if labels & TARGET_LABELS}
+    assert not clashing, f"labels Prometheus would rename to exported_*: {clashing}"
 
 
 def test_every_dashboard_metric_is_served(dashboard: dict[str, Any], served_metrics: dict[str, set[str]]) -> None:
@@ -347,4 +349,4 @@ def test_every_alert_metric_is_served(served_metrics: dict[str, set[str]]) -> No
 def test_the_metric_check_catches_a_wrong_name_or_label(served_metrics: dict[str, set[str]]) -> None:
     assert _unknown_metrics(["rate(axl_gateway_request_total[5m])"], served_metrics)
     assert _unknown_metrics(['axl_gateway_requests_total{code="500"}'], served_metrics)
-    assert not _unknown_metrics(['max by (exported_job) (axl_training_loss{exported_job="x"})'], served_metrics)
+    assert not _unknown_metrics(['max by (job_id) (axl_training_loss{job_id="x"})'], served_metrics)
