@@ -99,8 +99,10 @@ def _specialist_data(name: str) -> tuple[list[str], list[str] | None]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .checkpoint import is_checkpoint, load_metadata
+    from .distributed import TrainingGroup
     from .train import TrainConfig, train
 
+    group = TrainingGroup.from_env()
     preset, data, val_data = args.preset, args.data, args.val_data
     if args.specialist:
         from .specialists import get_specialist
@@ -113,6 +115,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = args.out or f"checkpoints/axl-{args.specialist or preset}"
     if args.resume and args.overwrite:
         raise CLIError("--resume and --overwrite contradict each other")
+    # torchrun's elastic agent (--max-restarts) restarted the group after a rank failed: continue from the last
+    # checkpoint the group wrote, or start over if it wrote none. Under --overwrite a checkpoint counts as the
+    # group's only if it carries this launch's rendezvous id (a fresh uuid with --standalone).
+    if group.restart_count > 0:
+        ours = is_checkpoint(out) and (not args.overwrite or
+                                       load_metadata(out).get("elastic_run_id") == group.run_id)
+        args.resume, args.overwrite = ours, not ours
     if is_checkpoint(out) and not (args.resume or args.overwrite):
         step = load_metadata(out).get("step", "?")
         raise CLIError(f"{out} already holds a run (step {step}); pass --resume to continue it or --overwrite to start over")
@@ -136,7 +145,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume=not args.overwrite, num_threads=args.threads, distill_from=args.distill_from,
         distill_temperature=args.distill_temperature, distill_alpha=args.distill_alpha,
         progress=not args.no_progress)
-    result = train(config)
+    result = train(config, group=group)
+    if not group.is_main:  # rank 0 speaks for the group
+        return 0
     resumed = f" (resumed from step {result.resumed_from_step})" if result.resumed_from_step is not None else ""
     print(f"{result.status}: {result.steps} steps{resumed}, validation {result.val_bpb:.4f} bits/byte, "
           f"{result.bytes_per_s:,.0f} bytes/s, {result.elapsed_s:.0f} s -> {result.checkpoint_dir}")

@@ -38,6 +38,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -559,9 +560,23 @@ def _build(staging: Path, train_files, val_files, filters: FilterConfig, val_fra
 
 
 # ---------------------------------------------------------------------------------------------- batches
+class Batch(NamedTuple):
+    """One rank's rows of a global batch, and the loss's denominator (see `WindowSampler.shard`)."""
+
+    x: torch.Tensor  # inputs (B, T)
+    y: torch.Tensor  # next-token targets (B, T)
+    mask: torch.Tensor  # loss weights of the targets (B, T)
+    targets_per_rank: torch.Tensor  # scalar: weighted targets of the whole global batch / world_size (>= 1 / N)
+
+
 class WindowSampler:
     """Random windows of seq_len + 1 tokens. Batch n depends only on (seed, n): the position in the
     stream is the batch counter, which the training state saves, so a resumed run sees the same batches.
+
+    Under torchrun (`world_size` N > 1) batch n is a global batch of N x batch_size windows drawn exactly as one
+    process with batch N x batch_size would draw it, and rank r keeps rows r, r + N, ...: N ranks at batch B see
+    the same windows as one process at batch N x B, and a resumed group sees the same batches as one that never
+    stopped (the position counts global batches).
 
     With `fim_rate` > 0 (models with fill-in-the-middle tokens), that fraction of the windows is rearranged
     into prefix-suffix-middle order: <fim_prefix> prefix <fim_suffix> suffix <fim_middle> middle, the layout
@@ -569,32 +584,48 @@ class WindowSampler:
     """
 
     def __init__(self, dataset: TokenDataset, seq_len: int, batch_size: int, seed: int = 0,
-                 fim_rate: float = 0.0) -> None:
+                 fim_rate: float = 0.0, rank: int = 0, world_size: int = 1) -> None:
         if len(dataset) < seq_len + 1:
             raise ValueError(f"the training split has {len(dataset)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
                              f"add data or lower seq_len")
         if not 0.0 <= fim_rate <= 1.0:
             raise ValueError(f"fim_rate must be in [0, 1], got {fim_rate}")
         self.dataset, self.seq_len, self.batch_size, self.seed = dataset, seq_len, batch_size, seed
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got {rank} of {world_size}")
         self.fim_rate = fim_rate
-        self.position = 0  # batches drawn so far
+        self.rank, self.world_size = rank, world_size
+        self.position = 0  # (global) batches drawn so far
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        batch = self.batch(self.position)
+        return self.next_shard()[:3]
+
+    def next_shard(self) -> Batch:
+        batch = self.shard(self.position)
         self.position += 1
         return batch
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x, y, mask): inputs (B, T), next-token targets (B, T), loss weights for the targets (B, T)."""
+        return self.shard(n)[:3]
+
+    def shard(self, n: int) -> Batch:
+        """This rank's rows of global batch n, with the global batch's weighted target count / world_size: the
+        denominator that makes the mean of the ranks' losses (what DDP's averaged gradients descend) the mean
+        over the whole global batch, as one process with the global batch computes it."""
+        rows = self.batch_size * self.world_size
         rng = np.random.default_rng([self.seed, n])
-        starts = rng.integers(0, len(self.dataset) - self.seq_len, size=self.batch_size)
+        starts = rng.integers(0, len(self.dataset) - self.seq_len, size=rows)
         tokens = np.stack([self.dataset.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int64)
         weights = np.stack([self.dataset.mask[s : s + self.seq_len + 1] for s in starts]).astype(np.float32)
-        if self.fim_rate:
-            for row in np.flatnonzero(rng.random(self.batch_size) < self.fim_rate):
+        if self.fim_rate:  # over every row, mine or not: the rng stream is the global batch's
+            for row in np.flatnonzero(rng.random(rows) < self.fim_rate):
                 tokens[row], weights[row] = fim_rearrange(tokens[row], weights[row], rng)
-        tokens_t = torch.from_numpy(tokens)
-        return tokens_t[:, :-1], tokens_t[:, 1:], torch.from_numpy(weights[:, 1:])
+        targets = torch.from_numpy(weights[:, 1:])
+        per_rank = targets.sum().clamp_min(1.0) / self.world_size
+        mine = slice(self.rank, None, self.world_size)
+        tokens_t = torch.from_numpy(np.ascontiguousarray(tokens[mine]))
+        return Batch(tokens_t[:, :-1], tokens_t[:, 1:], targets[mine].contiguous(), per_rank)
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "position": self.position}

@@ -65,6 +65,16 @@ class TrainLogger:
                 writer.writerows(rows)
 
 
+class NullLogger:
+    """A TrainLogger that writes nothing: what the ranks other than 0 of a torchrun group log to."""
+
+    def log(self, kind: str, **values: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _parse(line: str) -> dict | None:
     try:
         value = json.loads(line)

@@ -10,10 +10,14 @@ exactly: a run stopped at step k (or killed) and resumed reaches the same weight
 stopped. Logs, the prepared data and plots live beside it in the run folder `<out_dir>.run/` (the checkpoint
 folder is replaced atomically on every save, so nothing else may live inside it).
 
+Under torchrun the same call trains as one rank of a group (`axl_model.distributed`): DDP over gloo, each rank on
+its rows of every global batch, rank 0 writing for the group; a resumed group continues exactly, as one process does.
+
 The honest quality number is validation bits per byte: mean cross-entropy (nats) over held-out bytes / ln 2.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -31,7 +35,8 @@ from .checkpoint import is_checkpoint, load_checkpoint, load_config, load_traini
 from .config import PRESETS, ModelConfig, memory_bytes
 from .corpora import refuse_held_out_training
 from .data import FilterConfig, PreparedData, TokenDataset, WindowSampler, eval_windows, prepare_data
-from .logger import TrainLogger
+from .distributed import TrainingGroup
+from .logger import NullLogger, TrainLogger
 from .model import MultiScaleTransformer
 from .optim import DEFAULT_LR, OPTIMIZERS, build_optimizer, lr_at, set_lr
 
@@ -146,33 +151,38 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------- losses
-def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy (nats) over positions where mask is 1. logits (B, T, V), targets/mask (B, T)."""
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                         denominator: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy (nats) over positions where mask is 1. logits (B, T, V), targets/mask (B, T).
+    `denominator` replaces the mask's own sum (a rank's share of a global batch: `data.Batch.targets_per_rank`)."""
     losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")  # (B*T,)
     mask = mask.flatten()
-    return (losses * mask).sum() / mask.sum().clamp_min(1.0)
+    return (losses * mask).sum() / (mask.sum().clamp_min(1.0) if denominator is None else denominator)
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                      temperature: float, alpha: float) -> torch.Tensor:
+                      temperature: float, alpha: float, denominator: torch.Tensor | None = None) -> torch.Tensor:
     """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, targets), both over masked positions."""
     t = temperature
     teacher_logp = F.log_softmax(teacher / t, dim=-1)
     student_logp = F.log_softmax(student / t, dim=-1)
     kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)  # (B, T)
-    kl = (kl * mask).sum() / mask.sum().clamp_min(1.0)
-    return alpha * t * t * kl + (1 - alpha) * masked_cross_entropy(student, targets, mask)
+    kl = (kl * mask).sum() / (mask.sum().clamp_min(1.0) if denominator is None else denominator)
+    return alpha * t * t * kl + (1 - alpha) * masked_cross_entropy(student, targets, mask, denominator)
 
 
 def evaluate_bpb(model: MultiScaleTransformer, dataset: TokenDataset, seq_len: int, batch_size: int = 8,
-                 max_tokens: int | None = None) -> float:
+                 max_tokens: int | None = None, group: TrainingGroup | None = None) -> float:
     """Bits per byte on a split: summed cross-entropy over predicted tokens / their count / ln 2.
 
     Without max_tokens (or with one at least the split's size) windows are consecutive and non-overlapping, so
     every held-out token is scored once; otherwise a fixed seeded sample of about max_tokens tokens spread over
-    the whole split (`data.eval_window_spans`), the same at every call.
+    the whole split (`data.eval_window_spans`), the same at every call. With a `group`, each rank scores its
+    share of the windows and the sums are added up (every rank gets the same answer).
     """
-    nats, count = score_windows(model, eval_windows(dataset, seq_len, max_tokens), batch_size)
+    group = group or TrainingGroup()
+    nats, count = score_windows(model, group.shard(eval_windows(dataset, seq_len, max_tokens)), batch_size)
+    nats, count = group.sum(nats, count)
     if count == 0:
         raise ValueError("the validation split has no tokens to score")
     return nats / count / LN2
@@ -216,11 +226,13 @@ def score_windows(model: MultiScaleTransformer, windows: Iterable[tuple[np.ndarr
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def check_ram(model_config: ModelConfig, config: TrainConfig, extra_bytes: int = 0) -> None:
-    need = model_config.training_ram_bytes(config.batch_size, config.seq_len, config.optimizer) + extra_bytes
+def check_ram(model_config: ModelConfig, config: TrainConfig, extra_bytes: int = 0, processes: int = 1) -> None:
+    """`processes`: training processes on this machine (torchrun's ranks here), each needing as much."""
+    need = (model_config.training_ram_bytes(config.batch_size, config.seq_len, config.optimizer) + extra_bytes) * processes
     have = memory_bytes("MemAvailable")
     if have is not None and need > have:
-        raise ValueError(f"training {model_config.name!r} at batch {config.batch_size} x {config.seq_len} needs about "
+        ranks = f" x {processes} ranks" if processes > 1 else ""
+        raise ValueError(f"training {model_config.name!r} at batch {config.batch_size} x {config.seq_len}{ranks} needs about "
                          f"{need / 2**30:.1f} GiB of RAM but only {have / 2**30:.1f} GiB is available; use a smaller "
                          f"preset (`axl presets --ram {have / 2**30:.0f}`) or a smaller batch")
 
@@ -243,12 +255,27 @@ def _set_python_rng_state(state: list) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-def train(config: TrainConfig, callbacks: TrainCallbacks | None = None) -> TrainResult:
-    """Train (or resume) as `config` says; returns how it ended. User-fixable problems raise ValueError."""
-    callbacks = callbacks or TrainCallbacks()
+def train(config: TrainConfig, callbacks: TrainCallbacks | None = None, group: TrainingGroup | None = None) -> TrainResult:
+    """Train (or resume) as `config` says; returns how it ended. User-fixable problems raise ValueError.
+
+    Under torchrun (`group`, default: what the environment says; see axl_model.distributed) every rank calls
+    this with the same config: rank r trains on its rows of each global batch, DDP averages the gradients,
+    rank 0 alone saves, logs and calls `callbacks` (except should_stop, asked on every rank: any stops all).
+    """
+    group = group or TrainingGroup.from_env()
+    created_group = group.join()
+    try:
+        return _train(config, callbacks or TrainCallbacks(), group)
+    finally:
+        if created_group:
+            group.leave()
+
+
+def _train(config: TrainConfig, callbacks: TrainCallbacks, group: TrainingGroup) -> TrainResult:
     refuse_held_out_training(config.data)  # evaluation-only corpora (axl_model.corpora) are never trained on
-    torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+    torch.set_num_threads(config.num_threads or group.default_threads())
     out_dir, run_dir = Path(config.out_dir), config.run_path
+    progress = config.progress and group.is_main  # the other ranks stay quiet
 
     # 1. The model: resumed from out_dir, initialised from a checkpoint, or fresh from a preset.
     state = load_training_state(out_dir) if config.resume and is_checkpoint(out_dir) else None
@@ -263,33 +290,40 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None) -> Train
         if teacher_config.max_seq_len < config.seq_len:
             raise ValueError(f"teacher window {teacher_config.max_seq_len} is shorter than seq_len {config.seq_len}")
     if config.check_ram:  # before anything big is allocated
-        check_ram(model_config, config, extra_bytes=teacher_config.param_count() * 8 if teacher_config else 0)
+        check_ram(model_config, config, extra_bytes=teacher_config.param_count() * 8 if teacher_config else 0,
+                  processes=group.local_world_size)
     if source is not None:
         model = load_checkpoint(source)
     else:
         torch.manual_seed(config.seed)
         model = MultiScaleTransformer(model_config)
     model.train()
+    net = group.wrap(model)  # what forward/backward run through: DDP under torchrun (rank 0's weights everywhere)
     teacher = load_checkpoint(config.distill_from).requires_grad_(False) if config.distill_from else None
 
     # 2. Data.
-    prepared: PreparedData = prepare_data(
-        config.data, config.data_cache_dir or run_dir / "data", val_data=config.val_data,
-        val_fraction=config.val_fraction, filters=FilterConfig(config.min_lines, config.max_lines),
-        progress=config.progress)
+    with group.local_main_first():  # one process per machine builds the data cache; its other ranks reuse it
+        prepared: PreparedData = prepare_data(
+            config.data, config.data_cache_dir or run_dir / "data", val_data=config.val_data,
+            val_fraction=config.val_fraction, filters=FilterConfig(config.min_lines, config.max_lines),
+            progress=progress)
     if len(prepared.val) < 2:  # never fall back to scoring the training data
         raise ValueError(f"the validation data {config.val_data} has nothing left to score after filtering "
                          f"({prepared.stats.rejected}); pass other --val-data")
     data_split = prepared.split  # what it trained on and held out, in every checkpoint: `axl eval` scores this split
     sampler = WindowSampler(prepared.train, config.seq_len, config.batch_size, seed=config.seed,
-                            fim_rate=config.fim_rate if model.config.fim else 0.0)
-    tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
+                            fim_rate=config.fim_rate if model.config.fim else 0.0,
+                            rank=group.rank, world_size=group.world_size)
+    tokens_per_step = config.batch_size * config.seq_len * config.grad_accum * group.world_size  # the group's
 
     # 3. Optimizer and the state to resume.
     optimizer = build_optimizer(model, config.optimizer, config.lr, config.weight_decay)
     step, prior_elapsed, tokens_seen, last_val = 0, 0.0, 0, None
-    resumed_from = None
+    resumed_from, world_size_was = None, None
     if state is not None:
+        # Every rank restores the same state (rank 0's), so the ranks stay identical. Another group size
+        # resumes too, but its global batches differ from the ones the saved run would have drawn next.
+        world_size_was = int(state.get("world_size", 1))
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
@@ -315,61 +349,70 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None) -> Train
         return {"step": step, "elapsed_s": elapsed, "tokens_seen": tokens_seen, "val_bpb": last_val,
                 "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
                 "torch_rng": torch.get_rng_state(), "python_rng": _python_rng_state(),
-                "train_config": _jsonable(config.to_dict())}
+                "world_size": group.world_size, "train_config": _jsonable(config.to_dict())}
 
     def save(elapsed: float) -> None:
+        if not group.is_main:  # rank 0 writes for the group: its weights are every rank's
+            return
         metadata = {"step": step, "val_bpb": last_val, "elapsed_s": round(elapsed, 2), "tokens_seen": tokens_seen,
                     "preset": model.config.name, "data": asdict(prepared.stats), "run_dir": str(run_dir),
-                    "train_config": _jsonable(config.to_dict()),
+                    "train_config": _jsonable(config.to_dict()), "world_size": group.world_size,
+                    "elastic_run_id": group.run_id,
                     "data_split": data_split}
         save_checkpoint(model, out_dir, training_state=training_state(elapsed), metadata=metadata)
         logger.log("event", event="checkpoint", step=step, path=str(out_dir))
-        if callbacks.on_checkpoint:
+        if callbacks.on_checkpoint:  # rank 0 only (above)
             callbacks.on_checkpoint(str(out_dir), step)
 
     def run_eval(elapsed: float) -> float:
         nonlocal last_val
-        last_val = evaluate_bpb(model, prepared.val, config.seq_len, config.batch_size, config.eval_tokens)
+        last_val = evaluate_bpb(model, prepared.val, config.seq_len, config.batch_size, config.eval_tokens, group)
         record = {"step": step, "val_bpb": last_val, "elapsed_s": round(elapsed, 3)}
         logger.log("eval", **record)
-        if callbacks.on_eval:
+        if callbacks.on_eval and group.is_main:
             callbacks.on_eval(record)
         return last_val
 
     from tqdm import tqdm
 
-    logger = TrainLogger(run_dir, resume_from_step=resumed_from)
+    logger = TrainLogger(run_dir, resume_from_step=resumed_from) if group.is_main else NullLogger()
     logger.log("event", event="resume" if state else "start", step=step, params=model.num_parameters(),
                preset=model.config.name, train_tokens=len(prepared.train), val_tokens=len(prepared.val),
-               config=_jsonable(config.to_dict()))
-    bar = tqdm(total=total_steps, initial=step, unit="step", disable=not config.progress, dynamic_ncols=True,
+               world_size=group.world_size, restart_count=group.restart_count,
+               **({"world_size_was": world_size_was} if state else {}), config=_jsonable(config.to_dict()))
+    bar = tqdm(total=total_steps, initial=step, unit="step", disable=not progress, dynamic_ncols=True,
                desc=f"train {model.config.name}")
     started = time.monotonic()
     train_time, session_tokens, status, loss_value = 0.0, 0, "completed", None
     evaluated_at = saved_at = -1
     try:
         while True:
-            elapsed = prior_elapsed + time.monotonic() - started
+            # The group decides together: the same clock (a time budget's learning rate) and the same end.
+            elapsed, stop_asked = group.agree(prior_elapsed + time.monotonic() - started,
+                                              bool(callbacks.should_stop and callbacks.should_stop()))
             if (total_steps and step >= total_steps) or (config.max_time and elapsed >= config.max_time):
                 break
-            if callbacks.should_stop and callbacks.should_stop():
+            if stop_asked:
                 status = "stopped"
                 break
             step_started = time.monotonic()
             lr = lr_at(progress_fraction(elapsed), step, config.base_lr, warmup)
             set_lr(optimizer, lr)
             loss_sum = 0.0
-            for _ in range(config.grad_accum):
-                x, y, mask = sampler.next_batch()
-                logits = model(x)
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(x)
-                    loss = distillation_loss(logits, teacher_logits, y, mask, config.distill_temperature,
-                                             config.distill_alpha)
-                else:
-                    loss = masked_cross_entropy(logits, y, mask)
-                (loss / config.grad_accum).backward()
+            for micro in range(config.grad_accum):
+                x, y, mask, targets_per_rank = sampler.next_shard()
+                # DDP all-reduces on the last micro-batch's backward only; the others accumulate locally.
+                last = micro == config.grad_accum - 1
+                with contextlib.nullcontext() if last or net is model else net.no_sync():
+                    logits = net(x)
+                    if teacher is not None:
+                        with torch.no_grad():
+                            teacher_logits = teacher(x)
+                        loss = distillation_loss(logits, teacher_logits, y, mask, config.distill_temperature,
+                                                 config.distill_alpha, targets_per_rank)
+                    else:
+                        loss = masked_cross_entropy(logits, y, mask, targets_per_rank)
+                    (loss / config.grad_accum).backward()
                 loss_sum += loss.detach().item()
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -379,7 +422,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None) -> Train
             tokens_seen += tokens_per_step
             session_tokens += tokens_per_step
             train_time += time.monotonic() - step_started
-            loss_value = loss_sum / config.grad_accum
+            loss_value = group.mean(loss_sum / config.grad_accum)  # the global batch's loss, on every rank
             if not math.isfinite(loss_value):
                 raise ValueError(f"the loss became {loss_value} at step {step}; lower the learning rate (now {lr:.2e})")
             elapsed = prior_elapsed + time.monotonic() - started
@@ -387,7 +430,7 @@ def train(config: TrainConfig, callbacks: TrainCallbacks | None = None) -> Train
             record = {"step": step, "loss": loss_value, "lr": lr, "bytes_per_s": bytes_per_s,
                       "elapsed_s": round(elapsed, 3), "tokens_seen": tokens_seen}
             logger.log("train", **record)
-            if callbacks.on_step:
+            if callbacks.on_step and group.is_main:
                 callbacks.on_step(record)
             if config.eval_interval and step % config.eval_interval == 0:
                 run_eval(elapsed)
