@@ -157,6 +157,7 @@ async def solve(
     generate = worker_generate(upstream, metrics, models, body, solve_id, truncate=settings.truncate_prompts)
     events = counted(solve_events(body, generate, solve_id=solve_id), agent_metrics(request.app))
     if body.stream:
-        return EventStreamResponse(sse_events(events, settings.keepalive_seconds))
+        return EventStreamResponse(sse_events(events, settings.keepalive_seconds),
+                                   send_timeout_seconds=settings.stalled_client_seconds)
     summary = await until_disconnect(request, final_event(events))
     return JSONResponse(summary.model_dump(mode="json"))
