@@ -11,7 +11,8 @@ import time
 
 import torch
 
-MODULES = ("train_throughput", "quality_per_cpu_minute", "generation_speed", "gateway_latency", "gateway_streams")
+MODULES = ("train_throughput", "distributed_throughput", "quality_per_cpu_minute", "generation_speed", "gateway_latency",
+           "gateway_streams")
 ON_REQUEST = ("load",)  # run only when named: minutes of traffic against a mesh
 
 
