@@ -165,3 +165,30 @@ def test_a_killed_rank_restarts_the_group_from_its_checkpoint(corpus: Path, tmp_
     assert steps == list(range(1, STEPS + 1))  # each step once: what the killed group logged past it is dropped
     # Same weights as the 2-rank run that was never interrupted: the group's data order resumed too.
     assert_same_weights(weights(two_ranks["lion"][0]), weights(out))
+
+
+def test_a_restarted_rank_resumes_its_own_launchs_checkpoint(corpus: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    """What the CLI does when torchrun's agent restarts it (one rank here: the decision, not the group)."""
+    out = tmp_path / "run"
+    args = train_args(corpus, out, "adamw", 4)
+    args[args.index("--max-steps") + 1] = "2"
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert cli.main(args) == 0
+    assert json.loads((out / "metadata.json").read_text())["elastic_run_id"] == "launch-1"
+    args[args.index("--max-steps") + 1] = "3"
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    capsys.readouterr()
+    assert cli.main(args) == 0  # a restart needs no --resume: it continues the group's checkpoint
+    assert "completed: 3 steps (resumed from step 2)" in capsys.readouterr().out
+    args[args.index("--max-steps") + 1] = "4"
+    assert cli.main([*args, "--overwrite"]) == 0  # --overwrite launched this run: the checkpoint is still its own
+    assert "completed: 4 steps (resumed from step 3)" in capsys.readouterr().out
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-2")  # another launch with --overwrite: not its checkpoint
+    assert cli.main([*args, "--overwrite"]) == 0
+    output = capsys.readouterr().out
+    assert "completed: 4 steps" in output and "resumed" not in output
