@@ -13,7 +13,8 @@ import torch
 
 MODULES = ("train_throughput", "distributed_throughput", "quality_per_cpu_minute", "generation_speed", "gateway_latency",
            "gateway_streams")
-ON_REQUEST = ("load",)  # run only when named: minutes of traffic against a mesh
+# Run only when named: minutes of traffic against a mesh (load), minutes of 4,096-byte training steps (long_window).
+ON_REQUEST = ("load", "long_window")
 
 
 def main(argv: list[str] | None = None) -> int:

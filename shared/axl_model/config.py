@@ -274,6 +274,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "reasoning": dict(d_model=512, n_heads=8, d_ff=1376, n_layers=5),
     "reasoning-q": dict(d_model=512, n_heads=8, d_ff=1536, n_layers=5),
     "code-1b": dict(d_model=1024, n_heads=16, d_ff=2752, n_layers=6),
+    # micro's width with a 4,096-byte window: the fine stack shallower and local (its last 512 bytes), the
+    # medium stack local over 2,048 bytes, the coarse stack deeper and wider over the whole window
+    # (docs/results.md has its training cost per byte and its A/B against micro).
+    "micro-long": dict(d_model=256, n_heads=4, d_ff=688, n_layers=3, max_seq_len=4096,
+                       scales={"fine": {"n_layers": 2, "local_window": 512}, "medium": {"local_window": 2048},
+                               "coarse": {"d_model": 384, "n_heads": 6, "d_ff": 1024, "n_layers": 4}}),
 }
 
 

@@ -6,7 +6,7 @@ from axl_model import ModelConfig, MultiScaleTransformer, suggest_models
 from axl_model.config import MAX_DIMENSIONS, MAX_PARAMS, PRESETS
 
 
-@pytest.mark.parametrize("name", ["tiny", "comment", "docs", "micro", "micro-q", "testgen", "refactor"])
+@pytest.mark.parametrize("name", ["tiny", "comment", "docs", "micro", "micro-q", "testgen", "refactor", "micro-long"])
 def test_param_count_matches_the_model(name):
     config = ModelConfig.from_name(name)
     assert config.param_count() == MultiScaleTransformer(config).num_parameters()
@@ -90,6 +90,8 @@ def test_limits_are_generous_for_every_preset():
         config = ModelConfig.from_name(name)
         for field, limit in MAX_DIMENSIONS.items():
             assert getattr(config, field) * 16 <= limit, (name, field)
+            for shape in config.shapes():  # each scale's own shape too
+                assert getattr(shape, field, 0) * 16 <= limit, (name, shape.name, field)
         assert config.param_count() * 16 <= MAX_PARAMS, name
 
 
@@ -114,6 +116,12 @@ def test_stored_vocab_size_is_derived_not_trusted():
     data = ModelConfig.from_name("micro").to_dict()
     config = ModelConfig.from_dict({**data, "vocab_size": 10**12, "head_dim": 10**9})
     assert config == ModelConfig.from_name("micro") and config.vocab_size == 258 and config.head_dim == 64
+
+
+def test_served_long_presets_have_a_long_window():
+    config = ModelConfig.from_name("micro-long")
+    assert config.max_seq_len >= 4096 and config.shape("fine").local_window < config.max_seq_len
+    assert config.shape("coarse").local_window == 0  # the coarse stack sees the whole window
 
 
 def test_unknown_preset_lists_the_choices():
