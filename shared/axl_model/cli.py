@@ -393,7 +393,19 @@ def register_presets(subparsers) -> None:
 
 def kquant_friendly(config) -> bool:
     """llama.cpp K-quants pack rows in blocks of 256: every weight's input width must be a multiple of 256."""
-    return config.d_model % 256 == 0 and config.d_ff % 256 == 0
+    return all(shape.d_model % 256 == 0 and shape.d_ff % 256 == 0 for shape in config.shapes())
+
+
+def _per_scale(config, field: str) -> str:
+    """One number when every scale agrees, else fine/medium/coarse."""
+    values = [str(getattr(shape, field)) for shape in config.shapes()]
+    return values[0] if len(set(values)) == 1 else "/".join(values)
+
+
+def _window(config) -> str:
+    """The window in bytes, and each scale's local window where it has one."""
+    local = [f"{s.name} {s.local_window}" for s in config.shapes() if s.local_window]
+    return f"{config.max_seq_len}" + (f" ({', '.join(local)})" if local else "")
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -408,8 +420,10 @@ def cmd_presets(args: argparse.Namespace) -> int:
         print(f"presets that train in {args.ram:g} GiB (batch {args.batch_size}, {args.optimizer}), largest first:")
     else:
         configs = [ModelConfig.from_name(name) for name in PRESETS]
-    header = ("preset", "d_model", "heads", "d_ff", "layers/scale", "params", f"train RAM (b{args.batch_size})", "K-quant")
-    rows = [(c.name, str(c.d_model), str(c.n_heads), str(c.d_ff), str(c.n_layers), _human(c.param_count()),
+    header = ("preset", "d_model", "heads", "d_ff", "layers/scale", "window", "params", f"train RAM (b{args.batch_size})",
+              "K-quant")
+    rows = [(c.name, *(_per_scale(c, field) for field in ("d_model", "n_heads", "d_ff", "n_layers")), _window(c),
+             _human(c.param_count()),
              f"{c.training_ram_bytes(args.batch_size, optimizer=args.optimizer) / 2**30:.2f} GiB",
              "yes" if kquant_friendly(c) else "no") for c in configs]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

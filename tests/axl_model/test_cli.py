@@ -72,9 +72,11 @@ def test_train_resume_generate_eval_plot(corpus: Path, tmp_path: Path, capsys: p
 def test_presets_table_and_ram_suggestions(capsys: pytest.CaptureFixture) -> None:
     assert axl("presets") == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split()[:6] == ["preset", "d_model", "heads", "d_ff", "layers/scale", "params"]
+    assert table[0].split()[:7] == ["preset", "d_model", "heads", "d_ff", "layers/scale", "window", "params"]
     micro = next(line.split() for line in table if line.startswith("micro "))
-    assert micro[1:5] == ["256", "4", "688", "3"] and micro[-1] == "no"
+    assert micro[1:6] == ["256", "4", "688", "3", "1024"] and micro[-1] == "no"
+    long = next(line for line in table if line.startswith("micro-long"))  # per-scale shapes: fine/medium/coarse
+    assert long.split()[1:6] == ["256/256/384", "4/4/6", "688/688/1024", "2/3/4", "4096"] and "fine 512" in long
     assert next(line for line in table if line.startswith("micro-q")).split()[-1] == "yes"
     assert axl("presets", "--ram", "3") == 0
     suggested = [line.split()[0] for line in capsys.readouterr().out.splitlines()[3:]]
