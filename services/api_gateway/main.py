@@ -19,6 +19,7 @@ from axl_mesh.redis_util import install_redis_error_handler
 from axl_mesh.registry_client import CachedLookup, RegistryClient, RegistryError
 from axl_mesh.registry_schemas import InstanceRecord
 from services.api_gateway.auth import ApiKeyMiddleware
+from services.api_gateway.console import install_console
 from services.api_gateway.exposure import HostCheckMiddleware, host_check_needed
 from services.api_gateway.metrics import AgentMetrics, GatewayMetrics
 from services.api_gateway.openapi import install_openapi
@@ -75,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(HostCheckMiddleware, extra_hosts=settings.allowed_host_list())
     # Outside the body limit and the routes: a request without a valid key gets its 401 before its body is read.
     app.add_middleware(ApiKeyMiddleware, keys=app.state.api_keys)
+    install_console(app, settings)  # /ui: the same keys through a login session (services/api_gateway/console)
     instrument_requests(app, metrics_registry)
     if settings.cors_origin_list():
         app.add_middleware(

@@ -59,6 +59,11 @@ class Settings(ServiceSettings):
     drain_seconds: float = Field(
         default=8.0, ge=0, description="on SIGTERM, how long open requests and streams may finish before they are cut"
     )
+    # The web console at /ui (services/api_gateway/console): its login lasts this long, then asks for the key again.
+    console_session_seconds: int = Field(default=12 * 3600, ge=60, description="how long a console login lasts")
+    console_results_file: str = Field(
+        default="docs/results.md", description="the `axl eval` results table whose rows the console's Models page shows"
+    )
 
     def api_key_list(self) -> list[str]:
         return _split(self.api_keys.get_secret_value() if self.api_keys else None)

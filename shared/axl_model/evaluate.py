@@ -795,6 +795,11 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
         return []
 
 
+def read_results_rows(path: str | os.PathLike = "docs/results.md") -> list[dict[str, Any]]:
+    """The rows of the results table's embedded data block (what the gateway's console shows per model)."""
+    return _read_rows(Path(path))
+
+
 def _human(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
