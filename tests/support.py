@@ -21,10 +21,10 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
@@ -116,7 +116,8 @@ class RedisServer:
 
 
 class ServiceProcess:
-    """One of our services run as ``python -m <module>`` on a free loopback port, ready once ``health_path`` is 200.
+    """One of our services run as ``python -m <module>`` on a free port of ``host`` (127.0.0.1; another loopback
+    address such as 127.0.0.2 plays another machine), ready once ``health_path`` is 200.
 
     The environment is the test process's minus every ``AXL_*`` variable (so a developer's settings never leak in),
     plus ``AXL_HOST``/``AXL_PORT``, ``AXL_DATA_DIR`` (``data`` beside the log) and ``env``. Output goes to
@@ -134,16 +135,18 @@ class ServiceProcess:
         log_path: Path,
         port: int | None = None,
         health_path: str = "/healthz",
+        host: str = "127.0.0.1",
     ) -> None:
         self.module = module
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.host = host
+        self.port = port or free_port(host)
+        self.url = f"http://{host}:{self.port}"
         self.health_path = health_path
         self.log_path = log_path
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("AXL_")}
         # Its own data folder beside its log: the settings' default ("data", relative to the repository it runs
         # in) holds the developer's models and uploads after `make up` and a fine-tune.
-        self.env.update({"AXL_HOST": "127.0.0.1", "AXL_PORT": str(self.port), "PYTHONUNBUFFERED": "1",
+        self.env.update({"AXL_HOST": host, "AXL_PORT": str(self.port), "PYTHONUNBUFFERED": "1",
                          "AXL_DATA_DIR": str(log_path.parent / "data")})
         self.env.update(env or {})
         self.proc: subprocess.Popen[bytes] | None = None

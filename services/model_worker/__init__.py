@@ -1,9 +1,10 @@
 """The model worker: serves one checkpoint as one specialist, with KV-cached continuous batching.
 
 Run: ``AXL_CHECKPOINT=<dir> AXL_SPECIALIST=coder python -m services.model_worker`` (binds :8901). Settings
-(``AXL_``): ``CHECKPOINT``, ``SPECIALIST``, ``MODEL_ID`` (``axl-<specialist>``), ``HOST``, ``PORT``, ``PUBLIC_URL``,
-``REGISTRY_URL`` (empty: standalone), ``REGISTRY_SECRET`` (required), ``MAX_BATCH`` (8), ``MAX_QUEUE`` (64),
-``NUM_THREADS`` (CPU count), ``DRAIN_SECONDS`` (30).
+(``AXL_``): ``CHECKPOINT``, ``SPECIALIST``, ``MODEL_ID`` (``axl-<specialist>``), ``HOST``, ``PORT``,
+``ADVERTISE_HOST`` / ``ADVERTISE_URL`` (what it registers: see ``axl_mesh.advertise``), ``REGISTRY_URL`` (empty:
+standalone), ``REGISTRY_SECRET`` (required), ``MAX_BATCH`` (8), ``MAX_QUEUE`` (64), ``NUM_THREADS`` (CPU count),
+``DRAIN_SECONDS`` (30).
 
 API (internal: only the gateway calls it; errors in the OpenAI shape). Every ``/internal/v1`` call must carry
 ``Authorization: Bearer <AXL_REGISTRY_SECRET>`` (the mesh secret), else 401; health and metrics stay open:

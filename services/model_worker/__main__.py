@@ -14,6 +14,7 @@ from types import FrameType
 
 import uvicorn
 
+from axl_mesh.advertise import AdvertiseError
 from services.model_worker.main import create_app
 from services.model_worker.settings import Settings
 from services.model_worker.worker import ModelWorker
@@ -67,7 +68,13 @@ def main() -> None:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
     settings = Settings()
     settings.configure_logging()
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except AdvertiseError as exc:  # no URL the rest of the mesh could call: say which variable to set
+        print(f"model_worker: refusing to start: {exc}", file=sys.stderr)
+        sys.exit(2)
+    logger.info("listening on %s:%d%s", settings.host, settings.port,
+                f", advertised as {app.state.worker.advertised_url}" if app.state.worker.advertised_url else "")
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=5)
     DrainingServer(config, app.state.worker).run()

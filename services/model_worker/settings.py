@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import socket
 from pathlib import Path
 from typing import Literal
 
@@ -18,7 +17,8 @@ class Settings(ServiceSettings):
     """One worker serves one checkpoint as one specialist; ``AXL_REGISTRY_URL=""`` runs it standalone.
 
     ``AXL_REGISTRY_SECRET`` (the mesh secret) is required: the worker announces itself with it and refuses
-    internal calls that do not carry it."""
+    internal calls that do not carry it. It registers ``advertised_url()`` (``AXL_ADVERTISE_URL`` /
+    ``AXL_ADVERTISE_HOST``, see ``axl_mesh.advertise``), the URL the gateway calls it at."""
 
     port: int = Field(default=8901, ge=0, le=65535)
     # Required, standalone too: /internal/v1/* answers only calls that carry it (the worker has no other auth).
@@ -29,7 +29,6 @@ class Settings(ServiceSettings):
     )
     specialist: str = "coder"
     model_id: str | None = Field(default=None, description='the name clients ask for; default "axl-<specialist>"')
-    public_url: str | None = Field(default=None, description="the URL the registry hands out; default http://host:port")
     max_batch: int = Field(default=8, ge=1, le=256, description="sequences decoded together (KV-cache rows)")
     max_queue: int = Field(default=64, ge=0, description="requests waiting for a row; one more gets a 503")
     # Decode steps are small matrix-vector products: a second thread costs more in synchronisation than it
@@ -70,13 +69,3 @@ class Settings(ServiceSettings):
     def standalone(self) -> bool:
         """No registry configured: serve without announcing (tests, benches, a single local worker)."""
         return not self.registry_url.strip()
-
-    def advertised_url(self) -> str:
-        if self.public_url:
-            return self.public_url.rstrip("/")
-        host = self.host
-        if host in ("0.0.0.0", "::", ""):  # a wildcard bind is not an address anyone can call
-            host = socket.gethostname()
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"

@@ -16,9 +16,11 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 
+from axl_mesh.advertise import is_loopback
 from axl_mesh.errors import InvalidRequestError, ServiceUnavailableError
 from axl_mesh.registry_client import RegistryClient
 from axl_mesh.registry_schemas import Capability, InstanceLoad, InstanceRegistration
@@ -64,6 +66,16 @@ def checkpoint_version(path: Path) -> str:
     return "sha256:" + digest.hexdigest()[:16]
 
 
+def _warn_if_unreachable(url: str, registry_url: str) -> None:
+    """A loopback URL handed to a registry on another machine reaches nobody there (the gateway would call its own
+    loopback): say so. Not refused, since a gateway on this machine could still use it."""
+    registry_host = urlsplit(registry_url).hostname or ""
+    if is_loopback(urlsplit(url).hostname or "") and registry_host and not is_loopback(registry_host):
+        logger.warning("advertising %s, a loopback address, to the registry at %s on another host: gateways "
+                       "elsewhere cannot reach it; bind a routable AXL_HOST or set AXL_ADVERTISE_HOST", url,
+                       registry_url)
+
+
 class ModelWorker:
     def __init__(self, settings: Settings, metrics: WorkerMetrics) -> None:
         self.settings = settings
@@ -71,6 +83,10 @@ class ModelWorker:
         self.specialist: Specialist = get_specialist(settings.specialist)
         self.model_id = settings.served_model_id
         self.instance_id = f"{self.model_id}-{uuid.uuid4().hex[:12]}"
+        # Worked out once, before anything loads: a URL nobody could call refuses the start (AdvertiseError).
+        self.advertised_url = None if settings.standalone else settings.advertised_url()
+        if self.advertised_url is not None:
+            _warn_if_unreachable(self.advertised_url, settings.registry_url)
         self.config: ModelConfig | None = None
         self.tokenizer: ByteTokenizer | None = None
         self.checkpoint_version = ""
@@ -183,7 +199,7 @@ class ModelWorker:
             instance_id=self.instance_id,
             specialist=self.specialist.name,
             model_id=self.model_id,
-            url=self.settings.advertised_url(),
+            url=self.advertised_url or self.settings.advertised_url(),
             context_length=self.context_length,
             capabilities=self.capabilities,
             checkpoint_version=self.checkpoint_version,

@@ -9,20 +9,29 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from axl_mesh import advertise
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 MIN_SECRET_CHARS = 8  # the mesh secret (AXL_REGISTRY_SECRET), wherever it is set
 
 
 class ServiceSettings(BaseSettings):
-    """Host/port to bind, where Redis and the registry are, the registry secret, logging and body limit."""
+    """Host/port to bind and the URL to advertise, where Redis and the registry are, the registry secret, logging
+    and body limit."""
 
     model_config = SettingsConfigDict(env_prefix="AXL_", extra="ignore")
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    # What other hosts should call this service at, when not http://host:port (axl_mesh.advertise says the order).
+    advertise_host: str | None = Field(default=None, description="host name/IP others reach this service at")
+    advertise_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("advertise_url", "AXL_ADVERTISE_URL", "AXL_PUBLIC_URL"),
+        description="base URL others reach this service at (AXL_PUBLIC_URL is its older name)",
+    )
     redis_url: str = "redis://127.0.0.1:6379/0"
     registry_url: str = "http://127.0.0.1:8900"
     # The mesh secret: every internal hop carries it as a bearer (see axl_mesh.mesh_auth); None: not configured.
@@ -37,6 +46,22 @@ class ServiceSettings(BaseSettings):
         if value is not None and len(value.get_secret_value()) < MIN_SECRET_CHARS:
             raise ValueError(f"AXL_REGISTRY_SECRET must be at least {MIN_SECRET_CHARS} characters")
         return value
+
+    @field_validator("advertise_host")
+    @classmethod
+    def _callable_host(cls, value: str | None) -> str | None:
+        return advertise.check_advertise_host(value) if value else None
+
+    @field_validator("advertise_url")
+    @classmethod
+    def _callable_url(cls, value: str | None) -> str | None:
+        return advertise.check_advertise_url(value) if value else None
+
+    def advertised_url(self) -> str:
+        """The base URL other hosts should call this service at; AdvertiseError when none can be given (a wildcard
+        bind with no route to the registry, port 0)."""
+        return advertise.advertised_url(bind_host=self.host, port=self.port, advertise_url=self.advertise_url,
+                                        advertise_host=self.advertise_host, registry_url=self.registry_url)
 
     def registry_secret_value(self) -> str | None:
         """The secret as a plain string (or None), for building an Authorization header."""

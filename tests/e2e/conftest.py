@@ -2,7 +2,9 @@
 (instance TTL 2 s), model workers serving tiny random checkpoints, and the gateway; driven with the `openai` client.
 
 ``Mesh.start_worker(...)`` adds a worker and waits until the registry lists it; ``mesh.client()`` is an
-``openai.OpenAI`` pointed at the gateway with the right key.
+``openai.OpenAI`` pointed at the gateway with the right key. ``Mesh(host=...)`` binds the registry, gateway and
+workers to another loopback address (127.0.0.2: "host A"); ``start_worker(host=..., workdir=...)`` puts a worker
+on another "host" with a data folder of its own.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Mesh:
     gateway: ServiceProcess | None = None
     workers: list[ServiceProcess] = field(default_factory=list)
     registry_redis_url: str | None = None  # the registry's own Redis login (ACL), when not ``redis_url``
+    host: str = "127.0.0.1"  # the address every service started here binds and advertises
 
     @property
     def registry_key_prefix(self) -> str:
@@ -44,7 +47,7 @@ class Mesh:
             "AXL_REDIS_URL": self.registry_redis_url or self.redis_url, "AXL_REGISTRY_SECRET": REGISTRY_SECRET,
             "AXL_INSTANCE_TTL_SECONDS": str(TTL_SECONDS), "AXL_LOG_LEVEL": "warning",
             "AXL_REGISTRY_KEY_PREFIX": self.registry_key_prefix,
-        }, log_path=self.workdir / "registry.log").start()
+        }, log_path=self.workdir / "registry.log", host=self.host).start()
         return self.registry
 
     def start_gateway(self, **env: str) -> ServiceProcess:
@@ -54,10 +57,13 @@ class Mesh:
             "AXL_API_KEYS": f"other-key,{API_KEY}",
             "AXL_MAX_BODY_BYTES": str(MAX_BODY_BYTES), "AXL_LOOKUP_TTL_SECONDS": "0.5",
             "AXL_KEEPALIVE_SECONDS": "1", "AXL_LOG_LEVEL": "warning", **env,
-        }, log_path=self.workdir / "gateway.log").start()
+        }, log_path=self.workdir / "gateway.log", host=self.host).start()
         return self.gateway
 
-    def start_worker(self, checkpoint: Path, specialist: str = "coder", model_id: str | None = None) -> ServiceProcess:
+    def start_worker(self, checkpoint: Path, specialist: str = "coder", model_id: str | None = None, *,
+                     host: str | None = None, workdir: Path | None = None, **extra_env: str) -> ServiceProcess:
+        """A worker bound to ``host`` (default: the mesh's), logging and keeping its data under ``workdir``
+        (default: the mesh's), with ``extra_env`` on top; returns once the registry lists it."""
         assert self.registry is not None
         env = {
             "AXL_CHECKPOINT": str(checkpoint), "AXL_SPECIALIST": specialist, "AXL_REGISTRY_URL": self.registry.url,
@@ -66,8 +72,10 @@ class Mesh:
         }
         if model_id:
             env["AXL_MODEL_ID"] = model_id
-        worker = ServiceProcess("services.model_worker", env,
-                                log_path=self.workdir / f"worker-{len(self.workers)}.log").start(60)
+        env.update(extra_env)
+        (workdir or self.workdir).mkdir(parents=True, exist_ok=True)
+        worker = ServiceProcess("services.model_worker", env, host=host or self.host,
+                                log_path=(workdir or self.workdir) / f"worker-{len(self.workers)}.log").start(60)
         self.workers.append(worker)
         self.wait_for_instances(model_id or f"axl-{specialist}", count=None)
         return worker
