@@ -46,6 +46,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import yaml
 
+from axl_mesh.advertise import check_advertise_host
 from axl_mesh.process import set_parent_death_signal
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +90,7 @@ class MeshConfig:
 
     root: Path
     host: str = "127.0.0.1"
+    advertise_host: str | None = None  # AXL_ADVERTISE_HOST of every service: the name other hosts reach this one by
     redis_url: str = "redis://127.0.0.1:6379/0"
     registry_port: int = 8900
     gateway_port: int = 8880
@@ -185,6 +187,11 @@ class MeshConfig:
                 claim(port, "queue worker (queue_worker_port_start)")
         if urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
             problems.append(f"redis_url must be a redis:// URL, got {_redact(self.redis_url)!r}")
+        if self.advertise_host is not None:
+            try:
+                check_advertise_host(str(self.advertise_host))
+            except ValueError as exc:
+                problems.append(f"advertise_host: {exc}")
         if problems:
             raise ConfigError(f"{source}: " + "; ".join(problems))
 
@@ -580,6 +587,7 @@ class Mesh:
             "PYTHONPATH": os.pathsep.join(shared),
             "PYTHONUNBUFFERED": "1",
             "AXL_HOST": cfg.host,
+            **({"AXL_ADVERTISE_HOST": str(cfg.advertise_host)} if cfg.advertise_host else {}),
             "AXL_REGISTRY_URL": f"http://{_connect_host(cfg.host)}:{cfg.registry_port}",
             "AXL_REGISTRY_SECRET": self.secret,
             "AXL_DATA_DIR": str(cfg.path(cfg.data_dir)),

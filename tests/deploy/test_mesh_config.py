@@ -56,6 +56,16 @@ def test_the_plan_lists_every_process() -> None:
     assert {spec.env.get("AXL_REDIS_URL") for spec in specs.values()} - {None} == {"redis://127.0.0.1:6379/0"}
 
 
+def test_advertise_host_reaches_every_service_and_is_absent_by_default() -> None:
+    mesh = Mesh(MeshConfig.from_dict({"host": "0.0.0.0", "advertise_host": "box.lan",
+                                      "workers": [{"specialist": "coder", "port": 8901}]}))
+    mesh.redis_url, mesh.secret = "redis://127.0.0.1:6379/0", "s" * 16
+    specs = mesh.child_specs()
+    assert {spec.env["AXL_ADVERTISE_HOST"] for spec in specs} == {"box.lan"}
+    assert {spec.env["AXL_HOST"] for spec in specs} == {"0.0.0.0"}
+    assert all("AXL_ADVERTISE_HOST" not in spec.env for spec in Mesh(MeshConfig.from_file(MESH_YAML)).child_specs())
+
+
 def test_each_service_logs_in_to_redis_as_its_own_user() -> None:
     mesh = Mesh(MeshConfig.from_file(MESH_YAML))
     mesh.secret = "s" * 16
@@ -88,6 +98,8 @@ def test_worker_checkpoint_resolution(tmp_path: Path) -> None:
     ({"gateway": {"port": 70000}}, "port must be an integer"),
     ({"wrokers": []}, "unknown keys ['wrokers']"),
     ({"redis_url": "http://x"}, "redis_url must be a redis:// URL"),
+    ({"advertise_host": "0.0.0.0"}, "advertise_host: AXL_ADVERTISE_HOST must be this host's name"),
+    ({"advertise_host": "box.lan:8901"}, "without a port"),
 ])
 def test_bad_configs_are_named(raw: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=None) as info:
