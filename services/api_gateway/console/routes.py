@@ -45,7 +45,7 @@ templates = Jinja2Templates(directory=HERE / "templates")  # autoescape on for .
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
                                "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
-    "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",  # no-referrer would make form POSTs send "Origin: null"
     "Cache-Control": "no-store",
 }
 
@@ -221,6 +221,11 @@ def job_page(request: Request, job_id: str, ctx: JobsDep) -> Response:
 @router.get("/jobs/{job_id}/live")
 def job_live(request: Request, job_id: str, ctx: JobsDep) -> Response:
     return render(request, "_job_live.html", **_job_context(ctx, job_id))
+
+
+@router.get("/jobs/{job_id}/events")
+def job_events(request: Request, job_id: str, ctx: JobsDep) -> Response:
+    return render(request, "_job_events.html", **_job_context(ctx, job_id))
 
 
 def curves(record: dict[str, Any], events_oldest_first: list[dict[str, Any]]) -> dict[str, Any]:

@@ -255,6 +255,8 @@ def test_jobs_pages_escape_user_strings_and_show_status_progress_and_events(cons
     assert "an event naming &lt;script&gt;" in detail.text and 'id="cancel-job"' in detail.text
     assert 'data-url="/ui/api/jobs/ftjob-0123456789abcdef01234567/curves"' in detail.text
     assert client.get("/ui/jobs/ftjob-0123456789abcdef01234567/live").status_code == 200
+    events = client.get("/ui/jobs/ftjob-0123456789abcdef01234567/events")
+    assert events.status_code == 200 and "an event naming &lt;script&gt;" in events.text
     missing = client.get("/ui/jobs/ftjob-ffffffffffffffffffffffff")
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "fine_tuning_job_id"
     # A finished job cannot be cancelled: the page says why, with the API's status.
