@@ -164,6 +164,16 @@ class SelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(x.shape))
 
+    def extend(self, x: torch.Tensor, cos, sin, cache_k, cache_v, span: "ChunkSpan"):
+        """Several new tokens of one row (x: (1, T, C)) after the ones its cache holds (the chunked prefill):
+        they attend to the held tokens and to each other under `span.mask`, then enter the cache."""
+        q, k, v = self.project(x, cos, sin)  # (1, H, T, D)
+        keys, values = span.with_held(cache_k, k), span.with_held(cache_v, v)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=span.mask)
+        span.store(cache_k, k)
+        span.store(cache_v, v)
+        return self.out(y.transpose(1, 2).reshape(x.shape))
+
 
 class SwiGLU(nn.Module):
     def __init__(self, config: ModelConfig, shape: ScaleShape | None = None) -> None:
@@ -198,6 +208,10 @@ class Block(nn.Module):
         x = x + self.attn.step(self.attn_norm(x), cos, sin, cache_k, cache_v, slot, mask)
         return x + self.mlp(self.mlp_norm(x))
 
+    def extend(self, x, cos, sin, cache_k, cache_v, span):
+        x = x + self.attn.extend(self.attn_norm(x), cos, sin, cache_k, cache_v, span)
+        return x + self.mlp(self.mlp_norm(x))
+
 
 class ScaleStack(nn.Module):
     """The layers of one resolution, with a final norm (default: the fine scale's shape)."""
@@ -219,6 +233,11 @@ class ScaleStack(nn.Module):
     def step(self, x, cos, sin, cache_ks, cache_vs, slot, mask):
         for block, cache_k, cache_v in zip(self.blocks, cache_ks, cache_vs):
             x = block.step(x, cos, sin, cache_k, cache_v, slot, mask)
+        return self.norm(x)
+
+    def extend(self, x, cos, sin, cache_ks, cache_vs, span):
+        for block, cache_k, cache_v in zip(self.blocks, cache_ks, cache_vs):
+            x = block.extend(x, cos, sin, cache_k, cache_v, span)
         return self.norm(x)
 
 
@@ -310,6 +329,35 @@ class Slots:
             if self.write_rows is not None:
                 rows, index, value = rows[self.write_rows], index[self.write_rows], value[self.write_rows]
             cache[rows, :, self.base + index % self.ring] = value
+
+
+class ChunkSpan:
+    """What a chunk of new tokens of one row reads from and writes to one cache (`MultiScaleTransformer.extend`).
+
+    The row holds tokens [0, held) of a scale, of which its ring keeps the last `ring` after `base` fixed slots
+    (see `Slots`); `count` new tokens follow. Attention reads the fixed slots, the held tokens oldest first, then
+    the new ones (`key_indices`: the token each non-fixed key is), under `mask`; the new tokens then enter the ring.
+    """
+
+    def __init__(self, row: int, held: int, count: int, ring: int, base: int = 0, device=None) -> None:
+        self.row, self.base = row, base
+        held_indices = torch.arange(max(0, held - ring), held, device=device)
+        self.held_slots = base + held_indices % ring
+        self.new_indices = torch.arange(held, held + count, device=device)
+        self.key_indices = torch.cat([held_indices, self.new_indices])
+        self.kept = min(count, ring)  # a chunk longer than the ring leaves only its newest tokens there
+        self.store_slots = base + self.new_indices[count - self.kept:] % ring
+        self.mask: torch.Tensor | None = None
+
+    def with_held(self, cache: torch.Tensor, new: torch.Tensor | None) -> torch.Tensor:
+        """cache (B, H, S, D), new (1, H, count, D) -> (1, H, base + held + count, D)."""
+        row = cache[self.row]  # (H, S, D)
+        parts = [row[:, : self.base], row[:, self.held_slots]] + ([new[0]] if new is not None else [])
+        return torch.cat(parts, dim=1)[None]
+
+    def store(self, cache: torch.Tensor, new: torch.Tensor) -> None:
+        if self.kept:
+            cache[self.row, :, self.store_slots] = new[0, :, new.shape[2] - self.kept:]
 
 
 @dataclass
@@ -552,6 +600,80 @@ class MultiScaleTransformer(nn.Module):
         logits, states = self._forward_with_states(ids)
         self.copy_into_cache(cache, torch.tensor([row], device=ids.device), *states)
         return logits[0, -1]
+
+    @torch.no_grad()
+    def extend(self, ids: torch.Tensor, cache: KVCache, row: int) -> torch.Tensor:
+        """Append `ids` (1-D or (1, T)) to row `row` of a cache, with the result a one-shot prefill of the row's
+        bytes and `ids` would give: the step of a chunked prefill (other rows can decode between two chunks).
+
+        The row must hold a multiple of 4 bytes (so no medium or coarse group straddles two chunks: every chunk
+        but a prompt's last is a multiple of 4 long); an empty row starts a prompt. Only the last token of
+        each scale needs its cross-scale update (the cross caches keep keys of the stacks' outputs, and the
+        fusion reads the newest medium and coarse tokens), so the chunk pays for those once, not per token.
+        Returns the logits after the last new token (vocab_size,).
+        """
+        ids = ids.view(1, -1)
+        n, T = int(cache.lengths[row]), ids.shape[1]
+        if n % SCALES[-1]:
+            raise ValueError(f"a chunk must follow a multiple of {SCALES[-1]} bytes; row {row} holds {n}")
+        if not 0 < T <= cache.capacity - n:
+            raise ValueError(f"a chunk of {T} tokens after {n} does not fit the cache capacity {cache.capacity}")
+        device = ids.device
+        embeddings = self.embed(ids)  # (1, T, C)
+        tokens, held = {"fine": embeddings}, {"fine": n}
+        for name, k in (("medium", SCALES[1]), ("coarse", SCALES[2])):
+            groups = embeddings[:, : (T // k) * k].reshape(1, T // k, k * embeddings.shape[-1])
+            tokens[name] = self.downsample[name](groups)
+            if n == 0:  # a new prompt: the scale's start token comes first
+                tokens[name] = torch.cat([self.start_tokens[name].expand(1, 1, -1), tokens[name]], dim=1)
+            held[name] = 1 + n // k if n else 0
+
+        def end_bytes(scale: str, indices: torch.Tensor) -> torch.Tensor:  # token index -> its last byte
+            k = SCALE_FACTOR[scale]
+            return indices if k == 1 else k * indices - 1
+
+        def visibility(behind: torch.Tensor, window: int) -> torch.Tensor:
+            return (behind >= 0) & (behind < window) if window else behind >= 0
+
+        # 1. Self-attention stacks over the new tokens of each scale (a short chunk may complete no group).
+        stacked, spans = {}, {}
+        for name in SCALE_NAMES:
+            count = tokens[name].shape[1]
+            spans[name] = span = ChunkSpan(row, held[name], count, cache.self_k[name][0].shape[2], 0, device)
+            if not count:
+                continue
+            span.mask = visibility(span.new_indices[:, None] - span.key_indices[None, :],
+                                   self.stacks[name].blocks[0].attn.window)
+            cos, sin = (table[span.new_indices] for table in self.rope(name))
+            stacked[name] = self.stacks[name].extend(tokens[name], cos, sin, cache.self_k[name], cache.self_v[name], span)
+
+        # 2. Cross-scale attention: the new keys enter the cross caches; the newest token of each scale is updated.
+        updated = {name: x[:, -1:] for name, x in stacked.items()}
+        for query, key in CROSS_PAIRS:
+            name, module = cross_name(query, key), self.cross[cross_name(query, key)]
+            cache_k, cache_v = cache.cross_k[name], cache.cross_v[name]
+            if n == 0:
+                cache_k[row, :, 0], cache_v[row, :, 0] = module.null_kv[0, :, 0], module.null_kv[1, :, 0]
+            span = ChunkSpan(row, held[key], tokens[key].shape[1], cache_k.shape[2] - 1, 1, device)
+            k, v = module.keys_values(stacked[key]) if key in stacked else (None, None)
+            if query in stacked:
+                behind = end_bytes(query, spans[query].new_indices[-1:])[:, None] - end_bytes(key, span.key_indices)[None, :]
+                mask = F.pad(visibility(behind, self.cross_windows[name]), (1, 0), value=True)  # null slot visible
+                updated[query] = updated[query] + module.attend(
+                    stacked[query][:, -1:], span.with_held(cache_k, k), span.with_held(cache_v, v), mask)
+            if k is not None:
+                span.store(cache_k, k)
+                span.store(cache_v, v)
+
+        # 3. The newest medium/coarse states (what the next fine positions read), fusion at the last byte.
+        for name, target in (("medium", cache.fused_medium), ("coarse", cache.fused_coarse)):
+            if name in updated:
+                target[row] = self.fusion.to_fine_width(name, updated[name])[0, -1]
+        fused = self.fusion(updated["fine"], cache.fused_medium[row][None, None], cache.fused_coarse[row][None, None])
+        for t in range(max(n, n + T - SCALES[-1]), n + T):
+            cache.recent_embeddings[row, t % SCALES[-1]] = embeddings[0, t - n]
+        cache.lengths[row] = n + T
+        return self.lm_head(self.final_norm(fused))[0, -1]
 
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -1,4 +1,6 @@
 """The model's invariants: strict causality at every scale, and cached decoding equal to recomputation."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -212,3 +214,68 @@ def test_decoding_linear_uses_a_fresh_transposed_copy():
     y = layer(x)  # with autograd: the standard path, gradients flow
     y.sum().backward()
     assert layer.weight.grad is not None
+
+
+CHUNKED_KINDS = ["uniform", *MIXED_SHAPES, "micro-long"]
+
+
+def chunked_config(kind: str) -> ModelConfig:
+    if kind == "uniform":
+        return ModelConfig.from_name("tiny")
+    if kind == "micro-long":  # its real shapes; a 640-byte window still wraps the fine stack's 512-byte ring
+        return ModelConfig.from_name("micro-long", max_seq_len=640)
+    return mixed_config(kind, max_seq_len=128)
+
+
+@pytest.mark.parametrize("kind", CHUNKED_KINDS)
+@torch.no_grad()
+def test_a_prompt_read_in_chunks_equals_the_one_shot_prefill(kind):
+    """extend() chunk by chunk gives the logits of a full forward pass after every chunk, and the cache it leaves
+    decodes as the one-shot prefill's does (same logits, same greedy tokens): chunks that end mid-group (the
+    last one), cross coarse groups, and outgrow the ring buffers of the local windows."""
+    config = chunked_config(kind)
+    model = perturbed_model(config)
+    T = config.max_seq_len
+    # 12 bytes: three coarse groups, not a power of 2; micro-long (slow full passes) checks its last chunk only.
+    prompt_length, chunk = T - 27, (128 if kind == "micro-long" else 12)
+    sequence = torch.randint(0, 256, (T,), generator=torch.Generator().manual_seed(3))
+    chunked, one_shot = model.new_cache(2), model.new_cache(1)
+    model.prefill(sequence[:5], chunked, 0)  # another row with other content must not be disturbed
+    done = 0
+    while done < prompt_length:
+        end = min(prompt_length, done + chunk)
+        logits = model.extend(sequence[done:end], chunked, 1)
+        if kind != "micro-long":
+            reference = model(sequence[:end][None])[0, -1]
+            assert torch.allclose(logits, reference, atol=1e-4), (end, (logits - reference).abs().max())
+        done = end
+    expected = model.prefill(sequence[:prompt_length], one_shot, 0)
+    assert torch.allclose(logits, expected, atol=1e-4), (logits - expected).abs().max()
+    assert int(chunked.lengths[0]) == 5 and int(chunked.lengths[1]) == prompt_length
+    for step in range(T - prompt_length):  # past the window's end at every scale's group boundary
+        token = sequence[prompt_length + step].view(1)
+        from_chunks, from_one_shot = model.decode_step(token, _row(chunked, 1)), model.decode_step(token, one_shot)
+        assert torch.allclose(from_chunks, from_one_shot, atol=1e-4), (step, (from_chunks - from_one_shot).abs().max())
+        assert from_chunks.argmax() == from_one_shot.argmax()
+
+
+def _row(cache, row: int):
+    """A one-row view of a cache (lengths included: decoding it advances the original)."""
+    rows = slice(row, row + 1)
+    return dataclasses.replace(
+        cache, lengths=cache.lengths[rows], recent_embeddings=cache.recent_embeddings[rows],
+        fused_medium=cache.fused_medium[rows], fused_coarse=cache.fused_coarse[rows],
+        self_k={s: [t[rows] for t in ts] for s, ts in cache.self_k.items()},
+        self_v={s: [t[rows] for t in ts] for s, ts in cache.self_v.items()},
+        cross_k={k: t[rows] for k, t in cache.cross_k.items()}, cross_v={k: t[rows] for k, t in cache.cross_v.items()})
+
+
+def test_extend_refuses_a_chunk_after_a_partial_group_or_past_the_capacity():
+    model = perturbed_model(ModelConfig.from_name("tiny"))
+    cache = model.new_cache(1)
+    model.extend(torch.arange(6), cache, 0)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        model.extend(torch.arange(4), cache, 0)
+    cache = model.new_cache(1)
+    with pytest.raises(ValueError, match="capacity"):
+        model.extend(torch.zeros(model.config.max_seq_len + 4, dtype=torch.long), cache, 0)
