@@ -5,6 +5,9 @@ the scheduler thread, between two decode steps, drops requests whose client went
 waiting requests into free cache rows, then runs one ``step()`` for every active sequence and hands each step's
 outputs to the requests' output buffers with one ``call_soon_threadsafe`` per step (not one per token).
 
+A prompt longer than ``prefill_chunk`` tokens is read in chunks, one per decode step (``BatchDecoder.advance_prefill``),
+so the running rows keep streaming while it loads; 0 reads every prompt in one go, as before.
+
 A reader that stops reading (the gateway's stream is stuck on a client that reads nothing) would let a buffer
 grow without end while its row keeps decoding: a request whose oldest output waited ``stalled_reader_seconds``, or
 that has ``MAX_UNREAD_OUTPUTS`` waiting, is cancelled instead, which frees its row before the next step.
@@ -112,6 +115,7 @@ class Scheduler:
         max_queue: int,
         num_threads: int,
         stalled_reader_seconds: float,
+        prefill_chunk: int = 0,
         metrics: WorkerMetrics | None = None,
         on_loaded: Callable[[MultiScaleTransformer], None] | None = None,
     ) -> None:
@@ -120,6 +124,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.num_threads = num_threads
         self.stalled_reader_seconds = stalled_reader_seconds
+        self.prefill_chunk = prefill_chunk
         self.metrics = metrics
         self._on_loaded = on_loaded
         self.model: MultiScaleTransformer | None = None
@@ -206,7 +211,7 @@ class Scheduler:
             started = time.perf_counter()
             model = self._load_model()
             self.model = model
-            decoder = BatchDecoder(model, max_batch=self.max_batch)
+            decoder = BatchDecoder(model, max_batch=self.max_batch, prefill_chunk=self.prefill_chunk)
             if self._on_loaded is not None:
                 self._on_loaded(model)
             logger.info("model loaded in %.1fs (%d threads)", time.perf_counter() - started, self.num_threads)
@@ -237,6 +242,8 @@ class Scheduler:
             self._drop_cancelled(decoder)
             for request in admitted:
                 self._admit(decoder, request, events)
+            if decoder.prefilling:
+                self._advance_prefill(decoder, events)
             if decoder.active:
                 self._step(decoder, events)
             self._running_count = len(self._running)
@@ -266,7 +273,22 @@ class Scheduler:
             self.metrics.prompt_tokens.inc(len(request.prompt_ids))
         if not sequence.finished:
             self._running[id(sequence)] = request
-        self._record_output(request, output, events)
+        if output is not None:  # None: a long prompt queued for a chunked prefill; its first token comes later
+            self._record_output(request, output, events)
+
+    def _advance_prefill(self, decoder: BatchDecoder, events: list) -> None:
+        """One chunk of the prompt being read; a failure fails that request only."""
+        sequence = decoder.prefilling[0]
+        try:
+            results = decoder.advance_prefill()
+        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
+            request = self._running.pop(id(sequence), None)
+            logger.exception("chunked prefill of request %s failed", request.request_id if request else "?")
+            if request is not None:
+                events.append((request, GenerationFailed(f"prefill failed: {exc}")))
+                self._record_outcome(request, "error")
+            return
+        self._record_results(results, events)
 
     def _step(self, decoder: BatchDecoder, events: list) -> None:
         try:
@@ -280,6 +302,9 @@ class Scheduler:
                 self._record_outcome(request, "error")
             self._running.clear()
             return
+        self._record_results(results, events)
+
+    def _record_results(self, results: list[tuple[GenerationSequence, StepOutput]], events: list) -> None:
         for sequence, output in results:
             request = self._running[id(sequence)]
             if output.finish_reason is not None:

@@ -37,6 +37,11 @@ class Settings(ServiceSettings):
     # float16 halves the weight bytes each decode step reads: ~1.3x the tokens/s of float32 for one stream on a CPU
     # with F16C, but ~0.6x at 8 streams (CPU half matmuls are slow); logits within ~1e-2. float32 is exact.
     dtype: Literal["float32", "float16", "bfloat16"] = Field(default="float32", description="serving precision")
+    # A long prompt read in one go stalls every other stream for its whole prefill (a 4 KB window: a second or
+    # more); in chunks, the others get a token between two chunks. Exact either way (MultiScaleTransformer.extend).
+    prefill_chunk_tokens: int = Field(
+        default=256, ge=0, multiple_of=4, description="read prompts in chunks of this many tokens between decode "
+        "steps (a multiple of 4); 0: each prompt in one go")
     drain_seconds: float = Field(default=30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
     heartbeat_seconds: float | None = Field(default=None, gt=0, description="default: a third of the registry TTL")
     retry_after_seconds: int = Field(default=1, ge=0, description="Retry-After of the 503 answers")

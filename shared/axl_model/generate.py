@@ -7,12 +7,14 @@ a stream, several prompts at once); the model worker drives the same engine for 
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
+from .config import SCALES
 from .model import KVCache, MultiScaleTransformer
 from .tokenizer import BOS_ID, EOS_ID, ByteTokenizer, StreamDecoder
 
@@ -200,21 +202,39 @@ class BatchDecoder:
     Active sequences occupy rows 0..n-1; a finished sequence's row is refilled by the last active one, so
     each decode step runs on exactly the live rows. When a row's window fills up, its context slides: the
     oldest quarter is dropped and the rest is re-prefilled (the policy `window_after_slide` describes).
+
+    Chunked prefill (`prefill_chunk` > 0, a multiple of 4): a prompt longer than one chunk does not run in
+    one go inside `add`; it queues (holding a row) and `advance_prefill` reads one chunk of it per call into a
+    staging row beyond the live ones, so the caller can interleave chunks with decode steps and the running
+    rows keep streaming. When its last chunk is in, the row moves into the batch and samples its first token.
+    A window slide then goes the same way (the row pauses while its context is re-read). The result equals
+    the one-shot prefill (`MultiScaleTransformer.extend`).
     """
 
-    def __init__(self, model: MultiScaleTransformer, max_batch: int = 8, capacity: int | None = None) -> None:
+    def __init__(self, model: MultiScaleTransformer, max_batch: int = 8, capacity: int | None = None,
+                 prefill_chunk: int = 0) -> None:
+        if prefill_chunk < 0 or prefill_chunk % SCALES[-1]:
+            raise ValueError(f"prefill_chunk must be 0 (off) or a positive multiple of {SCALES[-1]}, got {prefill_chunk}")
         self.model = model
         self.capacity = capacity or model.config.max_seq_len
-        self.cache: KVCache = model.new_cache(max_batch, self.capacity)
+        self.prefill_chunk = prefill_chunk
+        self.staging_row = max_batch  # one extra cache row, only when chunking
+        self.cache: KVCache = model.new_cache(max_batch + (1 if prefill_chunk else 0), self.capacity)
         self.max_batch = max_batch
         self.active: list[GenerationSequence] = []
+        self.prefilling: deque[GenerationSequence] = deque()  # waiting to be read in chunks, the first one staged
+        self._resuming: set[int] = set()  # id() of prefilling sequences re-reading a slid window (no new sample)
 
     @property
     def free_rows(self) -> int:
-        return self.max_batch - len(self.active)
+        return self.max_batch - len(self.active) - len(self.prefilling)
 
-    def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> tuple[GenerationSequence, StepOutput]:
-        """Prefill a new sequence and sample its first token. Raises ValueError if the prompt does not fit."""
+    def add(self, prompt_ids: list[int], params: SamplingParams,
+            request_id: str | None = None) -> tuple[GenerationSequence, StepOutput | None]:
+        """Prefill a new sequence and sample its first token. Raises ValueError if the prompt does not fit.
+
+        With chunked prefill, a prompt longer than a chunk only queues: the output is None, and its first
+        token comes from the `advance_prefill` call that reads its last chunk."""
         if not self.free_rows:
             raise RuntimeError("no free rows in this batch")
         if not prompt_ids:
@@ -224,6 +244,9 @@ class BatchDecoder:
         sequence = GenerationSequence(list(prompt_ids), params, self.model.config.vocab_size, request_id)
         if params.max_tokens == 0:
             return sequence, sequence._finish("length", None)
+        if self.prefill_chunk and len(sequence.window) > self.prefill_chunk:
+            self.prefilling.append(sequence)
+            return sequence, None
         sequence.row = len(self.active)
         self.active.append(sequence)
         try:
@@ -237,14 +260,54 @@ class BatchDecoder:
             self.remove(sequence)
         return sequence, output
 
+    def advance_prefill(self) -> list[tuple[GenerationSequence, StepOutput]]:
+        """Read the next chunk of the first prefilling sequence; when that was its last, the sequence joins the
+        batch (and returns its first token, unless it was resuming after a slide). A failure drops the sequence
+        from the queue and raises."""
+        if not self.prefilling:
+            return []
+        sequence, row = self.prefilling[0], self.staging_row
+        done = int(self.cache.lengths[row])  # 0 when this sequence starts (set when the previous one left)
+        end = min(len(sequence.window), done + self.prefill_chunk)
+        try:
+            with torch.inference_mode():
+                logits = self.model.extend(torch.tensor(sequence.window[done:end]), self.cache, row)
+        except BaseException:
+            self._unstage()
+            raise
+        if end < len(sequence.window):
+            return []
+        resuming = id(sequence) in self._resuming
+        sequence.row = len(self.active)
+        self.cache.move_row(row, sequence.row)
+        self._unstage()
+        self.active.append(sequence)
+        if resuming:
+            return []
+        try:
+            output = sequence.accept(logits)
+        except BaseException:
+            self.remove(sequence)
+            raise
+        if sequence.finished:
+            self.remove(sequence)
+        return [(sequence, output)]
+
+    def _unstage(self) -> None:
+        """The first prefilling sequence leaves the queue; the staging row starts empty for the next."""
+        self._resuming.discard(id(self.prefilling.popleft()))
+        self.cache.lengths[self.staging_row] = 0
+
     def step(self) -> list[tuple[GenerationSequence, StepOutput]]:
-        """One token for every active sequence."""
+        """One token for every active sequence (a sequence whose window slides in chunks sits this one out)."""
         if not self.active:
             return []
         with torch.inference_mode():
-            for sequence in self.active:
+            for sequence in list(self.active):
                 if len(sequence.window) >= self.capacity:
                     self._slide(sequence)
+            if not self.active:
+                return []
             live = self.cache.narrow(len(self.active))
             tokens = torch.tensor([s.next_token for s in self.active])
             logits = self.model.decode_step(tokens, live)
@@ -261,6 +324,13 @@ class BatchDecoder:
 
     def remove(self, sequence: GenerationSequence) -> None:
         """Drop a sequence (finished, or its client went away) and compact the rows."""
+        if any(s is sequence for s in self.prefilling):
+            if self.prefilling[0] is sequence:
+                self._unstage()
+            else:
+                self.prefilling.remove(sequence)
+                self._resuming.discard(id(sequence))
+            return
         if sequence not in self.active:
             return
         last = self.active[-1]
@@ -277,6 +347,12 @@ class BatchDecoder:
 
     def _slide(self, sequence: GenerationSequence) -> None:
         sequence.window = self.window_after_slide(sequence.window)
+        if self.prefill_chunk and len(sequence.window) > self.prefill_chunk:
+            # Re-read in chunks like a long prompt; it keeps its place (after a sequence already staged).
+            self.remove(sequence)
+            self.prefilling.insert(1 if self.prefilling and self.cache.lengths[self.staging_row] else 0, sequence)
+            self._resuming.add(id(sequence))
+            return
         self.model.prefill(torch.tensor(sequence.window), self.cache, sequence.row)
 
 

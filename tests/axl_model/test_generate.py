@@ -137,3 +137,59 @@ def test_a_failed_prefill_frees_its_row(generator, monkeypatch):
     monkeypatch.undo()
     assert decoder.free_rows == 1
     decoder.add(generator.encode("x"), params)
+
+
+def _drive(decoder, sequences, outputs):
+    """What the worker's scheduler does each turn: one prefill chunk, then one decode step; returns who spoke."""
+    spoke = []
+    for sequence, output in decoder.advance_prefill() + decoder.step():
+        outputs[id(sequence)].append(output)
+        spoke.append(sequence)
+    return spoke
+
+
+def test_a_chunked_prefill_keeps_the_other_rows_streaming_and_decodes_exactly(generator):
+    """A long prompt read 12 tokens per step while two rows decode: they get a token every step, and every row (the
+    long one's window slides in chunks too) gives the tokens it gives alone with a one-shot prefill."""
+    decoder = BatchDecoder(generator.model, max_batch=3, prefill_chunk=12)
+    params = SamplingParams(max_tokens=60, temperature=0.0, stop_at_eos=False)
+    prompts = [generator.encode("ab"), generator.encode("def f(x):\n"), list(range(60, 110))]  # 3, 11, 50 tokens
+    outputs, sequences = {}, []
+    for prompt in prompts[:2]:
+        sequence, first = decoder.add(prompt, params)
+        outputs[id(sequence)], _ = [first], sequences.append(sequence)
+    long_sequence, first = decoder.add(prompts[2], params)
+    assert first is None and decoder.free_rows == 0 and len(decoder.active) == 2
+    outputs[id(long_sequence)] = []
+    sequences.append(long_sequence)
+    turns = 0
+    while not outputs[id(long_sequence)]:
+        spoke = _drive(decoder, sequences, outputs)
+        turns += 1
+        assert sequences[0] in spoke and sequences[1] in spoke  # the short rows never wait for the prompt
+    assert turns == 5  # ceil(50 / 12) chunks, the first token sampled with the last one
+    while decoder.active or decoder.prefilling:
+        _drive(decoder, sequences, outputs)
+    for prompt, sequence in zip(prompts, sequences):
+        assert outputs[id(sequence)][-1].finish_reason == "length"
+        assert sequence.generated == generator.generate(prompt, params).token_ids
+
+
+def test_removing_a_sequence_while_its_prompt_is_read_frees_its_row(generator):
+    decoder = BatchDecoder(generator.model, max_batch=2, prefill_chunk=4)
+    params = SamplingParams(max_tokens=5, temperature=0.0, stop_at_eos=False)
+    long_sequence, _ = decoder.add(list(range(60, 90)), params)
+    decoder.advance_prefill()
+    decoder.remove(long_sequence)
+    assert decoder.free_rows == 2 and not decoder.prefilling
+    prompt = list(range(70, 80))
+    sequence, _ = decoder.add(prompt, params)  # starts from an empty staging row
+    while decoder.prefilling or decoder.active:
+        decoder.advance_prefill()
+        decoder.step()
+    assert sequence.generated == generator.generate(prompt, params).token_ids
+
+
+def test_prefill_chunk_must_be_a_multiple_of_4(generator):
+    with pytest.raises(ValueError, match="multiple of 4"):
+        BatchDecoder(generator.model, prefill_chunk=6)
