@@ -1,0 +1,122 @@
+"""Wire schemas of the worker's internal API (``POST /internal/v1/generate``, ``GET /internal/v1/info``).
+
+Only the gateway calls these; it builds the request body with ``axl_mesh.protocol``'s ``to_generate_payload``.
+Sampling fields left out (or null) take the specialist's defaults (``axl_model.specialists``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOP_SEQUENCES = 32
+
+
+class WorkerMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str | None = ""
+
+
+class GenerateRequest(BaseModel):
+    """One sample: a prompt (optionally with a fill-in-the-middle suffix) or chat messages."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    request_id: str | None = Field(default=None, max_length=200)
+    prompt: str | None = None
+    messages: list[WorkerMessage] | None = None
+    suffix: str | None = None
+    max_tokens: int | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
+    stop: list[str] = Field(default_factory=list)
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
+    stream: bool = False
+    # --- AXL extension: keep sampling past the end-of-text token (benches, tests; vLLM's `ignore_eos`)
+    ignore_eos: bool = False
+    # Fit a prompt that does not fit the window into it (axl_model.prompt_fit) instead of a 400
+    # context_length_exceeded. The gateway always says which (its AXL_TRUNCATE_PROMPTS or the request's `truncate`).
+    truncate: bool = False
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            if len(value) > MAX_STOP_SEQUENCES:
+                raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are supported, got {len(value)}")
+            if any(isinstance(s, str) and not s for s in value):
+                raise ValueError("stop sequences must be non-empty strings")
+        return value
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        if self.suffix is not None and self.messages is not None:
+            raise ValueError("suffix (fill-in-the-middle) goes with prompt, not messages")
+        return self
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TokenLogprobOut(BaseModel):
+    """The chosen token (one byte, shown as text), its logprob, and the likeliest alternatives."""
+
+    token: str
+    logprob: float
+    top_logprobs: dict[str, float]
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+    logprobs: list[TokenLogprobOut] | None = None
+    model: str
+    # Tokens of the prompt left out to fit the window (a stream says it in the PROMPT_TRUNCATED_HEADER header).
+    prompt_truncated: int = 0
+
+
+class StreamPiece(BaseModel):
+    """One NDJSON line of a stream: a piece of text (possibly empty when only a logprob is new)."""
+
+    text: str
+    logprob: TokenLogprobOut | None = None
+
+
+class StreamEnd(BaseModel):
+    """The last NDJSON line of a stream."""
+
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+    model: str
+
+
+class WorkerInfo(BaseModel):
+    model_id: str
+    specialist: str
+    context_length: int
+    capabilities: list[str]
+    running: int
+    waiting: int
+    max_batch: int
+    max_queue: int
+    checkpoint_version: str
+    dtype: str
+    ready: bool
+    draining: bool
