@@ -12,7 +12,7 @@ import time
 import torch
 
 MODULES = ("train_throughput", "distributed_throughput", "quality_per_cpu_minute", "generation_speed", "gateway_latency",
-           "gateway_streams")
+           "gateway_streams", "chunked_prefill")
 # Run only when named: minutes of traffic against a mesh (load), minutes of 4,096-byte training steps (long_window).
 ON_REQUEST = ("load", "long_window")
 
