@@ -236,7 +236,7 @@ def refuse_training_overlap(split: dict[str, Any], recorded: dict[str, Any] | No
 
 def held_out_bpb(checkpoint: str | os.PathLike, data: Sequence[str] | None = None, *, seq_len: int = 256,
                  max_bytes: int | None = None, val_fraction: float | None = None, batch_size: int = 8,
-                 progress: bool = False) -> dict[str, Any]:
+                 progress: bool = False, model: Any = None) -> dict[str, Any]:
     """Bits per byte of the checkpoint on held-out files: by default exactly the split it recorded when it trained
     (`split_to_score`); with `data`, the held-out split of that corpus, refused when it holds a training file.
 
@@ -245,7 +245,8 @@ def held_out_bpb(checkpoint: str | os.PathLike, data: Sequence[str] | None = Non
     apart from library code), "files", "split_source", "split_matches_checkpoint" (None when it recorded none),
     "val_files_sha256", "data", "val_fraction"}. The whole split is scored unless max_bytes: then a fixed sample of
     windows spread over each kind's files (`data.eval_window_spans`). The data folder training prepared is reused
-    when it matches; otherwise a temporary one is built.
+    when it matches; otherwise a temporary one is built. `model` scores another model on the checkpoint's split
+    (e.g. its int8 version, `axl_model.quantize`) instead of the checkpoint's weights.
     """
     from .checkpoint import load_checkpoint
     from .data import default_corpus, eval_window_spans, eval_windows, prepare_data, prepared_folder
@@ -253,7 +254,7 @@ def held_out_bpb(checkpoint: str | os.PathLike, data: Sequence[str] | None = Non
 
     settings = split_to_score(checkpoint, data, val_fraction)
     paths = settings["data"] or default_corpus()
-    model = load_checkpoint(checkpoint)
+    model = load_checkpoint(checkpoint) if model is None else model
     seq_len = min(seq_len, model.config.max_seq_len)
     options = {"val_data": settings["val_data"], "val_fraction": settings["val_fraction"], "filters": settings["filters"]}
     cache_dir: Path | None = None

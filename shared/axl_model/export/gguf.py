@@ -6,7 +6,8 @@
   says so in ``general.description`` and every report repeats it.
 * ``multiscale`` kind: every tensor of the full model under its own architecture name (``axl-multiscale``),
   the ModelConfig as metadata keys. llama.cpp cannot run it; our model worker loads it (`load_gguf_model`,
-  or `checkpoint.load_checkpoint("x.gguf")`) and dequantizes, so quantized files serve full quality.
+  or `checkpoint.load_checkpoint("x.gguf")`) and dequantizes, so quantized files serve full quality; the
+  worker loads a Q8_0 file's matrices as int8 instead (`load_gguf_model(path, int8=True)`, see `quantize`).
 
 Vocabulary (both kinds): GPT-2 style byte vocabulary, i.e. the 256 bytes spelled with GPT-2's
 bytes-to-unicode table, then BOS ``<s>`` / EOS ``</s>`` (and the FIM tokens) as control tokens, pre-tokenizer
@@ -22,7 +23,8 @@ window W becomes a llama GGUF with a context of W bytes (llama.cpp's llama archi
 window, and the fine stack never attended further back). The multiscale kind stores `scales` as a JSON string.
 
 Quantization: llama-kind files go through llama.cpp's own `llama_model_quantize` (llama-cpp-python);
-multiscale files are quantized tensor by tensor in Python: F16 and Q8_0 with `gguf.quants`, K-quants with
+multiscale files are quantized tensor by tensor in Python: F16 with `gguf.quants`, Q8_0 with one scale per
+row repeated in each block (so the worker's per-channel int8 kernel runs on exactly the stored values), K-quants with
 ggml's `ggml_quantize_chunk` from the library llama-cpp-python ships. K-quants need rows (a weight's input
 width) that are multiples of 256; other tensors fall back to another type (llama.cpp does the same silently):
 every report lists the type each tensor got and warns about the fallbacks. The `*-q` presets have widths that
@@ -50,6 +52,7 @@ from gguf import quants as gguf_quants
 
 from ..config import ModelConfig
 from ..model import MultiScaleTransformer
+from ..quantize import Int8Linear, int8_targets, is_int8_scale, per_channel_int8, replace_module
 from ..tokenizer import BOS_ID, EOS_ID, FIM_TOKENS
 from .formats import EXPORT_KINDS, GGUF_TYPES, ExportKind, GGUFType
 
@@ -188,7 +191,9 @@ def _quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """float32 (..., n_per_row) -> the stored array for `qtype` (uint8 blocks for quantized types)."""
     if qtype == T.F32:
         return data
-    if qtype in (T.F16, T.Q8_0, T.Q4_0):
+    if qtype == T.Q8_0:
+        return _q8_0_per_row(data)
+    if qtype in (T.F16, T.Q4_0):
         return gguf_quants.quantize(data, qtype)
     function = _ggml_quantize_chunk()
     if function is None:
@@ -201,6 +206,36 @@ def _quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     if written != out.nbytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {out.nbytes}")
     return out.reshape(*data.shape[:-1], out.shape[-1])
+
+
+Q8_0_BLOCK_BYTES = 2 + 32  # a float16 scale, then 32 int8 values
+
+
+def _q8_0_per_row(data: np.ndarray) -> np.ndarray:
+    """Q8_0 blocks in which every block of a row carries the row's scale (`quantize.per_channel_int8`).
+
+    Any GGUF reader dequantizes them as usual; the model worker serves them with its per-channel int8 kernel,
+    on exactly the stored values (a per-block scale would need a per-block kernel, which torch lacks on CPU).
+    """
+    rows = data.reshape(-1, data.shape[-1])
+    values, scale = per_channel_int8(torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)))
+    n_rows, n_blocks = values.shape[0], values.shape[1] // 32
+    blocks = np.empty((n_rows, n_blocks, Q8_0_BLOCK_BYTES), dtype=np.uint8)
+    blocks[:, :, :2] = scale.numpy().astype(np.float16).view(np.uint8).reshape(n_rows, 1, 2)
+    blocks[:, :, 2:] = values.numpy().view(np.uint8).reshape(n_rows, n_blocks, 32)
+    return blocks.reshape(*data.shape[:-1], n_blocks * Q8_0_BLOCK_BYTES)
+
+
+def _q8_0_int8_linear(raw: np.ndarray, shape: tuple[int, int]) -> Int8Linear:
+    """Q8_0 bytes of an (out, in) matrix -> an Int8Linear on exactly the stored values: per channel when every
+    block of a row has the row's scale (our writer's files), else per block."""
+    out, n_in = shape
+    blocks = np.asarray(raw, dtype=np.uint8).reshape(out, n_in // 32, Q8_0_BLOCK_BYTES)
+    scales = torch.from_numpy(np.ascontiguousarray(blocks[:, :, :2]).view(np.float16).reshape(out, -1).astype(np.float32))
+    values = torch.from_numpy(np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(out, n_in))
+    if bool((scales == scales[:, :1]).all()) and bool(is_int8_scale(scales[:, 0]).all()):
+        scales = scales[:, :1]
+    return Int8Linear(values, scales)
 
 
 def _fits(data: np.ndarray, qtype: GGMLQuantizationType) -> bool:
@@ -413,8 +448,13 @@ def read_gguf_config(path: str | Path) -> ModelConfig:
     return _open_multiscale(path)[1]
 
 
-def load_gguf_model(path: str | Path) -> MultiScaleTransformer:
-    """The full model stored in an `axl-multiscale` GGUF, weights dequantized to float32, in eval mode."""
+def load_gguf_model(path: str | Path, int8: bool = False) -> MultiScaleTransformer:
+    """The full model stored in an `axl-multiscale` GGUF, in eval mode.
+
+    By default every weight is dequantized to float32 (a model to train, export or evaluate in float). With
+    `int8`, each Q8_0 matrix of a linear layer loads as an `Int8Linear` holding the stored int8 values and
+    scales (never a float32 copy): what the model worker serves. Other tensors load as float32 either way.
+    """
     from ..checkpoint import check_tensor_shapes  # imported here: checkpoint imports this module lazily too
 
     reader, config = _open_multiscale(path)
@@ -425,19 +465,36 @@ def load_gguf_model(path: str | Path) -> MultiScaleTransformer:
     check_tensor_shapes(found, config, path, f"the config in its metadata ({CONFIG_KEY_PREFIX}*)")
     model = MultiScaleTransformer(config)  # only now: the file holds exactly the tensors this config allocates
     expected = model.state_dict()
-    weights = {}
+    targets = int8_targets(model) if int8 else {}
+    weights, int8_layers = {}, {}
     for tensor in reader.tensors:
         if tensor.name not in expected:
             raise ValueError(f"{path}: unexpected tensor {tensor.name!r}")
-        data = gguf_quants.dequantize(np.asarray(tensor.data), GGMLQuantizationType(tensor.tensor_type))
-        shape = tuple(expected[tensor.name].shape)
+        qtype, shape = GGMLQuantizationType(tensor.tensor_type), tuple(expected[tensor.name].shape)
+        module = tensor.name.removesuffix(".weight")
+        tied_head = config.tie_embeddings and tensor.name == "embed.weight" and "lm_head" in targets
+        if qtype == T.Q8_0 and (module in targets or tied_head):
+            layer = _q8_0_int8_linear(tensor.data, shape)
+            int8_layers["lm_head" if tied_head else module] = layer
+            if not tied_head:
+                continue  # the embedding itself is a lookup: it also loads as float below
+        data = gguf_quants.dequantize(np.asarray(tensor.data), qtype)
         weights[tensor.name] = torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))  # a writable copy
     if config.tie_embeddings:
         weights.setdefault("lm_head.weight", weights.get("embed.weight"))
-    missing = sorted(set(expected) - set(weights))
+    replaced = {f"{name}.weight" for name in int8_layers}
+    missing = sorted(set(expected) - set(weights) - replaced)
     if missing:
         raise ValueError(f"{path}: tensors missing: {missing[:5]}")
-    model.load_state_dict(weights)
+    model.load_state_dict(weights, strict=False)
+    for name, layer in int8_layers.items():
+        layer.bias = targets[name].bias  # loaded above (no Q8_0 linear layer has one today)
+        replace_module(model, name, layer)
+    per_block = [name for name, layer in int8_layers.items() if not layer.per_channel]
+    if per_block:
+        log.warning("%s: %d Q8_0 matrices have a scale per block (not this exporter's per-row scales): they serve "
+                    "exactly but dequantize at every matmul, slower than float32; re-export the model with "
+                    "`axl export gguf` for the int8 kernel (e.g. %s)", path, len(per_block), per_block[0])
     return model.eval()
 
 
