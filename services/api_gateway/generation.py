@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 
 from axl_mesh.errors import APIError, InvalidRequestError
 from axl_mesh.protocol import PROMPT_TRUNCATED_HEADER, FinishReason, UsageInfo, max_tokens_ceiling
+from axl_mesh.worker_protocol import GenerateRequest
 from services.api_gateway.metrics import GatewayMetrics
 from services.api_gateway.sse import DONE, KEEPALIVE, EventStreamResponse, sse_data
 from services.api_gateway.upstream import ResolvedModel, Upstream, UpstreamStream
@@ -31,10 +32,10 @@ T = TypeVar("T")
 
 @dataclass
 class Sample:
-    """One choice of the response: the worker payload, its choice index and which prompt it belongs to."""
+    """One choice of the response: the worker request, its choice index and which prompt it belongs to."""
 
     index: int
-    payload: dict[str, Any]
+    request: GenerateRequest
     prompt_group: int = 0
 
 
@@ -85,13 +86,6 @@ def truncation_headers(samples: Sequence[Sample], truncated: Mapping[int, int]) 
         per_prompt[group] = max(per_prompt.get(group, 0), dropped)
     total = sum(per_prompt.values())
     return {PROMPT_TRUNCATED_HEADER: str(total)} if total > 0 else {}
-
-
-def _count(raw: Any) -> int:
-    try:
-        return max(0, int(raw or 0))
-    except (TypeError, ValueError):
-        return 0
 
 
 def _usage(raw: Any) -> UsageInfo:
@@ -175,16 +169,18 @@ async def generate_all(
         gauge = _SampleGauge(tracker.metrics, model.model_id, tracker.started)
         gauge.wait()
         try:
-            answer = await upstream.generate(model, sample.payload)
+            answer = await upstream.generate(model, sample.request)
         finally:
             gauge.done()
+        usage = answer.usage
         return SampleResult(
             index=sample.index,
-            text=str(answer.get("text") or ""),
-            finish_reason=_finish_reason(answer.get("finish_reason")),
-            usage=_usage(answer.get("usage")),
-            logprobs=answer.get("logprobs"),
-            prompt_truncated=_count(answer.get("prompt_truncated")),
+            text=answer.text,
+            finish_reason=answer.finish_reason,
+            usage=UsageInfo(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                            total_tokens=usage.prompt_tokens + usage.completion_tokens),
+            logprobs=None if answer.logprobs is None else [lp.model_dump() for lp in answer.logprobs],
+            prompt_truncated=answer.prompt_truncated,
         )
 
     if len(samples) == 1:  # the common case: no tasks to spawn and cancel
@@ -350,7 +346,7 @@ class StreamRun:
         stream: UpstreamStream | None = None
         try:
             try:
-                stream = await upstream.open_stream(self.model, sample.payload)
+                stream = await upstream.open_stream(self.model, sample.request)
             except Exception as exc:  # noqa: BLE001 - becomes the response (or an error event)
                 error = broken_stream_error(exc)
                 if not opened.done():

@@ -16,11 +16,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iter
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from pydantic import ValidationError
+
 from axl_mesh.errors import APIError, ModelNotFoundError, ServiceUnavailableError
 from axl_mesh.protocol import PROMPT_TRUNCATED_HEADER
 from axl_mesh.registry_client import CachedLookup, RegistryError
 from axl_mesh.registry_schemas import InstanceRecord, ModelSummary
 from axl_mesh.routing import choose_specialist
+from axl_mesh.worker_protocol import GenerateRequest, GenerateResponse
 from services.api_gateway.worker_client import (
     WorkerClient,
     WorkerClientError,
@@ -205,10 +208,11 @@ class Upstream:
 
     # --- calls ---
 
-    async def generate(self, model: ResolvedModel, payload: dict[str, Any]) -> dict[str, Any]:
+    async def generate(self, model: ResolvedModel, request: GenerateRequest) -> GenerateResponse:
         """A non-streaming generate call on the least-busy replica; failover while nothing came back."""
+        payload = request.model_dump(mode="json")
 
-        async def call(instance: InstanceRecord) -> dict[str, Any]:
+        async def call(instance: InstanceRecord) -> GenerateResponse:
             self.in_flight[instance.instance_id] += 1
             try:
                 status, headers, body = await self.http.post_json(instance.url + GENERATE_PATH, payload)
@@ -221,7 +225,12 @@ class Upstream:
             finally:
                 self._release(instance.instance_id)
             if status == 200:
-                return json.loads(body)
+                try:
+                    return GenerateResponse.model_validate_json(body)
+                except ValidationError as exc:
+                    logger.warning("worker %s answered outside the protocol: %s", instance.instance_id, exc)
+                    raise APIError(502, "The model worker's answer did not follow the worker protocol.",
+                                   code="upstream_error") from None
             error = worker_error(status, headers, body)
             if status == 503:
                 raise _Unreachable("busy", error)
@@ -229,8 +238,9 @@ class Upstream:
 
         return await self._with_failover(model, call)
 
-    async def open_stream(self, model: ResolvedModel, payload: dict[str, Any]) -> UpstreamStream:
+    async def open_stream(self, model: ResolvedModel, request: GenerateRequest) -> UpstreamStream:
         """Start a streaming generate call; returns once a replica answered 200 (failover until then)."""
+        payload = request.model_dump(mode="json")
 
         async def call(instance: InstanceRecord) -> UpstreamStream:
             self.in_flight[instance.instance_id] += 1

@@ -24,6 +24,7 @@ from axl_mesh.advertise import is_loopback
 from axl_mesh.errors import InvalidRequestError, ServiceUnavailableError
 from axl_mesh.registry_client import RegistryClient
 from axl_mesh.registry_schemas import Capability, InstanceLoad, InstanceRegistration
+from axl_mesh.worker_protocol import GenerateRequest, WorkerInfo
 from axl_model.checkpoint import MODEL_FILE, is_checkpoint, load_checkpoint, load_config
 from axl_model.config import ModelConfig
 from axl_model.generate import SamplingParams, StepOutput
@@ -32,6 +33,7 @@ from axl_model.prompt_fit import fit_chat, fit_fim, fit_text, generation_reserve
 from axl_model.specialists import Specialist, get_specialist
 from axl_model.tokenizer import ByteTokenizer
 from services.model_worker.metrics import WorkerMetrics
+from services.model_worker.sampling import to_sampling_params
 from services.model_worker.scheduler import (
     GenerationFailed,
     GenerationRequest,
@@ -39,7 +41,6 @@ from services.model_worker.scheduler import (
     Scheduler,
     SchedulerClosed,
 )
-from services.model_worker.schemas import GenerateRequest, WorkerInfo
 from services.model_worker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -245,16 +246,18 @@ class ModelWorker:
         (axl_model.prompt_fit); without, one longer than the window is a 400 context_length_exceeded."""
         assert self.config is not None and self.tokenizer is not None, "prepare() before the model loaded"
         s = self.specialist
-        max_tokens = s.max_tokens if body.max_tokens is None else body.max_tokens
-        budget = self.context_length - generation_reserve(max_tokens, self.context_length) if body.truncate else None
-        stop = list(body.stop)
+        try:
+            params = to_sampling_params(body, s)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from None
+        budget = (self.context_length - generation_reserve(params.max_tokens, self.context_length)
+                  if body.truncate else None)
         if body.messages is not None:
             param = "messages"
             try:
                 fitted = fit_chat(s, self.tokenizer, [m.model_dump() for m in body.messages], budget)
             except (ValueError, KeyError) as exc:
                 raise InvalidRequestError(f"Invalid messages: {exc}", param="messages") from None
-            stop += [stop_string for stop_string in s.stop if stop_string not in stop]
             text = fitted.text
         elif body.suffix is not None:
             param = "prompt"
@@ -278,20 +281,6 @@ class ModelWorker:
                 f"prompt has {len(ids)} tokens. Please shorten the prompt.",
                 param=param, code="context_length_exceeded",
             )
-        try:
-            params = SamplingParams(
-                max_tokens=max_tokens,
-                temperature=s.temperature if body.temperature is None else body.temperature,
-                top_p=s.top_p if body.top_p is None else body.top_p,
-                top_k=body.top_k or 0,
-                repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-                seed=body.seed,
-                stop=stop,
-                logprobs=body.logprobs,
-                stop_at_eos=not body.ignore_eos,
-            )
-        except ValueError as exc:
-            raise InvalidRequestError(str(exc)) from None
         return PreparedPrompt(ids=ids, text=text, params=params, truncated=fitted.dropped)
 
     def submit(self, body: GenerateRequest) -> tuple[GenerationRequest, PreparedPrompt]:

@@ -3,7 +3,8 @@
 In the style of vLLM's ``entrypoints/openai/protocol.py``: request fields in the order of OpenAI's API reference,
 our extensions (``top_k``, ``repetition_penalty``) in one marked block, unknown fields accepted and ignored
 (clients such as Continue send fields we cannot honour, e.g. ``tools`` with every chat request), and
-``to_generate_payload`` turning a request into the body of a model worker's ``POST /internal/v1/generate``.
+``to_generate_request`` turning a request into the typed body of a model worker's ``POST /internal/v1/generate``
+(``axl_mesh.worker_protocol``).
 """
 
 from __future__ import annotations
@@ -16,13 +17,23 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.json_schema import SkipJsonSchema
 
 from axl_mesh.fim_templates import split_fim_template
+from axl_mesh.worker_protocol import (
+    MAX_LOGPROBS,
+    MAX_STOP_SEQUENCES,
+    GenerateRequest,
+    RepetitionPenalty,
+    Temperature,
+    TopP,
+    WorkerMessage,
+)
 
 OWNED_BY = "axl-mesh"
 # The AXL tokenizer is byte-level: token ids 0-255 are the bytes, 256 BOS, 257 EOS (not accepted in prompts).
 BYTE_TOKENS = 256
 SPECIAL_TOKENS = (256, 257)
-MAX_STOP_SEQUENCES = 32
 MAX_N = 16
+# max_tokens of a completion without one (OpenAI's default; a chat's is the gateway's AXL_DEFAULT_CHAT_MAX_TOKENS).
+DEFAULT_COMPLETION_MAX_TOKENS = 16
 # Bounded work per request: samples (prompts x n) one request may ask for (the gateway's default), and how many
 # context windows of new tokens a request may ask for before max_tokens is clamped (finish_reason "length").
 MAX_SAMPLES_PER_REQUEST = 16
@@ -130,13 +141,13 @@ class SamplingFields(OpenAIBaseModel):
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     user: str | None = None
 
     # --- AXL extensions (not in OpenAI's API; vLLM and llama.cpp accept the same names) ---
     top_k: int | None = Field(default=None, ge=-1, description="sample among the k likeliest bytes; 0 or -1: off")
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    repetition_penalty: RepetitionPenalty | None = None
     ignore_eos: bool = Field(default=False, description="keep sampling past end-of-text (benchmarks; as in vLLM)")
     truncate: bool | None = Field(default=None, description=(
         "fit a prompt longer than the model's window into it (true) or answer 400 context_length_exceeded "
@@ -162,26 +173,19 @@ class SamplingFields(OpenAIBaseModel):
         """Whether this request's prompt is fitted into the window: its ``truncate``, else the server's setting."""
         return server_default if self.truncate is None else self.truncate
 
-    def _sampling_payload(self, max_tokens: int, seed_offset: int, truncate: bool) -> dict[str, Any]:
-        seed = None if self.seed is None else self.seed + seed_offset
-        top_k = self.top_k if self.top_k and self.top_k > 0 else 0
-        payload: dict[str, Any] = {
+    def _sampling_fields(self, max_tokens: int, seed_offset: int, truncate: bool) -> dict[str, Any]:
+        """The worker request's sampling fields; unset ones stay None, so the worker applies the specialist's."""
+        return {
             "max_tokens": max_tokens,
-            "top_k": top_k,
-            "seed": seed,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k if self.top_k and self.top_k > 0 else 0,
+            "repetition_penalty": self.repetition_penalty,
+            "seed": None if self.seed is None else self.seed + seed_offset,
             "stop": list(self.stop or []),
+            "ignore_eos": bool(self.ignore_eos),
             "truncate": truncate,
         }
-        if self.ignore_eos:
-            payload["ignore_eos"] = True
-        # Unset fields are left out so the worker applies the specialist's defaults.
-        if self.temperature is not None:
-            payload["temperature"] = self.temperature
-        if self.top_p is not None:
-            payload["top_p"] = self.top_p
-        if self.repetition_penalty is not None:
-            payload["repetition_penalty"] = self.repetition_penalty
-        return payload
 
 
 # --- completions ----------------------------------------------------------------------------------------------
@@ -197,7 +201,7 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = Field(default=None, ge=1, le=MAX_N)  # accepted; best_of == n is the only kind we do
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=5)
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=DEFAULT_COMPLETION_MAX_TOKENS, ge=1)
     suffix: str | None = None
 
     @field_validator("prompt")
@@ -228,22 +232,16 @@ class CompletionRequest(SamplingFields):
             return prompt, self.suffix
         return split_fim_template(prompt) or (prompt, None)
 
-    def to_generate_payload(
+    def to_generate_request(
         self, prompt: str, *, request_id: str, max_tokens: int, truncate: bool, seed_offset: int = 0,
         stream: bool = False, suffix: str | None = None,
-    ) -> dict[str, Any]:
-        """Body of the worker's ``POST /internal/v1/generate`` for one prompt and one of the ``n`` samples
+    ) -> GenerateRequest:
+        """The worker's ``POST /internal/v1/generate`` request for one prompt and one of the ``n`` samples
         (``suffix``: the one :meth:`infill` found)."""
-        return {
-            "request_id": request_id,
-            "prompt": prompt,
-            "messages": None,
-            "suffix": suffix,
-            **self._sampling_payload(max_tokens, seed_offset, truncate),
-            "logprobs": self.logprobs,
-            "echo": bool(self.echo),
-            "stream": stream,
-        }
+        return GenerateRequest(
+            request_id=request_id, prompt=prompt, suffix=suffix, logprobs=self.logprobs, echo=bool(self.echo),
+            stream=stream, **self._sampling_fields(max_tokens, seed_offset, truncate),
+        )
 
 
 def _ids_to_text(ids: list[int]) -> str:
@@ -347,7 +345,7 @@ class ChatCompletionRequest(SamplingFields):
     store: bool | None = None
     tool_choice: str | dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     @model_validator(mode="after")
     def _check_content(self) -> ChatCompletionRequest:
@@ -378,20 +376,15 @@ class ChatCompletionRequest(SamplingFields):
         users = [m for m in self.messages if m.role == "user"]
         return (users[-1] if users else self.messages[-1]).text()
 
-    def to_generate_payload(
+    def to_generate_request(
         self, *, request_id: str, max_tokens: int, truncate: bool, seed_offset: int = 0, stream: bool = False
-    ) -> dict[str, Any]:
-        """Body of the worker's ``POST /internal/v1/generate`` for one of the ``n`` samples."""
-        return {
-            "request_id": request_id,
-            "prompt": None,
-            "messages": self.worker_messages(),
-            "suffix": None,
-            **self._sampling_payload(max_tokens, seed_offset, truncate),
-            "logprobs": (self.top_logprobs or 0) if self.logprobs else None,
-            "echo": False,
-            "stream": stream,
-        }
+    ) -> GenerateRequest:
+        """The worker's ``POST /internal/v1/generate`` request for one of the ``n`` samples."""
+        return GenerateRequest(
+            request_id=request_id, messages=[WorkerMessage.model_validate(m) for m in self.worker_messages()],
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None, echo=False, stream=stream,
+            **self._sampling_fields(max_tokens, seed_offset, truncate),
+        )
 
 
 class ChatLogProb(OpenAIBaseModel):

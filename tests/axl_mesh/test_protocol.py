@@ -6,6 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from axl_mesh.protocol import MAX_STOP_SEQUENCES, ChatCompletionRequest, CompletionRequest, UsageInfo
+from axl_mesh.worker_protocol import GenerateRequest
 
 
 def test_prompt_forms_become_text() -> None:
@@ -32,15 +33,18 @@ def test_completion_payload_per_sample() -> None:
     request = CompletionRequest(model="m", prompt="p", max_tokens=4096, temperature=0.01, top_k=-1, seed=10, n=2,
                                 suffix="s", logprobs=2, echo=True, stop=["\n"], repetition_penalty=1.1)
     prompt, suffix = request.infill("p", fim=True)
-    payload = request.to_generate_payload(prompt, suffix=suffix, request_id="r-1", max_tokens=4096, truncate=True,
-                                          seed_offset=1, stream=True)
-    assert payload == {"request_id": "r-1", "prompt": "p", "messages": None, "suffix": "s", "max_tokens": 4096,
-                       "top_k": 0, "seed": 11, "stop": ["\n"], "temperature": 0.01, "repetition_penalty": 1.1,
-                       "logprobs": 2, "echo": True, "stream": True, "truncate": True}
-    # Sampling left unset is left out, so the worker applies the specialist's defaults.
-    bare = CompletionRequest(model="m", prompt="p").to_generate_payload("p", request_id="r", max_tokens=16,
+    request_ = request.to_generate_request(prompt, suffix=suffix, request_id="r-1", max_tokens=4096, truncate=True,
+                                           seed_offset=1, stream=True)
+    assert isinstance(request_, GenerateRequest)  # the worker validates the same class
+    assert request_.model_dump(mode="json") == {
+        "request_id": "r-1", "prompt": "p", "messages": None, "suffix": "s", "max_tokens": 4096, "top_k": 0,
+        "seed": 11, "stop": ["\n"], "temperature": 0.01, "top_p": None, "repetition_penalty": 1.1, "logprobs": 2,
+        "echo": True, "stream": True, "ignore_eos": False, "truncate": True}
+    # Sampling left unset stays None, so the worker applies the specialist's defaults.
+    bare = CompletionRequest(model="m", prompt="p").to_generate_request("p", request_id="r", max_tokens=16,
                                                                         truncate=False)
-    assert "temperature" not in bare and "top_p" not in bare and bare["seed"] is None
+    assert bare.temperature is None and bare.top_p is None and bare.seed is None
+    assert GenerateRequest.model_validate(bare.model_dump(mode="json")) == bare  # what crosses the hop
 
 
 def test_truncate_is_the_requests_choice_else_the_servers() -> None:
@@ -65,7 +69,7 @@ def test_chat_accepts_what_editors_send_and_flattens_content() -> None:
         ],
     })
     assert request.include_usage and request.requested_max_tokens() == 7
-    payload = request.to_generate_payload(request_id="r", max_tokens=7, truncate=True)
+    payload = request.to_generate_request(request_id="r", max_tokens=7, truncate=True).model_dump(mode="json")
     assert payload["messages"] == [{"role": "developer", "content": "be brief"},
                                    {"role": "user", "content": "one\ntwo"},
                                    {"role": "assistant", "content": ""}, {"role": "tool", "content": "result"}]

@@ -91,12 +91,12 @@ def worker_generate(upstream: Upstream, metrics: GatewayMetrics, models: dict[Ag
         sampling = body.sampling
         chat = ChatCompletionRequest(model=model.model_id, messages=messages, temperature=sampling.temperature,
                                      top_p=sampling.top_p, seed=sampling.seed)
-        payload = chat.to_generate_payload(request_id=f"{solve_id}-{round_number}-{role}",
+        request = chat.to_generate_request(request_id=f"{solve_id}-{round_number}-{role}",
                                            max_tokens=sampling.max_tokens, truncate=truncate,
                                            seed_offset=round_number)
         tracker = RequestMetrics(metrics, "agent", model.model_id)
         try:
-            [result] = await generate_all(upstream, model, [Sample(index=0, payload=payload)], tracker)
+            [result] = await generate_all(upstream, model, [Sample(index=0, request=request)], tracker)
         except APIError as exc:
             tracker.finished(exc.status)
             raise

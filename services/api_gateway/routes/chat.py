@@ -113,7 +113,7 @@ async def create_chat_completion(
     max_tokens = clamped_max_tokens(body.requested_max_tokens() or settings.default_chat_max_tokens, model,
                                     settings.max_tokens_ceiling)
     samples = [
-        Sample(index=i, payload=body.to_generate_payload(request_id=f"{request_id}-{i}", max_tokens=max_tokens,
+        Sample(index=i, request=body.to_generate_request(request_id=f"{request_id}-{i}", max_tokens=max_tokens,
                                                          truncate=body.truncates(settings.truncate_prompts),
                                                          seed_offset=i, stream=bool(body.stream)))
         for i in range(body.n)

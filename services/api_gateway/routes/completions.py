@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 
 from axl_mesh.errors import APIError, InvalidRequestError
 from axl_mesh.protocol import (
+    DEFAULT_COMPLETION_MAX_TOKENS,
     CompletionLogProbs,
     CompletionRequest,
     CompletionResponse,
@@ -111,13 +112,14 @@ async def create_completion(
             "use a model whose capabilities include 'fim'.", param="suffix", code="fim_not_supported",
         )
     request_id = random_id("cmpl")
-    max_tokens = clamped_max_tokens(body.max_tokens or 16, model, settings.max_tokens_ceiling)
+    max_tokens = clamped_max_tokens(body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS, model,
+                                    settings.max_tokens_ceiling)
     fim = Capability.FIM in model.capabilities
     infills = [body.infill(prompt, fim) for prompt in prompts]
     samples = [
         Sample(
             index=p * body.n + i,
-            payload=body.to_generate_payload(prefix, suffix=suffix, request_id=f"{request_id}-{p * body.n + i}",
+            request=body.to_generate_request(prefix, suffix=suffix, request_id=f"{request_id}-{p * body.n + i}",
                                              max_tokens=max_tokens, truncate=body.truncates(settings.truncate_prompts),
                                              seed_offset=i, stream=bool(body.stream)),
             prompt_group=p,

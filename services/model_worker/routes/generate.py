@@ -12,10 +12,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from axl_mesh.errors import APIError, error_body
 from axl_mesh.protocol import PROMPT_TRUNCATED_HEADER
-from axl_model.generate import StepOutput, TokenLogprob
-from services.model_worker.deps import WorkerDep
-from services.model_worker.scheduler import GenerationFailed, GenerationRequest
-from services.model_worker.schemas import (
+from axl_mesh.worker_protocol import (
     GenerateRequest,
     GenerateResponse,
     StreamEnd,
@@ -23,6 +20,9 @@ from services.model_worker.schemas import (
     TokenLogprobOut,
     Usage,
 )
+from axl_model.generate import StepOutput, TokenLogprob
+from services.model_worker.deps import WorkerDep
+from services.model_worker.scheduler import GenerationFailed, GenerationRequest
 from services.model_worker.worker import ModelWorker, PreparedPrompt
 
 logger = logging.getLogger(__name__)

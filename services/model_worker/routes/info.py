@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from axl_mesh.worker_protocol import WorkerInfo
 from services.model_worker.deps import WorkerDep
-from services.model_worker.schemas import WorkerInfo
 
 router = APIRouter(prefix="/internal/v1", tags=["internal"])
 

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from axl_mesh.protocol import MAX_SAMPLES_PER_REQUEST, MAX_TOKENS_PER_WINDOW, max_tokens_ceiling
+from axl_mesh.worker_protocol import GenerateRequest, GenerateResponse, Usage
 from services.api_gateway.generation import STREAM_BUFFER_EVENTS, RequestMetrics, Sample, StreamRun
 from services.api_gateway.main import create_app
 from services.api_gateway.metrics import GatewayMetrics
@@ -50,19 +51,20 @@ class FakeUpstream:
     """What the routes need of Upstream: resolve, generate (answers at once), open_stream (endless)."""
 
     def __init__(self) -> None:
-        self.payloads: list[dict[str, Any]] = []
+        self.requests: list[GenerateRequest] = []
         self.streams: list[EndlessStream] = []
 
     async def resolve(self, name: str, routing_text: Any) -> ResolvedModel:
         return MODEL
 
-    async def generate(self, model: ResolvedModel, payload: dict[str, Any]) -> dict[str, Any]:
-        self.payloads.append(payload)
-        return {"text": "x" * payload["max_tokens"], "finish_reason": "length",
-                "usage": {"prompt_tokens": 1, "completion_tokens": payload["max_tokens"]}}
+    async def generate(self, model: ResolvedModel, request: GenerateRequest) -> GenerateResponse:
+        self.requests.append(request)
+        tokens = request.max_tokens or 0
+        return GenerateResponse(text="x" * tokens, finish_reason="length", model=model.model_id,
+                                usage=Usage(prompt_tokens=1, completion_tokens=tokens, total_tokens=1 + tokens))
 
-    async def open_stream(self, model: ResolvedModel, payload: dict[str, Any]) -> EndlessStream:
-        self.payloads.append(payload)
+    async def open_stream(self, model: ResolvedModel, request: GenerateRequest) -> EndlessStream:
+        self.requests.append(request)
         stream = EndlessStream()
         self.streams.append(stream)
         return stream
@@ -88,7 +90,7 @@ def test_prompts_times_n_over_the_cap_is_a_400_naming_the_param(gateway) -> None
     assert error["param"] == "prompt" and error["code"] == "too_many_samples", error
     times_n = client.post("/v1/completions", headers=AUTH, json={"model": "axl-coder", "prompt": ["a"] * 4, "n": 8})
     assert times_n.status_code == 400 and times_n.json()["error"]["param"] == "n"
-    assert upstream.payloads == []  # refused before any work
+    assert upstream.requests == []  # refused before any work
     at_the_cap = client.post("/v1/completions", headers=AUTH, json={
         "model": "axl-coder", "prompt": ["a"] * (MAX_SAMPLES_PER_REQUEST // 2), "n": 2, "max_tokens": 1})
     assert at_the_cap.status_code == 200 and len(at_the_cap.json()["choices"]) == MAX_SAMPLES_PER_REQUEST
@@ -108,12 +110,13 @@ def test_max_tokens_over_the_ceiling_is_clamped_and_ends_with_length(gateway) ->
     assert completion.status_code == 200 and completion.json()["choices"][0]["finish_reason"] == "length"
     small = client.post("/v1/completions", headers=AUTH, json={"model": "axl-coder", "prompt": "a", "max_tokens": 5})
     assert small.status_code == 200
-    assert [p["max_tokens"] for p in upstream.payloads] == [ceiling, ceiling, 5]
+    assert [r.max_tokens for r in upstream.requests] == [ceiling, ceiling, 5]
 
 
 def _run(upstream: FakeUpstream, samples: int, stall_seconds: float) -> StreamRun:
     tracker = RequestMetrics(GatewayMetrics.create(CollectorRegistry()), "completions", MODEL.model_id)
-    return StreamRun(upstream, MODEL, [Sample(i, {}) for i in range(samples)], tracker,  # type: ignore[arg-type]
+    samples_ = [Sample(i, GenerateRequest(prompt="a")) for i in range(samples)]
+    return StreamRun(upstream, MODEL, samples_, tracker,  # type: ignore[arg-type]
                      stall_seconds=stall_seconds)
 
 

@@ -20,6 +20,7 @@ from axl_mesh.jobs import JobKind, JobsSettings, open_store
 from axl_mesh.model_store import MANIFEST
 from axl_mesh.registry_client import RegistryError
 from axl_mesh.registry_schemas import InstanceRecord, ModelSummary
+from axl_mesh.worker_protocol import GenerateRequest
 from services.api_gateway.console.evaluations import NOT_MEASURED
 from services.api_gateway.console.mesh_view import TokenRates, parse_counter
 from services.api_gateway.console.routes import curves
@@ -74,8 +75,8 @@ class FakeUpstream:
     async def resolve(self, name: str, routing_text: Any) -> ResolvedModel:
         return MODEL
 
-    async def open_stream(self, model: ResolvedModel, payload: dict[str, Any]) -> FakeStream:
-        self.payloads.append(payload)
+    async def open_stream(self, model: ResolvedModel, request: GenerateRequest) -> FakeStream:
+        self.payloads.append(request.model_dump(mode="json"))  # what crosses the hop
         return FakeStream()
 
 

@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from axl_mesh.protocol import PROMPT_TRUNCATED_HEADER
+from axl_mesh.worker_protocol import GenerateRequest, GenerateResponse, Usage
 from services.api_gateway.main import create_app
 from services.api_gateway.settings import Settings
 from services.api_gateway.upstream import ResolvedModel
@@ -41,13 +42,14 @@ class FakeUpstream:
     async def resolve(self, name: str, routing_text: Any) -> ResolvedModel:
         return FIM if name == FIM.model_id else PLAIN
 
-    async def generate(self, model: ResolvedModel, payload: dict[str, Any]) -> dict[str, Any]:
-        self.payloads.append(payload)
-        return {"text": "ok", "finish_reason": "stop", "usage": {"prompt_tokens": 91, "completion_tokens": 1},
-                "prompt_truncated": DROPPED if payload["truncate"] else 0}
+    async def generate(self, model: ResolvedModel, request: GenerateRequest) -> GenerateResponse:
+        self.payloads.append(request.model_dump(mode="json"))  # what crosses the hop
+        return GenerateResponse(text="ok", finish_reason="stop", model=model.model_id,
+                                usage=Usage(prompt_tokens=91, completion_tokens=1, total_tokens=92),
+                                prompt_truncated=DROPPED if request.truncate else 0)
 
-    async def open_stream(self, model: ResolvedModel, payload: dict[str, Any]) -> FakeStream:
-        self.payloads.append(payload)
+    async def open_stream(self, model: ResolvedModel, request: GenerateRequest) -> FakeStream:
+        self.payloads.append(request.model_dump(mode="json"))
         return FakeStream()
 
 

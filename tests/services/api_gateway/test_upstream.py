@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
+from typing import Any
 
 import pytest
 
-from axl_mesh.errors import ModelNotFoundError, ServiceUnavailableError
+from axl_mesh.errors import APIError, ModelNotFoundError, ServiceUnavailableError
 from axl_mesh.registry_schemas import InstanceLoad, InstanceRecord, ModelSummary
 from axl_mesh.routing import choose_specialist
-from services.api_gateway.upstream import rank_instances, resolve_name
+from axl_mesh.worker_protocol import GenerateRequest, GenerateResponse, Usage
+from services.api_gateway.upstream import ResolvedModel, Upstream, rank_instances, resolve_name
 
 
 def instance(name: str, running: int = 0, waiting: int = 0, slots: int = 4) -> InstanceRecord:
@@ -52,3 +55,47 @@ def test_resolve_by_id_alias_and_auto() -> None:
         resolve_name("gpt-4", models)
     with pytest.raises(ServiceUnavailableError):  # served before, no replica now: retry later, not 404
         resolve_name("axl-fixer", models, known={"axl-fixer"})
+
+
+class _OneReplica:
+    """The registry lookup of one replica, for calls through Upstream."""
+
+    async def instances(self, model_id: str) -> list[InstanceRecord]:
+        return [instance("w1")]
+
+    def invalidate(self, model_id: str) -> None:
+        pass
+
+
+class _AnsweringWorker:
+    """A worker connection that records what was sent and answers ``body``."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.sent: list[dict[str, Any]] = []
+
+    async def post_json(self, url: str, payload: Any) -> tuple[int, dict[str, str], bytes]:
+        self.sent.append(payload)
+        return 200, {}, self.body
+
+
+MODEL = ResolvedModel(model_id="axl-coder", specialist="coder", context_length=128, capabilities=("completion",))
+
+
+def test_generate_sends_the_typed_request_and_parses_the_typed_answer() -> None:
+    answer = GenerateResponse(text="hi", finish_reason="stop", model="axl-coder", prompt_truncated=3,
+                              usage=Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3))
+    worker = _AnsweringWorker(answer.model_dump_json().encode())
+    upstream = Upstream(_OneReplica(), worker)  # type: ignore[arg-type]
+    request = GenerateRequest(prompt="p", max_tokens=5, truncate=True)
+    assert asyncio.run(upstream.generate(MODEL, request)) == answer
+    assert worker.sent == [request.model_dump(mode="json")]
+    assert GenerateRequest.model_validate(worker.sent[0]) == request  # what the worker reads
+
+
+def test_a_worker_answer_outside_the_protocol_is_a_502() -> None:
+    worker = _AnsweringWorker(b'{"text": 5, "usage": "lots"}')
+    upstream = Upstream(_OneReplica(), worker)  # type: ignore[arg-type]
+    with pytest.raises(APIError) as info:
+        asyncio.run(upstream.generate(MODEL, GenerateRequest(prompt="p")))
+    assert info.value.status == 502 and info.value.code == "upstream_error"

@@ -1,16 +1,26 @@
-"""Wire schemas of the worker's internal API (``POST /internal/v1/generate``, ``GET /internal/v1/info``).
+"""The model worker's internal API, one typed contract for both sides of the hop: the gateway builds a
+:class:`GenerateRequest` (``axl_mesh.protocol``'s ``to_generate_request``), sends ``model_dump(mode="json")`` to
+``POST /internal/v1/generate`` and parses the answer as :class:`GenerateResponse` (or NDJSON lines
+:class:`StreamPiece` ... :class:`StreamEnd`); the worker validates the body with the same class and answers with the
+same models (``GET /internal/v1/info``: :class:`WorkerInfo`). Imports no torch.
 
-Only the gateway calls these; it builds the request body with ``axl_mesh.protocol``'s ``to_generate_payload``.
-Sampling fields left out (or null) take the specialist's defaults (``axl_model.specialists``).
+Sampling fields left out (or null) take the specialist's defaults (``axl_model.specialists``); the worker turns a
+request into the model library's ``SamplingParams`` in one place (``services.model_worker.sampling``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# Bounds shared with the OpenAI schemas (axl_mesh.protocol imports them from here).
 MAX_STOP_SEQUENCES = 32
+MAX_LOGPROBS = 20  # alternatives per token the worker returns (OpenAI's chat top_logprobs bound)
+# Sampling bounds, the same at the gateway (OpenAI's request) and at the worker.
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0)]
 
 
 class WorkerMessage(BaseModel):
@@ -29,14 +39,17 @@ class GenerateRequest(BaseModel):
     prompt: str | None = None
     messages: list[WorkerMessage] | None = None
     suffix: str | None = None
+    # Always set by the gateway (the OpenAI request's, or its default, clamped to the model's ceiling); None: the
+    # specialist's default, for a direct call.
     max_tokens: int | None = Field(default=None, ge=0)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     top_k: int | None = Field(default=None, ge=0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    repetition_penalty: RepetitionPenalty | None = None
+    # Wider than OpenAI's int64: the gateway adds the sample's index to the request's seed.
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     stop: list[str] = Field(default_factory=list)
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     stream: bool = False
     # --- AXL extension: keep sampling past the end-of-text token (benches, tests; vLLM's `ignore_eos`)
