@@ -33,6 +33,13 @@ test: $(INSTALLED)  ## run the whole test suite
 test-fast: $(INSTALLED)  ## the model library's tests only
 	$(PY) -m pytest -q tests/axl_model
 
+# What `make lint` checks: the torch-free library and the services (shared/axl_model is the model library's own).
+LINT_PATHS ?= shared/axl_mesh services
+lint: $(INSTALLED)  ## ruff (lint + format check) and mypy on shared/axl_mesh and services (config in pyproject.toml)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy $(LINT_PATHS)
+
 bench: $(INSTALLED)  ## measure speed and quality (minutes); prints figures and ratios
 	$(PY) -m bench
 
