@@ -36,7 +36,10 @@ class Settings(ServiceSettings):
     num_threads: int = Field(default=1, ge=1, description="torch intra-op threads for this worker")
     # float16 halves the weight bytes each decode step reads: ~1.3x the tokens/s of float32 for one stream on a CPU
     # with F16C, but ~0.6x at 8 streams (CPU half matmuls are slow); logits within ~1e-2. float32 is exact.
-    dtype: Literal["float32", "float16", "bfloat16"] = Field(default="float32", description="serving precision")
+    # int8: weight-only int8 linear layers (per-channel scales, activations float32, rounded to bfloat16 at each
+    # decode matmul; axl_model.quantize); a quarter of the weight bytes, its bits/byte cost is in the README.
+    # A Q8_0 axl-multiscale .gguf serves its Q8_0 matrices as int8 whatever this says.
+    dtype: Literal["float32", "float16", "bfloat16", "int8"] = Field(default="float32", description="serving precision")
     # A long prompt read in one go stalls every other stream for its whole prefill (a 4 KB window: a second or
     # more); in chunks, the others get a token between two chunks. Exact either way (MultiScaleTransformer.extend).
     prefill_chunk_tokens: int = Field(

@@ -18,18 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import torch
-
 from axl_mesh.advertise import is_loopback
 from axl_mesh.errors import InvalidRequestError, ServiceUnavailableError
 from axl_mesh.registry_client import RegistryClient
 from axl_mesh.registry_schemas import Capability, InstanceLoad, InstanceRegistration
 from axl_mesh.worker_protocol import GenerateRequest, WorkerInfo
-from axl_model.checkpoint import MODEL_FILE, is_checkpoint, load_checkpoint, load_config
+from axl_model.checkpoint import MODEL_FILE, is_checkpoint, load_config
 from axl_model.config import ModelConfig
 from axl_model.generate import SamplingParams, StepOutput
 from axl_model.model import MultiScaleTransformer
 from axl_model.prompt_fit import fit_chat, fit_fim, fit_text, generation_reserve
+from axl_model.quantize import load_serving_model
 from axl_model.specialists import Specialist, get_specialist
 from axl_model.tokenizer import ByteTokenizer
 from services.model_worker.metrics import WorkerMetrics
@@ -113,7 +112,7 @@ class ModelWorker:
         path = self.settings.checkpoint
         self._wait_for_checkpoint(path)
         self.config = load_config(path)  # fails fast, naming the file, before reading the weights
-        model = load_checkpoint(path).to(getattr(torch, self.settings.dtype))
+        model = load_serving_model(path, self.settings.dtype)  # int8: axl_model.quantize
         self.checkpoint_version = checkpoint_version(path)
         self.tokenizer = ByteTokenizer(fim=model.config.fim)
         return model

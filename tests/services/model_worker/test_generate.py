@@ -213,3 +213,29 @@ def test_float16_serving_matches_float32_greedy_text(worker: ServiceProcess, tin
     assert info(half.url)["dtype"] == "float16" and info(worker.url)["dtype"] == "float32"
     body = dict(prompt=PROMPT, max_tokens=8, temperature=0.0, ignore_eos=True)
     assert generate(half.url, **body).json()["text"] == generate(worker.url, **body).json()["text"]
+
+
+def test_int8_serving_matches_float32_greedy_text(worker: ServiceProcess, tiny_checkpoint: Path,
+                                                  start_service: StartService) -> None:
+    """AXL_DTYPE=int8 serves weight-only int8 linear layers (axl_model.quantize); a short greedy run keeps the text."""
+    int8 = start_service(WORKER, worker_env(tiny_checkpoint, AXL_DTYPE="int8"))
+    wait_ready(int8.url)
+    assert info(int8.url)["dtype"] == "int8"
+    body = dict(prompt=PROMPT, max_tokens=8, temperature=0.0, ignore_eos=True)
+    assert generate(int8.url, **body).json()["text"] == generate(worker.url, **body).json()["text"]
+
+
+def test_serves_a_q8_0_gguf_with_int8_weights(tmp_path: Path, worker: ServiceProcess, tiny_checkpoint: Path,
+                                              start_service: StartService) -> None:
+    """A Q8_0 axl-multiscale GGUF is served on its int8 values (tests/axl_model/test_quantize.py checks the
+    layers in memory); the default AXL_DTYPE=float32 keeps its other tensors float32."""
+    from axl_model import load_checkpoint
+    from axl_model.export.gguf import export_multiscale_gguf
+
+    gguf_file = export_multiscale_gguf(load_checkpoint(tiny_checkpoint), tmp_path / "model-q8_0.gguf", qtype="q8_0")
+    served = start_service(WORKER, worker_env(gguf_file))
+    wait_ready(served.url)
+    body = dict(prompt=PROMPT, max_tokens=8, temperature=0.0, ignore_eos=True)
+    response = generate(served.url, **body).json()
+    assert response["usage"]["completion_tokens"] == 8
+    assert response["text"] == generate(worker.url, **body).json()["text"]
