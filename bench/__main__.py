@@ -11,8 +11,8 @@ import time
 
 import torch
 
-MODULES = ("train_throughput", "distributed_throughput", "quality_per_cpu_minute", "generation_speed", "gateway_latency",
-           "gateway_streams", "chunked_prefill")
+MODULES = ("train_throughput", "distributed_throughput", "quality_per_cpu_minute", "generation_speed", "decode_options",
+           "gateway_latency", "gateway_streams", "chunked_prefill")
 # Run only when named: minutes of traffic against a mesh (load), minutes of 4,096-byte training steps (long_window).
 ON_REQUEST = ("load", "long_window")
 
@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="quality_per_cpu_minute: training seconds per model (default 90)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all CPUs)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
+    parser.add_argument("--checkpoint", help="decode_options: also measure int8's held-out bits/byte cost on this checkpoint")
     load = parser.add_argument_group("load (python -m bench load)")
     load.add_argument("--url", help="a running gateway, e.g. http://127.0.0.1:8880 (default: boot a private mesh)")
     load.add_argument("--api-key", help="bearer key for --url")

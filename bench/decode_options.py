@@ -1,0 +1,151 @@
+"""Decode speed of the serving options (AXL_DTYPE float32, float16, int8) beside llama.cpp, and what int8 costs.
+
+1. micro, batch 1, greedy, 256 tokens after a short prompt: tokens/s of float32, float16 and int8 (weight-only,
+   `axl_model.quantize`), and llama.cpp (llama-cpp-python, same thread count) running the fine-scale llama GGUF
+   export of the same weights at F32 and Q8_0, each ratio to llama.cpp F32. Rounds alternate the contenders;
+   every figure is the range over the rounds (the development VM is shared and noisy).
+2. Decode tokens/s at 256, 2,048 and the full window of context (micro: 1,024 bytes; micro-long: 4,096), for
+   float32 and int8: the prompt fills the window to that length minus the tokens then decoded.
+3. With --checkpoint: held-out bits/byte of that checkpoint in float32 and in int8 on the same bytes (the int8
+   model scored with every matmul on the decode kernel, and again on the prefill path), relative cost.
+
+Random weights for 1 and 2 (speed does not depend on them); greedy, EOS ignored.
+"""
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from axl_model.config import ModelConfig
+from axl_model.model import MultiScaleTransformer
+from axl_model.quantize import int8_kernel_everywhere, quantize_int8
+from axl_model.tokenizer import ByteTokenizer
+
+from .generation_speed import PROMPT, cached_tokens_per_s
+
+TOKENS, ROUNDS = 256, 3
+CONTEXT_TOKENS = 64  # decoded at each context length
+CONTEXTS = (256, 2048, None)  # None: the preset's full window
+QUALITY_BYTES = 65_536  # held-out bytes scored per model (a fixed spread of windows)
+
+
+def _span(values: list[float]) -> str:
+    return f"{min(values):7,.0f}-{max(values):<7,.0f}"
+
+
+def _llama_tokens_per_s(path: Path, prompt: list[int], n: int, context: int) -> float:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=context, n_threads=torch.get_num_threads(), verbose=False)
+    produced, started = 0, None
+    for _ in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        if started is None:
+            started = time.perf_counter()  # after the prompt and the first token, as for ours
+            continue
+        produced += 1
+        if produced == n - 1:
+            break
+    llm.close()
+    return produced / (time.perf_counter() - started)
+
+
+def _llama_exports(model: MultiScaleTransformer, folder: Path) -> dict[str, Path]:
+    """The fine-scale llama GGUF of `model` at F32 and Q8_0 (empty without llama-cpp-python)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("  llama-cpp-python is not installed: no llama.cpp figures (pip install -e .[llama])")
+        return {}
+    from axl_model.export.gguf import export_llama_gguf, quantize_gguf
+
+    f32 = export_llama_gguf(model, folder / "fine-f32.gguf")
+    quantize_gguf(f32, folder / "fine-q8_0.gguf", "q8_0")
+    return {"llama.cpp F32": f32, "llama.cpp Q8_0": folder / "fine-q8_0.gguf"}
+
+
+def batch1(results: dict) -> None:
+    torch.manual_seed(0)
+    model = MultiScaleTransformer(ModelConfig.from_name("micro")).eval()
+    prompt = ByteTokenizer().encode(PROMPT)
+    ours = {"float32": model, "float16": copy.deepcopy(model).half(), "int8": quantize_int8(copy.deepcopy(model))}
+    from axl_model.export.gguf import llama_context_length
+
+    with tempfile.TemporaryDirectory(prefix="axl-bench-") as tmp:
+        exports = _llama_exports(model, Path(tmp))
+        figures: dict[str, list[float]] = {name: [] for name in [*ours, *exports]}
+        for _ in range(ROUNDS):
+            for name, variant in ours.items():
+                figures[name].append(cached_tokens_per_s(variant, [prompt], TOKENS))
+            for name, path in exports.items():
+                figures[name].append(_llama_tokens_per_s(path, prompt, TOKENS, llama_context_length(model.config)))
+    reference = figures.get("llama.cpp F32")
+    print(f"micro, batch 1, {torch.get_num_threads()} thread(s), {TOKENS} greedy tokens, {ROUNDS} rounds (min-max):")
+    for name, values in figures.items():
+        ratios = [v / r for v, r in zip(values, reference or [])]  # within a round: the same machine load
+        ratio = f"  {min(ratios):.2f}-{max(ratios):.2f}x llama.cpp F32 (same round)" if ratios else ""
+        print(f"  {name:15s} {_span(values)} tokens/s{ratio}")
+        results[f"batch1_{name.replace('llama.cpp ', 'llama_cpp_').lower()}_tok_s"] = sum(values) / len(values)
+    int8, f32 = figures["int8"], figures["float32"]
+    print(f"  int8 vs float32: {sum(int8) / sum(f32):.2f}x (means)")
+
+
+def by_context(results: dict) -> None:
+    print(f"decode tokens/s by context ({CONTEXT_TOKENS} tokens decoded up to that many bytes of context; min-max of 2):")
+    for preset in ("micro", "micro-long"):
+        torch.manual_seed(0)
+        model = MultiScaleTransformer(ModelConfig.from_name(preset)).eval()
+        int8 = quantize_int8(copy.deepcopy(model))
+        window = model.config.max_seq_len
+        generator = torch.Generator().manual_seed(1)
+        for length in sorted({context or window for context in CONTEXTS}):
+            if length > window:
+                print(f"  {preset:10s} {length:5,d}: beyond its {window:,}-byte window")
+                continue
+            prompt = torch.randint(32, 127, (length - CONTEXT_TOKENS - 1,), generator=generator).tolist()
+            row = []
+            for name, variant in (("float32", model), ("int8", int8)):
+                values = [cached_tokens_per_s(variant, [prompt], CONTEXT_TOKENS) for _ in range(2)]
+                row.append(f"{name} {_span(values)}")
+                results[f"{preset}_{length}_{name}_tok_s"] = sum(values) / len(values)
+            print(f"  {preset:10s} {length:5,d}: " + "   ".join(row))
+
+
+def quality(checkpoint: Path, results: dict) -> None:
+    from axl_model.checkpoint import load_checkpoint
+    from axl_model.evaluate import held_out_bpb
+
+    float_model = load_checkpoint(checkpoint)
+    int8_model = quantize_int8(load_checkpoint(checkpoint))
+    exact = held_out_bpb(checkpoint, max_bytes=QUALITY_BYTES, model=float_model)["bpb"]
+    with int8_kernel_everywhere():
+        kernel = held_out_bpb(checkpoint, max_bytes=QUALITY_BYTES, model=int8_model)
+    prefill = held_out_bpb(checkpoint, max_bytes=QUALITY_BYTES, model=int8_model)["bpb"]
+    print(f"held-out bits/byte of {checkpoint} ({kernel['bytes']:,} bytes, the same for each):")
+    print(f"  float32 {exact:.4f}")
+    print(f"  int8    {kernel['bpb']:.4f} ({kernel['bpb'] / exact - 1:+.2%}) every matmul on the decode kernel")
+    print(f"  int8    {prefill:.4f} ({prefill / exact - 1:+.2%}) prefill path (float32 on the int8 weights)")
+    results.update(float32_bpb=exact, int8_bpb=kernel["bpb"], int8_prefill_bpb=prefill,
+                   int8_bpb_relative_cost=kernel["bpb"] / exact - 1)
+
+
+def run(args) -> dict:
+    results: dict = {}
+    batch1(results)
+    by_context(results)
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint:
+        quality(Path(checkpoint), results)
+    else:
+        print("(int8's bits/byte cost: python -m bench decode_options --checkpoint DIR)")
+    return results
+
+
+if __name__ == "__main__":
+    from .common import defaults
+
+    torch.set_num_threads(defaults().threads)
+    run(defaults())
