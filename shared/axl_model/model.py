@@ -309,26 +309,28 @@ class Slots:
 
     A cache holds `base` fixed slots (a cross cache's null key) and then a ring of `ring` slots: token j (its
     position, also its RoPE index) lives at slot base + j % ring. Without a local window the ring holds the
-    whole window, so j % ring = j. `write` (ragged rows) marks the rows whose token exists this step.
+    whole window, so j % ring = j. Ragged rows: `write` lists the rows whose token exists this step (None:
+    every row), `top` is the largest index (a Python int, known to the caller without reading a tensor).
     """
 
     def __init__(self, index: torch.Tensor | None, rows: torch.Tensor | None, uniform: int | None,
-                 ring: int, base: int = 0, write: torch.Tensor | None = None) -> None:
+                 ring: int, base: int = 0, write: torch.Tensor | None = None, top: int | None = None) -> None:
         self.index, self.rows, self.uniform = index, rows, uniform  # uniform: shared position when rows agree
-        self.ring, self.base, self.write_rows = ring, base, write
-        self.span = base + min((uniform if uniform is not None else int(index.max())) + 1, ring)
+        self.ring, self.base = ring, base
+        if uniform is None:
+            top = int(index.max()) if top is None else top
+            # Where each writing row's token goes, worked out once for every layer's K and V cache. Only rows
+            # whose token completed write: in a ring, the slot past a row's tokens may hold its oldest token.
+            slots = base + index % ring
+            self.write_rows, self.write_slots = (rows, slots) if write is None else (write, slots[write])
+        self.span = base + min((uniform if uniform is not None else top) + 1, ring)
 
     def write(self, cache: torch.Tensor, value: torch.Tensor) -> None:
         """cache: (B, H, S, D); value: (B, H, 1, D)."""
         if self.uniform is not None:
             cache[:, :, self.base + self.uniform % self.ring] = value[:, :, 0]
         else:
-            # Only rows whose token completed write: in a ring, the slot past a row's tokens may hold its
-            # oldest token, still visible.
-            rows, index, value = self.rows, self.index, value[:, :, 0]
-            if self.write_rows is not None:
-                rows, index, value = rows[self.write_rows], index[self.write_rows], value[self.write_rows]
-            cache[rows, :, self.base + index % self.ring] = value
+            cache[self.write_rows, :, self.write_slots] = value[self.write_rows, :, 0]
 
 
 class ChunkSpan:
@@ -688,7 +690,7 @@ class MultiScaleTransformer(nn.Module):
         if min(lengths_list) == max(lengths_list):
             plan = _UniformPlan(lengths_list[0])
         else:
-            plan = _RaggedPlan(cache.lengths)
+            plan = _RaggedPlan(cache.lengths, lengths_list)
         x = self.embed(tokens)  # (B, C)
         plan.write_ring(cache.recent_embeddings, x)
 
@@ -785,43 +787,69 @@ class _UniformPlan:
 
 
 class _RaggedPlan:
-    """Decode-step bookkeeping for rows of different lengths: per-row slots and masks."""
+    """Decode-step bookkeeping for rows of different lengths: per-row slots and masks.
 
-    def __init__(self, lengths: torch.Tensor) -> None:
+    What depends only on the lengths (which rows complete a group, slot indices, masks) is worked out once per
+    step from the Python list of lengths and shared by every layer and cache that needs it: the step's cost
+    beyond the uniform one is then the medium/coarse stacks running whenever any row completes a group.
+    """
+
+    def __init__(self, lengths: torch.Tensor, lengths_list: list[int]) -> None:
         self.lengths, self.new_lengths = lengths, lengths + 1
+        self.lengths_list = lengths_list
         self.rows = torch.arange(lengths.shape[0], device=lengths.device)
+        self._memo: dict[tuple, object] = {}
+
+    def _once(self, key: tuple, build):
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
     def write_ring(self, ring: torch.Tensor, x: torch.Tensor) -> None:
         ring[self.rows, self.lengths % SCALES[-1]] = x
 
     def any_complete(self, k: int) -> bool:
-        return bool((self.new_lengths % k == 0).any())
+        return any((n + 1) % k == 0 for n in self.lengths_list)
+
+    def _writers(self, k: int) -> torch.Tensor | None:
+        """Rows whose group of k bytes completes this step; None when every row's does."""
+        def build():
+            complete = [row for row, n in enumerate(self.lengths_list) if (n + 1) % k == 0]
+            return None if len(complete) == len(self.lengths_list) else torch.tensor(complete, device=self.rows.device)
+        return self._once(("writers", k), build)
 
     def group(self, ring: torch.Tensor, k: int) -> torch.Tensor:
-        ring_slots = [(self.lengths - i) % SCALES[-1] for i in range(k - 1, -1, -1)]
-        return torch.stack([ring[self.rows, s] for s in ring_slots], 1)
+        offsets = torch.arange(k - 1, -1, -1, device=ring.device)  # oldest byte first
+        return ring[self.rows[:, None], (self.lengths[:, None] - offsets) % SCALES[-1]]  # (B, k, C)
 
     def slot(self, k: int, start: int, ring: int, base: int) -> Slots:
         # Every row computes a token at its next position; only rows whose group completed write it. The
         # others' outputs are discarded, and they attend to the tokens they already hold.
-        return Slots(start + self.lengths // k, self.rows, None, ring, base, write=self.new_lengths % k == 0)
+        index = self._once(("index", k, start), lambda: start + self.lengths // k)
+        return Slots(index, self.rows, None, ring, base, write=self._writers(k), top=start + max(self.lengths_list) // k)
 
     def rope(self, table: torch.Tensor, slot: Slots) -> torch.Tensor:
         return table[slot.index][:, None, None, :]  # (B, 1, 1, D)
 
-    def _mask(self, valid: torch.Tensor, span: int) -> torch.Tensor:
-        return (torch.arange(span, device=valid.device)[None, :] < valid[:, None])[:, None, None, :]  # (B, 1, 1, S)
+    def _valid_mask(self, k: int, start: int, ring: int, base: int, span: int | None = None) -> tuple[int, torch.Tensor]:
+        """(span, mask (B, 1, 1, span)): a row sees its base slots and the tokens it holds, the new one included
+        (a grouped scale always holds its start token, so no row is empty); span: the widest row's, unless given."""
+        def build():
+            valid = [base + min(start + (n + 1) // k, ring) for n in self.lengths_list]
+            width = max(valid) if span is None else span
+            held = torch.tensor(valid, device=self.rows.device)
+            return width, (torch.arange(width, device=self.rows.device)[None, :] < held[:, None])[:, None, None, :]
+        return self._once(("mask", k, start, ring, base, span), build)
 
     def self_mask(self, k: int, start: int, ring: int, span: int) -> torch.Tensor:
-        # (start +) complete tokens so far, the one just written included; a grouped scale always holds its
-        # start token, so no row is empty
-        return self._mask((start + self.new_lengths // k).clamp(max=ring), span)
+        return self._valid_mask(k, start, ring, 0, span)[1]
 
     def visible(self, k: int, start: int, ring: int) -> tuple[int, torch.Tensor]:
-        valid = 1 + (start + self.new_lengths // k).clamp(max=ring)  # null + the key tokens held
-        span = int(valid.max())
-        return span, self._mask(valid, span)
+        return self._valid_mask(k, start, ring, 1)  # null + the key tokens held
 
     def keep_completed(self, target: torch.Tensor, updated: torch.Tensor, k: int) -> None:
-        completed = (self.new_lengths % k == 0)[:, None]
-        target.copy_(torch.where(completed, updated, target))
+        writers = self._writers(k)
+        if writers is None:
+            target.copy_(updated)
+        else:
+            target[writers] = updated[writers]
