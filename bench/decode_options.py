@@ -7,7 +7,8 @@
 2. Decode tokens/s at 256, 2,048 and the full window of context (micro: 1,024 bytes; micro-long: 4,096), for
    float32 and int8: the prompt fills the window to that length minus the tokens then decoded.
 3. With --checkpoint: held-out bits/byte of that checkpoint in float32 and in int8 on the same bytes (the int8
-   model scored with every matmul on the decode kernel, and again on the prefill path), relative cost.
+   model scored with every matmul on the decode kernel, and again on the prefill path; and its Q8_0 multiscale
+   GGUF loaded as the worker loads it), relative cost.
 
 Random weights for 1 and 2 (speed does not depend on them); greedy, EOS ignored.
 """
@@ -124,11 +125,18 @@ def quality(checkpoint: Path, results: dict) -> None:
     with int8_kernel_everywhere():
         kernel = held_out_bpb(checkpoint, max_bytes=QUALITY_BYTES, model=int8_model)
     prefill = held_out_bpb(checkpoint, max_bytes=QUALITY_BYTES, model=int8_model)["bpb"]
+    from axl_model.export.gguf import export_multiscale_gguf, load_gguf_model
+
+    with tempfile.TemporaryDirectory(prefix="axl-bench-") as tmp:  # what the worker serves from a Q8_0 file
+        gguf_model = load_gguf_model(export_multiscale_gguf(float_model, Path(tmp) / "q8_0.gguf", qtype="q8_0"), int8=True)
+    with int8_kernel_everywhere():
+        gguf = held_out_bpb(checkpoint, max_bytes=QUALITY_BYTES, model=gguf_model)["bpb"]
     print(f"held-out bits/byte of {checkpoint} ({kernel['bytes']:,} bytes, the same for each):")
     print(f"  float32 {exact:.4f}")
     print(f"  int8    {kernel['bpb']:.4f} ({kernel['bpb'] / exact - 1:+.2%}) every matmul on the decode kernel")
     print(f"  int8    {prefill:.4f} ({prefill / exact - 1:+.2%}) prefill path (float32 on the int8 weights)")
-    results.update(float32_bpb=exact, int8_bpb=kernel["bpb"], int8_prefill_bpb=prefill,
+    print(f"  Q8_0    {gguf:.4f} ({gguf / exact - 1:+.2%}) multiscale GGUF loaded as the worker does (int8, decode kernel)")
+    results.update(float32_bpb=exact, int8_bpb=kernel["bpb"], int8_prefill_bpb=prefill, q8_0_gguf_bpb=gguf,
                    int8_bpb_relative_cost=kernel["bpb"] / exact - 1)
 
 
