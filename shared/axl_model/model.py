@@ -405,6 +405,21 @@ class KVCache:
             capacity=self.capacity,
         )
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A view of rows [start, stop) (lengths too: a view, not a copy)."""
+        part = slice(start, stop)
+        return KVCache(
+            lengths=self.lengths[part],
+            self_k={s: [t[part] for t in ts] for s, ts in self.self_k.items()},
+            self_v={s: [t[part] for t in ts] for s, ts in self.self_v.items()},
+            cross_k={k: t[part] for k, t in self.cross_k.items()},
+            cross_v={k: t[part] for k, t in self.cross_v.items()},
+            recent_embeddings=self.recent_embeddings[part],
+            fused_medium=self.fused_medium[part],
+            fused_coarse=self.fused_coarse[part],
+            capacity=self.capacity,
+        )
+
     def move_row(self, source: int, target: int) -> None:
         for tensor in self.tensors():
             tensor[target] = tensor[source]
@@ -694,44 +709,47 @@ class MultiScaleTransformer(nn.Module):
         x = self.embed(tokens)  # (B, C)
         plan.write_ring(cache.recent_embeddings, x)
 
-        # 1. Self-attention stacks. Fine always steps; medium/coarse step when some row completes a group.
-        outputs = {}
+        # 1. Self-attention stacks. Fine always steps; medium/coarse step when some row completes a group, on
+        # the rows that do when they are consecutive (a ragged batch ordered by phase), else on every row.
+        outputs, views = {}, {}
         for scale, k in zip(SCALE_NAMES, SCALES):
             if not plan.any_complete(k):
                 continue
+            views[scale] = (p, c) = plan.completing(k, cache)
             if k == 1:
                 token = x[:, None]  # (B, 1, C)
             else:
-                group = plan.group(cache.recent_embeddings, k)  # (B, k, C), oldest byte first
-                token = self.downsample[scale](group.reshape(group.shape[0], 1, -1))  # (B, 1, C_scale)
+                group = p.group(c.recent_embeddings, k)  # (b, k, C), oldest byte first
+                token = self.downsample[scale](group.reshape(group.shape[0], 1, -1))  # (b, 1, C_scale)
             start = 0 if k == 1 else 1  # grouped scales start with their start token
-            ring = cache.self_k[scale][0].shape[2]
-            slot = plan.slot(k, start, ring, base=0)
-            cos, sin = (plan.rope(table, slot) for table in self.rope(scale))
+            ring = c.self_k[scale][0].shape[2]
+            slot = p.slot(k, start, ring, base=0)
+            cos, sin = (p.rope(table, slot) for table in self.rope(scale))
             outputs[scale] = self.stacks[scale].step(
-                token, cos, sin, cache.self_k[scale], cache.self_v[scale], slot, plan.self_mask(k, start, ring, slot.span))
+                token, cos, sin, c.self_k[scale], c.self_v[scale], slot, p.self_mask(k, start, ring, slot.span))
 
         # 2. Key/value projections of the new tokens for the cross attentions that read them.
         for query, key in CROSS_PAIRS:
             if key in outputs:
-                name, k = cross_name(query, key), SCALE_FACTOR[key]
-                ring = cache.cross_k[name].shape[2] - 1
-                slot = plan.slot(k, 0 if k == 1 else 1, ring, base=1)  # after the null slot
-                keys, values = self.cross[name].keys_values(outputs[key])  # (B, H, 1, D)
-                slot.write(cache.cross_k[name], keys)
-                slot.write(cache.cross_v[name], values)
+                (p, c), name, k = views[key], cross_name(query, key), SCALE_FACTOR[key]
+                ring = c.cross_k[name].shape[2] - 1
+                slot = p.slot(k, 0 if k == 1 else 1, ring, base=1)  # after the null slot
+                keys, values = self.cross[name].keys_values(outputs[key])  # (b, H, 1, D)
+                slot.write(c.cross_k[name], keys)
+                slot.write(c.cross_v[name], values)
 
         # 3. Cross-scale updates of the new tokens, then fusion at the fine position.
         def cross_update(query: str, key: str, x_query: torch.Tensor) -> torch.Tensor:
-            name, k = cross_name(query, key), SCALE_FACTOR[key]
-            span, mask = plan.visible(k, 0 if k == 1 else 1, cache.cross_k[name].shape[2] - 1)
-            return self.cross[name].attend(x_query, cache.cross_k[name][:, :, :span], cache.cross_v[name][:, :, :span], mask)
+            (p, c), name, k = views[query], cross_name(query, key), SCALE_FACTOR[key]
+            span, mask = p.visible(k, 0 if k == 1 else 1, c.cross_k[name].shape[2] - 1)
+            return self.cross[name].attend(x_query, c.cross_k[name][:, :, :span], c.cross_v[name][:, :, :span], mask)
 
-        for scale, target in (("medium", cache.fused_medium), ("coarse", cache.fused_coarse)):
+        for scale in ("medium", "coarse"):
             if scale in outputs:
-                others = [s for s in SCALE_NAMES if s != scale]
+                (p, c), others = views[scale], [s for s in SCALE_NAMES if s != scale]
                 updated = outputs[scale] + sum(cross_update(scale, other, outputs[scale]) for other in others)
-                plan.keep_completed(target, self.fusion.to_fine_width(scale, updated)[:, 0], SCALE_FACTOR[scale])
+                target = c.fused_medium if scale == "medium" else c.fused_coarse
+                p.keep_completed(target, self.fusion.to_fine_width(scale, updated)[:, 0], SCALE_FACTOR[scale])
         fine = outputs["fine"]
         fine = fine + cross_update("fine", "medium", fine) + cross_update("fine", "coarse", fine)
         fused = self.fusion(fine, cache.fused_medium[:, None], cache.fused_coarse[:, None])
@@ -785,6 +803,9 @@ class _UniformPlan:
     def keep_completed(self, target: torch.Tensor, updated: torch.Tensor, k: int) -> None:
         target.copy_(updated)  # only called when the group completed (for every row alike)
 
+    def completing(self, k: int, cache: KVCache) -> tuple["_UniformPlan", KVCache]:
+        return self, cache  # every row completes its group together
+
 
 class _RaggedPlan:
     """Decode-step bookkeeping for rows of different lengths: per-row slots and masks.
@@ -810,6 +831,18 @@ class _RaggedPlan:
 
     def any_complete(self, k: int) -> bool:
         return any((n + 1) % k == 0 for n in self.lengths_list)
+
+    def completing(self, k: int, cache: KVCache) -> tuple["_UniformPlan | _RaggedPlan", KVCache]:
+        """The plan and cache rows a scale of k bytes per token steps on: the rows that complete a group when
+        they are consecutive (their K/V reads and matmuls only), else every row (the others' outputs dropped)."""
+        complete = [row for row, n in enumerate(self.lengths_list) if (n + 1) % k == 0]
+        first, stop = complete[0], complete[-1] + 1
+        if len(complete) == len(self.lengths_list) or stop - first != len(complete):
+            return self, cache
+        lengths = self.lengths_list[first:stop]
+        part = (_UniformPlan(lengths[0]) if min(lengths) == max(lengths)
+                else _RaggedPlan(self.lengths[first:stop], lengths))
+        return part, cache.rows(first, stop)
 
     def _writers(self, k: int) -> torch.Tensor | None:
         """Rows whose group of k bytes completes this step; None when every row's does."""

@@ -193,3 +193,25 @@ def test_removing_a_sequence_while_its_prompt_is_read_frees_its_row(generator):
 def test_prefill_chunk_must_be_a_multiple_of_4(generator):
     with pytest.raises(ValueError, match="multiple of 4"):
         BatchDecoder(generator.model, prefill_chunk=6)
+
+
+def test_ragged_rows_stay_in_phase_order_and_decode_exactly_as_they_join_and_leave(generator):
+    """Rows are kept ordered by length mod 4 (so a step's medium/coarse work covers consecutive rows only) through
+    joins (direct and chunked) and departures, and every sequence decodes as it does alone."""
+    decoder = BatchDecoder(generator.model, max_batch=5, prefill_chunk=8)
+    prompts = [list(range(40, 40 + n)) for n in (3, 14, 6, 9, 1, 20, 11, 4, 17, 7)]
+    budgets = [5, 31, 12, 40, 8, 22, 3, 27, 15, 33]
+    pending = list(zip(prompts, budgets))
+    sequences = []
+    while pending or decoder.active or decoder.prefilling:
+        while pending and decoder.free_rows:
+            prompt, budget = pending.pop(0)
+            sequence, _ = decoder.add(prompt, SamplingParams(max_tokens=budget, temperature=0.0, stop_at_eos=False))
+            sequences.append((prompt, budget, sequence))
+        decoder.advance_prefill()
+        decoder.step()
+        assert decoder._in_phase_order()
+        assert [s.row for s in decoder.active] == list(range(len(decoder.active)))
+    for prompt, budget, sequence in sequences:
+        params = SamplingParams(max_tokens=budget, temperature=0.0, stop_at_eos=False)
+        assert sequence.generated == generator.generate(prompt, params).token_ids
