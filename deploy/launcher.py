@@ -47,6 +47,7 @@ import httpx
 import yaml
 
 from axl_mesh.advertise import check_advertise_host
+from axl_mesh.advertise import is_loopback, is_wildcard
 from axl_mesh.process import set_parent_death_signal
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -662,9 +663,7 @@ class Mesh:
     def check_exposure(self) -> None:
         """Fail before starting anything when the gateway would refuse to start (open on a routable address),
         instead of restarting it with backoff forever."""
-        from services.api_gateway.exposure import is_loopback_bind
-
-        if (self.config.api_keys or os.environ.get("AXL_API_KEYS") or is_loopback_bind(self.config.host)
+        if (self.config.api_keys or os.environ.get("AXL_API_KEYS") or is_loopback(self.config.host)
                 or os.environ.get("AXL_ALLOW_OPEN", "").strip().lower() in {"1", "true", "yes", "on"}):
             return
         raise RuntimeError(
@@ -784,7 +783,7 @@ class Mesh:
 
 
 def _connect_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    return "127.0.0.1" if is_wildcard(host) else host
 
 
 def _redact(url: str) -> str:

@@ -13,11 +13,11 @@ With ``AXL_API_KEYS`` set every /v1 call needs a key and nothing here applies. W
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from axl_mesh.advertise import is_loopback as is_loopback_bind  # binding it serves this machine only
 from axl_mesh.errors import APIError, ErrorType
 from services.api_gateway.settings import Settings
 
@@ -28,17 +28,6 @@ LOOPBACK_HOST_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 class ExposureRefused(RuntimeError):
     """The gateway would serve anyone on a non-loopback address without having been told to."""
-
-
-def is_loopback_bind(host: str) -> bool:
-    """Whether binding ``host`` serves this machine only (127.0.0.0/8, ::1, localhost); wildcards are not."""
-    host = host.strip().strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # another name could resolve to anything
 
 
 def host_check_needed(settings: Settings) -> bool:
