@@ -274,14 +274,6 @@ def _free_uid(reserved: set[int]) -> int:
     return random.SystemRandom().choice(candidates)
 
 
-def _kill_uid(uid: int) -> None:
-    """SIGKILL every process that runs as `uid` (kill(-1) as that uid spares only the caller itself)."""
-    setpriv, kill = shutil.which("setpriv"), shutil.which("kill")
-    if setpriv and kill:
-        subprocess.run([setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", kill, "-9", "-1"],
-                       capture_output=True, timeout=30)
-
-
 class _CappedReader(threading.Thread):
     """Drains a pipe so the child never blocks on it, keeping only the first `limit` bytes."""
 
@@ -398,9 +390,7 @@ def run_untrusted(
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
-        _kill_group(proc.pid)
-        if uid is not None:
-            _kill_uid(uid)
+        _kill_group(proc.pid)  # bwrap dies; its pid namespace, and every process of the run, dies with it
         proc.wait()
         for reader in readers:
             reader.join(timeout=5)
