@@ -7,7 +7,8 @@
 Inputs are files, folders (searched recursively) or globs of `.py`/`.txt` and `.jsonl`. A raw file becomes
 BOS + its bytes + EOS. A `.jsonl` line with `source_code`/`target_code` (or `prompt`/`completion`) becomes prompt
 bytes + target bytes + EOS, and the loss mask covers the target (and EOS) only; a line that names a known
-`specialist` is rendered with that specialist's prompt layout, and a line with `text` is a raw document.
+`specialist` is rendered with that specialist's prompt layout, and a line with `text` is a raw document. The record
+format and its one parser live in `axl_mesh.training_records` (the gateway checks uploads with the same parser).
 
 Quality filter: line count within [min_lines, max_lines], `.py` files must parse (`ast`), exact duplicates are
 dropped (by content hash, first kept). Near-duplicates (line-set Jaccard >= 0.8, found by MinHash with LSH
@@ -42,6 +43,15 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+
+from axl_mesh.training_records import (
+    CodePair,
+    CompletionPair,
+    TrainingRecord,
+    TrainingRecordError,
+    jsonl_lines,
+    parse_training_record,
+)
 
 from .tokenizer import BOS_ID, EOS_ID, FIM_MIDDLE_ID, FIM_PREFIX_ID, FIM_SUFFIX_ID
 
@@ -216,23 +226,18 @@ def _pair_document(split_key: str, prompt: str, target: str) -> Document:
     return Document(split_key, tokens, mask, hashlib.sha1(b"%d\0" % len(p) + p + t).hexdigest())
 
 
-def _render_record(record: dict, where: str) -> tuple[str, str] | str:
+def _render_record(record: TrainingRecord) -> tuple[str, str] | str:
     """(prompt, target) for a pair record, or the text of a raw record."""
-    if "source_code" in record and "target_code" in record:
-        source, target = record["source_code"], record["target_code"]
-        specialist = record.get("specialist")
-        if specialist:
+    if isinstance(record, CodePair):
+        if record.specialist:
             from .specialists import SPECIALISTS
 
-            if specialist in SPECIALISTS:
-                return SPECIALISTS[specialist].render_pair(source, target)
-        return source, target
-    if "prompt" in record and "completion" in record:
-        return record["prompt"], record["completion"]
-    if "text" in record:
-        return record["text"]
-    raise ValueError(f"{where}: a .jsonl line needs source_code/target_code, prompt/completion or text; "
-                     f"got keys {sorted(record)[:6]}")
+            if record.specialist in SPECIALISTS:
+                return SPECIALISTS[record.specialist].render_pair(record.source_code, record.target_code)
+        return record.source_code, record.target_code
+    if isinstance(record, CompletionPair):
+        return record.prompt, record.completion
+    return record.text
 
 
 def read_documents(file: Path, relpath: str, filters: FilterConfig, rejected: dict[str, int]) -> Iterator[Document]:
@@ -243,18 +248,15 @@ def read_documents(file: Path, relpath: str, filters: FilterConfig, rejected: di
         rejected["unreadable"] += 1
         return
     if file.suffix in JSONL_SUFFIXES:
-        for line_no, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+        for line_no, line in jsonl_lines(data.decode("utf-8", errors="replace")):
             if not line.strip():
                 continue
-            where = f"{file}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where} is not valid JSON: {exc}") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: each .jsonl line must be a JSON object")
-            rendered = _render_record(record, where)
-            key = f"{relpath}::{record.get('file', line_no)}"
+            try:  # the gateway's upload check runs the same parser: what it let in, this reads
+                record = parse_training_record(line)
+            except TrainingRecordError as exc:
+                raise ValueError(f"{file}:{line_no}: {exc}") from None
+            rendered = _render_record(record)
+            key = f"{relpath}::{line_no if record.file is None else record.file}"
             if isinstance(rendered, str):
                 yield _raw_document(key, rendered.encode("utf-8"))
             else:

@@ -1,15 +1,14 @@
 """Files for fine-tuning (OpenAI's Files API): upload with validation, list, retrieve, download, delete.
 
-A ``.jsonl`` upload must hold one JSON object per line with ``source_code``/``target_code``, ``prompt``/``completion``
-or ``text`` (strings); anything else is plain text or code. Every upload is checked now (size, UTF-8, empty,
-each JSONL line), so a bad file fails here with the line named, not hours later in the trainer. The upload is
-copied to its file one line at a time as it is checked: never the whole file in memory, let alone as bytes, text
-and a list of lines at once.
+A ``.jsonl`` upload must hold one training record per line (``axl_mesh.training_records``: ``source_code``/
+``target_code``, ``prompt``/``completion`` or ``text``), checked by the parser the trainer reads it with; anything
+else is plain text or code. Every upload is checked now (size, UTF-8, empty, each JSONL line), so a bad file fails
+here with the line named, not hours later in the trainer. The upload is copied to its file one line at a time as it
+is checked: never the whole file in memory, let alone as bytes, text and a list of lines at once.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +21,11 @@ from axl_mesh.errors import APIError, InvalidRequestError, NotFoundError
 from axl_mesh.jobs import JobsSettings, JobStore, new_id, now, open_store, rq_connection, valid_id
 from axl_mesh.jobs_protocol import FileDeleted, FileList, FileObject, FilePurpose
 from axl_mesh.model_store import ModelStore
+from axl_mesh.training_records import TrainingRecordError, jsonl_line, parse_training_record
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 FILE = "file"
-PAIR_KEYS = (("source_code", "target_code"), ("prompt", "completion"))
 
 
 # --- the job system as the gateway's routes see it (shared by the files, fine-tuning and quantization routes) ---
@@ -74,8 +73,9 @@ def get_file_record(ctx: JobsContext, file_id: str, param: str = "file_id") -> d
 class UploadCheck:
     """Validates an upload one line at a time as it is copied, so only one line is ever in memory.
 
-    Lines are split at ``\\n`` (a UTF-8 continuation byte is never ``\\n``) and then as ``str.splitlines`` does,
-    which is how the trainer reads them, so the line numbers in errors are the trainer's.
+    Lines are split at ``\\n`` (a UTF-8 continuation byte is never ``\\n``); a JSONL line is then one line, as
+    the trainer reads it (``axl_mesh.training_records.jsonl_lines``), and a text file's lines are split further as
+    ``str.splitlines`` does (its line count), so the line numbers in errors are the trainer's.
     """
 
     def __init__(self, filename: str, limit: int) -> None:
@@ -101,13 +101,15 @@ class UploadCheck:
             raise InvalidRequestError(
                 f"File is not valid UTF-8: line {self.lines + 1}, byte offset {offset + exc.start}.",
                 param="file", code="invalid_encoding") from None
-        for line in text.removesuffix("\n").splitlines() or [""]:
+        lines = [jsonl_line(text)] if self.jsonl else text.removesuffix("\n").splitlines() or [""]
+        for line in lines:
             self.lines += 1
             if self.jsonl and line.strip():
-                problem = _jsonl_problem(line)
-                if problem:
-                    raise InvalidRequestError(f"Invalid JSONL on line {self.lines}: {problem}", param="file",
-                                              code="invalid_jsonl")
+                try:  # the trainer's own parser: a line it would refuse is refused now
+                    parse_training_record(line)
+                except TrainingRecordError as exc:
+                    raise InvalidRequestError(f"Invalid JSONL on line {self.lines}: {exc}", param="file",
+                                              code="invalid_jsonl") from None
                 self.records += 1
 
     def result(self) -> tuple[str, int]:
@@ -125,28 +127,6 @@ def copy_checked(source: BinaryIO, target: BinaryIO, filename: str, limit: int) 
         target.write(raw)
     fmt, lines = check.result()
     return fmt, lines, check.size
-
-
-def _jsonl_problem(line: str) -> str | None:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        return f"not valid JSON ({exc.msg} at column {exc.colno})."
-    except RecursionError:
-        return "JSON nested too deeply."
-    except ValueError as exc:  # e.g. an integer with more digits than Python converts
-        return f"not valid JSON ({exc})."
-    if not isinstance(record, dict):
-        return "each line must be a JSON object."
-    for first, second in PAIR_KEYS:
-        if first in record or second in record:
-            if not (isinstance(record.get(first), str) and isinstance(record.get(second), str)):
-                return f"'{first}' and '{second}' must both be strings."
-            return None
-    if isinstance(record.get("text"), str):
-        return None
-    return ("needs 'source_code'/'target_code', 'prompt'/'completion' or 'text'; got keys "
-            f"{sorted(record)[:6]}.")
 
 
 # --- routes ---------------------------------------------------------------------------------------------------------
