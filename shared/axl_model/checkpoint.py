@@ -157,6 +157,25 @@ def load_config(path: str | Path) -> ModelConfig:
         raise CheckpointError(f"{config_file}: {exc}") from None
 
 
+RELEASE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def export_release(source: str | Path, out: str | Path, dtype: str = "float16") -> Path:
+    """A serving copy of checkpoint `source` in folder `out`: its weights cast to `dtype`, its config and metadata.
+
+    No optimizer state (it is 2-3x the weights and only training needs it), so the shipped default model stays small
+    enough for git. The metadata keeps the training split (what `axl eval` scores and refuses to score) and records
+    where the copy came from; loading casts the weights back to the model's float32, so a release serves and
+    evaluates like any checkpoint.
+    """
+    if dtype not in RELEASE_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(RELEASE_DTYPES)}")
+    model = load_checkpoint(source)
+    metadata = load_metadata(source)
+    metadata["release"] = {"source": str(source), "source_step": metadata.get("step"), "dtype": dtype}
+    return save_checkpoint(model.to(RELEASE_DTYPES[dtype]), out, metadata=metadata)
+
+
 def load_training_state(path: str | Path) -> dict[str, Any] | None:
     """The training state saved with the checkpoint, or None if it was saved without one."""
     path = _resolve(Path(path))

@@ -155,3 +155,27 @@ def test_an_untied_head_must_be_stored(tmp_path):
     assert load_checkpoint(tmp_path / "ck").config.tie_embeddings is False
     _edit_config(tmp_path / "ck", tie_embeddings=True)  # then lm_head.weight is optional, and must still fit
     load_checkpoint(tmp_path / "ck")
+
+
+def test_release_export_is_half_the_weights_without_optimizer_state_and_serves_alike(model, tmp_path):
+    from safetensors import safe_open
+
+    from axl_model.export.cli import main as export_main
+
+    optimizer = torch.optim.AdamW(model.parameters())
+    split = {"val_files": ["json/decoder.py"], "val_fraction": 0.05}
+    source = save_checkpoint(model, tmp_path / "ck", training_state={"step": 3, "optimizer": optimizer.state_dict()},
+                             metadata={"step": 3, "split": split})
+    assert export_main(["release", str(source), "--out", str(tmp_path / "rel")]) == 0
+    release = tmp_path / "rel"
+    assert {p.name for p in release.iterdir()} == {"model.safetensors", "config.json", "metadata.json"}
+    with safe_open(str(release / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    metadata = json.loads((release / "metadata.json").read_text())
+    assert metadata["split"] == split  # axl eval still scores (and refuses) by the training split
+    assert metadata["release"] == {"source": str(source), "source_step": 3, "dtype": "float16"}
+    loaded = load_checkpoint(release)
+    assert next(loaded.parameters()).dtype == torch.float32  # cast back on load: serves like any checkpoint
+    ids = torch.randint(0, 256, (1, 40))
+    assert torch.allclose(model.eval()(ids), loaded(ids), atol=5e-2)
+    assert export_main(["release", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2

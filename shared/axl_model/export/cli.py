@@ -1,4 +1,5 @@
-"""`axl export gguf CHECKPOINT --type q4_k_m [--kind llama|multiscale|both] [--out DIR]`."""
+"""`axl export gguf CHECKPOINT --type q4_k_m [--kind llama|multiscale|both] [--out DIR]` and
+`axl export release CHECKPOINT --out DIR [--dtype float16]`."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,15 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     gguf.add_argument("--json", action="store_true", help="print the report as JSON")
     gguf.add_argument("--verbose", action="store_true", help="list every tensor's type")
     gguf.set_defaults(func=run_export_gguf)
+    release = formats.add_parser(
+        "release", help="a serving copy of a checkpoint: float16 weights, config and metadata, no optimizer state",
+        description="Write a checkpoint folder that serves and evaluates like the source but holds only the weights "
+                    "(cast to --dtype), config.json and metadata.json (the training split included): the form the "
+                    "shipped default model takes in weights/.")
+    release.add_argument("checkpoint", type=Path, help="checkpoint folder")
+    release.add_argument("--out", type=Path, required=True, help="output folder (replaced atomically)")
+    release.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    release.set_defaults(func=run_export_release)
     return export
 
 
@@ -50,6 +60,19 @@ def run_export_gguf(args: argparse.Namespace) -> int:
         print(f"axl export gguf: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.render(verbose=args.verbose))
+    return 0
+
+
+def run_export_release(args: argparse.Namespace) -> int:
+    from ..checkpoint import CheckpointError, export_release
+
+    try:
+        out = export_release(args.checkpoint, args.out, dtype=args.dtype)
+    except (CheckpointError, ValueError) as exc:
+        print(f"axl export release: error: {exc}", file=sys.stderr)
+        return 2
+    size = (out / "model.safetensors").stat().st_size
+    print(f"{out}: {args.dtype} weights, {size / 2**20:.1f} MiB")
     return 0
 
 
