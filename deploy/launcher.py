@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import itertools
 import os
 import secrets
@@ -46,8 +47,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import yaml
 
-from axl_mesh.advertise import check_advertise_host
-from axl_mesh.advertise import is_loopback, is_wildcard
+from axl_mesh.advertise import check_advertise_host, is_loopback, is_wildcard, url_host
 from axl_mesh.process import set_parent_death_signal
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +93,9 @@ class MeshConfig:
     host: str = "127.0.0.1"
     advertise_host: str | None = None  # AXL_ADVERTISE_HOST of every service: the name other hosts reach this one by
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # The address the redis-server the launcher starts listens on: loopback by default; 0.0.0.0 or this host's LAN
+    # address lets a trainer, quantizer or registry on another machine log in (README "Across machines").
+    redis_bind: str = "127.0.0.1"
     registry_port: int = 8900
     gateway_port: int = 8880
     api_keys: tuple[str, ...] = ()
@@ -188,6 +191,12 @@ class MeshConfig:
                 claim(port, "queue worker (queue_worker_port_start)")
         if urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
             problems.append(f"redis_url must be a redis:// URL, got {_redact(self.redis_url)!r}")
+        try:  # redis-server binds addresses, not names; IPv4 only, as the Redis URLs the launcher builds are
+            if ipaddress.ip_address(str(self.redis_bind)).version != 4:
+                raise ValueError
+        except ValueError:
+            problems.append(f"redis_bind must be an IPv4 address (127.0.0.1, 0.0.0.0, this host's LAN address), "
+                            f"got {self.redis_bind!r}")
         if self.advertise_host is not None:
             try:
                 check_advertise_host(str(self.advertise_host))
@@ -341,15 +350,17 @@ class LocalRedis:
     line, which every local user can read); ``urls`` holds each user's login, ``url`` the jobs user's.
     """
 
-    def __init__(self, wanted_url: str, data_dir: Path, console: Console) -> None:
+    def __init__(self, wanted_url: str, data_dir: Path, console: Console, bind: str = "127.0.0.1") -> None:
         from axl_mesh.redis_acl import JOBS_USER
 
         parts = urlsplit(wanted_url)
         wanted_port = parts.port or 6379
-        self.port = wanted_port if port_is_free(wanted_port) else free_port()
+        self.bind = bind
+        host = _connect_host(bind)  # the services on this machine connect here
+        self.port = wanted_port if port_is_free(wanted_port, host) else free_port(host)
         db = parts.path or "/0"
         self.passwords = redis_passwords(data_dir)
-        self.urls = redis_user_urls(urlunsplit(("redis", f"127.0.0.1:{self.port}", db, "", "")), self.passwords)
+        self.urls = redis_user_urls(urlunsplit(("redis", f"{host}:{self.port}", db, "", "")), self.passwords)
         self.url = self.urls[JOBS_USER]
         self.data_dir = data_dir
         self.console = console
@@ -364,7 +375,7 @@ class LocalRedis:
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [binary, "-", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
+            [binary, "-", "--port", str(self.port), "--bind", self.bind, "--dir", str(self.data_dir),
              "--appendonly", "yes", "--save", "", "--loglevel", "warning"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=die_with_launcher(signal.SIGTERM),  # redis-server flushes its append-only file and exits
@@ -556,10 +567,15 @@ class Mesh:
             self.console.say(f"using the Redis at {_redact(wanted)} (this state folder's users)")
         else:
             self.console.say(f"no Redis answers at {_redact(wanted)}; starting a local redis-server")
-            self.redis = LocalRedis(wanted, redis_dir, self.console).start()
+            self.redis = LocalRedis(wanted, redis_dir, self.console, bind=cfg.redis_bind).start()
             self.redis_urls = self.redis.urls
             self.console.say(f"redis-server is up at {_redact(self.redis.url)} with a user per service "
                              f"({', '.join(self.redis_urls)}; append-only file in {self.redis.data_dir})")
+            if not is_loopback(cfg.redis_bind):
+                self.console.say(f"redis-server listens on {cfg.redis_bind}:{self.redis.port} (redis_bind) for "
+                                 f"services on other hosts: each logs in as its user with the password in "
+                                 f"{redis_dir}/<user>.password; RESP is plain text, so keep it on a trusted LAN "
+                                 f"or VPN")
         self.secret = os.environ.get("AXL_REGISTRY_SECRET", "")
         if not self.secret:
             self.secret = secrets.token_urlsafe(24)
@@ -698,14 +714,27 @@ class Mesh:
                 raise RuntimeError(f"not healthy within {self.config.health_timeout_seconds:.0f}s: {names}")
             self.stop_event.wait(0.25)
 
+    def gateway_urls(self) -> tuple[str, str | None]:
+        """The gateway's base URL for the banner, the one other hosts should call (the advertised host:
+        ``advertise_host``, else ``AXL_ADVERTISE_HOST``, which the services inherit too; else the bind address when
+        it is one), and, for a wildcard bind, the loopback URL that works on this machine too (None if the same)."""
+        cfg = self.config
+        advertised = cfg.advertise_host or os.environ.get("AXL_ADVERTISE_HOST", "").strip() or None
+        local = f"http://{url_host(_connect_host(cfg.host))}:{cfg.gateway_port}/v1"
+        if advertised is None or is_loopback(cfg.host):  # a loopback bind is reachable here only, whatever it says
+            return local, None
+        return f"http://{url_host(str(advertised))}:{cfg.gateway_port}/v1", local if is_wildcard(cfg.host) else None
+
     def announce(self) -> None:
         cfg = self.config
-        base = f"http://{_connect_host(cfg.host)}:{cfg.gateway_port}/v1"
+        base, local = self.gateway_urls()
         model = f"axl-{cfg.workers[0].specialist}" if cfg.workers else "axl-coder"
         if cfg.workers and cfg.workers[0].model_id:
             model = cfg.workers[0].model_id
         auth = " -H 'Authorization: Bearer $AXL_API_KEY'" if (cfg.api_keys or os.environ.get("AXL_API_KEYS")) else ""
         self.console.banner(f"\nAXL mesh is up: {base}  (OpenAI-compatible; Ctrl-C stops everything)")
+        if local is not None:
+            self.console.banner(f"  on this machine also: {local}")
         self.console.banner(
             f"  curl {base}/completions -H 'Content-Type: application/json'{auth} \\\n"
             f"       -d '{{\"model\": \"{model}\", \"prompt\": \"def fibonacci(n):\", \"max_tokens\": 64}}'\n"
