@@ -15,6 +15,7 @@ failed registry and the worker keeps running.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 from axl_mesh.jobs import JobKind, JobStore, now, open_job
 from axl_mesh.jobs_protocol import JobStatus
 from axl_mesh.model_store import ModelStore, fine_tuned_name
+from services.trainer_worker.group import NotEnoughWorkers, coordinate, is_group_loss
 from services.trainer_worker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -122,8 +124,11 @@ def run_training_job(job_id: str) -> dict[str, Any]:
 
     model_name = fine_tuned_name(record["base_preset"], record.get("suffix"), job_id)
     try:
-        result = _train(settings, store, record, out_dir, model_name)
+        result = _train(settings, store, record, out_dir, model_name, attempt)
     except BaseException as exc:
+        if int(record["hyperparameters"].get("workers") or 1) > 1 and is_group_loss(exc) \
+                and _requeue_after_group_loss(store, job_id, exc, out_dir):
+            raise  # RQ puts the job back on its queue (a retry is left)
         _fail(store, job_id, exc, started)
         raise
 
@@ -156,9 +161,10 @@ def run_training_job(job_id: str) -> dict[str, Any]:
     return {"status": "succeeded", "model": model_name, "steps": result.steps, "val_bpb": result.val_bpb}
 
 
-def _train(settings: Settings, store: JobStore, record: dict[str, Any], out_dir: Path, model_name: str) -> Any:
+def train_config(settings: Settings, store: JobStore, record: dict[str, Any], out_dir: Path) -> Any:
+    """The ``axl_model.train.TrainConfig`` of a job (a group's members take rank 0's; see ``group``)."""
     from axl_model.optim import DEFAULT_LR
-    from axl_model.train import TrainCallbacks, TrainConfig, train
+    from axl_model.train import TrainConfig
 
     hp = record["hyperparameters"]
     optimizer = hp.get("optimizer") or "lion"
@@ -168,7 +174,7 @@ def _train(settings: Settings, store: JobStore, record: dict[str, Any], out_dir:
     init_from = None
     if record["base_kind"] == "store":
         init_from = str(ModelStore(settings.resolved_model_store_dir).path(record["model"]))
-    config = TrainConfig(
+    return TrainConfig(
         out_dir=str(out_dir),
         preset=record["base_preset"],
         init_from=init_from,
@@ -190,10 +196,39 @@ def _train(settings: Settings, store: JobStore, record: dict[str, Any], out_dir:
         min_lines=1,  # an uploaded plain-text file is one document, however short
         check_ram=True,
     )
+
+
+def _train(settings: Settings, store: JobStore, record: dict[str, Any], out_dir: Path, model_name: str,
+           attempt: int) -> Any:
+    """Train as rank 0 of the job's group (alone unless ``hyperparameters.workers`` > 1)."""
+    from axl_model.train import TrainCallbacks, train
+
+    config = train_config(settings, store, record, out_dir)
     progress = _Progress(store, record["id"], model_name)
     callbacks = TrainCallbacks(on_step=progress.on_step, on_eval=progress.on_eval,
                                on_checkpoint=progress.on_checkpoint, should_stop=progress.should_stop)
-    return train(config, callbacks)
+    with coordinate(settings, store, record, attempt, config.to_dict()) as group:
+        return train(config, callbacks, group=group)
+
+
+def _requeue_after_group_loss(store: JobStore, job_id: str, exc: BaseException, folder: Path) -> bool:
+    """A rank of the job's group died or went silent: requeue the job through RQ's retries (the next attempt forms
+    a new group and resumes from the last checkpoint) and say so. False when no retry is left."""
+    from rq import get_current_job
+
+    job = get_current_job()
+    if job is None or not job.retries_left:
+        return False
+    step = _checkpoint_step(folder)
+    where = f"the checkpoint at step {step}" if step is not None else "the start (no checkpoint yet)"
+    # gloo's message starts with its source file ("[.../pair.cc:553] Connection closed by peer [addr]:port. ...")
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+    reason = reason.split(". ")[0].rstrip(".")
+    store.set_status(FT, job_id, JobStatus.QUEUED)
+    store.add_event(job_id, f"The training group lost a rank ({reason}); requeued ({job.retries_left - 1} retries "
+                            f"left). The next attempt forms a new group and resumes from {where}.",
+                    level="warn", data={"resume_step": step, "error": str(exc)[:500]})
+    return True
 
 
 def _fail(store: JobStore, job_id: str, exc: BaseException, started: float) -> None:
@@ -203,7 +238,9 @@ def _fail(store: JobStore, job_id: str, exc: BaseException, started: float) -> N
     job = get_current_job()
     if job is not None:
         job.retries_left = 0
-    if isinstance(exc, ValueError):
+    if isinstance(exc, NotEnoughWorkers):
+        code, message = exc.code, str(exc)
+    elif isinstance(exc, ValueError):
         code, message = "invalid_training_job", str(exc)
     elif isinstance(exc, MemoryError):
         code, message = "out_of_memory", "The trainer ran out of memory; lower batch_size or seq_len."

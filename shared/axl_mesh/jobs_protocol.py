@@ -10,13 +10,14 @@ from enum import StrEnum
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
 
 # Ids we mint; validated wherever they come back from a client (they name Redis keys and files, never raw paths).
 FILE_ID_PATTERN = r"^file-[0-9a-f]{24}$"
 FT_JOB_ID_PATTERN = r"^ftjob-[0-9a-f]{24}$"
 QUANT_JOB_ID_PATTERN = r"^qjob-[0-9a-f]{24}$"
 SUFFIX_PATTERN = r"^[A-Za-z0-9_-]{1,40}$"
+MAX_TRAIN_WORKERS = 64  # hyperparameters.workers: trainer workers in one job's torch.distributed group
 
 
 class FilePurpose(StrEnum):
@@ -123,6 +124,19 @@ class Hyperparameters(BaseModel):
     seq_len: Annotated[int, Field(ge=8, le=65536)] | None = None
     specialist: Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,40}$")] | None = None
     checkpoint_interval: Annotated[int, Field(ge=1)] | None = None
+    # Trainer workers that train the job together as one torch.distributed group (batch_size is per worker), and
+    # the fewest it may start with when no more join within AXL_TRAIN_GROUP_TIMEOUT_SECONDS (None: 1, run with what
+    # it has; = workers: fail instead). JSON integers only: a group size is never "2.5" or true.
+    workers: Annotated[int, Field(ge=1, le=MAX_TRAIN_WORKERS, strict=True)] = 1
+    min_workers: Annotated[int, Field(ge=1, le=MAX_TRAIN_WORKERS, strict=True)] | None = None
+
+    @field_validator("min_workers")
+    @classmethod
+    def _min_within_workers(cls, value: int | None, info: ValidationInfo) -> int | None:
+        workers = info.data.get("workers")
+        if value is not None and workers is not None and value > workers:
+            raise ValueError(f"min_workers ({value}) cannot exceed workers ({workers})")
+        return value
 
     def resolved_batch_size(self, default: int = 8) -> int:
         return default if self.batch_size == "auto" else int(self.batch_size)
@@ -169,6 +183,8 @@ class HyperparametersOut(BaseModel):
     seq_len: int | None = None
     specialist: str | None = None
     checkpoint_interval: int | None = None
+    workers: int = 1
+    min_workers: int | None = None
 
 
 class JobProgress(BaseModel):

@@ -1,8 +1,9 @@
 """Jobs shared by the gateway and the workers: settings, queue names, Redis keys, job records and events, the
 reaper that recovers jobs of dead workers, and the Prometheus collector of the job system. Imports no torch.
 
-One module per concern (``names``, ``settings``, ``store``, ``queues``, ``reaper``, ``metrics``, ``worker``,
-``memory``); this package re-exports their public names, so ``from axl_mesh.jobs import X`` is the import to use.
+One module per concern (``names``, ``settings``, ``store``, ``groups``, ``queues``, ``reaper``, ``metrics``,
+``worker``, ``memory``); this package re-exports their public names, so ``from axl_mesh.jobs import X`` is the
+import to use.
 
 Who writes what:
 - the gateway creates a record (``validating_files`` -> ``queued``) and enqueues an RQ job whose id is the
@@ -16,9 +17,9 @@ Who writes what:
   cancellation: a running job whose cancel flag is older than the grace period gets RQ's stop-job command.
 
 What Redis holds is data, never code: RQ's JSON serializer everywhere (``rq_queue``, ``fetch_rq_job``,
-``build_worker``; RQ's default unpickles), and a worker runs only the two job functions below. Retention: events
-are capped per job and read by page, a finished job's keys expire, and the reaper and metrics read only the set of
-active jobs (see :class:`JobStore`).
+``build_worker``; RQ's default unpickles), and a worker runs only our job functions (``JOB_FUNCTIONS``).
+Retention: events are capped per job and read by page, a finished job's keys expire, and the reaper and metrics
+read only the set of active jobs (see :class:`JobStore`).
 
 Why RQ with changed defaults (measured in issue 4): a job timeout of hours (not 180 s), ``Retry`` on every job so
 the started-registry cleanup requeues instead of failing, a heartbeat TTL of seconds (RQ's is the monitoring
@@ -26,9 +27,19 @@ interval + 60 s, which would put a dead worker's job back only after minutes), a
 ``Job.cancel()`` does not stop a running job.
 """
 
+from axl_mesh.jobs.groups import GroupStore, GroupView, Member
 from axl_mesh.jobs.memory import machine_memory_bytes, model_config, preset_names
 from axl_mesh.jobs.metrics import JobsCollector
-from axl_mesh.jobs.names import QUANTIZE_FUNCTION, TRAIN_FUNCTION, JobKind, QueueName, new_id, now, valid_id
+from axl_mesh.jobs.names import (
+    QUANTIZE_FUNCTION,
+    TRAIN_FUNCTION,
+    TRAIN_MEMBER_FUNCTION,
+    JobKind,
+    QueueName,
+    new_id,
+    now,
+    valid_id,
+)
 from axl_mesh.jobs.queues import (
     JOB_FUNCTIONS,
     ForeignJobError,
@@ -44,8 +55,9 @@ from axl_mesh.jobs.store import DURATION_BUCKETS, JobStore, open_job, open_store
 from axl_mesh.jobs.worker import build_worker, run_worker, serve_health_and_metrics
 
 __all__ = [
-    "DURATION_BUCKETS", "JOB_FUNCTIONS", "QUANTIZE_FUNCTION", "TRAIN_FUNCTION", "ForeignJobError", "JobKind",
-    "JobStore", "JobsCollector", "JobsSettings", "QueueName", "Reaper", "build_worker", "fetch_rq_job",
+    "DURATION_BUCKETS", "JOB_FUNCTIONS", "QUANTIZE_FUNCTION", "TRAIN_FUNCTION", "TRAIN_MEMBER_FUNCTION",
+    "ForeignJobError", "GroupStore", "GroupView", "JobKind", "JobStore", "JobsCollector", "JobsSettings", "Member",
+    "QueueName", "Reaper", "build_worker", "fetch_rq_job",
     "machine_memory_bytes", "model_config", "new_id", "now", "open_job", "open_store", "preset_names",
     "rq_connection", "rq_job_class", "rq_queue", "rq_serializer", "run_worker", "serve_health_and_metrics",
     "valid_id",

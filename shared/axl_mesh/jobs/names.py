@@ -23,6 +23,8 @@ class JobKind(StrEnum):
 
 # Functions the workers run, named by import path so the gateway never imports them (nor torch).
 TRAIN_FUNCTION = "services.trainer_worker.jobs.run_training_job"
+# A rank > 0 of a job trained by a group of trainer workers (``hyperparameters.workers``; see ``jobs.groups``).
+TRAIN_MEMBER_FUNCTION = "services.trainer_worker.group.run_group_member"
 QUANTIZE_FUNCTION = "services.quantizer.jobs.run_quantization_job"
 
 

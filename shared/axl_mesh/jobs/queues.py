@@ -7,7 +7,7 @@ from typing import Any
 
 import redis
 
-from axl_mesh.jobs.names import QUANTIZE_FUNCTION, TRAIN_FUNCTION
+from axl_mesh.jobs.names import QUANTIZE_FUNCTION, TRAIN_FUNCTION, TRAIN_MEMBER_FUNCTION
 from axl_mesh.jobs.settings import JobsSettings
 from axl_mesh.redis_util import reconnect_policy
 
@@ -23,7 +23,7 @@ def rq_connection(settings: JobsSettings) -> redis.Redis:
 # in a worker. Every queue, worker and job fetch goes through the helpers below: RQ's JSON serializer, and a job
 # class that runs only our job functions and no callbacks (those are names in the job's hash too).
 
-JOB_FUNCTIONS = frozenset({TRAIN_FUNCTION, QUANTIZE_FUNCTION})
+JOB_FUNCTIONS = frozenset({TRAIN_FUNCTION, TRAIN_MEMBER_FUNCTION, QUANTIZE_FUNCTION})
 
 
 class ForeignJobError(RuntimeError):
