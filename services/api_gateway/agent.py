@@ -22,6 +22,7 @@ from axl_mesh.agent_protocol import (
     AgentSolveRequest,
     AgentSolveResponse,
     AgentTests,
+    RoundRole,
     SandboxRun,
     tests_problem,
 )
@@ -181,6 +182,7 @@ async def solve_events(
                 yield _ended(summary, APIError(502, f"The testgen model's {problem}.", code="bad_generated_tests"))
                 return
         code, error = "", ""
+        role: RoundRole
         for number in range(1, request.max_rounds + 1):
             if number == 1:
                 role, messages = "coder", coder_messages(request.task)

@@ -289,7 +289,7 @@ class StreamRun:
         self.opened: list[asyncio.Future[APIError | None]] = [loop.create_future() for _ in self.samples]
         self.tasks = [
             asyncio.ensure_future(self._pump(upstream, sample, opened))
-            for sample, opened in zip(self.samples, self.opened)
+            for sample, opened in zip(self.samples, self.opened, strict=True)
         ]
 
     async def wait_opened(self, timeout: float) -> None:
@@ -358,10 +358,10 @@ class StreamRun:
             try:
                 async for event in stream.events():
                     if "error" in event:
-                        error = event["error"] if isinstance(event["error"], dict) else {}
+                        reported = event["error"] if isinstance(event["error"], dict) else {}
                         await self._put(_Event(sample.index, "error", APIError(
-                            502, str(error.get("message") or "The model worker failed mid-stream."),
-                            type=error.get("type"), code=error.get("code") or "upstream_error")))
+                            502, str(reported.get("message") or "The model worker failed mid-stream."),
+                            type=reported.get("type"), code=reported.get("code") or "upstream_error")))
                         return
                     if event.get("text") or event.get("logprob") is not None:
                         gauge.piece()

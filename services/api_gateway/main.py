@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry
 
 from axl_mesh.errors import BodySizeLimitMiddleware, install_error_handlers
 from axl_mesh.jobs import JobsSettings
-from axl_mesh.model_store import ModelStore
 from axl_mesh.metrics import instrument_requests, mount_metrics
+from axl_mesh.model_store import ModelStore
 from axl_mesh.protocol import PROMPT_TRUNCATED_HEADER
 from axl_mesh.redis_util import install_redis_error_handler
 from axl_mesh.registry_client import CachedLookup, RegistryClient, RegistryError
@@ -70,7 +70,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     jobs_settings = JobsSettings()
     model_store = ModelStore(jobs_settings.resolved_model_store_dir)
     upload_limit = jobs_settings.max_file_bytes + (1 << 20)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, path_limits={"/v1/files": upload_limit})
+    app.add_middleware(
+        BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, path_limits={"/v1/files": upload_limit}
+    )
     if host_check_needed(settings):
         # Open (no API keys) on loopback: refuse other Host names before any body is read (DNS rebinding).
         app.add_middleware(HostCheckMiddleware, extra_hosts=settings.allowed_host_list())

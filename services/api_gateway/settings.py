@@ -56,8 +56,9 @@ class Settings(ServiceSettings):
     )
     # Shorter than the grace the launcher (15 s) and compose (30 s) give before SIGKILL: open streams end on the
     # gateway's terms, and a restart never waits on a stream that would outlive it (tests/faults).
-    drain_seconds: float = Field(
-        default=8.0, ge=0, description="on SIGTERM, how long open requests and streams may finish before they are cut"
+    # Whole seconds: uvicorn's timeout_graceful_shutdown takes an int.
+    drain_seconds: int = Field(
+        default=8, ge=0, description="on SIGTERM, how long open requests and streams may finish before they are cut"
     )
     # The web console at /ui (services/api_gateway/console): its login lasts this long, then asks for the key again.
     console_session_seconds: int = Field(default=12 * 3600, ge=60, description="how long a console login lasts")

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 KEEPALIVE = ": keep-alive\n\n"
 DONE = "data: [DONE]\n\n"
@@ -45,7 +45,7 @@ class EventStreamResponse(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gone = asyncio.Event()
 
-        async def send_while_connected(message: dict[str, Any]) -> None:
+        async def send_while_connected(message: Message) -> None:
             # uvicorn's send() returns silently once the client is gone; a cancellation of the streaming task
             # can also be lost (asyncio.wait_for on Python 3.11). Failing the next send stops the stream anyway.
             if gone.is_set():

@@ -178,7 +178,9 @@ class Upstream:
         try:
             models = await self.lookup.models()
         except RegistryError as exc:
-            raise ServiceUnavailableError(f"The model registry is unavailable: {exc}", code="registry_unavailable")
+            raise ServiceUnavailableError(
+                f"The model registry is unavailable: {exc}", code="registry_unavailable"
+            ) from exc
         for model in models:
             self.known_models.update((model.id, model.specialist))
         return models
@@ -187,7 +189,9 @@ class Upstream:
         try:
             return await self.lookup.instances(model_id)
         except RegistryError as exc:
-            raise ServiceUnavailableError(f"The model registry is unavailable: {exc}", code="registry_unavailable")
+            raise ServiceUnavailableError(
+                f"The model registry is unavailable: {exc}", code="registry_unavailable"
+            ) from exc
 
     async def resolve(self, name: str, routing_text: Callable[[], str | list[dict[str, Any]]]) -> ResolvedModel:
         """A request's model name -> the model to call (``auto``: the specialist the routing rules pick)."""

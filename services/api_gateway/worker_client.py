@@ -90,8 +90,14 @@ class _Connection:
 
     def usable(self, now: float, idle_seconds: float) -> bool:
         """Still open, nothing unread (an idle connection that got data or EOF was closed by the worker)."""
-        return (not self.writer.is_closing() and not self.reader.at_eof() and not self.reader._buffer  # noqa: SLF001
-                and now - self.idle_since < idle_seconds)
+        # asyncio.StreamReader has no public accessor for bytes received and not yet read: its _buffer holds them.
+        unread = self.reader._buffer  # type: ignore[attr-defined]  # noqa: SLF001
+        return (
+            not self.writer.is_closing()
+            and not self.reader.at_eof()
+            and not unread
+            and now - self.idle_since < idle_seconds
+        )
 
     def close(self) -> None:
         self.writer.close()  # no wait: the transport closes in the background

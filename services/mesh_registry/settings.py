@@ -14,7 +14,9 @@ class Settings(ServiceSettings):
     # Required here (8+ characters, checked by ServiceSettings): without it anyone could announce or hijack an
     # instance, or list where the workers are.
     registry_secret: SecretStr
-    instance_ttl_seconds: float = Field(default=15.0, gt=0, description="an instance not heard from for this long is gone")
+    instance_ttl_seconds: float = Field(
+        default=15.0, gt=0, description="an instance not heard from for this long is gone"
+    )
     registry_key_prefix: str = Field(default="axl:registry", min_length=1)
     # On by default: every internal hop carries the mesh secret, reads included (instance URLs tell a caller
     # where the workers are). Off only for a closed network whose tools read the registry without the secret.

@@ -29,7 +29,9 @@ class WorkerMetrics:
     @classmethod
     def create(cls, registry: CollectorRegistry) -> WorkerMetrics:
         return cls(
-            requests=Counter("axl_worker_requests_total", "Generate requests by outcome", ["status"], registry=registry),
+            requests=Counter(
+                "axl_worker_requests_total", "Generate requests by outcome", ["status"], registry=registry
+            ),
             finished=Counter(
                 "axl_worker_request_success_total", "Requests that finished, by finish reason", ["finish_reason"],
                 registry=registry,

@@ -233,7 +233,7 @@ class Scheduler:
                     self._cond.wait()
                 if self._stopping:
                     return
-                admitted = []
+                admitted: list[GenerationRequest] = []
                 while self._waiting and len(self._running) + len(admitted) < self.max_batch:
                     admitted.append(self._waiting.popleft())
                 # Counted as running from here on, so `running + waiting` never dips while a request moves.

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from axl_mesh.jobs import JobKind, now, open_job
 from axl_mesh.jobs_protocol import JobStatus
 from axl_mesh.model_store import ModelStore
 from services.quantizer.settings import Settings
+
+if TYPE_CHECKING:
+    from axl_model.export.formats import GGUFType
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +71,7 @@ def run_quantization_job(job_id: str) -> dict[str, Any]:
     return {"status": "succeeded", "files": [o["filename"] for o in outputs]}
 
 
-def _export(settings: Settings, model: str, job_id: str, types: list[str]) -> list[dict[str, Any]]:
+def _export(settings: Settings, model: str, job_id: str, types: list[GGUFType]) -> list[dict[str, Any]]:
     from axl_model.export.gguf import export_checkpoint
 
     models = ModelStore(settings.resolved_model_store_dir)
@@ -79,7 +82,7 @@ def _export(settings: Settings, model: str, job_id: str, types: list[str]) -> li
     safe_name = model.replace(":", "-")  # a validated model name; ':' only makes shell use awkward
     report = export_checkpoint(models.path(model), out_dir, types=types, kinds=settings.kinds(),
                                specialist=entry.get("specialist"), name=safe_name, progress=False)
-    outputs = []
+    outputs: list[dict[str, Any]] = []
     for file in report.files:
         details = {"kind": file.kind, "tensor_types": file.type_counts(), "fallbacks": file.fallbacks,
                    "warnings": list(file.warnings) + list(report.warnings) if file.kind == "llama" else

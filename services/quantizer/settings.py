@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
 from axl_mesh.jobs import JobsSettings
+
+if TYPE_CHECKING:
+    from axl_model.export.formats import ExportKind
 
 
 class Settings(JobsSettings):
@@ -15,5 +20,7 @@ class Settings(JobsSettings):
     # (the full model, for our model worker).
     gguf_kinds: str = Field(default="llama,multiscale", pattern=r"^(llama|multiscale)(,(llama|multiscale))?$")
 
-    def kinds(self) -> list[str]:
-        return [k for k in self.gguf_kinds.split(",") if k]
+    def kinds(self) -> list[ExportKind]:
+        """The kinds of ``gguf_kinds`` in its order (its pattern admits these two names only)."""
+        names: dict[str, ExportKind] = {"llama": "llama", "multiscale": "multiscale"}
+        return [names[k] for k in self.gguf_kinds.split(",") if k]

@@ -6,8 +6,8 @@ import these; they do not redefine them.
 
 from __future__ import annotations
 
-from enum import StrEnum
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator

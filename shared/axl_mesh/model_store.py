@@ -109,7 +109,9 @@ class ModelStore:
             tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
             os.replace(tmp, self.root / MANIFEST)
 
-    def add(self, name: str, checkpoint_dir: str | os.PathLike[str], *, move: bool = True, **info: Any) -> dict[str, Any]:
+    def add(
+        self, name: str, checkpoint_dir: str | os.PathLike[str], *, move: bool = True, **info: Any
+    ) -> dict[str, Any]:
         """Put a checkpoint folder in the store under ``name`` (moved by default, else copied) and record it.
 
         ``info`` lands in the manifest entry (base, specialist, job_id, context_length, ...). Adding a name that

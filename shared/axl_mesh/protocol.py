@@ -14,6 +14,7 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.config import JsonDict
 from pydantic.json_schema import SkipJsonSchema
 
 from axl_mesh.fim_templates import split_fim_template
@@ -118,11 +119,11 @@ def _normalize_stop(value: str | list[str] | None) -> list[str]:
 
 
 # Cross-field rules of the validators below, stated in the JSON schema too (clients and fuzzers read it).
-STREAM_OPTIONS_NEED_STREAM = {
+STREAM_OPTIONS_NEED_STREAM: JsonDict = {
     "if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
     "then": {"required": ["stream"], "properties": {"stream": {"const": True}}},
 }
-TOP_LOGPROBS_NEED_LOGPROBS = {
+TOP_LOGPROBS_NEED_LOGPROBS: JsonDict = {
     "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer", "minimum": 1}}},
     "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
 }

@@ -125,7 +125,9 @@ class RegistryClient:
                 if interval_seconds is None:
                     interval = max(0.2, ack.ttl_seconds / 3)
                 if failing or ack.created:
-                    logger.info("registered %s with the registry (ttl %.1fs)", registration.instance_id, ack.ttl_seconds)
+                    logger.info(
+                        "registered %s with the registry (ttl %.1fs)", registration.instance_id, ack.ttl_seconds
+                    )
                 failing = False
             except asyncio.CancelledError:
                 raise

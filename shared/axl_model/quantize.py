@@ -23,12 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import Linear
+from .model import Linear, MultiScaleTransformer
 
 INT8_MIN_OUT_FEATURES = 32  # smaller matrices (the fusion gate's 3 rows) stay float, as GGUF export keeps them
 FAST_ROWS = Linear.FAST_ROWS  # up to this many rows a matmul takes the int8 kernel; more rows dequantize
@@ -138,8 +139,11 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
 @torch.no_grad()
-def quantize_int8(model: nn.Module) -> nn.Module:
+def quantize_int8(model: ModuleT) -> ModuleT:
     """Swap the model's linear layers for per-channel int8 ones, in place; returns the model (eval mode).
 
     A head tied to the embedding gets its own int8 copy; the embedding lookup stays float.
@@ -154,7 +158,7 @@ def int8_weight_bytes(model: nn.Module) -> int:
     return sum(m.weight_int8.numel() for m in model.modules() if isinstance(m, Int8Linear))
 
 
-def load_serving_model(path, dtype: str = "float32") -> nn.Module:
+def load_serving_model(path, dtype: str = "float32") -> MultiScaleTransformer:
     """The model the worker serves from a checkpoint folder or an axl-multiscale .gguf, at `dtype`.
 
     float32 / float16 / bfloat16: float weights at that precision (float32 is exact), except that a GGUF's

@@ -25,7 +25,14 @@ from axl_mesh.registry_client import RegistryError
 from services.api_gateway.console.evaluations import cells, load_results_rows
 from services.api_gateway.console.mesh_view import worker_rows
 from services.api_gateway.console.session import (
-    CONSOLE_PREFIX, CSRF_COOKIE, CSRF_FIELD, CSRF_HEADER, SESSION_COOKIE, ConsoleAuth, csrf_error, same_origin,
+    CONSOLE_PREFIX,
+    CSRF_COOKIE,
+    CSRF_FIELD,
+    CSRF_HEADER,
+    SESSION_COOKIE,
+    ConsoleAuth,
+    csrf_error,
+    same_origin,
     set_cookie,
 )
 from services.api_gateway.deps import MetricsDep, SettingsDep, UpstreamDep
@@ -45,7 +52,8 @@ templates = Jinja2Templates(directory=HERE / "templates")  # autoescape on for .
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
                                "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
-    "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",  # no-referrer would make form POSTs send "Origin: null"
+    "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",  # no-referrer would make form POSTs send "Origin: null"
     "Cache-Control": "no-store",
 }
 

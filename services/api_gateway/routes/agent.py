@@ -63,7 +63,7 @@ def agent_metrics(app: FastAPI) -> AgentMetrics:
 
 async def resolve_roles(upstream: Upstream, body: AgentSolveRequest) -> dict[AgentRole, ResolvedModel]:
     """The model of each role the loop will call (the debugger only with more than one round)."""
-    roles: list[AgentRole] = ["coder"] + (["debugger"] if body.max_rounds > 1 else [])
+    roles: list[AgentRole] = ["coder", "debugger"] if body.max_rounds > 1 else ["coder"]
     if body.tests is None:
         roles.append("testgen")
     resolved: dict[AgentRole, ResolvedModel] = {}

@@ -142,7 +142,8 @@ async def create_completion(
 
     return await respond(
         request, upstream=upstream, keepalive_seconds=settings.keepalive_seconds, tracker=tracker, model=model,
-        samples=samples, stream=bool(body.stream), formatter=CompletionChunks(model.model_id, body.logprobs is not None),
+        samples=samples, stream=bool(body.stream),
+        formatter=CompletionChunks(model.model_id, body.logprobs is not None),
         include_usage=body.include_usage, build_response=build,
         stalled_client_seconds=settings.stalled_client_seconds,
     )

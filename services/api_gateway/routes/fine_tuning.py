@@ -15,14 +15,30 @@ from rq.job import Dependency
 
 from axl_mesh.errors import InvalidRequestError, NotFoundError
 from axl_mesh.jobs import (
-    QUANTIZE_FUNCTION, TRAIN_FUNCTION, JobKind, QueueName, fetch_rq_job, machine_memory_bytes, model_config, new_id, now,
-    rq_queue, valid_id,
+    QUANTIZE_FUNCTION,
+    TRAIN_FUNCTION,
+    JobKind,
+    QueueName,
+    fetch_rq_job,
+    machine_memory_bytes,
+    model_config,
+    new_id,
+    now,
+    rq_queue,
+    valid_id,
 )
 from axl_mesh.jobs_protocol import (
-    FineTuningJob, FineTuningJobCheckpoint, FineTuningJobCheckpointList, FineTuningJobCreate, FineTuningJobEvent,
-    FineTuningJobEventList, FineTuningJobList, HyperparametersOut, JobStatus,
+    FineTuningJob,
+    FineTuningJobCheckpoint,
+    FineTuningJobCheckpointList,
+    FineTuningJobCreate,
+    FineTuningJobEvent,
+    FineTuningJobEventList,
+    FineTuningJobList,
+    HyperparametersOut,
+    JobStatus,
 )
-from axl_mesh.model_store import ModelStore, ModelStoreError
+from axl_mesh.model_store import ModelStoreError
 from services.api_gateway.routes.files import JobsContext, JobsDep, get_file_record
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
@@ -104,7 +120,8 @@ def create_job(body: FineTuningJobCreate, ctx: JobsDep) -> FineTuningJob:
         raise InvalidRequestError(
             f"This job needs about {ram / 2**30:.2f} GiB of RAM to train ({body.model}, batch_size {batch_size}, "
             f"seq_len {seq_len}, {hp.optimizer.value}) but the trainer has {limit / 2**30:.2f} GiB ({source}). "
-            "Lower batch_size or seq_len, or pick a smaller model.", param="hyperparameters", code="insufficient_memory")
+            "Lower batch_size or seq_len, or pick a smaller model.",
+            param="hyperparameters", code="insufficient_memory")
 
     job_id = new_id("ftjob")
     seed = body.seed if body.seed is not None else int.from_bytes(job_id.encode()[-4:], "big") % (2**31)

@@ -28,7 +28,8 @@ def _stored_cards(jobs: JobsDep, served: set[str]) -> list[ModelCard]:
     cards = []
     for entry in jobs.models.models():
         if entry["id"] not in served:
-            cards.append(ModelCard(id=entry["id"], created=entry["created"], specialist=entry.get("specialist") or "coder",
+            cards.append(ModelCard(id=entry["id"], created=entry["created"],
+                                   specialist=entry.get("specialist") or "coder",
                                    context_length=entry.get("context_length") or 0, capabilities=["completion", "chat"],
                                    instances=0))
     return cards

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from axl_mesh.jobs.names import QUANTIZE_FUNCTION, TRAIN_FUNCTION, TRAIN_MEMBER_FUNCTION
 from axl_mesh.jobs.settings import JobsSettings
 from axl_mesh.redis_util import reconnect_policy
+
+if TYPE_CHECKING:
+    from rq.job import Job
 
 
 def rq_connection(settings: JobsSettings) -> redis.Redis:
@@ -37,7 +40,7 @@ def rq_serializer() -> Any:
 
 
 @functools.cache
-def rq_job_class() -> type:
+def rq_job_class() -> type[Job]:
     from rq.job import Job
 
     class AxlJob(Job):

@@ -9,6 +9,7 @@ import secrets
 from typing import Any
 
 import redis
+from redis.typing import ZSetRangeResponse
 
 from axl_mesh.jobs.names import JobKind, now
 from axl_mesh.jobs.settings import JobsSettings
@@ -187,14 +188,15 @@ class JobStore:
             rank = self.redis.zrevrank(self.index_key(kind), after)
             if rank is None:
                 return [], False
+            assert isinstance(rank, int)  # read without withscore: the rank alone
             start = rank + 1
-        ids = [as_text(i) for i in self.redis.zrevrange(self.index_key(kind), start, start + limit)]
+        ids = range_members(self.redis.zrevrange(self.index_key(kind), start, start + limit))
         records = [r for r in (self.get(kind, i) for i in ids[:limit]) if r is not None]
         return records, len(ids) > limit
 
     def ids(self, kind: str) -> list[str]:
         """Every id in the index, oldest first (a full read: for one-off passes, not for each tick)."""
-        return [as_text(i) for i in self.redis.zrange(self.index_key(kind), 0, -1)]
+        return range_members(self.redis.zrange(self.index_key(kind), 0, -1))
 
     def active_ids(self, kind: str) -> list[str]:
         """Ids of the jobs not yet ended (what the reaper and the metrics read)."""
@@ -207,7 +209,7 @@ class JobStore:
         """Drop from the index the ids of expired jobs; only ids older than the retention time can be expired, so
         this reads those, not the whole index. Returns how many were dropped."""
         cutoff = now() - self.finished_ttl_seconds
-        old = [as_text(i) for i in self.redis.zrangebyscore(self.index_key(kind), "-inf", cutoff)]
+        old = range_members(self.redis.zrangebyscore(self.index_key(kind), "-inf", cutoff))
         if not old:
             return 0
         with self.redis.pipeline(transaction=False) as pipe:
@@ -300,13 +302,23 @@ class JobStore:
     def trainer_memory_bytes(self) -> int | None:
         """The largest RAM a live trainer announced, or None when no trainer is alive."""
         self.redis.zremrangebyscore(self.trainers_key(), 0, now())
-        members = [as_text(m) for m in self.redis.zrange(self.trainers_key(), 0, -1)]
+        members = range_members(self.redis.zrange(self.trainers_key(), 0, -1))
         sizes = [int(m.rsplit("|", 1)[1]) for m in members if "|" in m]
         return max(sizes) if sizes else None
 
 
 def as_text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def range_members(reply: ZSetRangeResponse) -> list[str]:
+    """The members of a sorted-set range read without scores, as text (redis-py types a range reply as either
+    form; these reads never ask for (member, score) pairs)."""
+    members = []
+    for member in reply:
+        assert isinstance(member, bytes | str), f"a range read without scores returned {member!r}"
+        members.append(as_text(member))
+    return members
 
 
 def open_job(settings: JobsSettings, kind: JobKind, job_id: str) -> tuple[JobStore, dict[str, Any]]:

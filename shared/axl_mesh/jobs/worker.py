@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -15,28 +15,29 @@ from axl_mesh.jobs.reaper import Reaper
 from axl_mesh.jobs.settings import JobsSettings
 from axl_mesh.jobs.store import JobStore
 
+if TYPE_CHECKING:
+    from rq import Worker
+    from rq.job import Job
+
 logger = logging.getLogger(__name__)
 
 
-def _worker_class() -> type:
+def _worker_class(heartbeat_ttl_seconds: int) -> type[Worker]:
     from rq import Worker
 
     class AxlWorker(Worker):
         """RQ's forking worker with a heartbeat TTL of seconds, not RQ's ``monitoring interval + 60 s``, so the
         reaper finds the job of a killed worker quickly (``AXL_HEARTBEAT_TTL_SECONDS``)."""
 
-        heartbeat_ttl_seconds = 15
-
-        def get_heartbeat_ttl(self, job: Any, working_time: float = 0.0) -> int:
-            return int(self.heartbeat_ttl_seconds)
+        def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+            return heartbeat_ttl_seconds
 
     return AxlWorker
 
 
 def build_worker(settings: JobsSettings, queue: QueueName, conn: redis.Redis, *, name: str | None = None) -> Any:
     """The RQ worker for ``queue``: JSON only, our job class, our heartbeat TTL."""
-    worker_class = _worker_class()
-    worker_class.heartbeat_ttl_seconds = settings.heartbeat_ttl_seconds
+    worker_class = _worker_class(settings.heartbeat_ttl_seconds)
     return worker_class(
         [rq_queue(queue.value, conn)], connection=conn, name=name,
         serializer=rq_serializer(), job_class=rq_job_class(),
