@@ -408,6 +408,13 @@ def test_model_workers_advertise_their_pod_ip_and_serve_the_checkpoints_read_onl
         assert env["AXL_CHECKPOINT"]["value"].startswith("/data/checkpoints/")
 
 
+def test_trainers_give_their_pod_ip_for_a_group_job(objects: Objects) -> None:
+    """A job on several trainers: rank 0 publishes AXL_ADVERTISE_HOST for the other ranks (the pod IP, which pods on
+    other nodes reach; not a Service, which would spread the ranks' connections over every trainer)."""
+    env = env_map(_main(by_kind(objects, "Deployment")["trainer-worker"]))
+    assert env["AXL_ADVERTISE_HOST"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+
+
 def test_the_advertised_pod_ip_is_a_url_the_mesh_accepts() -> None:
     """What a worker makes of AXL_ADVERTISE_HOST=<pod IP> with the base's AXL_HOST (IPv4 and IPv6 clusters)."""
     from axl_mesh.advertise import advertised_url
