@@ -17,6 +17,7 @@ EXAMPLES = """\
 examples:
   axl presets                                   # the model family: sizes and the RAM training needs
   axl presets --ram 4                           # which presets train in 4 GiB
+  axl presets --max-time 3600                   # the shape that learns most in an hour here
   axl train --preset micro --data src/ --max-time 180 --out checkpoints/axl-micro
   axl train --out checkpoints/axl-micro --resume --max-time 600    # continue where it stopped
   axl train --specialist docs --max-time 600    # the docs specialist: its preset and its data recipe
@@ -42,7 +43,11 @@ def register_train(subparsers) -> None:
                                      "  axl train --out checkpoints/axl-micro --resume --max-time 600\n"
                                      "  axl train --preset micro --distill-from checkpoints/axl-reasoning --max-steps 2000")
     model = p.add_argument_group("model")
-    model.add_argument("--preset", help="model shape (see `axl presets`); default micro, or the specialist's")
+    model.add_argument("--preset", help="model shape (see `axl presets`); default micro, or the specialist's; with "
+                                        "--max-time and no preset: the shape that learns most in that time here "
+                                        "(`axl presets --max-time T` shows the choice)")
+    model.add_argument("--tokens-per-param", type=float, metavar="K",
+                       help="sizing by --max-time: bytes seen per parameter the rule asks for (default 20, Chinchilla)")
     model.add_argument("--init-from", metavar="CHECKPOINT", help="start from this checkpoint's weights (fine-tune)")
     model.add_argument("--specialist", metavar="NAME", help="train this specialist: its preset and its data recipe")
     model.add_argument("--fim", action="store_true",
@@ -111,6 +116,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         preset = preset or specialist.preset
         if data is None:
             data, val_data = _specialist_data(specialist.name)
+    if preset is None and args.max_time and not (args.resume or args.init_from) and group.world_size == 1:
+        preset = _size_for_budget(args, group.default_threads())
     preset = preset or "micro"
     out = args.out or f"checkpoints/axl-{args.specialist or preset}"
     if args.resume and args.overwrite:
@@ -154,6 +161,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size_for_budget(args: argparse.Namespace, default_threads: int) -> str:
+    """The preset `axl_model.sizing` picks for --max-time on this machine, said on stderr with its reason."""
+    from .sizing import TOKENS_PER_PARAM, plan_for_budget
+
+    k = args.tokens_per_param if args.tokens_per_param is not None else TOKENS_PER_PARAM
+    plan = plan_for_budget(args.max_time, batch_size=args.batch_size, seq_len=args.seq_len or 256,
+                           threads=args.threads or default_threads, optimizer=args.optimizer, tokens_per_param=k,
+                           on_measured=_say_measured)
+    print(f"sizing: --max-time {args.max_time:g} s and no --preset: {plan.choice}. Why: {plan.reason}. "
+          f"(`axl presets --max-time {args.max_time:g}` shows the table; pass --preset to choose.)", file=sys.stderr)
+    return plan.choice
+
+
+def _say_measured(preset: str, rate: float, entry: dict) -> None:
+    how = f"cached, measured {entry.get('measured_at', '?')}" if entry.get("cached") else "measured now"
+    print(f"sizing: {preset} trains at {rate:,.0f} bytes/s here ({how})", file=sys.stderr)
+
+
 # ---------------------------------------------------------------------------------------------- generate
 def register_generate(subparsers) -> None:
     p = subparsers.add_parser("generate", help="complete a prompt with a checkpoint",
@@ -170,6 +195,9 @@ def register_generate(subparsers) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--threads", type=int)
+    p.add_argument("--compile", action="store_true",
+                   help="decode with the compiled static-shape step (compiles first: a minute or more; eager, said "
+                        "on stderr, where it cannot compile)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -183,7 +211,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
-    generator = Generator(load_checkpoint(args.checkpoint))
+    generator = Generator(load_checkpoint(args.checkpoint), compile=args.compile)
     if len(generator.encode(args.prompt)) > generator.model.config.max_seq_len:
         raise CLIError(f"the prompt is longer than the model's window ({generator.model.config.max_seq_len} bytes)")
     sys.stdout.write(args.prompt)
@@ -224,6 +252,8 @@ def register_eval(subparsers) -> None:
     bpb.add_argument("--seq-len", type=int, default=256)
     bpb.add_argument("--max-bytes", type=int, help="score at most this many held-out bytes")
     bpb.add_argument("--no-bpb", action="store_true", help="skip bits per byte")
+    bpb.add_argument("--no-compressors", action="store_true",
+                     help="skip the zlib-9 / zstd-19 / xz-9e baselines on the same held-out files")
     bpb.add_argument("--corpus", choices=CORPUS_CHOICES, default="auto",
                      help="held-out data for bits/byte and --nextline: auto (default) = the held-out split plus "
                           "every fetched held-out corpus (`axl data corpus pypi`); split; pypi; both")
@@ -297,7 +327,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction, bpb=not args.no_bpb, humaneval=humaneval, tasks=tasks,
         task_limit=args.task_limit, task_sources=args.task_source,
         prompt_format=None if args.prompt_format == "auto" else args.prompt_format, progress=progress,
-        corpus=args.corpus, nextline=args.nextline)
+        corpus=args.corpus, nextline=args.nextline, compressors=not args.no_compressors)
     report["command"] = _eval_command(args)
     if args.json == "-":
         print(json.dumps(report, indent=2))
@@ -320,7 +350,8 @@ def _eval_command(args: argparse.Namespace) -> str:
     if args.data:
         parts += ["--data", *args.data]
     # (option, default); a default of False marks a flag
-    options = [("val_fraction", None), ("seq_len", 256), ("max_bytes", None), ("no_bpb", False), ("corpus", "auto"),
+    options = [("val_fraction", None), ("seq_len", 256), ("max_bytes", None), ("no_bpb", False),
+               ("no_compressors", False), ("corpus", "auto"),
                ("nextline", None), ("humaneval", False), ("n", None), ("k", None), ("no_greedy", False),
                ("limit", None), ("temperature", None), ("max_tokens", 384), ("tasks", ""),
                ("task_limit", 50), ("prompt_format", "auto"), ("out", None), ("threads", None)]
@@ -335,6 +366,19 @@ def _eval_command(args: argparse.Namespace) -> str:
     if args.task_source:
         parts += ["--task-source", *args.task_source]
     return " ".join(shlex.quote(p) for p in parts)
+
+
+def _print_compressors(baselines: dict | None) -> None:
+    """One line: each compressor's bits/byte on the same files, file by file / concatenated."""
+    from .compressors import compressor_names
+
+    if not baselines or not baselines.get("bytes"):
+        return
+    parts = [f"{name} {baselines[name]['per_file_bpb']:.3f} / {baselines[name]['concatenated_bpb']:.3f}"
+             for name in compressor_names(baselines)]
+    parts += [f"{name} unavailable ({why})" for name, why in (baselines.get("unavailable") or {}).items()]
+    print(f"    compressors on the same {baselines['files']:,} files ({baselines['bytes']:,} B), bits/byte per file / "
+          f"concatenated: {', '.join(parts)}")
 
 
 def _print_eval(report: dict) -> None:
@@ -354,11 +398,13 @@ def _print_eval(report: dict) -> None:
             matches = {True: ", the same files it recorded", False: ", NOT the files it recorded (the corpus changed "
                        "on this machine)", None: ""}[held.get("split_matches_checkpoint") if own else None]
             print(f"    split: {held['split_source']}{matches}")
+        _print_compressors(held.get("compressors"))
     for name in CORPORA:
         corpus = report.get(f"held_out_{name}")
         if corpus:
             print(f"  {name} corpus bits/byte: {corpus['bpb']:.4f} on {corpus['bytes']:,} bytes of "
                   f"{corpus['files']} files (never trained on)")
+            _print_compressors(corpus.get("compressors"))
     for name, nl in (report.get("nextline") or {}).items():
         base = nl["baseline"]
         print(f"  next line ({'held-out split' if name == 'held_out' else name}, {nl['lines']} lines): "
@@ -384,10 +430,21 @@ def _print_eval(report: dict) -> None:
 # ---------------------------------------------------------------------------------------------- presets
 def register_presets(subparsers) -> None:
     p = subparsers.add_parser("presets", help="the model family: parameters and training RAM",
-                              epilog="example: axl presets --ram 4")
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="examples:\n  axl presets --ram 4\n"
+                                     "  axl presets --max-time 3600     # the shape `axl train --max-time 3600` picks here")
     p.add_argument("--ram", type=float, metavar="GB", help="only presets whose training fits in this much RAM")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--optimizer", choices=("lion", "adamw", "sgd"), default="lion")
+    sizing = p.add_argument_group("sizing for a time budget (axl_model.sizing)")
+    sizing.add_argument("--max-time", type=float, metavar="SECONDS",
+                        help="measure each candidate's training bytes/s here (cached) and show which preset "
+                             "`axl train --max-time SECONDS` picks, and why")
+    sizing.add_argument("--tokens-per-param", type=float, metavar="K",
+                        help="bytes seen per parameter the rule asks for (default 20, Chinchilla)")
+    sizing.add_argument("--seq-len", type=int, default=256, help="training window measured (default 256)")
+    sizing.add_argument("--threads", type=int, help="torch threads measured (default: all CPUs, as training)")
+    sizing.add_argument("--remeasure", action="store_true", help="measure again instead of reading the cache")
     p.set_defaults(func=cmd_presets)
 
 
@@ -411,6 +468,8 @@ def _window(config) -> str:
 def cmd_presets(args: argparse.Namespace) -> int:
     from .config import PRESETS, ModelConfig, suggest_models
 
+    if args.max_time is not None:
+        return _presets_for_budget(args)
     if args.ram is not None:
         if args.ram <= 0:
             raise CLIError(f"--ram must be > 0, got {args.ram}")
@@ -432,6 +491,46 @@ def cmd_presets(args: argparse.Namespace) -> int:
         if i == 0:
             print("  ".join("-" * w for w in widths))
     return 0
+
+
+def _presets_for_budget(args: argparse.Namespace) -> int:
+    """`axl presets --max-time T`: each candidate's measured bytes/s, bytes per parameter in T, and the pick."""
+    import os
+
+    from .sizing import TOKENS_PER_PARAM, cache_path, plan_for_budget
+
+    if args.max_time <= 0:
+        raise CLIError(f"--max-time must be > 0, got {args.max_time:g}")
+    k = args.tokens_per_param if args.tokens_per_param is not None else TOKENS_PER_PARAM
+    threads = args.threads or os.cpu_count() or 1
+    plan = plan_for_budget(args.max_time, batch_size=args.batch_size, seq_len=args.seq_len, threads=threads,
+                           optimizer=args.optimizer, tokens_per_param=k, remeasure=args.remeasure,
+                           on_measured=_say_measured)
+    print(f"training for {args.max_time:g} s here (batch {args.batch_size} x {args.seq_len}, {args.optimizer}, "
+          f"{threads} threads; bytes/s cached in {cache_path()}):")
+    header = ("preset", "params", "bytes/s", f"bytes in {args.max_time:g} s", "bytes/param", f">= {k:g}?", "")
+    rows = []
+    for r in plan.rows:
+        if r["bytes_per_s"] is None:
+            rows.append((r["preset"], _human(r["params"]), "-", "-", "-", "not measured", ""))
+        else:
+            rows.append((r["preset"], _human(r["params"]), f"{r['bytes_per_s']:,.0f}", _human(int(r["bytes_in_budget"])),
+                         _per_param(r["bytes_per_param"]), "yes" if r["meets"] else "no",
+                         "<- pick" if r["preset"] == plan.choice else ""))
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for i, row in enumerate([header, *rows]):
+        print("  ".join(cell.ljust(w) if j in (0, 6) else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print(f"pick: {plan.choice}. {plan.reason}")
+    if any(r["bytes_per_s"] is None for r in plan.rows):
+        print("not measured: larger than a preset that already misses the rule (it trains no faster and needs more "
+              "bytes), or its training does not fit in the available RAM")
+    return 0
+
+
+def _per_param(x: float) -> str:
+    return f"{x:,.1f}" if x >= 1 else f"{x:.2g}"
 
 
 def _human(n: int) -> str:

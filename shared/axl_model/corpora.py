@@ -316,10 +316,11 @@ class CorpusSplit:
 
 
 def corpus_bpb(model, name: str, *, root: str | os.PathLike | None = None, seq_len: int = 256,
-               max_bytes: int | None = None, batch_size: int = 8) -> dict:
+               max_bytes: int | None = None, batch_size: int = 8, compressors: bool = False) -> dict:
     """Bits per byte of a model on a whole held-out corpus (with max_bytes: the whole files `load_corpus` keeps).
 
-    Returns {"corpus", "bpb", "perplexity_per_byte", "bytes" (scored), "files", "packages" (name==version)}.
+    Returns {"corpus", "bpb", "perplexity_per_byte", "bytes" (scored), "files", "packages" (name==version)}, and
+    with `compressors` "compressors": zlib/zstd/xz bits per byte on the same files (`axl_model.compressors`).
     """
     import numpy as np
 
@@ -330,8 +331,13 @@ def corpus_bpb(model, name: str, *, root: str | os.PathLike | None = None, seq_l
     scored = int(np.asarray(split.mask[1:]).sum())  # every byte of the files kept, and each end-of-file
     bpb = evaluate_bpb(model, split, min(seq_len, model.config.max_seq_len), batch_size)
     manifest = load_manifest(name, root) or {}
-    return {"corpus": name, "bpb": bpb, "perplexity_per_byte": 2.0 ** bpb, "bytes": scored, "files": len(documents),
-            "packages": [f"{p['name']}=={p['version']}" for p in manifest.get("packages", [])]}
+    report = {"corpus": name, "bpb": bpb, "perplexity_per_byte": 2.0 ** bpb, "bytes": scored, "files": len(documents),
+              "packages": [f"{p['name']}=={p['version']}" for p in manifest.get("packages", [])]}
+    if compressors:
+        from .compressors import compressor_baselines
+
+        report["compressors"] = compressor_baselines([data for _, data in documents])
+    return report
 
 
 def corpora_to_score(choice: str, root: str | os.PathLike | None = None) -> tuple[bool, list[str]]:

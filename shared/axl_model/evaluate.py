@@ -221,7 +221,11 @@ def split_to_score(checkpoint: str | os.PathLike, data: Sequence[str] | None = N
             "recorded": recorded, "source": "the checkpoint's split" if own else "the given data"}
 
 
-def refuse_training_overlap(split: dict[str, Any], recorded: dict[str, Any] | None, checkpoint, where: str) -> None:
+SPLIT_HINT = "drop --data/--val-fraction to score the split the checkpoint held out, or pass a corpus it never trained on"
+
+
+def refuse_training_overlap(split: dict[str, Any], recorded: dict[str, Any] | None, checkpoint, where: str,
+                            hint: str = SPLIT_HINT) -> None:
     """ValueError naming the files when a held-out file to score is, by content, one the checkpoint trained on."""
     if not recorded:
         return
@@ -230,13 +234,23 @@ def refuse_training_overlap(split: dict[str, Any], recorded: dict[str, Any] | No
     if leaked:
         raise ValueError(f"refusing to score {where}: {len(leaked)} of its {len(split['val_files'])} held-out files "
                          f"are files {checkpoint} trained on (e.g. {', '.join(leaked[:3])}), so the score would "
-                         f"not be held out; drop --data/--val-fraction to score the split the checkpoint held out, "
-                         f"or pass a corpus it never trained on")
+                         f"not be held out; {hint}")
+
+
+def refuse_corpus_overlap(name: str, documents: Sequence[tuple[str, bytes]], checkpoint) -> None:
+    """The same refusal for a held-out corpus (`axl_model.corpora`): training refuses the corpus folder itself, and
+    this catches its files' contents reaching training another way (a copy under another path)."""
+    from .data import content_id
+
+    entries = [{"path": path, "sha1": content_id(hashlib.sha1(data).hexdigest())} for path, data in documents]
+    refuse_training_overlap({"val_files": entries}, recorded_split(checkpoint), checkpoint, f"the {name} corpus",
+                            hint=f"score --corpus split, or fetch the {name} corpus again and keep copies of it out "
+                                 f"of the training data")
 
 
 def held_out_bpb(checkpoint: str | os.PathLike, data: Sequence[str] | None = None, *, seq_len: int = 256,
                  max_bytes: int | None = None, val_fraction: float | None = None, batch_size: int = 8,
-                 progress: bool = False, model: Any = None) -> dict[str, Any]:
+                 progress: bool = False, model: Any = None, compressors: bool = False) -> dict[str, Any]:
     """Bits per byte of the checkpoint on held-out files: by default exactly the split it recorded when it trained
     (`split_to_score`); with `data`, the held-out split of that corpus, refused when it holds a training file.
 
@@ -246,7 +260,9 @@ def held_out_bpb(checkpoint: str | os.PathLike, data: Sequence[str] | None = Non
     "val_files_sha256", "data", "val_fraction"}. The whole split is scored unless max_bytes: then a fixed sample of
     windows spread over each kind's files (`data.eval_window_spans`). The data folder training prepared is reused
     when it matches; otherwise a temporary one is built. `model` scores another model on the checkpoint's split
-    (e.g. its int8 version, `axl_model.quantize`) instead of the checkpoint's weights.
+    (e.g. its int8 version, `axl_model.quantize`) instead of the checkpoint's weights. `compressors` adds
+    "compressors": zlib/zstd/xz bits per byte on every held-out file (`axl_model.compressors`; the whole split
+    even with max_bytes).
     """
     from .checkpoint import load_checkpoint
     from .data import default_corpus, eval_window_spans, eval_windows, prepare_data, prepared_folder
@@ -290,6 +306,12 @@ def held_out_bpb(checkpoint: str | os.PathLike, data: Sequence[str] | None = Non
             nats, count = nats + kind_nats, count + kind_count
         if bar is not None:
             bar.close()
+        baselines = None
+        if compressors:
+            from .compressors import compressor_baselines
+            from .nextline import split_file_bytes
+
+            baselines = compressor_baselines([body for _, body in split_file_bytes(dataset)])
     if count == 0:
         raise ValueError(f"the held-out split of {paths} has no bytes to score")
     bpb = nats / count / LN2
@@ -299,7 +321,7 @@ def held_out_bpb(checkpoint: str | os.PathLike, data: Sequence[str] | None = Non
             "by_kind": by_kind, "files": len(split["val_files"]), "split_source": settings["source"],
             "split_matches_checkpoint": (split["val_files_sha256"] == recorded["val_files_sha256"]) if recorded else None,
             "val_files_sha256": split["val_files_sha256"], "data": [str(p) for p in paths],
-            "val_fraction": settings["val_fraction"]}
+            "val_fraction": settings["val_fraction"], **({"compressors": baselines} if baselines else {})}
 
 
 class _Slice:
@@ -680,13 +702,17 @@ def run_evaluation(checkpoint: str | os.PathLike, *, data: Sequence[str] | None 
                    task_sources: Sequence[str] | None = None, prompt_format: PromptFormat | None = None,
                    generate_fn: GenerateFn | None = None, progress: bool = False,
                    humaneval_problems: dict[str, dict] | None = None, corpus: str = "auto",
-                   nextline: int | None = None, corpora_root: str | os.PathLike | None = None) -> dict[str, Any]:
+                   nextline: int | None = None, corpora_root: str | os.PathLike | None = None,
+                   compressors: bool = True) -> dict[str, Any]:
     """Everything `axl eval` measures, as one report (JSON-ready). generate_fn defaults to the checkpoint's model.
 
     prompt_format None: the specialist layout if the checkpoint trained as a specialist, else raw code.
     corpus: which held-out data bits/byte and next-line completion use (`corpora.corpora_to_score`): by default
     the checkpoint's held-out split and every fetched held-out corpus (report["held_out_<name>"]).
     nextline: lines to complete per corpus (report["nextline"][<"held_out" or corpus name>]); None: skipped.
+    compressors: zlib-9 / zstd-19 / xz-9e bits per byte on the same held-out files beside the model's
+    (report["held_out"]["compressors"], report["held_out_<name>"]["compressors"]).
+    A corpus is refused when one of its files is, by content, a file the checkpoint trained on.
     """
     from .corpora import corpora_to_score
 
@@ -703,9 +729,15 @@ def run_evaluation(checkpoint: str | os.PathLike, *, data: Sequence[str] | None 
                               "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                               "machine": machine_description()}
     score_split, corpora = corpora_to_score(corpus, corpora_root)
+    if corpora and (bpb or nextline):
+        from .corpora import load_corpus
+
+        for name in corpora:
+            refuse_corpus_overlap(name, load_corpus(name, corpora_root), checkpoint)
     if bpb and score_split:
         held = report["held_out"] = held_out_bpb(checkpoint, data, seq_len=seq_len, max_bytes=max_bytes,
-                                                 val_fraction=val_fraction, progress=progress)
+                                                 val_fraction=val_fraction, progress=progress,
+                                                 compressors=compressors)
         report.update({"val_bpb": held["bpb"], "tokens": held["tokens"], "split": "val"})  # the short names
     if bpb and corpora:
         from .corpora import corpus_bpb
@@ -713,7 +745,7 @@ def run_evaluation(checkpoint: str | os.PathLike, *, data: Sequence[str] | None 
         model = load_checkpoint(checkpoint)
         for name in corpora:
             report[f"held_out_{name}"] = corpus_bpb(model, name, root=corpora_root, seq_len=seq_len,
-                                                    max_bytes=max_bytes)
+                                                    max_bytes=max_bytes, compressors=compressors)
     if humaneval is None and not tasks and not nextline:
         return report
     if generate_fn is None:
@@ -846,6 +878,33 @@ def _cells(row: dict[str, Any]) -> list[str]:
             bpb, pypi_cell, nextline_cell, he_cell, docs_cell, fixer_cell, row["date"]]
 
 
+def _compressor_rows(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The compressors table: for each model row and held-out set it has baselines for, the model's bits/byte
+    beside each compressor's (file by file / the set concatenated) on the same files."""
+    from .compressors import COMPRESSORS
+
+    header = ["Held-out files", "Files", "Bytes", "Model bits/byte",
+              *(f"{name} (per file / concatenated)" for name in COMPRESSORS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        for key, label in (("held_out", "held-out split"), ("held_out_pypi", "PyPI corpus")):
+            part = row.get(key) or {}
+            baselines = part.get("compressors")
+            if not baselines or not baselines.get("bytes"):
+                continue
+            model = f"{part['bpb']:.3f}"
+            if part.get("bytes", 0) < 0.99 * baselines["bytes"]:  # --max-bytes scored a sample of the same files
+                model += f" (on {part['bytes']:,} B of them)"
+            cells = [f"{label}, as scored for `{row['model']}`", f"{baselines['files']:,}", f"{baselines['bytes']:,}",
+                     model]
+            for name in COMPRESSORS:
+                result = baselines.get(name)
+                cells.append(f"{result['per_file_bpb']:.3f} / {result['concatenated_bpb']:.3f}" if result
+                             else "– (not installed)" if name in (baselines.get("unavailable") or {}) else "–")
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines if len(lines) > 2 else []
+
+
 def write_results_table(report: dict[str, Any], path: str | os.PathLike = "docs/results.md",
                         command: str | None = None) -> Path:
     """Add (or replace, by checkpoint path) this report's row in the Markdown results table at `path`."""
@@ -896,6 +955,26 @@ def write_results_table(report: dict[str, Any], path: str | os.PathLike = "docs/
     lines += ["", "Commands and machines:", ""]
     for r in rows:
         lines.append(f"- `{r['model']}`: `{r['command']}` — {r['machine']}, {r['date']}")
+    compressor_lines = _compressor_rows(rows)
+    if compressor_lines:
+        lines += [
+            "",
+            "## Compressors on the same held-out bytes",
+            "",
+            "What a general-purpose compressor spends on exactly the files the model is scored on "
+            "(`axl_model.compressors`,",
+            "measured by `axl eval` unless --no-compressors): compressed bytes x 8 / the files' bytes, each file "
+            "compressed alone",
+            "(the model also starts every file afresh) / the whole set as one stream (a compressor then reuses "
+            "earlier files;",
+            "zlib's window is 32 KB, zstd-19's and xz's cover the set). zlib level 9, zstd level 19 (the "
+            "`zstandard` package),",
+            "xz preset 9 | PRESET_EXTREME. A model that does not beat xz per file has learnt less about code than "
+            "LZMA finds in",
+            "one pass over each file.",
+            "",
+            *compressor_lines,
+        ]
     lines += [
         "",
         "## Reference: published HumanEval pass@1 of other code models",

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["NEXTLINE_MAX_TOKENS", "NEXTLINE_SEED", "LineCase", "evaluate_nextline", "sample_lines",
-           "split_documents", "edit_similarity"]
+           "split_documents", "split_file_bytes", "edit_similarity"]
 
 NEXTLINE_MAX_TOKENS = 160  # longest line generated, in bytes (PEP 8 lines are under 80)
 NEXTLINE_SEED = 0
@@ -97,12 +97,18 @@ def split_documents(dataset) -> list[Document]:
     """The raw files of a prepared split (`data.TokenDataset`) as (name, text): BOS/EOS stripped, UTF-8 decoded.
 
     Documents that are not plain files (pairs, anything beyond bytes) are skipped."""
+    return [(name, data.decode("utf-8", "replace")) for name, data in split_file_bytes(dataset)]
+
+
+def split_file_bytes(dataset) -> list[tuple[str, bytes]]:
+    """The raw files of a prepared split as (name, bytes), exactly the bytes the model scores (BOS/EOS stripped);
+    what `split_documents` decodes and the compressor baselines compress."""
     import numpy as np
 
     from .tokenizer import BOS_ID, EOS_ID
 
     offsets = list(dataset.document_offsets) + [len(dataset)]
-    documents: list[Document] = []
+    documents: list[tuple[str, bytes]] = []
     for k, (start, stop) in enumerate(zip(offsets, offsets[1:])):
         tokens = np.asarray(dataset.tokens[start:stop])
         if len(tokens) < 2 or tokens[0] != BOS_ID or not np.asarray(dataset.mask[start + 1:stop]).all():
@@ -110,23 +116,27 @@ def split_documents(dataset) -> list[Document]:
         body = tokens[1:-1] if tokens[-1] == EOS_ID else tokens[1:]
         if body.size and int(body.max()) > 255:
             continue
-        documents.append((f"held-out document {k}", body.astype(np.uint8).tobytes().decode("utf-8", "replace")))
+        documents.append((f"held-out document {k}", body.astype(np.uint8).tobytes()))
     return documents
 
 
 def held_out_split_documents(checkpoint, data: Sequence[str] | None = None,
                              val_fraction: float | None = None) -> list[Document]:
     """The held-out split `axl eval` scores for bits/byte (`evaluate.split_to_score`: by default the one the
-    checkpoint recorded) as documents."""
+    checkpoint recorded) as documents. Refused, as bits/byte is (`evaluate.refuse_training_overlap`), when one
+    of its files is, by content, a file the checkpoint trained on: a line the model saw is not a completion."""
     import tempfile
 
-    from .data import prepare_data
-    from .evaluate import split_to_score
+    from .data import default_corpus, prepare_data
+    from .evaluate import refuse_training_overlap, split_to_score
 
     settings = split_to_score(checkpoint, data, val_fraction)
     with tempfile.TemporaryDirectory(prefix="axl-nextline-data-") as tmp:
         prepared = prepare_data(settings["data"], tmp, val_data=settings["val_data"],
                                 val_fraction=settings["val_fraction"], filters=settings["filters"], progress=False)
+        paths = settings["data"] or default_corpus()
+        refuse_training_overlap(prepared.split, settings["recorded"], checkpoint,
+                                f"next-line completion on the held-out split of {list(map(str, paths))}")
         return split_documents(prepared.val)
 
 

@@ -12,7 +12,7 @@ from axl_model import nextline as N
 from axl_model.checkpoint import load_checkpoint
 from axl_model.cli import main
 from axl_model.corpora import CorpusSplit, corpus_bpb, corpora_to_score, fetch_pypi_corpus, load_corpus
-from axl_model.evaluate import model_generate_fn, write_results_table
+from axl_model.evaluate import model_generate_fn, recorded_split, write_results_table
 from axl_model.train import evaluate_bpb
 from tests.axl_model.test_corpora import make_wheel
 from tests.checkpoints import make_tiny_checkpoint
@@ -118,3 +118,33 @@ def test_table_without_the_new_measures_shows_dashes(tmp_path: Path) -> None:
               "date": "today", "machine": "here"}
     text = write_results_table(report, tmp_path / "r.md").read_text()
     assert "| `m` (tiny, raw prompts) | 1K | – | – | – | – | – | – | today |" in text
+
+
+def test_next_line_refuses_files_the_checkpoint_trained_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """As bits/byte does: a split holding a training file, or a corpus holding a copy of one, is not held out."""
+    from tests.axl_model.test_evaluate import _checkpoint_with_split, _library_and_tests
+
+    monkeypatch.chdir(tmp_path)
+    corpus = _library_and_tests(tmp_path / "src")
+    ck = _checkpoint_with_split(tmp_path, corpus, val_fraction=0.3)
+    assert N.held_out_split_documents(ck)  # its own split is fine
+    with pytest.raises(ValueError, match="refusing to score next-line completion .* trained on"):
+        N.held_out_split_documents(ck, [str(corpus)], 0.6)
+    assert main(["eval", str(ck), "--no-bpb", "--nextline", "2", "--corpus", "split", "--data", str(corpus),
+                 "--val-fraction", "0.6", "--no-table", "--no-progress"]) == 2
+    assert "refusing to score next-line completion" in capsys.readouterr().err
+
+    # a held-out corpus with a copy of a training file: refused for next-line and bits/byte alike
+    folder, package = tmp_path / "wheels", make_wheel(tmp_path / "wheels")
+    fetch_pypi_corpus(Path("data/corpora/pypi"), packages=[package], source=str(folder))
+    held_out = {e["path"] for e in recorded_split(ck)["val_files"]}
+    trained = next(f for f in sorted(corpus.rglob("*.py")) if f.relative_to(corpus).as_posix() not in held_out)
+    copy = Path("data/corpora/pypi/tiny-pkg-1.0/tiny_pkg/copied.py")
+    copy.write_bytes(trained.read_bytes())
+    for extra in (["--no-bpb", "--nextline", "2"], []):
+        assert main(["eval", str(ck), "--corpus", "pypi", "--no-table", "--no-progress", *extra]) == 2
+        assert "refusing to score the pypi corpus" in capsys.readouterr().err
+    copy.unlink()
+    assert main(["eval", str(ck), "--corpus", "pypi", "--no-bpb", "--nextline", "2", "--no-table",
+                 "--no-progress"]) == 0
