@@ -99,6 +99,9 @@ class MeshConfig:
     registry_port: int = 8900
     gateway_port: int = 8880
     api_keys: tuple[str, ...] = ()
+    # The trained model shipped in the repository (float16 weights, `axl export release`): what every worker
+    # without a checkpoint of its own serves. Only where it is missing does the bootstrap training run.
+    default_checkpoint: str = "weights/axl-coder"
     bootstrap: BootstrapSpec = BootstrapSpec()
     workers: tuple[WorkerSpec, ...] = ()
     worker_max_batch: int = 8
@@ -213,11 +216,15 @@ class MeshConfig:
         return [self.queue_worker_port_start + i for i in range(self.trainer_workers + self.quantizer_workers)]
 
     def worker_checkpoint(self, worker: WorkerSpec) -> Path:
-        """Explicit checkpoint, else checkpoints/axl-<specialist> when it exists, else the bootstrap checkpoint."""
+        """Explicit checkpoint, else checkpoints/axl-<specialist> when it exists, else the shipped default model,
+        else (a checkout without it) the bootstrap checkpoint."""
         if worker.checkpoint:
             return self.path(worker.checkpoint)
         own = self.path(f"checkpoints/axl-{worker.specialist}")
-        return own if own.is_dir() else self.path(self.bootstrap.checkpoint)
+        if own.is_dir():
+            return own
+        shipped = self.path(self.default_checkpoint)
+        return shipped if (shipped / "config.json").is_file() else self.path(self.bootstrap.checkpoint)
 
 
 def _section(data: Mapping[str, Any], key: str, source: str) -> dict[str, Any]:

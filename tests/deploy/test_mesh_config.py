@@ -88,6 +88,12 @@ def test_worker_checkpoint_resolution(tmp_path: Path) -> None:
     assert config.worker_checkpoint(coder) == tmp_path / "checkpoints" / "boot"
     assert config.worker_checkpoint(debugger) == tmp_path / "checkpoints" / "axl-debugger"
     assert config.worker_checkpoint(chat) == Path("/elsewhere/chat")
+    # With the shipped default model present, it replaces the bootstrap training for every worker without its own.
+    shipped = tmp_path / "weights" / "axl-coder"
+    shipped.mkdir(parents=True)
+    (shipped / "config.json").write_text("{}")
+    assert config.worker_checkpoint(coder) == shipped
+    assert config.worker_checkpoint(debugger) == tmp_path / "checkpoints" / "axl-debugger"
 
 
 @pytest.mark.parametrize(("raw", "message"), [
