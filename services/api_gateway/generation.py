@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 
 from axl_mesh.errors import APIError, InvalidRequestError
 from axl_mesh.protocol import PROMPT_TRUNCATED_HEADER, FinishReason, UsageInfo, max_tokens_ceiling
-from axl_mesh.worker_protocol import GenerateRequest
+from axl_mesh.worker_protocol import GenerateRequest, StreamEnd, StreamPiece, TokenLogprobOut, Usage, WorkerError
 from services.api_gateway.metrics import GatewayMetrics
 from services.api_gateway.sse import DONE, KEEPALIVE, EventStreamResponse, sse_data
 from services.api_gateway.upstream import ResolvedModel, Upstream, UpstreamStream
@@ -45,7 +45,7 @@ class SampleResult:
     text: str
     finish_reason: FinishReason | None
     usage: UsageInfo
-    logprobs: Any = None
+    logprobs: list[TokenLogprobOut] | None = None
     prompt_truncated: int = 0  # bytes of the prompt the worker left out to fit the window
 
 
@@ -88,17 +88,10 @@ def truncation_headers(samples: Sequence[Sample], truncated: Mapping[int, int]) 
     return {PROMPT_TRUNCATED_HEADER: str(total)} if total > 0 else {}
 
 
-def _usage(raw: Any) -> UsageInfo:
-    if not isinstance(raw, dict):
-        return UsageInfo()
-    usage = UsageInfo(prompt_tokens=int(raw.get("prompt_tokens") or 0),
-                      completion_tokens=int(raw.get("completion_tokens") or 0))
-    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-    return usage
-
-
-def _finish_reason(raw: Any) -> FinishReason | None:
-    return raw if raw in ("stop", "length") else ("stop" if raw else None)
+def usage_info(usage: Usage) -> UsageInfo:
+    """A worker's usage as OpenAI's (its total recomputed: the gateway sums these per request)."""
+    return UsageInfo(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                     total_tokens=usage.prompt_tokens + usage.completion_tokens)
 
 
 class RequestMetrics:
@@ -172,14 +165,12 @@ async def generate_all(
             answer = await upstream.generate(model, sample.request)
         finally:
             gauge.done()
-        usage = answer.usage
         return SampleResult(
             index=sample.index,
             text=answer.text,
             finish_reason=answer.finish_reason,
-            usage=UsageInfo(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                            total_tokens=usage.prompt_tokens + usage.completion_tokens),
-            logprobs=None if answer.logprobs is None else [lp.model_dump() for lp in answer.logprobs],
+            usage=usage_info(answer.usage),
+            logprobs=answer.logprobs,
             prompt_truncated=answer.prompt_truncated,
         )
 
@@ -235,7 +226,7 @@ class ChunkFormatter(Protocol):
 
     def start(self, index: int) -> list[Any]: ...
 
-    def piece(self, index: int, text: str, logprob: Any) -> Any: ...
+    def piece(self, index: int, text: str, logprob: TokenLogprobOut | None) -> Any: ...
 
     def finish(self, index: int, finish_reason: FinishReason | None) -> Any: ...
 
@@ -245,8 +236,7 @@ class ChunkFormatter(Protocol):
 @dataclass
 class _Event:
     index: int
-    kind: str  # "piece" | "done" | "error"
-    data: Any
+    data: StreamPiece | StreamEnd | APIError  # a piece, the sample's end, or the error that ended it
 
 
 def broken_stream_error(exc: BaseException) -> APIError:
@@ -351,27 +341,26 @@ class StreamRun:
                 error = broken_stream_error(exc)
                 if not opened.done():
                     opened.set_result(error)
-                await self._put(_Event(sample.index, "error", error))
+                await self._put(_Event(sample.index, error))
                 return
             self.truncated[sample.index] = stream.prompt_truncated
             opened.set_result(None)
             try:
-                async for event in stream.events():
-                    if "error" in event:
-                        reported = event["error"] if isinstance(event["error"], dict) else {}
-                        await self._put(_Event(sample.index, "error", APIError(
-                            502, str(reported.get("message") or "The model worker failed mid-stream."),
-                            type=reported.get("type"), code=reported.get("code") or "upstream_error")))
+                async for line in stream.events():
+                    if isinstance(line, WorkerError):
+                        await self._put(_Event(sample.index, APIError(
+                            502, line.error.message or "The model worker failed mid-stream.",
+                            type=line.error.type, code=line.error.code or "upstream_error")))
                         return
-                    if event.get("text") or event.get("logprob") is not None:
+                    if isinstance(line, StreamEnd):
+                        await self._put(_Event(sample.index, line))
+                        return
+                    if line.text or line.logprob is not None:
                         gauge.piece()
-                        await self._put(_Event(sample.index, "piece", event))
-                    if event.get("finish_reason") is not None or ("usage" in event and "text" not in event):
-                        await self._put(_Event(sample.index, "done", event))
-                        return
+                        await self._put(_Event(sample.index, line))
                 raise APIError(502, "The model worker closed the stream before it finished.", code="upstream_error")
             except (WorkerClientError, ValueError, APIError) as exc:
-                await self._put(_Event(sample.index, "error", broken_stream_error(exc)))
+                await self._put(_Event(sample.index, broken_stream_error(exc)))
         finally:
             if stream is not None:
                 await stream.aclose()
@@ -400,16 +389,15 @@ class StreamRun:
                 except TimeoutError:
                     yield KEEPALIVE
                     continue
-                if event.kind == "piece":
-                    yield sse_data(formatter.piece(event.index, str(event.data.get("text")),
-                                                   event.data.get("logprob")))
-                elif event.kind == "done":
+                data = event.data
+                if isinstance(data, StreamPiece):
+                    yield sse_data(formatter.piece(event.index, data.text, data.logprob))
+                elif isinstance(data, StreamEnd):
                     remaining -= 1
-                    reason = _finish_reason(event.data.get("finish_reason")) or "stop"
-                    results[event.index] = SampleResult(event.index, "", reason, _usage(event.data.get("usage")))
-                    yield sse_data(formatter.finish(event.index, reason))
+                    results[event.index] = SampleResult(event.index, "", data.finish_reason, usage_info(data.usage))
+                    yield sse_data(formatter.finish(event.index, data.finish_reason))
                 else:
-                    error: APIError = event.data
+                    error = data
                     status = error.status
                     logger.warning("stream of %s ended by an error: %s", self.model.model_id, error.message)
                     yield sse_data(error.body())

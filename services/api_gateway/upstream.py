@@ -8,7 +8,6 @@ short cooldown. Errors a worker returns on purpose (400 context_length_exceeded,
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 from collections import Counter
@@ -23,7 +22,15 @@ from axl_mesh.protocol import PROMPT_TRUNCATED_HEADER
 from axl_mesh.registry_client import CachedLookup, RegistryError
 from axl_mesh.registry_schemas import InstanceRecord, ModelSummary
 from axl_mesh.routing import choose_specialist
-from axl_mesh.worker_protocol import GenerateRequest, GenerateResponse
+from axl_mesh.worker_protocol import (
+    GenerateRequest,
+    GenerateResponse,
+    StreamEnd,
+    StreamPiece,
+    WorkerError,
+    WorkerErrorDetail,
+    parse_stream_line,
+)
 from services.api_gateway.worker_client import (
     WorkerClient,
     WorkerClientError,
@@ -73,11 +80,17 @@ class UpstreamStream:
         value = self.response.headers.get(PROMPT_TRUNCATED_HEADER, "0")
         return int(value) if value.isdigit() else 0
 
-    async def events(self) -> AsyncIterator[dict[str, Any]]:
-        """The worker's NDJSON objects, one per line (pieces, then a final one with ``finish_reason``)."""
+    async def events(self) -> AsyncIterator[StreamPiece | StreamEnd | WorkerError]:
+        """The worker's NDJSON lines as the protocol's models: pieces, then an end (or an error); a 502
+        ``upstream_error`` for a line outside the protocol."""
         async for line in self.response.lines():
             if line.strip():
-                yield json.loads(line)
+                try:
+                    yield parse_stream_line(line)
+                except ValidationError as exc:
+                    logger.warning("worker %s streamed outside the protocol: %s", self.instance.instance_id, exc)
+                    raise APIError(502, "The model worker's stream did not follow the worker protocol.",
+                                   code="upstream_error") from None
 
     async def aclose(self) -> None:
         """Close the connection (a worker drops a request whose client went away) and release the slot."""
@@ -91,16 +104,13 @@ def worker_error(status: int, headers: Mapping[str, str], body: bytes) -> APIErr
     """A worker's error answer as the same OpenAI-shaped error (status, fields and Retry-After kept);
     ``headers`` has lower-cased names."""
     try:
-        error = json.loads(body).get("error") or {}
-    except (ValueError, AttributeError):
-        error = {}
-    if not isinstance(error, dict):
-        error = {}
+        error = WorkerError.model_validate_json(body).error
+    except ValidationError:  # not a worker's error (a proxy's page, a process dying): the status says enough
+        error = WorkerErrorDetail(message="")
     retry_after = {"Retry-After": headers["retry-after"]} if "retry-after" in headers else None
-    message = error.get("message") or f"The model worker answered {status}."
     return APIError(
-        status, str(message), type=error.get("type"), param=error.get("param"),
-        code=error.get("code"), headers=retry_after,
+        status, error.message or f"The model worker answered {status}.", type=error.type, param=error.param,
+        code=error.code, headers=retry_after,
     )
 
 

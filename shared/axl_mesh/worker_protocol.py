@@ -1,8 +1,9 @@
 """The model worker's internal API, one typed contract for both sides of the hop: the gateway builds a
 :class:`GenerateRequest` (``axl_mesh.protocol``'s ``to_generate_request``), sends ``model_dump(mode="json")`` to
-``POST /internal/v1/generate`` and parses the answer as :class:`GenerateResponse` (or NDJSON lines
-:class:`StreamPiece` ... :class:`StreamEnd`); the worker validates the body with the same class and answers with the
-same models (``GET /internal/v1/info``: :class:`WorkerInfo`). Imports no torch.
+``POST /internal/v1/generate`` and parses the answer as :class:`GenerateResponse` (or, streamed, NDJSON lines
+:class:`StreamPiece` ... :class:`StreamEnd` or :class:`WorkerError`, read by :func:`parse_stream_line`); the worker
+validates the body with the same class and answers with the same models (``GET /internal/v1/info``:
+:class:`WorkerInfo`). Imports no torch.
 
 Sampling fields left out (or null) take the specialist's defaults (``axl_model.specialists``); the worker turns a
 request into the model library's ``SamplingParams`` in one place (``services.model_worker.sampling``).
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator, model_validator
 
 # Bounds shared with the OpenAI schemas (axl_mesh.protocol imports them from here).
 MAX_STOP_SEQUENCES = 32
@@ -123,6 +124,45 @@ class StreamEnd(BaseModel):
 class WorkerInfo(BaseModel):
     model_id: str
     specialist: str
+class WorkerErrorDetail(BaseModel):
+    message: str
+    type: str | None = None
+    param: str | None = None
+    code: str | None = None
+
+
+class WorkerError(BaseModel):
+    """An error answer, in the usual shape: the body of a non-200 answer, or the last NDJSON line of a stream that
+    failed after its headers went out."""
+
+    error: WorkerErrorDetail
+
+
+def _stream_line_kind(value: Any) -> str:
+    """Which line: an error has ``error``, an end ``finish_reason``; anything else must be a piece."""
+    if isinstance(value, dict):
+        return "error" if "error" in value else "end" if "finish_reason" in value else "piece"
+    return "error" if isinstance(value, WorkerError) else "end" if isinstance(value, StreamEnd) else "piece"
+
+
+StreamLine = Annotated[
+    Annotated[StreamPiece, Tag("piece")] | Annotated[StreamEnd, Tag("end")] | Annotated[WorkerError, Tag("error")],
+    Discriminator(_stream_line_kind),
+]
+_STREAM_LINE: TypeAdapter[StreamPiece | StreamEnd | WorkerError] = TypeAdapter(StreamLine)
+
+
+def parse_stream_line(line: bytes | str) -> StreamPiece | StreamEnd | WorkerError:
+    """One NDJSON line of a worker's stream as its model; raises ``pydantic.ValidationError`` (a ValueError) for a
+    line outside the protocol."""
+    return _STREAM_LINE.validate_json(line)
+
+
+def stream_line(line: StreamPiece | StreamEnd | WorkerError) -> bytes:
+    """The NDJSON line (with its newline) the worker sends for ``line``."""
+    return line.model_dump_json().encode() + b"\n"
+
+
     context_length: int
     capabilities: list[str]
     running: int

@@ -29,6 +29,7 @@ from axl_mesh.protocol import (
     UsageInfo,
     random_id,
 )
+from axl_mesh.worker_protocol import TokenLogprobOut
 from services.api_gateway.deps import MetricsDep, SettingsDep, UpstreamDep
 from services.api_gateway.generation import (
     RequestMetrics,
@@ -43,24 +44,18 @@ from services.api_gateway.metrics import UNKNOWN_MODEL
 router = APIRouter(prefix="/v1/chat", tags=["chat"])
 
 
-def chat_logprobs(raw: Any) -> ChatLogProbs | None:
-    """The worker's per-token logprobs (``[{token, logprob, top_logprobs}]``) in the chat layout."""
-    if not isinstance(raw, list):
+def chat_logprobs(entries: list[TokenLogprobOut] | None) -> ChatLogProbs | None:
+    """The worker's per-token logprobs in the chat layout."""
+    if entries is None:
         return None
-    content = []
-    for entry in raw:
-        if not isinstance(entry, dict):
-            entry = {"token": "", "logprob": entry}
-        token = str(entry.get("token", entry.get("text", "")))
-        top = entry.get("top_logprobs") or []
-        if isinstance(top, dict):
-            top = [{"token": t, "logprob": lp} for t, lp in top.items()]
-        content.append(ChatLogProbsContent(
-            token=token, logprob=float(entry.get("logprob") or 0.0), bytes=list(token.encode()),
-            top_logprobs=[ChatLogProb(token=str(t.get("token", "")), logprob=float(t.get("logprob") or 0.0),
-                                      bytes=list(str(t.get("token", "")).encode()))
-                          for t in top if isinstance(t, dict)],
-        ))
+    content = [
+        ChatLogProbsContent(
+            token=entry.token, logprob=entry.logprob, bytes=list(entry.token.encode()),
+            top_logprobs=[ChatLogProb(token=token, logprob=logprob, bytes=list(token.encode()))
+                          for token, logprob in entry.top_logprobs.items()],
+        )
+        for entry in entries
+    ]
     return ChatLogProbs(content=content)
 
 
@@ -79,12 +74,8 @@ class ChatChunks:
     def start(self, index: int) -> list[Any]:
         return [self._chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role="assistant", content="")))]
 
-    def piece(self, index: int, text: str, logprob: Any) -> ChatCompletionStreamResponse:
-        logprobs = None
-        if self.with_logprobs:
-            entry = logprob if isinstance(logprob, dict) else {"token": text, "logprob": logprob}
-            entry.setdefault("token", text)
-            logprobs = chat_logprobs([entry])
+    def piece(self, index: int, text: str, logprob: TokenLogprobOut | None) -> ChatCompletionStreamResponse:
+        logprobs = chat_logprobs([logprob]) if self.with_logprobs and logprob is not None else None
         return self._chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(content=text), logprobs=logprobs))
 
     def finish(self, index: int, finish_reason: FinishReason | None) -> ChatCompletionStreamResponse:

@@ -25,6 +25,7 @@ from axl_mesh.protocol import (
     random_id,
 )
 from axl_mesh.registry_schemas import Capability
+from axl_mesh.worker_protocol import TokenLogprobOut
 from services.api_gateway.deps import MetricsDep, SettingsDep, UpstreamDep
 from services.api_gateway.generation import (
     RequestMetrics,
@@ -39,23 +40,17 @@ from services.api_gateway.metrics import UNKNOWN_MODEL
 router = APIRouter(prefix="/v1", tags=["completions"])
 
 
-def completion_logprobs(raw: Any, offset: int = 0) -> CompletionLogProbs | None:
-    """The worker's per-token logprobs (``[{token, logprob, top_logprobs}]``) in the completions layout."""
-    if not isinstance(raw, list):
+def completion_logprobs(entries: list[TokenLogprobOut] | None, offset: int = 0) -> CompletionLogProbs | None:
+    """The worker's per-token logprobs in the completions layout (``offset``: where the first token starts)."""
+    if entries is None:
         return None
     out = CompletionLogProbs()
-    for entry in raw:
-        if not isinstance(entry, dict):
-            entry = {"token": "", "logprob": entry}
-        token = str(entry.get("token", entry.get("text", "")))
-        out.tokens.append(token)
-        out.token_logprobs.append(entry.get("logprob"))
-        top = entry.get("top_logprobs")
-        if isinstance(top, list):
-            top = {str(t.get("token", "")): t.get("logprob") for t in top if isinstance(t, dict)}
-        out.top_logprobs.append(top if isinstance(top, dict) else None)
+    for entry in entries:
+        out.tokens.append(entry.token)
+        out.token_logprobs.append(entry.logprob)
+        out.top_logprobs.append(entry.top_logprobs)
         out.text_offset.append(offset)
-        offset += len(token)
+        offset += len(entry.token)
     return out
 
 
@@ -75,12 +70,15 @@ class CompletionChunks:
     def start(self, index: int) -> list[Any]:
         return []  # completions streams open with the first text
 
-    def piece(self, index: int, text: str, logprob: Any) -> CompletionStreamResponse:
+    def piece(self, index: int, text: str, logprob: TokenLogprobOut | None) -> CompletionStreamResponse:
         logprobs = None
         if self.with_logprobs:
-            entry = logprob if isinstance(logprob, dict) else {"token": text, "logprob": logprob}
-            entry.setdefault("token", text)
-            logprobs = completion_logprobs([entry], self.offsets.get(index, 0))
+            offset = self.offsets.get(index, 0)
+            if logprob is None:  # echoed prompt text: no logprob of its own, as OpenAI's first echoed token
+                logprobs = CompletionLogProbs(text_offset=[offset], token_logprobs=[None], tokens=[text],
+                                              top_logprobs=[None])
+            else:
+                logprobs = completion_logprobs([logprob], offset)
         self.offsets[index] = self.offsets.get(index, 0) + len(text)
         return self._chunk(CompletionResponseChoice(index=index, text=text, logprobs=logprobs))
 

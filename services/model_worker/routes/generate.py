@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from axl_mesh.errors import APIError, error_body
+from axl_mesh.errors import APIError
 from axl_mesh.protocol import PROMPT_TRUNCATED_HEADER
 from axl_mesh.worker_protocol import (
     GenerateRequest,
@@ -19,6 +18,9 @@ from axl_mesh.worker_protocol import (
     StreamPiece,
     TokenLogprobOut,
     Usage,
+    WorkerError,
+    WorkerErrorDetail,
+    stream_line,
 )
 from axl_model.generate import StepOutput, TokenLogprob
 from services.model_worker.deps import WorkerDep
@@ -98,17 +100,16 @@ async def _ndjson(worker: ModelWorker, generation: GenerationRequest, prepared: 
     If the client disconnects, Starlette cancels this generator and ``worker.outputs`` cancels the request.
     """
     if echo and prepared.text:
-        yield StreamPiece(text=prepared.text).model_dump_json().encode() + b"\n"
+        yield stream_line(StreamPiece(text=prepared.text))
     try:
         async for output in worker.outputs(generation):
             if output.text or output.logprob is not None:
-                piece = StreamPiece(text=output.text, logprob=_logprob(output.logprob))
-                yield piece.model_dump_json().encode() + b"\n"
+                yield stream_line(StreamPiece(text=output.text, logprob=_logprob(output.logprob)))
             if output.finish_reason is not None:
-                end = StreamEnd(finish_reason=output.finish_reason, usage=_usage(prepared, generation),
-                                model=worker.model_id)
-                yield end.model_dump_json().encode() + b"\n"
+                yield stream_line(StreamEnd(finish_reason=output.finish_reason, usage=_usage(prepared, generation),
+                                            model=worker.model_id))
     except GenerationFailed as exc:
         # Headers are gone already: the error travels as the last line, in the usual shape.
         logger.warning("request %s failed mid-stream: %s", generation.request_id, exc)
-        yield json.dumps(error_body(str(exc), "server_error", None, "generation_failed")).encode() + b"\n"
+        yield stream_line(WorkerError(error=WorkerErrorDetail(message=str(exc), type="server_error",
+                                                              code="generation_failed")))

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from axl_mesh.protocol import MAX_SAMPLES_PER_REQUEST, MAX_TOKENS_PER_WINDOW, max_tokens_ceiling
-from axl_mesh.worker_protocol import GenerateRequest, GenerateResponse, Usage
+from axl_mesh.worker_protocol import GenerateRequest, GenerateResponse, StreamPiece, Usage
 from services.api_gateway.generation import STREAM_BUFFER_EVENTS, RequestMetrics, Sample, StreamRun
 from services.api_gateway.main import create_app
 from services.api_gateway.metrics import GatewayMetrics
@@ -40,7 +40,7 @@ class EndlessStream:
     async def events(self) -> Any:
         while True:
             self.sent += 1
-            yield {"text": "x"}
+            yield StreamPiece(text="x")
             await asyncio.sleep(0)
 
     async def aclose(self) -> None:

@@ -20,7 +20,7 @@ from axl_mesh.jobs import JobKind, JobsSettings, open_store
 from axl_mesh.model_store import MANIFEST
 from axl_mesh.registry_client import RegistryError
 from axl_mesh.registry_schemas import InstanceRecord, ModelSummary
-from axl_mesh.worker_protocol import GenerateRequest
+from axl_mesh.worker_protocol import GenerateRequest, StreamEnd, StreamPiece, Usage
 from services.api_gateway.console.evaluations import NOT_MEASURED
 from services.api_gateway.console.mesh_view import TokenRates, parse_counter
 from services.api_gateway.console.routes import curves
@@ -56,8 +56,9 @@ class FakeStream:
 
     async def events(self) -> Any:
         for piece in ("def", " f", "(x)"):
-            yield {"text": piece}
-        yield {"finish_reason": "stop", "usage": {"prompt_tokens": 3, "completion_tokens": 3}}
+            yield StreamPiece(text=piece)
+        yield StreamEnd(finish_reason="stop", usage=Usage(prompt_tokens=3, completion_tokens=3, total_tokens=6),
+                        model="axl-coder")
 
     async def aclose(self) -> None:
         pass

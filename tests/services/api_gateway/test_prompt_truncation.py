@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from axl_mesh.protocol import PROMPT_TRUNCATED_HEADER
-from axl_mesh.worker_protocol import GenerateRequest, GenerateResponse, Usage
+from axl_mesh.worker_protocol import GenerateRequest, GenerateResponse, StreamEnd, StreamPiece, Usage
 from services.api_gateway.main import create_app
 from services.api_gateway.settings import Settings
 from services.api_gateway.upstream import ResolvedModel
@@ -28,8 +28,9 @@ class FakeStream:
     prompt_truncated = DROPPED
 
     async def events(self) -> Any:
-        yield {"text": "ok"}
-        yield {"finish_reason": "stop", "usage": {"prompt_tokens": 91, "completion_tokens": 1}}
+        yield StreamPiece(text="ok")
+        yield StreamEnd(finish_reason="stop", usage=Usage(prompt_tokens=91, completion_tokens=1, total_tokens=92),
+                        model=PLAIN.model_id)
 
     async def aclose(self) -> None:
         pass
