@@ -22,6 +22,7 @@ from services.api_gateway.auth import ApiKeyMiddleware
 from services.api_gateway.console import install_console
 from services.api_gateway.exposure import HostCheckMiddleware, host_check_needed
 from services.api_gateway.metrics import AgentMetrics, GatewayMetrics
+from services.api_gateway.on_demand import OnDemandLoader
 from services.api_gateway.openapi import install_openapi
 from services.api_gateway.routes import ROUTERS, health
 from services.api_gateway.routes.agent import log_sandbox_status
@@ -39,6 +40,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def count_failover(model_id: str, instance: InstanceRecord, reason: str) -> None:
         metrics.failovers.labels(model=model_id, reason=reason).inc()
 
+    def count_on_demand_load(model_id: str, outcome: str) -> None:
+        metrics.on_demand_loads.labels(outcome=outcome).inc()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = RegistryClient(settings.registry_url, settings.registry_secret_value(),
@@ -49,8 +53,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             read_timeout=settings.read_timeout_seconds,
                             max_connections=settings.max_upstream_connections)
         lookup = CachedLookup(registry, ttl_seconds=settings.lookup_ttl_seconds)
+        on_demand = OnDemandLoader(lookup, http, timeout_seconds=settings.on_demand_load_timeout_seconds,
+                                   on_load=count_on_demand_load)
         app.state.upstream = Upstream(lookup, http, cooldown_seconds=settings.failed_instance_cooldown_seconds,
-                                      on_failover=count_failover, stored_models=model_store.entries)
+                                      on_failover=count_failover, stored_models=model_store.entries,
+                                      on_demand=on_demand)
         try:
             yield
         finally:

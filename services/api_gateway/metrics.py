@@ -32,6 +32,7 @@ class GatewayMetrics:
     routed: Counter
     failovers: Counter
     healthy_workers: Gauge
+    on_demand_loads: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> GatewayMetrics:
@@ -77,6 +78,10 @@ class GatewayMetrics:
             healthy_workers=Gauge(
                 "axl_gateway_healthy_workers", "Healthy worker instances per specialist and model (registry)",
                 ["specialist", "model"], registry=registry,
+            ),
+            on_demand_loads=Counter(
+                "axl_gateway_on_demand_loads_total", "Stored models a pool worker was asked to load, by outcome",
+                ["outcome"], registry=registry,
             ),
         )
 

@@ -33,6 +33,10 @@ class Settings(ServiceSettings):
     failed_instance_cooldown_seconds: float = Field(
         default=5.0, ge=0, description="a replica that refused a connection is skipped this long"
     )
+    # A request for a stored model no worker holds asks a pool worker to load it (services/api_gateway/on_demand.py)
+    # and waits this long at most; then 503 model_load_timeout with Retry-After.
+    on_demand_load_timeout_seconds: float = Field(
+        default=60.0, gt=0, description="how long the first request for a model waits for a pool to load it")
     connect_timeout_seconds: float = Field(default=2.0, gt=0)
     # Bound on waiting for the next piece from a worker (long prefill, a stuck worker): never hang forever.
     read_timeout_seconds: float = Field(default=300.0, gt=0)

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -38,6 +38,9 @@ from services.api_gateway.worker_client import (
     WorkerReadTimeout,
     WorkerResponse,
 )
+
+if TYPE_CHECKING:
+    from services.api_gateway.on_demand import OnDemandLoader
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +171,7 @@ class Upstream:
         cooldown_seconds: float = 5.0,
         on_failover: Callable[[str, InstanceRecord, str], None] | None = None,
         stored_models: Callable[[], Collection[str]] | None = None,
+        on_demand: OnDemandLoader | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.lookup = lookup
@@ -179,6 +183,7 @@ class Upstream:
         self._on_failover = on_failover
         self.known_models: set[str] = set()  # ids and specialist names served at some point: 503, not 404
         self._stored_models = stored_models  # names in the model store (a worker for them may be starting)
+        self.on_demand = on_demand  # asks pool workers to load a stored model no worker holds
         self._clock = clock
 
     # --- lookups ---
@@ -213,18 +218,27 @@ class Upstream:
         try:
             return resolve_name(name, models, choose, self.known_models)
         except ModelNotFoundError:
-            if self._stored_models is not None and name in self._stored_models():
+            if self._is_stored(name):
+                registration = await self.on_demand.load(name) if self.on_demand is not None else None
+                if registration is not None:  # a pool holds it now (and the registry lists it)
+                    return ResolvedModel(registration.model_id, registration.specialist,
+                                         registration.context_length, tuple(registration.capabilities))
                 raise ServiceUnavailableError(
-                    f"The model '{name}' is in the model store but no worker serves it yet (`make up` starts one "
-                    "within seconds); retry shortly.", retry_after_seconds=5, code="model_not_served_yet",
+                    f"The model '{name}' is in the model store but no worker serves it yet and no pool worker "
+                    "(AXL_WORKER_MODE=pool) is registered to load it (`make up` starts a worker within seconds); "
+                    "retry shortly.", retry_after_seconds=5, code="model_not_served_yet",
                 ) from None
             raise
+
+    def _is_stored(self, name: str) -> bool:
+        return self._stored_models is not None and name in self._stored_models()
 
     # --- calls ---
 
     async def generate(self, model: ResolvedModel, request: GenerateRequest) -> GenerateResponse:
         """A non-streaming generate call on the least-busy replica; failover while nothing came back."""
         payload = request.model_dump(mode="json")
+        payload["model"] = model.model_id  # a pool worker serves the model the request names
 
         async def call(instance: InstanceRecord) -> GenerateResponse:
             self.in_flight[instance.instance_id] += 1
@@ -255,6 +269,7 @@ class Upstream:
     async def open_stream(self, model: ResolvedModel, request: GenerateRequest) -> UpstreamStream:
         """Start a streaming generate call; returns once a replica answered 200 (failover until then)."""
         payload = request.model_dump(mode="json")
+        payload["model"] = model.model_id
 
         async def call(instance: InstanceRecord) -> UpstreamStream:
             self.in_flight[instance.instance_id] += 1
@@ -305,6 +320,7 @@ class Upstream:
         tried: set[str] = set()
         busy: APIError | None = None
         refreshed = False
+        reloaded = False
         while True:
             now = self._clock()
             self._cooling_until = {i: until for i, until in self._cooling_until.items() if until > now}
@@ -315,6 +331,12 @@ class Upstream:
                 refreshed = True
                 self.lookup.invalidate(model.model_id)
                 continue
+            if not candidates and not tried and not reloaded and self.on_demand is not None \
+                    and self._is_stored(model.model_id):
+                # A pool unloaded it (idle, or to make room) since the request was resolved: have one load it again.
+                reloaded = True
+                if await self.on_demand.load(model.model_id) is not None:
+                    continue
             if not candidates:
                 break
             instance = rank_instances(candidates, self.in_flight, cooling, next(self._rotation))[0]

@@ -13,7 +13,14 @@ from collections import defaultdict
 
 import redis.asyncio as aioredis
 
-from axl_mesh.registry_schemas import InstanceAck, InstanceLoad, InstanceRecord, InstanceRegistration, ModelSummary
+from axl_mesh.registry_schemas import (
+    ON_DEMAND_SPECIALIST,
+    InstanceAck,
+    InstanceLoad,
+    InstanceRecord,
+    InstanceRegistration,
+    ModelSummary,
+)
 
 # KEYS: 1 instance hash, 2 all-instances set, 3 model set, 4 specialist set.
 # ARGV: 1 ttl ms, 2 instance id, 3 model id, 4 specialist, 5 model-set prefix, 6 specialist-set prefix,
@@ -118,10 +125,13 @@ class RegistryStore:
         return sorted(records, key=lambda r: (r.busyness, r.instance_id))
 
     async def models(self) -> list[ModelSummary]:
-        """Distinct served models: the smallest context length and the capabilities every instance shares."""
+        """Distinct served models: the smallest context length and the capabilities every instance shares.
+
+        Pool workers' own records (specialist ``on-demand``) are not models: they are left out."""
         by_model: dict[str, list[InstanceRecord]] = defaultdict(list)
         for record in await self._live(self._all_key):
-            by_model[record.model_id].append(record)
+            if record.specialist != ON_DEMAND_SPECIALIST:
+                by_model[record.model_id].append(record)
         summaries = []
         for model_id, records in sorted(by_model.items()):
             newest = max(records, key=lambda r: r.last_heartbeat)

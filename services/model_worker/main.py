@@ -1,4 +1,5 @@
-"""Builds the model-worker app: one checkpoint, one specialist, continuous batching behind an internal API."""
+"""Builds the model-worker app: one checkpoint, one specialist, continuous batching behind an internal API; or, with
+``AXL_WORKER_MODE=pool``, any model of the model store on demand (services/model_worker/pool.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from axl_mesh.errors import BodySizeLimitMiddleware, install_error_handlers
 from axl_mesh.mesh_auth import MeshSecretMiddleware
 from axl_mesh.metrics import instrument_requests, mount_metrics
 from services.model_worker.metrics import WorkerMetrics
+from services.model_worker.pool import ModelPool
 from services.model_worker.routes import generate, health, info
+from services.model_worker.routes import pool as pool_routes
 from services.model_worker.settings import Settings
 from services.model_worker.worker import ModelWorker
 
@@ -27,7 +30,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics_registry = CollectorRegistry()
     metrics = WorkerMetrics.create(metrics_registry)
-    worker = ModelWorker(settings, metrics)
+    # Pool mode: the pool stands where the worker would (lifecycle, readiness, drain); each model it loads is a
+    # ModelWorker of its own (services/model_worker/pool.py).
+    pool = ModelPool(settings, metrics, metrics_registry) if settings.pool else None
+    worker = pool if pool is not None else ModelWorker(settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -40,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="AXL model worker", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.worker = worker
+    app.state.pool = pool
 
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -52,11 +59,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     instrument_requests(app, metrics_registry)
 
     async def refresh_load_gauges() -> None:
-        metrics.running.set(worker.scheduler.running)
-        metrics.waiting.set(worker.scheduler.waiting)
+        load = worker.load()
+        metrics.running.set(load.running)
+        metrics.waiting.set(load.waiting)
 
     mount_metrics(app, metrics_registry, before_scrape=refresh_load_gauges)
     app.include_router(health.router)
-    app.include_router(info.router)
+    app.include_router(pool_routes.router if pool is not None else info.router)
     app.include_router(generate.router)
     return app

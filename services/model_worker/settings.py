@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from axl_mesh.registry_schemas import NAME_PATTERN
 from axl_mesh.settings import ServiceSettings
@@ -23,7 +23,12 @@ class Settings(ServiceSettings):
     port: int = Field(default=8901, ge=0, le=65535)
     # Required, standalone too: /internal/v1/* answers only calls that carry it (the worker has no other auth).
     registry_secret: SecretStr
-    checkpoint: Path = Field(description="checkpoint folder (model.safetensors + config.json)")
+    # "pinned": serve `checkpoint` as `specialist` (a specialist worker). "pool": serve any model of the model store
+    # on demand (services/model_worker/pool.py): load on request, keep the most recently used within
+    # pool_memory_budget_mb, unload idle ones; what it holds is registered model by model.
+    worker_mode: Literal["pinned", "pool"] = Field(default="pinned", description="one pinned model, or a pool")
+    checkpoint: Path | None = Field(default=None, description="checkpoint folder (model.safetensors + config.json); "
+                                    "required unless worker_mode is pool")
     checkpoint_wait_seconds: float = Field(
         default=0.0, ge=0, description="wait this long for a missing checkpoint to appear (a bootstrap training)"
     )
@@ -52,6 +57,33 @@ class Settings(ServiceSettings):
         default=30.0, gt=0, description="a request whose stream nobody reads for this long is cancelled (row freed)"
     )
 
+    # --- pool mode (AXL_WORKER_MODE=pool) ---
+    # What loaded models may take together: weights at the serving dtype plus the KV cache of max_batch rows over
+    # the full window (services/model_worker/pool.py, estimate_serving_bytes). A load that does not fit unloads
+    # the least recently used idle models first; if it still does not fit, it is a 503 pool_full.
+    pool_memory_budget_mb: float = Field(default=4096.0, gt=0, description="memory budget of the loaded models")
+    pool_idle_unload_seconds: float = Field(
+        default=600.0, ge=0, description="a model not asked for this long is unloaded; 0: kept until evicted")
+    pool_load_timeout_seconds: float = Field(default=120.0, gt=0, description="bound on loading one model")
+    # The model store (the folder of the trainer's checkpoints + manifest.json): a shared volume or network
+    # filesystem, the same path the gateway and trainer use. Default: data_dir/models.
+    data_dir: Path = Field(default=Path("data"), description="the mesh's data folder")
+    model_store_dir: Path | None = None
+
+    @model_validator(mode="after")
+    def _checkpoint_unless_pool(self) -> Settings:
+        if self.worker_mode == "pinned" and self.checkpoint is None:
+            raise ValueError("AXL_CHECKPOINT is required (or AXL_WORKER_MODE=pool to serve the model store)")
+        return self
+
+    @property
+    def pool(self) -> bool:
+        return self.worker_mode == "pool"
+
+    @property
+    def resolved_model_store_dir(self) -> Path:
+        return self.model_store_dir or self.data_dir / "models"
+
     @field_validator("specialist")
     @classmethod
     def _known_specialist(cls, value: str) -> str:
@@ -67,7 +99,8 @@ class Settings(ServiceSettings):
 
     @property
     def served_model_id(self) -> str:
-        return self.model_id or f"axl-{self.specialist}"
+        """The name clients ask for (a pool's own name: what its registry record and logs say)."""
+        return self.model_id or ("axl-pool" if self.pool else f"axl-{self.specialist}")
 
     @property
     def threads(self) -> int:

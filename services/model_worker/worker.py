@@ -110,6 +110,7 @@ class ModelWorker:
 
     def _load(self) -> MultiScaleTransformer:  # model thread
         path = self.settings.checkpoint
+        assert path is not None, "a pinned worker has a checkpoint (Settings checks it)"
         self._wait_for_checkpoint(path)
         self.config = load_config(path)  # fails fast, naming the file, before reading the weights
         model = load_serving_model(path, self.settings.dtype)  # int8: axl_model.quantize

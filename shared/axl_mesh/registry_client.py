@@ -28,6 +28,7 @@ from pydantic import BaseModel
 
 from axl_mesh.mesh_auth import bearer_header
 from axl_mesh.registry_schemas import (
+    ON_DEMAND_SPECIALIST,
     InstanceAck,
     InstanceList,
     InstanceLoad,
@@ -202,6 +203,10 @@ class CachedLookup:
     async def models(self) -> list[ModelSummary]:
         """Served models (as of at most ``ttl_seconds`` ago)."""
         return await self._get(("models",), self.client.list_models)
+
+    async def pools(self) -> list[InstanceRecord]:
+        """Pool workers that load models of the store on demand, least busy first (as of ``ttl_seconds`` ago)."""
+        return await self._get(("pools",), lambda: self.client.lookup(specialist=ON_DEMAND_SPECIALIST))
 
     def invalidate(self, model: str | None = None) -> None:
         """Drop the cached instances of ``model`` (e.g. after it failed a request), or everything."""

@@ -12,6 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, examples=["axl-micro-python"])]
 
+# A pool worker (services/model_worker with AXL_WORKER_MODE=pool) announces itself under this specialist: that
+# record says "I load models of the model store when asked" and serves no model by its own name, so model listings
+# leave it out. Each model the pool holds is registered on its own, as any worker's model is.
+ON_DEMAND_SPECIALIST = "on-demand"
+
 
 class Capability(StrEnum):
     """What an instance can serve beyond plain completions (the gateway checks these before routing)."""

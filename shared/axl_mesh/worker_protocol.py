@@ -37,6 +37,9 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     request_id: str | None = Field(default=None, max_length=200)
+    # The model asked for. A pool worker (AXL_WORKER_MODE=pool) serves whichever model of the store this names,
+    # loading it first if it must; a worker pinned to one model ignores it. The gateway always sets it.
+    model: str | None = Field(default=None, max_length=200)
     prompt: str | None = None
     messages: list[WorkerMessage] | None = None
     suffix: str | None = None

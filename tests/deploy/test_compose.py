@@ -17,7 +17,7 @@ CHECK_JSONSCHEMA = REPO_ROOT / ".venv" / "bin" / "check-jsonschema"
 # Each service's Redis login (axl_mesh.redis_acl.SERVICE_USERS): user and the variable holding its password.
 REDIS_LOGINS = {"registry": "AXL_REDIS_REGISTRY_PASSWORD", "jobs": "AXL_REDIS_JOBS_PASSWORD"}
 SERVICE_REDIS_USER = {"mesh-registry": "registry", "api-gateway": "jobs", "trainer-worker": "jobs",
-                      "quantizer": "jobs", "coder-worker": None, "debugger-worker": None}
+                      "quantizer": "jobs", "coder-worker": None, "debugger-worker": None, "model-pool": None}
 
 
 def _redis_url(user: str) -> str:
@@ -103,6 +103,7 @@ def test_only_the_gateway_prometheus_and_grafana_are_published(compose: dict[str
     ("mesh-registry", "8900", "services.mesh_registry"),
     ("coder-worker", "8901", "services.model_worker"),
     ("debugger-worker", "8903", "services.model_worker"),
+    ("model-pool", "8910", "services.model_worker"),
     ("trainer-worker", "8960", "services.trainer_worker"),
     ("quantizer", "8961", "services.quantizer"),
 ])
@@ -116,8 +117,13 @@ def test_service_ports_and_commands(compose: dict[str, Any], service: str, port:
     assert env_of(spec)["AXL_REGISTRY_URL"] == "http://mesh-registry:8900"
 
 
+def _model_workers(compose: dict[str, Any], *, pool: bool) -> dict[str, dict[str, Any]]:
+    return {n: s for n, s in app_services(compose).items() if s["command"][-1] == "services.model_worker"
+            and (env_of(s).get("AXL_WORKER_MODE") == "pool") == pool}
+
+
 def test_workers_announce_their_compose_address(compose: dict[str, Any]) -> None:
-    workers = {n: s for n, s in app_services(compose).items() if s["command"][-1] == "services.model_worker"}
+    workers = _model_workers(compose, pool=False)
     assert {"coder-worker", "debugger-worker"} <= set(workers)
     for name, spec in workers.items():
         env = env_of(spec)
@@ -125,6 +131,23 @@ def test_workers_announce_their_compose_address(compose: dict[str, Any]) -> None
         assert name == f"{env['AXL_SPECIALIST']}-worker"
         assert env["AXL_CHECKPOINT"].startswith("/data/checkpoints/")
         assert any(v.endswith(":/data/checkpoints:ro") for v in spec["volumes"])
+
+
+def test_a_pool_serves_the_model_store_on_demand(compose: dict[str, Any]) -> None:
+    """Fine-tuned models are served under compose too: a pool worker reads the model store the trainer writes
+    (the same volume at the same path), announces its compose address, and has its budget and idle time set."""
+    pools = _model_workers(compose, pool=True)
+    assert set(pools) == {"model-pool"}
+    spec, services = pools["model-pool"], compose["services"]
+    env = env_of(spec)
+    assert env["AXL_PUBLIC_URL"] == f"http://model-pool:{env['AXL_PORT']}"
+    assert "AXL_CHECKPOINT" not in env and "AXL_SPECIALIST" not in env
+    assert env["AXL_POOL_MEMORY_BUDGET_MB"].startswith("${AXL_POOL_MEMORY_BUDGET_MB:-")
+    assert env["AXL_POOL_IDLE_UNLOAD_SECONDS"].startswith("${AXL_POOL_IDLE_UNLOAD_SECONDS:-")
+    assert _mount(spec, env["AXL_MODEL_STORE_DIR"]) == ("model-store", True)
+    assert _mount(services["trainer-worker"], env_of(services["trainer-worker"])["AXL_MODEL_STORE_DIR"]) == (
+        "model-store", False)
+    assert "model-pool" in services["api-gateway"]["depends_on"]
 
 
 def test_every_service_has_a_health_check(compose: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ from axl_mesh.worker_protocol import (
     stream_line,
 )
 from axl_model.generate import StepOutput, TokenLogprob
-from services.model_worker.deps import WorkerDep
+from services.model_worker.deps import serving_worker
 from services.model_worker.scheduler import GenerationFailed, GenerationRequest
 from services.model_worker.worker import ModelWorker, PreparedPrompt
 
@@ -34,9 +34,10 @@ NDJSON = "application/x-ndjson"
 
 
 @router.post("/generate", response_model=GenerateResponse)
-async def generate(body: GenerateRequest, worker: WorkerDep, request: Request) -> Response:
+async def generate(body: GenerateRequest, request: Request) -> Response:
     """Generate one sample; errors before the first byte are OpenAI-shaped (400 context_length_exceeded, 503)."""
-    generation, prepared = worker.submit(body)
+    worker = await serving_worker(request, body.model)  # a pool loads body.model first if it must
+    generation, prepared = worker.submit(body)  # no await in between: an unload cannot slip in
     if body.stream:
         # The gateway reads this before the first line, so its own response can carry it in its headers.
         headers = {PROMPT_TRUNCATED_HEADER: str(prepared.truncated)} if prepared.truncated else None

@@ -89,8 +89,9 @@ def test_generate_sends_the_typed_request_and_parses_the_typed_answer() -> None:
     upstream = Upstream(_OneReplica(), worker)  # type: ignore[arg-type]
     request = GenerateRequest(prompt="p", max_tokens=5, truncate=True)
     assert asyncio.run(upstream.generate(MODEL, request)) == answer
-    assert worker.sent == [request.model_dump(mode="json")]
-    assert GenerateRequest.model_validate(worker.sent[0]) == request  # what the worker reads
+    named = request.model_copy(update={"model": "axl-coder"})  # the hop names the model (a pool serves several)
+    assert worker.sent == [named.model_dump(mode="json")]
+    assert GenerateRequest.model_validate(worker.sent[0]) == named  # what the worker reads
 
 
 def test_a_worker_answer_outside_the_protocol_is_a_502() -> None:
