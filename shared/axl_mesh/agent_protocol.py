@@ -11,11 +11,12 @@ from __future__ import annotations
 import ast
 import re
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from axl_mesh.protocol import UsageInfo, random_id
+from axl_mesh.worker_protocol import MaxTokens, Temperature, TopP
 
 MAX_ROUNDS = 10
 MAX_TIMEOUT_SECONDS = 60.0
@@ -56,9 +57,10 @@ class AgentModels(_Strict):
 class AgentSampling(_Strict):
     """Sampling for every model call; unset fields take the specialist's defaults."""
 
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    max_tokens: int = Field(default=512, ge=1, le=8192)
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    # Per model call; the gateway clamps it to the model's ceiling as it does a completion's.
+    max_tokens: Annotated[MaxTokens, Field(le=8192)] = 512
     seed: int | None = Field(default=None, ge=0, le=2**62, description="round n uses seed + n")
 
 

@@ -22,6 +22,7 @@ from axl_mesh.worker_protocol import (
     MAX_LOGPROBS,
     MAX_STOP_SEQUENCES,
     GenerateRequest,
+    MaxTokens,
     RepetitionPenalty,
     Temperature,
     TopP,
@@ -202,7 +203,7 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = Field(default=None, ge=1, le=MAX_N)  # accepted; best_of == n is the only kind we do
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=5)
-    max_tokens: int | None = Field(default=DEFAULT_COMPLETION_MAX_TOKENS, ge=1)
+    max_tokens: MaxTokens | None = DEFAULT_COMPLETION_MAX_TOKENS
     suffix: str | None = None
 
     @field_validator("prompt")
@@ -214,6 +215,10 @@ class CompletionRequest(SamplingFields):
             for ids in value if isinstance(value[0], list) else [value]:
                 _ids_to_text(ids)  # raises on ids outside the byte vocabulary
         return value
+
+    def requested_max_tokens(self) -> int:
+        """``max_tokens``, or DEFAULT_COMPLETION_MAX_TOKENS when it is left out or null."""
+        return DEFAULT_COMPLETION_MAX_TOKENS if self.max_tokens is None else self.max_tokens
 
     def prompts(self) -> list[str]:
         """Every prompt as text: a string, a list of strings, or byte-token ids (one list or several)."""
@@ -334,8 +339,8 @@ class ChatCompletionRequest(SamplingFields):
     function_call: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None
     logprobs: bool | None = False
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: MaxTokens | None = None
+    max_tokens: MaxTokens | None = None
     metadata: dict[str, Any] | None = None
     modalities: list[str] | None = None
     parallel_tool_calls: bool | None = None

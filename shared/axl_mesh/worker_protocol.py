@@ -22,6 +22,9 @@ MAX_LOGPROBS = 20  # alternatives per token the worker returns (OpenAI's chat to
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0)]
+# New tokens a sample may ask for, wherever a request carries max_tokens (OpenAI's completions and chat, the agent,
+# the worker): at least one. The upper bound depends on the model (``axl_mesh.protocol.max_tokens_ceiling``).
+MaxTokens = Annotated[int, Field(ge=1)]
 
 
 class WorkerMessage(BaseModel):
@@ -45,7 +48,7 @@ class GenerateRequest(BaseModel):
     suffix: str | None = None
     # Always set by the gateway (the OpenAI request's, or its default, clamped to the model's ceiling); None: the
     # specialist's default, for a direct call.
-    max_tokens: int | None = Field(default=None, ge=0)
+    max_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
     top_k: int | None = Field(default=None, ge=0)
@@ -124,9 +127,6 @@ class StreamEnd(BaseModel):
     model: str
 
 
-class WorkerInfo(BaseModel):
-    model_id: str
-    specialist: str
 class WorkerErrorDetail(BaseModel):
     message: str
     type: str | None = None
@@ -166,6 +166,9 @@ def stream_line(line: StreamPiece | StreamEnd | WorkerError) -> bytes:
     return line.model_dump_json().encode() + b"\n"
 
 
+class WorkerInfo(BaseModel):
+    model_id: str
+    specialist: str
     context_length: int
     capabilities: list[str]
     running: int

@@ -18,6 +18,7 @@ from starlette.routing import Route
 from axl_mesh.errors import APIError, error_body
 from axl_mesh.registry_schemas import InstanceRecord
 from axl_mesh.worker_protocol import (
+    GenerateRequest,
     StreamEnd,
     StreamPiece,
     TokenLogprobOut,
@@ -117,3 +118,26 @@ def test_a_stream_line_outside_the_protocol_ends_the_stream_with_a_502() -> None
     assert got[0] == LINES[0] and len(got) == 2
     error = got[1]
     assert isinstance(error, APIError) and error.status == 502 and error.code == "upstream_error"
+
+
+def test_max_tokens_has_one_bound_and_one_default_per_endpoint() -> None:
+    from axl_mesh.agent_protocol import AgentSampling
+    from axl_mesh.protocol import DEFAULT_COMPLETION_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
+
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    makers = [
+        lambda n: CompletionRequest(model="m", prompt="p", max_tokens=n),
+        lambda n: ChatCompletionRequest(**chat, max_tokens=n),
+        lambda n: ChatCompletionRequest(**chat, max_completion_tokens=n),
+        lambda n: GenerateRequest(prompt="p", max_tokens=n),
+        lambda n: AgentSampling(max_tokens=n),
+    ]
+    for make in makers:  # every request that carries max_tokens refuses 0 and takes 1, by the same MaxTokens
+        make(1)
+        with pytest.raises(ValidationError, match="greater than or equal to 1"):
+            make(0)
+    # A completion left without one, or sent null, gets the one default; a chat's is the gateway's setting.
+    assert CompletionRequest(model="m", prompt="p").requested_max_tokens() == DEFAULT_COMPLETION_MAX_TOKENS
+    assert CompletionRequest(model="m", prompt="p", max_tokens=None).requested_max_tokens() == \
+        DEFAULT_COMPLETION_MAX_TOKENS
+    assert ChatCompletionRequest(**chat).requested_max_tokens() is None

@@ -24,7 +24,7 @@ from axl_mesh.protocol import ChatCompletionRequest, random_id
 from axl_model.sandbox import SandboxUnavailable, require_sandbox, sandbox_capabilities
 from services.api_gateway.agent import Generate, Generation, Messages, solve_events
 from services.api_gateway.deps import MetricsDep, SettingsDep, UpstreamDep
-from services.api_gateway.generation import RequestMetrics, Sample, generate_all, until_disconnect
+from services.api_gateway.generation import RequestMetrics, Sample, clamped_max_tokens, generate_all, until_disconnect
 from services.api_gateway.metrics import AgentMetrics, GatewayMetrics
 from services.api_gateway.sse import DONE, KEEPALIVE, EventStreamResponse, sse_data
 from services.api_gateway.upstream import ResolvedModel, Upstream
@@ -83,7 +83,8 @@ async def resolve_roles(upstream: Upstream, body: AgentSolveRequest) -> dict[Age
 
 
 def worker_generate(upstream: Upstream, metrics: GatewayMetrics, models: dict[AgentRole, ResolvedModel],
-                    body: AgentSolveRequest, solve_id: str, *, truncate: bool) -> Generate:
+                    body: AgentSolveRequest, solve_id: str, *, truncate: bool,
+                    max_tokens_ceiling: int | None = None) -> Generate:
     """``generate(role, messages, round)`` on the role's model, through the completions path."""
 
     async def generate(role: AgentRole, messages: Messages, round_number: int) -> Generation:
@@ -92,7 +93,9 @@ def worker_generate(upstream: Upstream, metrics: GatewayMetrics, models: dict[Ag
         chat = ChatCompletionRequest(model=model.model_id, messages=messages, temperature=sampling.temperature,
                                      top_p=sampling.top_p, seed=sampling.seed)
         request = chat.to_generate_request(request_id=f"{solve_id}-{round_number}-{role}",
-                                           max_tokens=sampling.max_tokens, truncate=truncate,
+                                           max_tokens=clamped_max_tokens(sampling.max_tokens, model,
+                                                                         max_tokens_ceiling),
+                                           truncate=truncate,
                                            seed_offset=round_number)
         tracker = RequestMetrics(metrics, "agent", model.model_id)
         try:
@@ -154,7 +157,8 @@ async def solve(
     await sandbox_ready()
     models = await resolve_roles(upstream, body)
     solve_id = random_id("solve")
-    generate = worker_generate(upstream, metrics, models, body, solve_id, truncate=settings.truncate_prompts)
+    generate = worker_generate(upstream, metrics, models, body, solve_id, truncate=settings.truncate_prompts,
+                               max_tokens_ceiling=settings.max_tokens_ceiling)
     events = counted(solve_events(body, generate, solve_id=solve_id), agent_metrics(request.app))
     if body.stream:
         return EventStreamResponse(sse_events(events, settings.keepalive_seconds),

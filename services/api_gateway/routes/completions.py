@@ -14,7 +14,6 @@ from fastapi import APIRouter, Request
 
 from axl_mesh.errors import APIError, InvalidRequestError
 from axl_mesh.protocol import (
-    DEFAULT_COMPLETION_MAX_TOKENS,
     CompletionLogProbs,
     CompletionRequest,
     CompletionResponse,
@@ -110,8 +109,7 @@ async def create_completion(
             "use a model whose capabilities include 'fim'.", param="suffix", code="fim_not_supported",
         )
     request_id = random_id("cmpl")
-    max_tokens = clamped_max_tokens(body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS, model,
-                                    settings.max_tokens_ceiling)
+    max_tokens = clamped_max_tokens(body.requested_max_tokens(), model, settings.max_tokens_ceiling)
     fim = Capability.FIM in model.capabilities
     infills = [body.infill(prompt, fim) for prompt in prompts]
     samples = [
