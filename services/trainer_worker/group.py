@@ -43,7 +43,7 @@ from axl_mesh.jobs import (
     open_job,
     rq_queue,
 )
-from axl_mesh.jobs.groups import STARTED
+from axl_mesh.jobs.groups import OPEN, STARTED
 from axl_mesh.jobs_protocol import JobStatus
 from services.trainer_worker.settings import Settings
 
@@ -121,12 +121,18 @@ def _join(master: str, rank: int, world_size: int, job_id: str, attempt: int, se
 def _enqueue_members(store: JobStore, settings: Settings, job_id: str, attempt: int, count: int) -> list[str]:
     """N-1 member jobs at the front of the train queue: idle trainers take them before any other job. No retries:
     a member lost mid-run is the coordinator's to handle (the whole job is requeued)."""
+    from rq import get_current_job
+
     queue = rq_queue(QueueName.TRAIN, store.redis)
+    coordinator_job = get_current_job()
+    # The coordinator's own time limit (the gateway lengthens it for long max_time_seconds): members train as long.
+    timeout = coordinator_job.timeout if coordinator_job is not None and coordinator_job.timeout else \
+        settings.job_timeout_seconds
     ids = []
     for index in range(1, count + 1):
         rq_id = f"{job_id}-attempt{attempt}-member{index}"
         queue.enqueue(TRAIN_MEMBER_FUNCTION, job_id, attempt, job_id=rq_id, at_front=True,
-                      job_timeout=settings.job_timeout_seconds, result_ttl=MEMBER_RESULT_TTL_SECONDS,
+                      job_timeout=timeout, result_ttl=MEMBER_RESULT_TTL_SECONDS,
                       failure_ttl=MEMBER_RESULT_TTL_SECONDS, description=f"fine-tune {job_id} (group member)")
         ids.append(rq_id)
     return ids
@@ -148,7 +154,7 @@ def _drop_unclaimed(store: JobStore, rq_ids: list[str]) -> None:
 
 @contextlib.contextmanager
 def coordinate(settings: Settings, store: JobStore, record: dict[str, Any], attempt: int,
-               config: dict[str, Any]) -> Iterator[Any]:
+               config: dict[str, Any], resume_step: int | None) -> Iterator[Any]:
     """Rank 0 of job ``record``: form its group (see the module docstring) and yield this rank's
     ``TrainingGroup`` with the process group joined; a lone ``TrainingGroup()`` when the job wants one worker or
     only one is there. Raises :class:`NotEnoughWorkers` below ``min_workers``."""
@@ -171,7 +177,7 @@ def coordinate(settings: Settings, store: JobStore, record: dict[str, Any], atte
     tcp_store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=collective_timeout)
     master = f"{url_host(host)}:{tcp_store.port}"
     groups.open(job_id, attempt=attempt, workers=workers, master=master, coordinator=worker_identity(),
-                config=config, ttl_seconds=ttl)
+                config=config, resume_step=resume_step, ttl_seconds=ttl)
     member_jobs = _enqueue_members(store, settings, job_id, attempt, workers - 1)
     timeout = settings.train_group_timeout_seconds
     store.add_event(job_id, f"Waiting up to {timeout:g} s for {workers - 1} more trainer worker(s) to join "
@@ -220,40 +226,76 @@ def coordinate(settings: Settings, store: JobStore, record: dict[str, Any], atte
 
 def run_group_member(job_id: str, attempt: int) -> dict[str, Any]:
     """A member job (RQ runs it in a trainer's forked process): join the group of ``job_id``'s ``attempt`` if it
-    is still forming, then train as the rank it is given. Returns what it did (RQ keeps it as the result)."""
-    from axl_model.train import TrainCallbacks, TrainConfig, train
-    from services.trainer_worker.jobs import job_folder, train_config
+    is still forming, then train as the rank it is given. Returns what it did (RQ keeps it as the result).
 
+    It gets ready before it claims a slot (torch imported, rank 0's configuration applied, the job's files and
+    checkpoint visible from this host), so a claimed slot joins at once; a host that cannot see the job's data
+    says why in the job's events and stays out of the group."""
     settings = Settings()
     store, record = open_job(settings, FT, job_id)
-    if JobStatus(record["status"]).terminal:
-        return {"status": "job ended"}
     groups = GroupStore(store.redis, settings)
-    alive = float(settings.heartbeat_ttl_seconds)
-    slot = groups.claim(job_id, attempt=int(attempt), member=worker_identity(), alive_seconds=alive)
-    if slot is None:  # closed, full, or another attempt's: nothing to do
+    view = groups.read(job_id)
+    if JobStatus(record["status"]).terminal or view is None or view.attempt != int(attempt) or view.state != OPEN:
         logger.info("job %s attempt %s: its group is not forming any more; not joining", job_id, attempt)
         return {"status": "group not forming"}
-    view = _wait_for_start(groups, job_id, int(attempt), slot, alive, settings)
-    rank = view.rank_of(slot) if view is not None else None
-    if view is None or rank is None:
+    me = worker_identity()
+    try:
+        config = _member_config(settings, store, record, view)
+    except ValueError as exc:
+        store.add_event(job_id, f"Trainer {me['name']} cannot join the group: {exc}", level="warn",
+                        data={"trainer": me["name"], "host": me["host"]})
+        return {"status": "cannot join", "reason": str(exc)}
+    alive = float(settings.heartbeat_ttl_seconds)
+    slot = groups.claim(job_id, attempt=int(attempt), member=me, alive_seconds=alive)
+    if slot is None:  # closed or full meanwhile
+        logger.info("job %s attempt %s: its group is not forming any more; not joining", job_id, attempt)
+        return {"status": "group not forming"}
+    started = _wait_for_start(groups, job_id, int(attempt), slot, alive, settings)
+    rank = started.rank_of(slot) if started is not None else None
+    if started is None or rank is None:
         logger.info("job %s attempt %s: its group started without this worker", job_id, attempt)
         return {"status": "left out"}
-    logger.info("job %s attempt %s: joining as rank %d of %d", job_id, attempt, rank, view.world_size)
-    mine = train_config(settings, store, record, job_folder(settings, job_id) / "checkpoint")
-    # Rank 0's configuration; where files are and how many threads this host gives are this host's.
-    own = {name: getattr(mine, name) for name in ("out_dir", "init_from", "data", "val_data", "num_threads")}
-    config = TrainConfig(**{**view.config, **own})
-    callbacks = TrainCallbacks(should_stop=lambda: store.cancel_requested_at(job_id) is not None)
+    logger.info("job %s attempt %s: joining as rank %d of %d", job_id, attempt, rank, started.world_size)
     import torch.distributed as dist
 
-    _join(view.master, rank, view.world_size, job_id, int(attempt), settings)
+    from axl_model.train import TrainCallbacks, train
+
+    callbacks = TrainCallbacks(should_stop=lambda: store.cancel_requested_at(job_id) is not None)
     try:
-        result = train(config, callbacks, group=training_group(view.members, rank))
+        _join(started.master, rank, started.world_size, job_id, int(attempt), settings)
+        result = train(config, callbacks, group=training_group(started.members, rank))
+    except BaseException as exc:
+        if not is_group_loss(exc):  # rank 0 reports a lost group; what broke here only this rank can tell
+            store.add_event(job_id, f"Rank {rank} ({me['name']}) failed: {type(exc).__name__}: {exc}",
+                            level="error", data={"rank": rank, "trainer": me["name"]})
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return {"status": result.status, "rank": rank, "world_size": view.world_size, "steps": result.steps}
+    return {"status": result.status, "rank": rank, "world_size": started.world_size, "steps": result.steps}
+
+
+def _member_config(settings: Settings, store: JobStore, record: dict[str, Any], view: GroupView) -> Any:
+    """Rank 0's training configuration with this host's paths and threads; ValueError when this host cannot see
+    the job's training files or the checkpoint rank 0 resumes from (every rank must start from the same state)."""
+    import torch.distributed  # noqa: F401 - the slow import, done before the slot is claimed
+
+    from axl_model.train import TrainConfig
+    from services.trainer_worker.jobs import checkpoint_step, job_folder, train_config
+
+    out_dir = job_folder(settings, record["id"]) / "checkpoint"
+    mine = train_config(settings, store, record, out_dir)
+    wanted = [*(mine.data or []), *(mine.val_data or []), *([mine.init_from] if mine.init_from else [])]
+    missing = [path for path in wanted if not os.path.exists(path)]
+    if missing:
+        raise ValueError(f"this host does not see {', '.join(missing)}: every trainer in a group needs the "
+                         "gateway's data folder and the model store (AXL_DATA_DIR on a shared filesystem)")
+    if checkpoint_step(out_dir) != view.resume_step:
+        raise ValueError(f"rank 0 resumes from the checkpoint at step {view.resume_step} but this host sees "
+                         f"{checkpoint_step(out_dir)} in {out_dir}: the job folders must be on a shared filesystem")
+    # Where files are and how many threads this host gives are this host's; everything else is rank 0's.
+    own = {name: getattr(mine, name) for name in ("out_dir", "init_from", "data", "val_data", "num_threads")}
+    return TrainConfig(**{**view.config, **own})
 
 
 def _wait_for_start(groups: GroupStore, job_id: str, attempt: int, slot: int, alive: float,

@@ -45,7 +45,7 @@ def data_path(settings: Settings, store: JobStore, file_id: str) -> str:
     return str(settings.resolved_files_dir / f"{file_id}{suffix}")
 
 
-def _checkpoint_step(folder: Path) -> int | None:
+def checkpoint_step(folder: Path) -> int | None:
     """The step of the checkpoint a previous attempt left in ``folder`` (None when there is none)."""
     from axl_model.checkpoint import is_checkpoint, load_metadata
 
@@ -113,7 +113,7 @@ def run_training_job(job_id: str) -> dict[str, Any]:
     attempt = int(record.get("attempt") or 0) + 1
     folder = job_folder(settings, job_id)
     out_dir = folder / "checkpoint"
-    resume_step = _checkpoint_step(out_dir)
+    resume_step = checkpoint_step(out_dir)
     store.set_status(FT, job_id, JobStatus.RUNNING, attempt=attempt,
                      started_at=record.get("started_at") or int(now()))
     if resume_step is not None:
@@ -124,7 +124,7 @@ def run_training_job(job_id: str) -> dict[str, Any]:
 
     model_name = fine_tuned_name(record["base_preset"], record.get("suffix"), job_id)
     try:
-        result = _train(settings, store, record, out_dir, model_name, attempt)
+        result = _train(settings, store, record, out_dir, model_name, attempt, resume_step)
     except BaseException as exc:
         if int(record["hyperparameters"].get("workers") or 1) > 1 and is_group_loss(exc) \
                 and _requeue_after_group_loss(store, job_id, exc, out_dir):
@@ -199,7 +199,7 @@ def train_config(settings: Settings, store: JobStore, record: dict[str, Any], ou
 
 
 def _train(settings: Settings, store: JobStore, record: dict[str, Any], out_dir: Path, model_name: str,
-           attempt: int) -> Any:
+           attempt: int, resume_step: int | None) -> Any:
     """Train as rank 0 of the job's group (alone unless ``hyperparameters.workers`` > 1)."""
     from axl_model.train import TrainCallbacks, train
 
@@ -207,7 +207,7 @@ def _train(settings: Settings, store: JobStore, record: dict[str, Any], out_dir:
     progress = _Progress(store, record["id"], model_name)
     callbacks = TrainCallbacks(on_step=progress.on_step, on_eval=progress.on_eval,
                                on_checkpoint=progress.on_checkpoint, should_stop=progress.should_stop)
-    with coordinate(settings, store, record, attempt, config.to_dict()) as group:
+    with coordinate(settings, store, record, attempt, config.to_dict(), resume_step) as group:
         return train(config, callbacks, group=group)
 
 
@@ -219,7 +219,7 @@ def _requeue_after_group_loss(store: JobStore, job_id: str, exc: BaseException, 
     job = get_current_job()
     if job is None or not job.retries_left:
         return False
-    step = _checkpoint_step(folder)
+    step = checkpoint_step(folder)
     where = f"the checkpoint at step {step}" if step is not None else "the start (no checkpoint yet)"
     # gloo's message starts with its source file ("[.../pair.cc:553] Connection closed by peer [addr]:port. ...")
     reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(exc).strip().splitlines() or [type(exc).__name__])[0])

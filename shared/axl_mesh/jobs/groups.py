@@ -80,6 +80,7 @@ class GroupView:
     members: list[Member]  # rank order, rank 0 first (only once started)
     ranked: list[int]  # the member slots that got ranks 1.., in order (only once started)
     config: dict[str, Any]  # rank 0's training configuration
+    resume_step: int | None  # the checkpoint step rank 0 resumes from
 
     @property
     def world_size(self) -> int:
@@ -107,15 +108,16 @@ class GroupStore:
 
     # --- the coordinator (rank 0)
     def open(self, job_id: str, *, attempt: int, workers: int, master: str, coordinator: dict[str, str],
-             config: dict[str, Any], ttl_seconds: float) -> None:
+             config: dict[str, Any], resume_step: int | None, ttl_seconds: float) -> None:
         """A fresh open record for ``attempt`` (replacing any earlier attempt's). ``config`` is rank 0's training
         configuration: every rank must run the same one (another eval interval on one rank would desynchronise
-        the group's collectives), so members take it from here, not from their own settings."""
+        the group's collectives), so members take it from here, not from their own settings. ``resume_step``:
+        the step of the checkpoint rank 0 resumes from, which a member must see too (None: a fresh start)."""
         with self.redis.pipeline() as pipe:
             pipe.delete(self.key(job_id))
             pipe.hset(self.key(job_id), mapping={"attempt": str(attempt), "workers": workers, "master": master,
                                                  "state": OPEN, "slots": 0, "member:0": json.dumps(coordinator),
-                                                 "config": json.dumps(config)})
+                                                 "config": json.dumps(config), "resume_step": json.dumps(resume_step)})
             pipe.pexpire(self.key(job_id), int(ttl_seconds * 1000))
             pipe.execute()
 
@@ -165,4 +167,5 @@ class GroupStore:
                 members.append(Member(rank=rank, name=who["name"], host=who["host"]))
         return GroupView(attempt=int(fields["attempt"]), workers=int(fields["workers"]), master=fields["master"],
                          state=fields["state"], members=members, ranked=ranked,
-                         config=json.loads(fields.get("config") or "{}"))
+                         config=json.loads(fields.get("config") or "{}"),
+                         resume_step=json.loads(fields.get("resume_step") or "null"))

@@ -118,12 +118,12 @@ def test_a_member_killed_mid_job_requeues_it_and_it_resumes_from_the_checkpoint(
     from tests.faults.conftest import sigkill
 
     # Long enough for the second trainer to join on a loaded machine; the second attempt waits it out alone.
-    mesh = JobMesh(redis_url, tmp_path, start_service, AXL_TRAIN_GROUP_TIMEOUT_SECONDS="15")
+    mesh = JobMesh(redis_url, tmp_path, start_service, AXL_TRAIN_GROUP_TIMEOUT_SECONDS="10")
     trainers = [mesh.start_trainer(), mesh.start_trainer()]
     client = mesh.client()
     job = client.fine_tuning.jobs.create(
         model="tiny", training_file=mesh.upload(client),
-        hyperparameters={**HP, "max_steps": 60, "checkpoint_interval": 10, "workers": 2})
+        hyperparameters={**HP, "max_steps": 40, "checkpoint_interval": 10, "workers": 2})
 
     def checkpointed() -> bool:
         return any(c.step_number >= 10 for c in client.fine_tuning.jobs.checkpoints.list(job.id).data)
@@ -145,3 +145,23 @@ def test_a_member_killed_mid_job_requeues_it_and_it_resumes_from_the_checkpoint(
     assert messages.index(lost.message) < messages.index(resumed.message) < next(
         i for i, m in enumerate(messages) if m.startswith("Got 1 of 2 workers"))
     assert done.attempt == 2
+
+
+def test_a_trainer_that_cannot_see_the_jobs_data_stays_out_and_says_why(redis_url, tmp_path, start_service) -> None:
+    mesh = JobMesh(redis_url, tmp_path, start_service, AXL_TRAIN_GROUP_TIMEOUT_SECONDS="20")
+    mesh.start_trainer()
+    client = mesh.client()
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=mesh.upload(client),
+                                         hyperparameters={**HP, "max_steps": 4, "workers": 2})
+    wait_for(lambda: any(e.message.startswith("Waiting up to") for e in _events(client, job.id)), 60,
+             "the first trainer to wait for a second")
+    # A second trainer on "another host": its own data folder, without the gateway's uploads.
+    mesh.start_trainer(AXL_DATA_DIR=str(tmp_path / "elsewhere"))
+
+    done = wait_for_status(client, job.id, ENDED, 120)
+    assert done.status == "succeeded", done.error
+    events = _events(client, job.id)
+    refused = next(e for e in events if "cannot join the group" in e.message)
+    assert refused.level == "warn" and "does not see" in refused.message and "AXL_DATA_DIR" in refused.message
+    assert _group_event(client, job.id).data["world_size"] == 1
+    assert any(e.message.startswith("Got 1 of 2 workers") for e in events)
