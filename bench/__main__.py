@@ -22,7 +22,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help=f"a subset of: {', '.join(MODULES)}; or {', '.join(ON_REQUEST)} (only when named)")
     parser.add_argument("--budget", type=float, default=90.0,
-                        help="quality_per_cpu_minute: training seconds per model (default 90)")
+                        help="quality_per_cpu_minute: training seconds per model per seed (default 90)")
+    quality = parser.add_argument_group("quality_per_cpu_minute")
+    quality.add_argument("--seeds", type=int, default=3, help="seeds per model (default 3): mean ± spread")
+    quality.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                         help="the budget in wall-clock seconds (default) or this process's CPU seconds")
+    quality.add_argument("--eval-bytes", type=int, default=262_144,
+                         help="held-out bytes scored per set (whole files; default 262144)")
+    quality.add_argument("--corpora-root", metavar="DIR",
+                         help="where `axl data corpus pypi --out DIR/pypi` put the PyPI corpus (default data/corpora)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all CPUs)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
     parser.add_argument("--checkpoint", help="decode_options: also measure int8's held-out bits/byte cost on this checkpoint")

@@ -191,7 +191,7 @@ def throughput(config: ModelConfig, *, batch_size: int = 8, seq_len: int = 256, 
     entry = cache.get(key) if isinstance(cache, dict) else None
     if remeasure or not isinstance(entry, dict) or not isinstance(entry.get("bytes_per_s"), (int, float)):
         rate = measure_throughput(config, batch_size=batch_size, seq_len=seq_len, threads=threads, optimizer=optimizer)
-        entry = {"bytes_per_s": rate, "measured_at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        entry = {"bytes_per_s": rate, "measured_at": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                  "steps": MEASURE_STEPS, "cached": False}
         cache = cache if isinstance(cache, dict) else {}
         cache[key] = {k: v for k, v in entry.items() if k != "cached"}

@@ -95,7 +95,7 @@ def test_axl_eval_reports_both_corpora_and_next_line(tmp_path: Path, monkeypatch
     tiny = make_tiny_checkpoint(tmp_path / "axl-tiny", max_seq_len=256)
     table, report_file = tmp_path / "results.md", tmp_path / "report.json"
     assert main(["eval", str(tiny), "--data", str(source), "--val-fraction", "0.5", "--seq-len", "64",
-                 "--nextline", "3", "--out", str(table), "--json", str(report_file), "--no-progress"]) == 0
+                 "--nextline", "3", "--out", str(table), "--json", str(report_file), "--no-progress", "--threads", "1"]) == 0
     printed = capsys.readouterr().out
     assert "pypi corpus bits/byte" in printed and "next line (pypi, 3 lines)" in printed
     report = json.loads(report_file.read_text())
@@ -132,7 +132,7 @@ def test_next_line_refuses_files_the_checkpoint_trained_on(tmp_path: Path, monke
     with pytest.raises(ValueError, match="refusing to score next-line completion .* trained on"):
         N.held_out_split_documents(ck, [str(corpus)], 0.6)
     assert main(["eval", str(ck), "--no-bpb", "--nextline", "2", "--corpus", "split", "--data", str(corpus),
-                 "--val-fraction", "0.6", "--no-table", "--no-progress"]) == 2
+                 "--val-fraction", "0.6", "--no-table", "--no-progress", "--threads", "1"]) == 2
     assert "refusing to score next-line completion" in capsys.readouterr().err
 
     # a held-out corpus with a copy of a training file: refused for next-line and bits/byte alike
@@ -143,8 +143,8 @@ def test_next_line_refuses_files_the_checkpoint_trained_on(tmp_path: Path, monke
     copy = Path("data/corpora/pypi/tiny-pkg-1.0/tiny_pkg/copied.py")
     copy.write_bytes(trained.read_bytes())
     for extra in (["--no-bpb", "--nextline", "2"], []):
-        assert main(["eval", str(ck), "--corpus", "pypi", "--no-table", "--no-progress", *extra]) == 2
+        assert main(["eval", str(ck), "--corpus", "pypi", "--no-table", "--no-progress", "--threads", "1", *extra]) == 2
         assert "refusing to score the pypi corpus" in capsys.readouterr().err
     copy.unlink()
     assert main(["eval", str(ck), "--corpus", "pypi", "--no-bpb", "--nextline", "2", "--no-table",
-                 "--no-progress"]) == 0
+                 "--no-progress", "--threads", "1"]) == 0
