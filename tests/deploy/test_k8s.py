@@ -392,7 +392,7 @@ def test_the_services_of_compose_with_their_commands_ports_and_env(objects: Obje
 
 def test_model_workers_advertise_their_pod_ip_and_serve_the_checkpoints_read_only(objects: Objects) -> None:
     workers = {n: d for n, d in _axl_deployments(objects).items() if _main(d)["command"][-1] == "services.model_worker"}
-    assert {"coder-worker", "debugger-worker"} <= set(workers)
+    assert {"coder-worker", "debugger-worker", "model-pool"} <= set(workers)
     for name, deployment in workers.items():
         env = env_map(_main(deployment))
         assert env["AXL_ADVERTISE_HOST"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}, name
