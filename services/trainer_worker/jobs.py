@@ -246,6 +246,8 @@ def _fail(store: JobStore, job_id: str, exc: BaseException, started: float) -> N
         code, message = "out_of_memory", "The trainer ran out of memory; lower batch_size or seq_len."
     elif isinstance(exc, (SystemExit, KeyboardInterrupt)):
         code, message = "worker_stopped", f"The worker stopped the job ({type(exc).__name__})."
+    elif is_group_loss(exc):  # only a job trained by a group raises these; its retries are spent
+        code, message = "training_group_lost", f"The training group lost a rank and no retry is left: {exc}"
     else:
         code, message = "training_error", f"{type(exc).__name__}: {exc}"
     logger.exception("fine-tuning job %s failed", job_id)
