@@ -502,6 +502,36 @@ def test_the_rendered_redis_command_runs_the_acl(objects: Objects, tmp_path: Pat
         proc.wait(10)
 
 
+def _guards(objects: Objects) -> dict[str, dict[str, Any]]:
+    """The init containers that check secrets before a pod starts, by workload: ``sh -c`` scripts on secret env."""
+    return {name: c for name, spec, _ in pod_specs(objects) for c in spec.get("initContainers", [])
+            if c["command"][:2] == ["sh", "-c"]}
+
+
+@pytest.mark.parametrize(("workload", "variables"), [
+    ("redis", {"AXL_REDIS_REGISTRY_PASSWORD", "AXL_REDIS_JOBS_PASSWORD"}),  # Redis accepts an empty password
+    ("grafana", {"GF_SECURITY_ADMIN_PASSWORD"}),  # Grafana takes an empty one as "admin"
+])
+def test_a_pod_refuses_to_start_on_an_empty_or_unsafe_secret(objects: Objects, workload: str,
+                                                            variables: set[str]) -> None:
+    """The guard's script, run by the local sh with the secrets as the kubelet would set them: it passes on the
+    test's values and stops the pod (non-zero) when any of them is empty (or, for a Redis password that goes into
+    redis:// URLs, not URL-safe)."""
+    guard = _guards(objects)[workload]
+    env = {name: SECRETS[e["valueFrom"]["secretKeyRef"]["key"]] for name, e in env_map(guard).items()}
+    assert set(env) == variables
+
+    def run(values: dict[str, str]) -> int:
+        return subprocess.run(guard["command"], env={"PATH": os.environ["PATH"], **values}, capture_output=True,
+                              timeout=30).returncode
+
+    assert run(env) == 0
+    for name in variables:
+        assert run({**env, name: ""}) != 0, name
+        if workload == "redis":
+            assert run({**env, name: "pass@word"}) != 0, name
+
+
 def test_model_store_files_and_jobs_are_shared_claims(objects: Objects, compose: dict[str, Any]) -> None:
     """Each AXL service mounts the compose volumes it has there, at the same path and with the same mode."""
     deployments = _axl_deployments(objects)
