@@ -42,6 +42,7 @@ from axl_mesh.jobs import (
     fetch_rq_job,
     open_job,
     rq_queue,
+    valid_id,
 )
 from axl_mesh.jobs.groups import OPEN, STARTED
 from axl_mesh.jobs_protocol import JobStatus
@@ -231,6 +232,8 @@ def run_group_member(job_id: str, attempt: int) -> dict[str, Any]:
     It gets ready before it claims a slot (torch imported, rank 0's configuration applied, the job's files and
     checkpoint visible from this host), so a claimed slot joins at once; a host that cannot see the job's data
     says why in the job's events and stays out of the group."""
+    if not valid_id("ft", job_id):  # it names Redis keys and folders: only ids we mint
+        raise ValueError(f"not a fine-tuning job id: {job_id!r}")
     settings = Settings()
     store, record = open_job(settings, FT, job_id)
     groups = GroupStore(store.redis, settings)
