@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from axl_mesh.jobs import JobKind, JobStore, now, open_job
-from axl_mesh.jobs_protocol import JobStatus
+from axl_mesh.jobs import FILE_KIND, JobKind, JobStore, now, open_job
+from axl_mesh.jobs_protocol import FileObject, JobStatus
 from axl_mesh.model_store import ModelStore, fine_tuned_name
 from services.trainer_worker.group import NotEnoughWorkers, coordinate, is_group_loss
 from services.trainer_worker.settings import Settings
@@ -38,11 +38,10 @@ def job_folder(settings: Settings, job_id: str) -> Path:
 
 
 def data_path(settings: Settings, store: JobStore, file_id: str) -> str:
-    record = store.get("file", file_id)
+    record = store.read(FILE_KIND, file_id, FileObject)
     if record is None:
         raise ValueError(f"file {file_id} was deleted before training started")
-    suffix = ".jsonl" if record["format"] == "jsonl" else ".txt"
-    return str(settings.resolved_files_dir / f"{file_id}{suffix}")
+    return str(settings.uploaded_file(file_id, record.format))
 
 
 def checkpoint_step(folder: Path) -> int | None:

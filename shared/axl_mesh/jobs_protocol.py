@@ -1,7 +1,10 @@
-"""Wire schemas of the files, fine-tuning and quantization APIs (OpenAI's shapes, so the ``openai`` SDK works).
+"""Wire schemas of the files, fine-tuning and quantization APIs (OpenAI's shapes, so the ``openai`` SDK works), and
+the records Redis holds for them.
 
 Fields follow OpenAI's reference order; our extensions sit in blocks marked ``# --- AXL extensions``. Services
-import these; they do not redefine them.
+import these; they do not redefine them. A record in Redis is the public object (:class:`FileObject`,
+:class:`QuantizationJob`) or, for a fine-tuning job, the public object and the trainer's fields
+(:class:`FineTuningJobRecord`); ``axl_mesh.jobs.JobStore`` writes and reads them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ FILE_ID_PATTERN = r"^file-[0-9a-f]{24}$"
 FT_JOB_ID_PATTERN = r"^ftjob-[0-9a-f]{24}$"
 QUANT_JOB_ID_PATTERN = r"^qjob-[0-9a-f]{24}$"
 SUFFIX_PATTERN = r"^[A-Za-z0-9_-]{1,40}$"
+# What "auto" (or nothing) means for a fine-tuning job's batch_size and seq_len.
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_SEQ_LEN = 256
 MAX_TRAIN_WORKERS = 64  # hyperparameters.workers: trainer workers in one job's torch.distributed group
 
 
@@ -138,8 +144,12 @@ class Hyperparameters(BaseModel):
             raise ValueError(f"min_workers ({value}) cannot exceed workers ({workers})")
         return value
 
-    def resolved_batch_size(self, default: int = 8) -> int:
-        return default if self.batch_size == "auto" else int(self.batch_size)
+    def resolved_batch_size(self) -> int:
+        return DEFAULT_BATCH_SIZE if self.batch_size == "auto" else int(self.batch_size)
+
+    def resolved_seq_len(self, window: int) -> int:
+        """``seq_len``, or DEFAULT_SEQ_LEN bytes (at most the model's ``window``) when it is not given."""
+        return self.seq_len or min(DEFAULT_SEQ_LEN, window)
 
 
 class FineTuningJobCreate(BaseModel):
@@ -223,6 +233,31 @@ class FineTuningJob(BaseModel):
     attempt: int = 0
     progress: JobProgress | None = None
     ram_estimate_bytes: int | None = None
+
+
+class TrainingResult(BaseModel):
+    """What a succeeded training job measured (kept in its record for the operator; not in OpenAI's object)."""
+
+    val_bpb: float | None = None
+    train_loss: float | None = None
+    steps: int | None = None
+    bytes_per_s: float | None = None
+
+
+class FineTuningJobRecord(FineTuningJob):
+    """A fine-tuning job as Redis holds it (``axl_mesh.jobs.JobStore``): the public object, which the gateway's
+    routes read and return, and what only the trainer reads. The gateway writes it when the job is created; the
+    trainer worker reads it and updates its fields (each write is checked against this model)."""
+
+    base_kind: Literal["preset", "store"]  # train a preset from scratch, or continue a model-store model
+    base_preset: str  # the preset at the root of ``model`` (names the fine-tuned model)
+    specialist: str  # the prompt layout the model serves with
+    started_at: int | None = None  # when the first attempt started (attempts after a requeue keep it)
+    result_metrics: TrainingResult | None = None
+
+    def public(self) -> FineTuningJob:
+        """The object the API returns."""
+        return FineTuningJob.model_validate(self.model_dump(include=set(FineTuningJob.model_fields)))
 
 
 class FineTuningJobList(BaseModel):

@@ -213,7 +213,7 @@ def jobs_tables(request: Request, ctx: JobsDep) -> Response:
 
 
 def _job_context(ctx: JobsContext, job_id: str) -> dict[str, Any]:
-    record = fine_tuning.get_job_record(ctx, job_id)
+    record = fine_tuning.get_job_record(ctx, job_id).model_dump(mode="json")
     events, _ = ctx.store.events_page(job_id, None, EVENTS_SHOWN)
     quantization_jobs = [q for q in (ctx.store.get(JobKind.QUANTIZE, q_id) for q_id in record.get("quantization_jobs")
                                      or []) if q is not None]
@@ -264,7 +264,7 @@ def curves(record: dict[str, Any], events_oldest_first: list[dict[str, Any]]) ->
 
 @router.get("/api/jobs/{job_id}/curves")
 def job_curves(job_id: str, ctx: JobsDep) -> JSONResponse:
-    record = fine_tuning.get_job_record(ctx, job_id)
+    record = fine_tuning.get_job_record(ctx, job_id).model_dump(mode="json")
     events, _ = ctx.store.events_page(job_id, None, ctx.store.events_max)
     return JSONResponse(curves(record, list(reversed(events))), headers={"Cache-Control": "no-store"})
 

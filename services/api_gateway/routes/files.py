@@ -11,21 +11,20 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any, BinaryIO
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 
 from axl_mesh.errors import APIError, InvalidRequestError, NotFoundError
-from axl_mesh.jobs import JobsSettings, JobStore, new_id, now, open_store, rq_connection, valid_id
+from axl_mesh.jobs import FILE_KIND, JobsSettings, JobStore, new_id, now, open_store, rq_connection, valid_id
 from axl_mesh.jobs_protocol import FileDeleted, FileList, FileObject, FilePurpose
 from axl_mesh.model_store import ModelStore
 from axl_mesh.training_records import TrainingRecordError, jsonl_line, parse_training_record
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
-FILE = "file"
+FILE = FILE_KIND
 
 
 # --- the job system as the gateway's routes see it (shared by the files, fine-tuning and quantization routes) ---
@@ -54,14 +53,8 @@ def get_jobs(request: Request) -> JobsContext:
 JobsDep = Annotated[JobsContext, Depends(get_jobs)]
 
 
-def file_path(settings: JobsSettings, record: dict[str, Any]) -> Path:
-    """Where an uploaded file lives: built from our validated id and format, never from the client's filename."""
-    suffix = ".jsonl" if record["format"] == "jsonl" else ".txt"
-    return settings.resolved_files_dir / f"{record['id']}{suffix}"
-
-
-def get_file_record(ctx: JobsContext, file_id: str, param: str = "file_id") -> dict[str, Any]:
-    record = ctx.store.get(FILE, file_id) if valid_id("file", file_id) else None
+def get_file_record(ctx: JobsContext, file_id: str, param: str = "file_id") -> FileObject:
+    record = ctx.store.read(FILE, file_id, FileObject) if valid_id("file", file_id) else None
     if record is None:
         raise NotFoundError(f"No such File object: {file_id}", param=param)
     return record
@@ -139,9 +132,8 @@ def upload_file(ctx: JobsDep, file: Annotated[UploadFile, File()], purpose: Anno
         raise InvalidRequestError(f"purpose must be 'fine-tune', got {purpose!r}.", param="purpose")
     limit = ctx.settings.max_file_bytes
     filename = os.path.basename(file.filename or "upload.txt")[:255] or "upload.txt"
-    record: dict[str, Any] = {"id": new_id("file"), "object": "file", "created_at": int(now()),
-                              "filename": filename, "purpose": purpose, "status": "processed"}
-    path = file_path(ctx.settings, {**record, "format": "jsonl" if filename.lower().endswith(".jsonl") else "text"})
+    file_id = new_id("file")
+    path = ctx.settings.uploaded_file(file_id, "jsonl" if filename.lower().endswith(".jsonl") else "text")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -150,32 +142,32 @@ def upload_file(ctx: JobsDep, file: Annotated[UploadFile, File()], purpose: Anno
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    record.update(bytes=size, format=fmt, lines=lines)
+    record = FileObject(id=file_id, created_at=int(now()), filename=filename, purpose=purpose, bytes=size,
+                        format=fmt, lines=lines)
     ctx.store.create(FILE, record)
-    return FileObject(**record)
+    return record
 
 
 @router.get("", response_model=FileList)
 def list_files(ctx: JobsDep, after: str | None = None,
                limit: Annotated[int, Query(ge=1, le=10000)] = 10000, purpose: str | None = None) -> FileList:
     """Uploaded files, newest first."""
-    records, has_more = ctx.store.page(FILE, after, limit)
-    data = [FileObject(**r) for r in records if purpose is None or r["purpose"] == purpose]
-    return FileList(data=data, has_more=has_more)
+    records, has_more = ctx.store.read_page(FILE, after, limit, FileObject)
+    return FileList(data=[r for r in records if purpose is None or r.purpose == purpose], has_more=has_more)
 
 
 @router.get("/{file_id}", response_model=FileObject)
 def retrieve_file(file_id: str, ctx: JobsDep) -> FileObject:
     """One file's metadata."""
-    return FileObject(**get_file_record(ctx, file_id))
+    return get_file_record(ctx, file_id)
 
 
 @router.get("/{file_id}/content")
 def file_content(file_id: str, ctx: JobsDep) -> FileResponse:
     """The file's bytes as uploaded."""
     record = get_file_record(ctx, file_id)
-    return FileResponse(file_path(ctx.settings, record), media_type="application/octet-stream",
-                        filename=record["filename"])
+    return FileResponse(ctx.settings.uploaded_file(record.id, record.format), media_type="application/octet-stream",
+                        filename=record.filename)
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)
@@ -183,5 +175,5 @@ def delete_file(file_id: str, ctx: JobsDep) -> FileDeleted:
     """Delete a file (jobs already queued with it fail with a clear error when they start)."""
     record = get_file_record(ctx, file_id)
     ctx.store.delete(FILE, file_id)
-    file_path(ctx.settings, record).unlink(missing_ok=True)
+    ctx.settings.uploaded_file(record.id, record.format).unlink(missing_ok=True)
     return FileDeleted(id=file_id)

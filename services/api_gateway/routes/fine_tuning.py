@@ -35,8 +35,10 @@ from axl_mesh.jobs_protocol import (
     FineTuningJobEvent,
     FineTuningJobEventList,
     FineTuningJobList,
+    FineTuningJobRecord,
     HyperparametersOut,
     JobStatus,
+    QuantizationJob,
 )
 from axl_mesh.model_store import ModelStoreError
 from services.api_gateway.routes.files import JobsContext, JobsDep, get_file_record
@@ -44,20 +46,25 @@ from services.api_gateway.routes.files import JobsContext, JobsDep, get_file_rec
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
 FT = JobKind.FINE_TUNE
-DEFAULT_BATCH_SIZE = 8
-DEFAULT_SEQ_LEN = 256
 RESULT_TTL_SECONDS = 7 * 24 * 3600
 
 
-def to_job(record: dict[str, Any]) -> FineTuningJob:
-    return FineTuningJob(**record)
-
-
-def get_job_record(ctx: JobsContext, job_id: str) -> dict[str, Any]:
-    record = ctx.store.get(FT, job_id) if valid_id("ft", job_id) else None
+def get_job_record(ctx: JobsContext, job_id: str) -> FineTuningJob:
+    """The job as the API shows it (its record without the trainer's fields); a 404 when there is none."""
+    record = ctx.store.read(FT, job_id, FineTuningJob) if valid_id("ft", job_id) else None
     if record is None:
-        raise NotFoundError(f"No fine-tuning job with id {job_id!r}.", param="fine_tuning_job_id")
+        raise _no_such_job(job_id)
     return record
+
+
+def require_job(ctx: JobsContext, job_id: str) -> None:
+    """A 404 unless the job exists (its events and checkpoints need nothing else of its record)."""
+    if not valid_id("ft", job_id) or not ctx.store.redis.exists(ctx.store.key(FT, job_id)):
+        raise _no_such_job(job_id)
+
+
+def _no_such_job(job_id: str) -> NotFoundError:
+    return NotFoundError(f"No fine-tuning job with id {job_id!r}.", param="fine_tuning_job_id")
 
 
 def _base(ctx: JobsContext, model: str) -> tuple[str, str, Any, dict[str, Any] | None]:
@@ -109,11 +116,11 @@ def create_job(body: FineTuningJobCreate, ctx: JobsDep) -> FineTuningJob:
     if specialist not in SPECIALISTS:
         raise InvalidRequestError(f"Unknown specialist {specialist!r}; choose one of: {', '.join(SPECIALISTS)}.",
                                   param="hyperparameters.specialist")
-    seq_len = hp.seq_len or min(DEFAULT_SEQ_LEN, config.max_seq_len)
+    seq_len = hp.resolved_seq_len(config.max_seq_len)
     if seq_len > config.max_seq_len:
         raise InvalidRequestError(f"seq_len {seq_len} exceeds the model's window of {config.max_seq_len} bytes.",
                                   param="hyperparameters.seq_len")
-    batch_size = hp.resolved_batch_size(DEFAULT_BATCH_SIZE)
+    batch_size = hp.resolved_batch_size()
     ram = config.training_ram_bytes(batch_size, seq_len, hp.optimizer.value)
     limit, source = _memory_limit(ctx)
     if limit is not None and ram > limit:
@@ -126,17 +133,12 @@ def create_job(body: FineTuningJobCreate, ctx: JobsDep) -> FineTuningJob:
     job_id = new_id("ftjob")
     seed = body.seed if body.seed is not None else int.from_bytes(job_id.encode()[-4:], "big") % (2**31)
     hyperparameters = HyperparametersOut(**{**hp.model_dump(mode="json"), "batch_size": batch_size, "seq_len": seq_len})
-    record = {
-        "id": job_id, "object": "fine_tuning.job", "created_at": int(now()), "error": None,
-        "fine_tuned_model": None, "finished_at": None, "hyperparameters": hyperparameters.model_dump(mode="json"),
-        "model": body.model, "organization_id": "axl", "result_files": [], "seed": seed,
-        "status": JobStatus.VALIDATING_FILES.value, "trained_tokens": None, "training_file": body.training_file,
-        "validation_file": body.validation_file, "metadata": body.metadata, "suffix": body.suffix,
-        "quantize": [t.value for t in body.quantize], "quantization_jobs": [], "attempt": 0, "progress": None,
-        "ram_estimate_bytes": ram,
-        # read by the trainer only
-        "base_kind": base_kind, "base_preset": base_preset, "specialist": specialist,
-    }
+    record = FineTuningJobRecord(
+        id=job_id, created_at=int(now()), hyperparameters=hyperparameters, model=body.model, seed=seed,
+        status=JobStatus.VALIDATING_FILES, training_file=body.training_file, validation_file=body.validation_file,
+        metadata=body.metadata, suffix=body.suffix, quantize=[t.value for t in body.quantize], ram_estimate_bytes=ram,
+        base_kind=base_kind, base_preset=base_preset, specialist=specialist,
+    )
     ctx.store.create(FT, record)
     ctx.store.add_event(job_id, f"Created fine-tuning job: {job_id}", data={"ram_estimate_bytes": ram})
     ctx.store.add_event(job_id, "Validating training file: " + body.training_file)
@@ -159,15 +161,14 @@ def create_job(body: FineTuningJobCreate, ctx: JobsDep) -> FineTuningJob:
             QUANTIZE_FUNCTION, quantization_id, job_id=quantization_id, job_timeout=QUANTIZATION_TIMEOUT_SECONDS,
             retry=Retry(max=ctx.settings.job_retries), depends_on=Dependency(jobs=[job_id], allow_failure=True),
             result_ttl=RESULT_TTL_SECONDS, failure_ttl=RESULT_TTL_SECONDS, description=f"quantize {job_id}")
-    return to_job(ctx.store.get(FT, job_id) or record)
+    return ctx.store.read(FT, job_id, FineTuningJob) or record.public()
 
 
-def _create_quantization_record(ctx: JobsContext, record: dict[str, Any]) -> str:
+def _create_quantization_record(ctx: JobsContext, record: FineTuningJobRecord) -> str:
     q_id = new_id("qjob")
-    ctx.store.create(JobKind.QUANTIZE, {
-        "id": q_id, "object": "quantization.job", "created_at": int(now()), "finished_at": None,
-        "model": f"(the model of {record['id']})", "types": record["quantize"], "status": JobStatus.QUEUED.value,
-        "error": None, "outputs": [], "fine_tuning_job_id": record["id"]})
+    ctx.store.create(JobKind.QUANTIZE, QuantizationJob(
+        id=q_id, created_at=int(now()), model=f"(the model of {record.id})", types=record.quantize,
+        status=JobStatus.QUEUED, fine_tuning_job_id=record.id))
     return q_id
 
 
@@ -175,14 +176,14 @@ def _create_quantization_record(ctx: JobsContext, record: dict[str, Any]) -> str
 def list_jobs(ctx: JobsDep, after: str | None = None,
               limit: Annotated[int, Query(ge=1, le=100)] = 20) -> FineTuningJobList:
     """Fine-tuning jobs, newest first; ``after`` is the last id of the previous page."""
-    records, has_more = ctx.store.page(FT, after, limit)
-    return FineTuningJobList(data=[to_job(r) for r in records], has_more=has_more)
+    records, has_more = ctx.store.read_page(FT, after, limit, FineTuningJob)
+    return FineTuningJobList(data=records, has_more=has_more)
 
 
 @router.get("/{job_id}", response_model=FineTuningJob)
 def retrieve_job(job_id: str, ctx: JobsDep) -> FineTuningJob:
     """One fine-tuning job, with live progress while it runs."""
-    return to_job(get_job_record(ctx, job_id))
+    return get_job_record(ctx, job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=FineTuningJob)
@@ -190,8 +191,8 @@ def cancel_job(job_id: str, ctx: JobsDep) -> FineTuningJob:
     """Cancel a job: a queued one never starts; a running one checkpoints and stops at its next step (or is
     killed after the grace period). The status ends ``cancelled`` either way."""
     record = get_job_record(ctx, job_id)
-    if JobStatus(record["status"]).terminal:
-        raise InvalidRequestError(f"Job {job_id} has already {record['status']}; it cannot be cancelled.",
+    if record.status.terminal:
+        raise InvalidRequestError(f"Job {job_id} has already {record.status.value}; it cannot be cancelled.",
                                   param="fine_tuning_job_id", code="job_not_cancellable")
     ctx.store.request_cancel(job_id)
     ctx.store.add_event(job_id, "Cancellation requested.")
@@ -203,7 +204,7 @@ def cancel_job(job_id: str, ctx: JobsDep) -> FineTuningJob:
                 ctx.store.add_event(job_id, "Job cancelled before it started.")
     except (NoSuchJobError, InvalidJobOperation):
         pass  # the worker (or the reaper) sees the flag and ends it
-    return to_job(ctx.store.get(FT, job_id) or record)
+    return ctx.store.read(FT, job_id, FineTuningJob) or record
 
 
 @router.get("/{job_id}/events", response_model=FineTuningJobEventList)
@@ -211,7 +212,7 @@ def list_events(job_id: str, ctx: JobsDep, after: str | None = None,
                 limit: Annotated[int, Query(ge=1, le=10000)] = 20) -> FineTuningJobEventList:
     """Events newest first (info messages and metrics: step, loss, validation bits per byte, bytes/s); ``after``
     is the last id of the previous page. Only the newest ``AXL_JOB_EVENTS_MAX`` events of a job are kept."""
-    get_job_record(ctx, job_id)
+    require_job(ctx, job_id)
     events, has_more = ctx.store.events_page(job_id, after, limit)
     return FineTuningJobEventList(data=[FineTuningJobEvent(**e) for e in events], has_more=has_more)
 
@@ -220,7 +221,7 @@ def list_events(job_id: str, ctx: JobsDep, after: str | None = None,
 def list_checkpoints(job_id: str, ctx: JobsDep, after: str | None = None,
                      limit: Annotated[int, Query(ge=1, le=100)] = 10) -> FineTuningJobCheckpointList:
     """Checkpoints the job saved, newest first (the latest one is kept on disk and resumed from)."""
-    get_job_record(ctx, job_id)
+    require_job(ctx, job_id)
     checkpoints = list(reversed(ctx.store.checkpoints(job_id)))
     if after is not None:
         ids = [c["id"] for c in checkpoints]

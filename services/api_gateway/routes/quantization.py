@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
@@ -20,8 +20,8 @@ Q = JobKind.QUANTIZE
 QUANTIZATION_TIMEOUT_SECONDS = 4 * 3600
 
 
-def get_record(ctx: JobsContext, job_id: str) -> dict[str, Any]:
-    record = ctx.store.get(Q, job_id) if valid_id("q", job_id) else None
+def get_record(ctx: JobsContext, job_id: str) -> QuantizationJob:
+    record = ctx.store.read(Q, job_id, QuantizationJob) if valid_id("q", job_id) else None
     if record is None:
         raise NotFoundError(f"No quantization job with id {job_id!r}.", param="quantization_job_id")
     return record
@@ -39,36 +39,35 @@ def create_quantization_job(body: QuantizationJobCreate, ctx: JobsDep) -> Quanti
         raise InvalidRequestError(f"Model {body.model!r} is not in the model store (models: {names}).",
                                   param="model", code="model_not_found")
     job_id = new_id("qjob")
-    record = {"id": job_id, "object": "quantization.job", "created_at": int(now()), "finished_at": None,
-              "model": body.model, "types": list(dict.fromkeys(t.value for t in body.types)),
-              "status": JobStatus.QUEUED.value, "error": None, "outputs": [], "fine_tuning_job_id": None}
+    record = QuantizationJob(id=job_id, created_at=int(now()), model=body.model,
+                             types=list(dict.fromkeys(t.value for t in body.types)), status=JobStatus.QUEUED)
     ctx.store.create(Q, record)
     rq_queue(QueueName.QUANTIZE, ctx.rq).enqueue(
         QUANTIZE_FUNCTION, job_id, job_id=job_id, job_timeout=QUANTIZATION_TIMEOUT_SECONDS,
         retry=Retry(max=ctx.settings.job_retries), description=f"quantize {body.model}")
-    return QuantizationJob(**(ctx.store.get(Q, job_id) or record))
+    return ctx.store.read(Q, job_id, QuantizationJob) or record
 
 
 @router.get("", response_model=QuantizationJobList)
 def list_quantization_jobs(ctx: JobsDep, after: str | None = None,
                            limit: Annotated[int, Query(ge=1, le=100)] = 20) -> QuantizationJobList:
     """Quantization jobs, newest first."""
-    records, has_more = ctx.store.page(Q, after, limit)
-    return QuantizationJobList(data=[QuantizationJob(**r) for r in records], has_more=has_more)
+    records, has_more = ctx.store.read_page(Q, after, limit, QuantizationJob)
+    return QuantizationJobList(data=records, has_more=has_more)
 
 
 @router.get("/{job_id}", response_model=QuantizationJob)
 def retrieve_quantization_job(job_id: str, ctx: JobsDep) -> QuantizationJob:
     """One quantization job and, once it succeeded, its files."""
-    return QuantizationJob(**get_record(ctx, job_id))
+    return get_record(ctx, job_id)
 
 
 @router.get("/{job_id}/files/{filename}")
 def download_file(job_id: str, filename: str, ctx: JobsDep) -> FileResponse:
     """A produced GGUF file (or its Ollama Modelfile); only names the job recorded are served."""
     record = get_record(ctx, job_id)
-    allowed = {o["filename"] for o in record.get("outputs", [])}
-    allowed |= {(o.get("details") or {}).get("modelfile") for o in record.get("outputs", [])} - {None}
+    modelfiles = {(o.details or {}).get("modelfile") for o in record.outputs}
+    allowed = {o.filename for o in record.outputs} | {m for m in modelfiles if isinstance(m, str)}
     if filename not in allowed:
         raise NotFoundError(f"Quantization job {job_id} has no file {filename!r}.", param="filename")
     path = ctx.settings.resolved_jobs_dir / job_id / filename

@@ -51,14 +51,13 @@ from axl_mesh.jobs.queues import (
 )
 from axl_mesh.jobs.reaper import Reaper
 from axl_mesh.jobs.settings import JobsSettings
-from axl_mesh.jobs.store import DURATION_BUCKETS, JobStore, open_job, open_store
+from axl_mesh.jobs.store import DURATION_BUCKETS, FILE_KIND, RECORD_MODELS, JobStore, open_job, open_store
 from axl_mesh.jobs.worker import build_worker, run_worker, serve_health_and_metrics
 
 __all__ = [
-    "DURATION_BUCKETS", "JOB_FUNCTIONS", "QUANTIZE_FUNCTION", "TRAIN_FUNCTION", "TRAIN_MEMBER_FUNCTION",
-    "ForeignJobError", "GroupStore", "GroupView", "JobKind", "JobStore", "JobsCollector", "JobsSettings", "Member",
-    "QueueName", "Reaper", "build_worker", "fetch_rq_job",
-    "machine_memory_bytes", "model_config", "new_id", "now", "open_job", "open_store", "preset_names",
-    "rq_connection", "rq_job_class", "rq_queue", "rq_serializer", "run_worker", "serve_health_and_metrics",
-    "valid_id",
+    "DURATION_BUCKETS", "FILE_KIND", "JOB_FUNCTIONS", "QUANTIZE_FUNCTION", "RECORD_MODELS", "TRAIN_FUNCTION",
+    "TRAIN_MEMBER_FUNCTION", "ForeignJobError", "GroupStore", "GroupView", "JobKind", "JobStore", "JobsCollector",
+    "JobsSettings", "Member", "QueueName", "Reaper", "build_worker", "fetch_rq_job", "machine_memory_bytes",
+    "model_config", "new_id", "now", "open_job", "open_store", "preset_names", "rq_connection", "rq_job_class",
+    "rq_queue", "rq_serializer", "run_worker", "serve_health_and_metrics", "valid_id",
 ]

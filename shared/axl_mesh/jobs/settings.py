@@ -36,6 +36,11 @@ class JobsSettings(ServiceSettings):
     def resolved_files_dir(self) -> Path:
         return self.files_dir or self.data_dir / "files"
 
+    def uploaded_file(self, file_id: str, fmt: str) -> Path:
+        """Where an uploaded file lives (the gateway writes it, the trainer reads it): built from our validated id
+        and its format (``FileObject.format``), never from the client's filename."""
+        return self.resolved_files_dir / f"{file_id}{'.jsonl' if fmt == 'jsonl' else '.txt'}"
+
     @property
     def resolved_jobs_dir(self) -> Path:
         return self.jobs_dir or self.data_dir / "jobs"

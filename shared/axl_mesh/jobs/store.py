@@ -1,19 +1,26 @@
 """The job record store in Redis: records of files and jobs, events, checkpoints, cancel flags, the counters the
-metrics read, and the trainers' announced memory. Status changes and event appends are Lua scripts (atomic)."""
+metrics read, and the trainers' announced memory. Status changes and event appends are Lua scripts (atomic).
+
+Records are the pydantic models of ``axl_mesh.jobs_protocol`` (``RECORD_MODELS``): :meth:`JobStore.create` writes one,
+:meth:`JobStore.read` reads one back as its model (or as the public object), and every field an update writes is
+checked against the kind's model first, so a writer cannot put in Redis what a reader would refuse."""
 
 from __future__ import annotations
 
 import json
 import re
 import secrets
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeVar, overload
 
 import redis
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
 from redis.typing import ZSetRangeResponse
 
 from axl_mesh.jobs.names import JobKind, now
 from axl_mesh.jobs.settings import JobsSettings
-from axl_mesh.jobs_protocol import JobStatus
+from axl_mesh.jobs_protocol import FileObject, FineTuningJobRecord, JobStatus, QuantizationJob
 from axl_mesh.process import set_parent_death_signal
 from axl_mesh.redis_util import reconnect_policy
 
@@ -86,6 +93,13 @@ return {redis.call('LRANGE', KEYS[1], bottom - first, top - first), more}
 _EVENT_ID = re.compile(r"ftevent-([0-9a-f]{8})[0-9a-f]{16}")
 _JOB_KINDS = frozenset(JobKind)
 
+FILE_KIND = "file"
+# What a record of each kind is; a field written by update() or set_status() must be one of its fields, of its type.
+RECORD_MODELS: dict[str, type[BaseModel]] = {
+    FILE_KIND: FileObject, JobKind.FINE_TUNE: FineTuningJobRecord, JobKind.QUANTIZE: QuantizationJob,
+}
+R = TypeVar("R", bound=BaseModel)
+
 
 class JobStore:
     """Records of files, fine-tuning jobs and quantization jobs in Redis (sync client; RQ is sync too).
@@ -144,7 +158,10 @@ class JobStore:
         return keys
 
     # records
-    def create(self, kind: str, record: dict[str, Any]) -> None:
+    def create(self, kind: str, record: BaseModel | Mapping[str, Any]) -> None:
+        """Write a new record: its model (``RECORD_MODELS[kind]``), or a mapping already in that shape."""
+        if isinstance(record, BaseModel):
+            record = record.model_dump(mode="json")
         record_id = record["id"]
         with self.redis.pipeline() as pipe:
             pipe.hset(self.key(kind, record_id), mapping={k: json.dumps(v) for k, v in record.items()})
@@ -154,21 +171,51 @@ class JobStore:
             pipe.execute()
 
     def get(self, kind: str, record_id: str) -> dict[str, Any] | None:
+        """The record's fields as stored (JSON values); :meth:`read` gives the typed record."""
         raw = self.redis.hgetall(self.key(kind, record_id))
         if not raw:
             return None
         return {as_text(k): json.loads(v) for k, v in raw.items()}
 
+    @overload
+    def read(self, kind: str, record_id: str) -> BaseModel | None: ...
+    @overload
+    def read(self, kind: str, record_id: str, model: type[R]) -> R | None: ...
+    def read(self, kind: str, record_id: str, model: type[BaseModel] | None = None) -> BaseModel | None:
+        """The record as ``model`` (default: the kind's record model; a public object such as ``FineTuningJob``
+        reads a fine-tuning record without the trainer's fields); None when there is none."""
+        raw = self.get(kind, record_id)
+        return None if raw is None else (model or RECORD_MODELS[kind]).model_validate(raw)
+
+    def read_page(self, kind: str, after: str | None, limit: int, model: type[R]) -> tuple[list[R], bool]:
+        """:meth:`page` with each record read as ``model``."""
+        records, has_more = self.page(kind, after, limit)
+        return [model.model_validate(r) for r in records], has_more
+
     def update(self, kind: str, record_id: str, **fields: Any) -> None:
-        self.redis.hset(self.key(kind, record_id), mapping={k: json.dumps(v) for k, v in fields.items()})
+        self.redis.hset(self.key(kind, record_id), mapping=self._encode(kind, fields))
+
+    def _encode(self, kind: str, fields: Mapping[str, Any]) -> dict[Any, str]:  # Any: redis-py's invariant key type
+        """Each field checked against the kind's record model (name and type), then as the JSON the record holds."""
+        model = RECORD_MODELS.get(kind)
+        if model is None:
+            return {name: json.dumps(to_jsonable_python(value)) for name, value in fields.items()}
+        checked = model.model_construct()
+        encoded: dict[Any, str] = {}
+        for name, value in fields.items():
+            if name not in model.model_fields:
+                raise ValueError(f"{model.__name__} has no field {name!r}")
+            model.__pydantic_validator__.validate_assignment(checked, name, value)  # raises ValidationError
+            encoded[name] = json.dumps(to_jsonable_python(getattr(checked, name)))
+        return encoded
 
     def set_status(self, kind: str, record_id: str, status: JobStatus, **fields: Any) -> bool:
         """Move to ``status`` (with ``fields``) unless the record already ended; True when it changed."""
         if status.terminal:
             fields.setdefault("finished_at", int(now()))
         args: list[Any] = [record_id, self.finished_ttl_seconds, status.value, "status", json.dumps(status.value)]
-        for name, value in fields.items():
-            args += [name, json.dumps(value)]
+        for name, value in self._encode(kind, fields).items():
+            args += [name, value]
         keys = [self.key(kind, record_id), self.active_key(kind), self.ended_key(kind),
                 *self._job_keys(kind, record_id)]
         return self._set_status(keys=keys, args=args) == 1
@@ -321,15 +368,21 @@ def range_members(reply: ZSetRangeResponse) -> list[str]:
     return members
 
 
-def open_job(settings: JobsSettings, kind: JobKind, job_id: str) -> tuple[JobStore, dict[str, Any]]:
-    """In a job's forked process: die with the worker, open the store and read the job's record."""
+@overload
+def open_job(settings: JobsSettings, kind: JobKind, job_id: str) -> tuple[JobStore, dict[str, Any]]: ...
+@overload
+def open_job(settings: JobsSettings, kind: JobKind, job_id: str, model: type[R]) -> tuple[JobStore, R]: ...
+def open_job(settings: JobsSettings, kind: JobKind, job_id: str,
+             model: type[BaseModel] | None = None) -> tuple[JobStore, Any]:
+    """In a job's forked process: die with the worker, open the store and read the job's record (as ``model``,
+    e.g. ``QuantizationJob``; without one, the stored fields)."""
     set_parent_death_signal()
     store = open_store(settings)
     record = store.get(kind, job_id)
     if record is None:
         noun = "fine-tuning" if kind == JobKind.FINE_TUNE else "quantization"
         raise ValueError(f"no {noun} job {job_id} in Redis")
-    return store, record
+    return store, record if model is None else model.model_validate(record)
 
 
 def open_store(settings: JobsSettings) -> JobStore:

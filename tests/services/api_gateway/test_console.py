@@ -244,7 +244,8 @@ def test_jobs_pages_escape_user_strings_and_show_status_progress_and_events(cons
     store.create(JobKind.QUANTIZE, {"id": "qjob-0123456789abcdef01234567", "object": "quantization.job",
                                     "created_at": int(time.time()), "finished_at": None, "model": "ft:tiny:x:1",
                                     "types": ["q8_0"], "status": "succeeded", "error": None,
-                                    "outputs": [{"type": "q8_0", "filename": "model-q8_0.gguf", "bytes": 2 ** 20}],
+                                    "outputs": [{"type": "q8_0", "filename": "model-q8_0.gguf", "bytes": 2 ** 20, "url":
+                                                 "/v1/quantization/jobs/qjob-0123456789abcdef01234567/files/model-q8_0.gguf"}],
                                     "fine_tuning_job_id": None})
     listing = client.get("/ui/jobs")
     assert listing.status_code == 200
