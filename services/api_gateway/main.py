@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from axl_mesh.errors import BodySizeLimitMiddleware, install_error_handlers
 from axl_mesh.jobs import JobsSettings
+from axl_mesh.mesh_auth import MeshSecretMiddleware
 from axl_mesh.metrics import instrument_requests, mount_metrics
 from axl_mesh.model_store import ModelStore
 from axl_mesh.protocol import PROMPT_TRUNCATED_HEADER
@@ -25,6 +26,7 @@ from services.api_gateway.metrics import AgentMetrics, GatewayMetrics
 from services.api_gateway.on_demand import OnDemandLoader
 from services.api_gateway.openapi import install_openapi
 from services.api_gateway.routes import ROUTERS, health
+from services.api_gateway.routes import model_store as model_store_routes
 from services.api_gateway.routes.agent import log_sandbox_status
 from services.api_gateway.settings import Settings
 from services.api_gateway.upstream import Upstream
@@ -76,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Uploads have their own, larger limit (plus room for the multipart framing); the files route checks the file.
     jobs_settings = JobsSettings()
     model_store = ModelStore(jobs_settings.resolved_model_store_dir)
+    app.state.model_store = model_store  # also served to pool workers elsewhere (routes/model_store.py)
     upload_limit = jobs_settings.max_file_bytes + (1 << 20)
     app.add_middleware(
         BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, path_limits={"/v1/files": upload_limit}
@@ -85,6 +88,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(HostCheckMiddleware, extra_hosts=settings.allowed_host_list())
     # Outside the body limit and the routes: a request without a valid key gets its 401 before its body is read.
     app.add_middleware(ApiKeyMiddleware, keys=app.state.api_keys)
+    # /internal/*: the model store's files for pool workers on other hosts; the mesh secret only, checked before
+    # any route runs (as on the workers).
+    app.add_middleware(MeshSecretMiddleware, secret=settings.registry_secret.get_secret_value(),
+                       path_prefix="/internal")
     install_console(app, settings)  # /ui: the same keys through a login session (services/api_gateway/console)
     instrument_requests(app, metrics_registry)
     if settings.cors_origin_list():
@@ -106,5 +113,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     for router in ROUTERS:
         app.include_router(router)
+    app.include_router(model_store_routes.router, include_in_schema=False)  # internal: not the public API
     install_openapi(app)
     return app

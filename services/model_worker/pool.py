@@ -7,6 +7,9 @@ The pool keeps the most recently used models within ``AXL_POOL_MEMORY_BUDGET_MB`
 unloads the least recently used idle models (nothing running or waiting); if it still does not fit, the answer is a
 503 ``pool_full`` with Retry-After. A model nobody asked for in ``AXL_POOL_IDLE_UNLOAD_SECONDS`` is unloaded.
 
+On a host without the store's volume, ``AXL_MODEL_STORE_URL`` (the gateway) is where a model the local store
+lacks is copied from, checksummed (``services.model_worker.store_fetch``), before it loads.
+
 The pool also registers a record of its own (specialist ``on-demand``, ``axl_mesh.registry_schemas``): that is how
 the gateway finds pools to ask for a model no worker holds. Loads run one at a time (each is CPU-bound; the micro
 preset loads in about a second and a half), and concurrent requests for the model being loaded wait for that load.
@@ -19,6 +22,8 @@ checkpoint's config on torch's ``meta`` device, without reading the weights.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 import logging
 import re
 import time
@@ -41,6 +46,7 @@ from axl_model.model import MultiScaleTransformer
 from axl_model.specialists import SPECIALISTS
 from services.model_worker.metrics import WorkerMetrics
 from services.model_worker.settings import Settings
+from services.model_worker.store_fetch import FetchError, NotInStore, fetch_model
 from services.model_worker.worker import ModelWorker
 
 logger = logging.getLogger(__name__)
@@ -73,6 +79,26 @@ def estimate_serving_bytes(config: ModelConfig, *, dtype: str, max_batch: int, p
     weights += sum(b.numel() * b.element_size() for b in model.buffers())
     cache_bytes = sum(t.numel() for t in cache.tensors() if t.is_floating_point()) * cache_element
     return int(weights + cache_bytes)
+
+
+def _release_memory() -> None:
+    """Give an unloaded model's memory back now: the worker and its scheduler refer to each other (bound methods),
+    so only the cycle collector frees them; then glibc keeps freed heap pages unless asked to return them."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 - glibc only (musl has none): probe once
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
 
 
 class HeldModel(BaseModel):
@@ -274,6 +300,8 @@ class ModelPool:
             self.pool_metrics.loads.labels(outcome="loaded").inc()
 
     async def _load_locked(self, name: str) -> None:
+        if self.settings.model_store_url and self._not_stored_here(name):
+            await self._fetch(name)
         path, specialist = self._locate(name)
         try:
             config = await asyncio.to_thread(load_config, path)
@@ -313,6 +341,28 @@ class ModelPool:
             except Exception as exc:  # noqa: BLE001 - the worker's heartbeat retries; the model is served anyway
                 logger.warning("registering %s failed (%s); its heartbeat will retry", name, exc)
 
+    def _not_stored_here(self, name: str) -> bool:
+        try:
+            return self.store.get(name) is None
+        except ModelStoreError:
+            return False  # a broken manifest is reported by _locate
+
+    async def _fetch(self, name: str) -> None:
+        """Copy the model from the gateway's store into this pool's own (a host without the shared volume)."""
+        url = self.settings.model_store_url
+        assert url is not None
+        try:
+            # On disk the weights are float32; a checkpoint larger than the whole budget could never be served.
+            await asyncio.to_thread(fetch_model, url, self.settings.registry_secret_value(), name, self.store,
+                                    timeout_seconds=self.settings.pool_load_timeout_seconds,
+                                    max_bytes=4 * self.budget_bytes)
+        except NotInStore:
+            raise ModelNotFoundError(name) from None
+        except (FetchError, OSError, ValueError) as exc:
+            logger.warning("pool: fetching %s from %s failed: %s", name, url, exc)
+            raise self._unavailable(f"The model '{name}' could not be copied from the model store at {url}: "
+                                    f"{exc}", "model_fetch_failed") from None
+
     def _locate(self, name: str) -> tuple[Path, str]:
         """The checkpoint folder and specialist of a stored model (404 when the store has no such model)."""
         try:
@@ -349,7 +399,9 @@ class ModelPool:
 
     async def _close_worker(self, name: str, held: _Held, reason: str) -> None:
         held.worker.draining = True  # refuses new requests at once, before any await
-        await held.worker.close()  # deregisters, stops its thread (frees its weights and cache)
+        await held.worker.close()  # deregisters, stops its thread
+        held.worker = None  # type: ignore[assignment]  # the last reference to the model: its memory can go
+        _release_memory()
         self.pool_metrics.unloads.labels(reason=reason).inc()
         self._update_gauges()
         logger.info("pool: unloaded %s (%s)", name, reason)

@@ -69,6 +69,9 @@ class Settings(ServiceSettings):
     # filesystem, the same path the gateway and trainer use. Default: data_dir/models.
     data_dir: Path = Field(default=Path("data"), description="the mesh's data folder")
     model_store_dir: Path | None = None
+    # Or, on a host that does not share that volume: the gateway's URL (http://api-gateway:8880). A model the local
+    # store lacks is copied from it (mesh secret, every file's SHA-256 checked) into model_store_dir, then loaded.
+    model_store_url: str | None = Field(default=None, description="copy missing models from this gateway")
 
     @model_validator(mode="after")
     def _checkpoint_unless_pool(self) -> Settings:

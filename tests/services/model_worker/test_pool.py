@@ -150,3 +150,48 @@ def test_a_pool_registers_what_it_holds_and_unloads_idle_models(redis_url: str, 
             assert time.monotonic() - started >= 1.0  # not before its idle time (2 s from the load)
             assert instances(model=A) == []  # unloaded: deregistered at once, not left to the TTL
             assert len(instances(specialist="on-demand")) == 1
+
+
+def test_a_pool_on_another_host_copies_models_from_the_gateway(redis_url: str, tmp_path: Path) -> None:
+    """No shared volume: the pool (on 127.0.0.2, "host B") copies a model its own store lacks from the gateway's
+    store, authenticated with the mesh secret, every file checked against its SHA-256; a corrupted copy is refused
+    and leaves nothing behind."""
+    import os
+
+    gateway_store = make_store(tmp_path / "host-a")
+    gateway_env = {"AXL_REDIS_URL": redis_url, "AXL_REGISTRY_URL": "http://127.0.0.1:9",
+                   "AXL_REGISTRY_SECRET": MESH_SECRET, "AXL_API_KEYS": "sk-fetch-test",
+                   "AXL_MODEL_STORE_DIR": str(gateway_store.root), "AXL_LOG_LEVEL": "warning"}
+    local_store = ModelStore(tmp_path / "host-b" / "models")
+    with ServiceProcess("services.api_gateway", gateway_env, log_path=tmp_path / "gateway.log") as gateway:
+        listing_url = f"{gateway.url}/internal/v1/model-store/{A}"
+        assert httpx.get(listing_url).status_code == 401  # the store is not public
+        assert httpx.get(listing_url, headers={"Authorization": "Bearer sk-fetch-test"}).status_code == 401
+        listing = httpx.get(listing_url, headers=MESH_AUTH).json()
+        assert {f["name"] for f in listing["files"]} == {"config.json", "metadata.json", "model.safetensors"}
+        env = pool_env(local_store, AXL_MODEL_STORE_URL=gateway.url, AXL_POOL_MEMORY_BUDGET_MB="64")
+        with ServiceProcess(WORKER, env, host="127.0.0.2", log_path=tmp_path / "pool.log",
+                            health_path="/readyz") as pool:
+            first = generate(pool.url, A)
+            assert first.status_code == 200, first.text
+            copied = local_store.path(A)
+            for item in listing["files"]:
+                assert (copied / item["name"]).read_bytes() == (gateway_store.path(A) / item["name"]).read_bytes()
+            assert local_store.get(A)["specialist"] == "coder"
+            # B's weights change on host A after their digest was taken (same size and mtime, so the gateway's
+            # cached digest is stale): the copy does not match and is refused.
+            httpx.get(f"{gateway.url}/internal/v1/model-store/{B}", headers=MESH_AUTH).raise_for_status()
+            weights = gateway_store.path(B) / "model.safetensors"
+            stat = weights.stat()
+            data = bytearray(weights.read_bytes())
+            data[-1] ^= 0xFF
+            weights.write_bytes(bytes(data))
+            os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+            refused = generate(pool.url, B)
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "model_fetch_failed"
+            assert "checksum" in refused.json()["error"]["message"]
+            assert local_store.get(B) is None
+            assert sorted(p.name for p in local_store.root.iterdir() if p.name.startswith(".fetch-")) == []
+            absent = generate(pool.url, "ft:tiny:absent:00000000")
+            assert absent.status_code == 404 and absent.json()["error"]["code"] == "model_not_found"
