@@ -115,3 +115,53 @@ def test_a_model_fine_tuned_over_http_is_served_by_the_compose_pool(compose_mesh
     # A model the store does not have is still a 404, not a load.
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="ft:tiny:absent:deadbeef", prompt="x", max_tokens=1)
+
+
+def test_the_gateway_passes_on_a_full_pool_and_loads_one_model_once(redis_server: str, tmp_path: Path) -> None:
+    """Through the gateway: while the pool's budget is held by a model that is streaming, a request for another
+    stored model is an OpenAI-shaped 503 pool_full with Retry-After; once the stream ends that model loads, and
+    concurrent first requests for a model load it once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.e2e.conftest import REGISTRY_SECRET, Mesh
+    from tests.services.model_worker.test_pool import A, B, make_store, one_model_budget_mb
+
+    window = {"max_seq_len": 4096}  # a long answer takes seconds
+    store = make_store(tmp_path / "store", **window)
+    mesh = Mesh(redis_url=redis_server, workdir=tmp_path)
+    try:
+        mesh.start_registry()
+        mesh.start_gateway(AXL_MODEL_STORE_DIR=str(store.root))
+        pool = ServiceProcess("services.model_worker", {
+            "AXL_WORKER_MODE": "pool", "AXL_MODEL_STORE_DIR": str(store.root), "AXL_REGISTRY_URL": mesh.registry.url,
+            "AXL_REGISTRY_SECRET": REGISTRY_SECRET, "AXL_NUM_THREADS": "1", "AXL_MAX_BATCH": "4",
+            "AXL_POOL_MEMORY_BUDGET_MB": one_model_budget_mb(**window)}, log_path=tmp_path / "pool.log").start(60)
+        mesh.workers.append(pool)
+        mesh.wait_for_instances("axl-pool", count=1)  # the pool's own record (specialist on-demand)
+        client = mesh.client()
+        with ThreadPoolExecutor(4) as threads:  # four first requests at once: one load
+            answers = list(threads.map(lambda _: client.completions.create(model=A, prompt="x", max_tokens=2),
+                                       range(4)))
+        assert {a.model for a in answers} == {A}
+        assert 'axl_pool_loads_total{outcome="loaded"} 1.0' in httpx.get(pool.url + "/metrics").text
+        assert 'axl_gateway_on_demand_loads_total{outcome="loaded"}' in httpx.get(mesh.gateway.url + "/metrics").text
+        stream = client.completions.create(model=A, prompt="x", max_tokens=4000, stream=True,
+                                           extra_body={"ignore_eos": True})
+        next(iter(stream))  # A is decoding
+        with pytest.raises(openai.APIStatusError) as full:
+            client.completions.create(model=B, prompt="x", max_tokens=2)
+        assert full.value.status_code == 503 and full.value.body["code"] == "pool_full"
+        assert int(full.value.response.headers["retry-after"]) >= 1
+        stream.close()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                answer = client.completions.create(model=B, prompt="x", max_tokens=2)
+                break
+            except openai.APIStatusError as exc:
+                assert exc.status_code == 503 and time.monotonic() < deadline, exc
+                time.sleep(0.5)
+        assert answer.model == B
+        assert [m["model_id"] for m in mesh.instances(B)] == [B] and mesh.instances(A) == []
+    finally:
+        mesh.stop()
