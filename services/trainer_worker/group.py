@@ -55,6 +55,10 @@ POLL_SECONDS = 0.2
 MEMBER_RESULT_TTL_SECONDS = 24 * 3600
 
 
+class GroupLost(RuntimeError):
+    """A rank of the group cannot be reached (or was lost): the job is requeued while it has retries."""
+
+
 class NotEnoughWorkers(Exception):
     """Fewer trainer workers than ``min_workers`` joined within the timeout (the job fails, not retried)."""
 
@@ -67,7 +71,7 @@ def is_group_loss(exc: BaseException) -> bool:
     collective times out."""
     import torch.distributed as dist
 
-    if isinstance(exc, dist.DistError):
+    if isinstance(exc, (GroupLost, dist.DistError)):
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and any(
@@ -107,16 +111,37 @@ def training_group(members: list[Member], rank: int) -> Any:
 
 def _join(master: str, rank: int, world_size: int, job_id: str, attempt: int, settings: Settings,
           store: Any = None) -> None:
-    """Join the gloo process group of ``attempt`` through rank 0's TCPStore (``store`` on rank 0 itself)."""
+    """Join the gloo process group of ``attempt`` through rank 0's TCPStore (``store`` on rank 0 itself).
+
+    Reaching rank 0 is bounded by ``AXL_TRAIN_GROUP_TIMEOUT_SECONDS``, not by the collective timeout: a member
+    that cannot connect (a firewall, a wrong advertised address) raises :class:`GroupLost` within it, and rank 0
+    waits that long for every member's "reached" key before it starts gloo's own rendezvous."""
     import torch.distributed as dist
 
+    reach = timedelta(seconds=settings.train_group_timeout_seconds)
     timeout = timedelta(seconds=settings.train_group_collective_timeout_seconds)
+    prefix = f"axl/{job_id}/attempt_{attempt}"  # per job and attempt: nothing of a broken attempt is read again
     if store is None:
         host, port = master.rsplit(":", 1)
-        store = dist.TCPStore(host.strip("[]"), int(port), is_master=False, timeout=timeout)
-    # Keys per job and attempt: nothing of a broken attempt's rendezvous is read by the next one.
-    prefixed = dist.PrefixStore(f"axl/{job_id}/attempt_{attempt}", store)
-    dist.init_process_group("gloo", store=prefixed, rank=rank, world_size=world_size, timeout=timeout)
+        try:
+            store = dist.TCPStore(host.strip("[]"), int(port), is_master=False, timeout=reach)
+        except Exception as exc:  # noqa: BLE001 - whatever torch raises for an unreachable store
+            raise GroupLost(f"rank {rank} cannot reach rank 0 at {master} within {reach.total_seconds():g} s "
+                            f"({type(exc).__name__}); trainer hosts must be able to connect to each other "
+                            "(AXL_ADVERTISE_HOST, firewalls)") from exc
+        store.set_timeout(timeout)
+        store.set(f"{prefix}/reached/{rank}", "1")
+    else:
+        keys = [f"{prefix}/reached/{r}" for r in range(1, world_size)]
+        try:
+            store.wait(keys, reach)
+        except Exception as exc:  # noqa: BLE001 - torch's store timeout
+            missing = [r for r, key in enumerate(keys, start=1) if not store.check([key])]
+            raise GroupLost(f"rank(s) {', '.join(map(str, missing))} did not reach rank 0 at {master} within "
+                            f"{reach.total_seconds():g} s; trainer hosts must be able to connect to each other "
+                            "(AXL_ADVERTISE_HOST, firewalls)") from exc
+    dist.init_process_group("gloo", store=dist.PrefixStore(prefix, store), rank=rank, world_size=world_size,
+                            timeout=timeout)
 
 
 def _enqueue_members(store: JobStore, settings: Settings, job_id: str, attempt: int, count: int) -> list[str]:
@@ -174,8 +199,9 @@ def coordinate(settings: Settings, store: JobStore, record: dict[str, Any], atte
     ttl = float(settings.heartbeat_ttl_seconds)
     host = rendezvous_host(settings)
     collective_timeout = timedelta(seconds=settings.train_group_collective_timeout_seconds)
-    # Port 0: the kernel picks a free one, so two coordinators on one host never collide.
-    tcp_store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=collective_timeout)
+    # Port 0: the kernel picks a free one, so two coordinators on one host never collide. The store's server listens
+    # on every interface; its own client (this process) connects over loopback, whatever address is advertised.
+    tcp_store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=collective_timeout)
     master = f"{url_host(host)}:{tcp_store.port}"
     groups.open(job_id, attempt=attempt, workers=workers, master=master, coordinator=worker_identity(),
                 config=config, resume_step=resume_step, ttl_seconds=ttl)
@@ -268,8 +294,10 @@ def run_group_member(job_id: str, attempt: int) -> dict[str, Any]:
         _join(started.master, rank, started.world_size, job_id, int(attempt), settings)
         result = train(config, callbacks, group=training_group(started.members, rank))
     except BaseException as exc:
-        if not is_group_loss(exc):  # rank 0 reports a lost group; what broke here only this rank can tell
-            store.add_event(job_id, f"Rank {rank} ({me['name']}) failed: {type(exc).__name__}: {exc}",
+        # Rank 0 reports a lost group; what broke here (its own error, rank 0 out of reach) only this rank can tell.
+        if isinstance(exc, GroupLost) or not is_group_loss(exc):
+            store.add_event(job_id, f"Rank {rank} ({me['name']}) failed: {exc}" if isinstance(exc, GroupLost)
+                            else f"Rank {rank} ({me['name']}) failed: {type(exc).__name__}: {exc}",
                             level="error", data={"rank": rank, "trainer": me["name"]})
         raise
     finally:

@@ -118,7 +118,7 @@ def test_a_member_killed_mid_job_requeues_it_and_it_resumes_from_the_checkpoint(
     from tests.faults.conftest import sigkill
 
     # Long enough for the second trainer to join on a loaded machine; the second attempt waits it out alone.
-    mesh = JobMesh(redis_url, tmp_path, start_service, AXL_TRAIN_GROUP_TIMEOUT_SECONDS="10")
+    mesh = JobMesh(redis_url, tmp_path, start_service, AXL_TRAIN_GROUP_TIMEOUT_SECONDS="20")
     trainers = [mesh.start_trainer(), mesh.start_trainer()]
     client = mesh.client()
     job = client.fine_tuning.jobs.create(
@@ -165,3 +165,4 @@ def test_a_trainer_that_cannot_see_the_jobs_data_stays_out_and_says_why(redis_ur
     assert refused.level == "warn" and "does not see" in refused.message and "AXL_DATA_DIR" in refused.message
     assert _group_event(client, job.id).data["world_size"] == 1
     assert any(e.message.startswith("Got 1 of 2 workers") for e in events)
+
