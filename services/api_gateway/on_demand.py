@@ -36,7 +36,7 @@ class OnDemandLoader:
         self.http = http
         self.timeout_seconds = timeout_seconds
         self._on_load = on_load  # (model, outcome) for metrics
-        self._loading: dict[str, asyncio.Future[InstanceRegistration]] = {}
+        self._loading: dict[str, asyncio.Future[InstanceRegistration | None]] = {}
 
     async def pools(self) -> list[InstanceRecord]:
         try:

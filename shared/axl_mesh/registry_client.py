@@ -195,6 +195,9 @@ class CachedLookup:
         self._clock = clock
         self._entries: dict[tuple[str, ...], tuple[float, Any]] = {}
         self._locks: dict[tuple[str, ...], asyncio.Lock] = {}
+        # Bumped by invalidate(): an answer fetched across an invalidation may predate the change it announced
+        # (a model a pool just loaded), so it is returned to its caller but not cached.
+        self._generation = 0
 
     async def instances(self, model: str) -> list[InstanceRecord]:
         """Healthy instances of ``model``, least busy first (as of at most ``ttl_seconds`` ago)."""
@@ -210,6 +213,7 @@ class CachedLookup:
 
     def invalidate(self, model: str | None = None) -> None:
         """Drop the cached instances of ``model`` (e.g. after it failed a request), or everything."""
+        self._generation += 1
         if model is None:
             self._entries.clear()
         else:
@@ -223,6 +227,7 @@ class CachedLookup:
             entry = self._entries.get(key)  # another caller may have refreshed it while we waited
             if entry is not None and self._clock() - entry[0] < self.ttl_seconds:
                 return entry[1]
+            generation = self._generation
             try:
                 value = await fetch()
             except RegistryError as exc:
@@ -233,5 +238,6 @@ class CachedLookup:
                     logger.warning("registry unreachable, serving cached %s: %s", key, exc)
                     return entry[1]
                 raise
-            self._entries[key] = (self._clock(), value)
+            if generation == self._generation:
+                self._entries[key] = (self._clock(), value)
             return value

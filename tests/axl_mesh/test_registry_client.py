@@ -133,3 +133,27 @@ def test_concurrent_misses_share_one_request(registry: ServiceProcess) -> None:
 
     asyncio.run(scenario())
     assert calls == 1
+
+
+def test_an_answer_fetched_across_an_invalidation_is_not_cached(registry: ServiceProcess) -> None:
+    """A pool registers a model while a lookup is on its way back, and the gateway invalidates: that answer may
+    predate the registration, so the next lookup asks the registry again instead of serving it for a TTL."""
+
+    async def scenario() -> None:
+        async with RegistryClient(registry.url, SECRET) as client:
+            await client.register(registration("w1"))
+            real_lookup = client.lookup
+            cache = CachedLookup(client, ttl_seconds=60.0)
+
+            async def lookup_then_change(model: str | None = None, specialist: str | None = None):
+                answer = await real_lookup(model, specialist)
+                if not any(i.instance_id == "w2" for i in answer):
+                    await client.register(registration("w2"))  # the registry changes after answering ...
+                    cache.invalidate(model)  # ... and the change is announced before the answer is stored
+                return answer
+
+            client.lookup = lookup_then_change  # type: ignore[method-assign]  # still the real request
+            assert [i.instance_id for i in await cache.instances("axl-micro-python")] == ["w1"]
+            assert sorted(i.instance_id for i in await cache.instances("axl-micro-python")) == ["w1", "w2"]
+
+    asyncio.run(scenario())
