@@ -11,7 +11,9 @@ Who writes what:
   gets quantization jobs that depend on it (``allow_failure``: they run after it whatever happens, and end
   ``cancelled`` themselves when training did not succeed);
 - the worker's job function moves the record to ``running``, appends events, updates ``progress`` each step, and
-  ends it ``succeeded``/``failed``/``cancelled``;
+  ends it ``succeeded``/``failed``/``cancelled``; for a train job with ``hyperparameters.workers`` N > 1 it is rank
+  0 of a group: it writes the group record (``groups``) and enqueues N-1 member jobs (``ftjob-...-attemptA-memberI``,
+  ``TRAIN_MEMBER_FUNCTION``, no retries) that idle trainers run as the other ranks; they write no record fields;
 - :class:`Reaper` (a thread in every worker) cleans RQ's started registries every ``reaper_interval_seconds``,
   which requeues the job of a worker that died (``Retry`` on every job), notes that in the record, and enforces
   cancellation: a running job whose cancel flag is older than the grace period gets RQ's stop-job command.
