@@ -13,7 +13,8 @@ Who writes what:
 - the worker's job function moves the record to ``running``, appends events, updates ``progress`` each step, and
   ends it ``succeeded``/``failed``/``cancelled``; for a train job with ``hyperparameters.workers`` N > 1 it is rank
   0 of a group: it writes the group record (``groups``) and enqueues N-1 member jobs (``ftjob-...-attemptA-memberI``,
-  ``TRAIN_MEMBER_FUNCTION``, no retries) that idle trainers run as the other ranks; they write no record fields;
+  ``TRAIN_MEMBER_FUNCTION``, no retries) that idle trainers run as the other ranks (they add events about
+  themselves, never record fields);
 - :class:`Reaper` (a thread in every worker) cleans RQ's started registries every ``reaper_interval_seconds``,
   which requeues the job of a worker that died (``Retry`` on every job), notes that in the record, and enforces
   cancellation: a running job whose cancel flag is older than the grace period gets RQ's stop-job command.
