@@ -417,7 +417,10 @@ class ModelPool:
                     held.last_used = now  # a long generation is use; its idle time starts when it ends
                 elif now - held.last_used >= limit and self._held.get(name) is held:
                     del self._held[name]
-                    await self._close_worker(name, held, "idle")
+                    try:
+                        await self._close_worker(name, held, "idle")
+                    except Exception:  # noqa: BLE001 - one failed unload must not stop the reaper
+                        logger.exception("pool: unloading %s failed", name)
 
     def _update_gauges(self) -> None:
         self.pool_metrics.models.set(len(self._held))
