@@ -150,6 +150,11 @@ def test_a_pool_registers_what_it_holds_and_unloads_idle_models(redis_url: str, 
             assert time.monotonic() - started >= 1.0  # not before its idle time (2 s from the load)
             assert instances(model=A) == []  # unloaded: deregistered at once, not left to the TTL
             assert len(instances(specialist="on-demand")) == 1
+            loaded = httpx.post(pool.url + "/internal/v1/models/load", json={"model": B}, headers=MESH_AUTH,
+                                timeout=60)
+            assert loaded.status_code == 200 and len(instances(model=B)) == 1
+        # SIGTERM: the pool and every model it held leave the registry before it exits (not after the TTL).
+        assert instances(specialist="on-demand") == [] and instances(model=B) == []
 
 
 def test_a_pool_on_another_host_copies_models_from_the_gateway(redis_url: str, tmp_path: Path) -> None:
