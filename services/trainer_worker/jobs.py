@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from axl_mesh.jobs import FILE_KIND, JobKind, JobStore, now, open_job
-from axl_mesh.jobs_protocol import FileObject, JobStatus
+from axl_mesh.jobs_protocol import FileObject, JobError, JobProgress, JobStatus, TrainingResult
 from axl_mesh.model_store import ModelStore, fine_tuned_name
 from services.trainer_worker.group import NotEnoughWorkers, coordinate, is_group_loss
 from services.trainer_worker.settings import Settings
@@ -68,8 +68,8 @@ class _Progress:
 
     def on_step(self, record: dict[str, Any]) -> None:
         self.last = record
-        progress = {"step": record["step"], "loss": record.get("loss"), "val_bpb": self.val_bpb,
-                    "bytes_per_s": record.get("bytes_per_s"), "updated_at": now()}
+        progress = JobProgress(step=record["step"], loss=record.get("loss"), val_bpb=self.val_bpb,
+                               bytes_per_s=record.get("bytes_per_s"), updated_at=now())
         self.store.update(FT, self.job_id, progress=progress, trained_tokens=record.get("tokens_seen"))
         if time.monotonic() - self.last_event >= METRICS_EVENT_INTERVAL_SECONDS:
             self.last_event = time.monotonic()
@@ -150,8 +150,8 @@ def run_training_job(job_id: str) -> dict[str, Any]:
     for state_file in (STATE_JSON, STATE_TENSORS):  # optimizer state: needed to resume this job, not to serve
         (models.path(model_name) / state_file).unlink(missing_ok=True)
     store.set_status(FT, job_id, JobStatus.SUCCEEDED, fine_tuned_model=model_name,
-                     result_metrics={"val_bpb": result.val_bpb, "train_loss": result.train_loss,
-                                     "steps": result.steps, "bytes_per_s": result.bytes_per_s})
+                     result_metrics=TrainingResult(val_bpb=result.val_bpb, train_loss=result.train_loss,
+                                                   steps=result.steps, bytes_per_s=result.bytes_per_s))
     store.add_event(job_id, f"New fine-tuned model created: {model_name}",
                     data={"model": model_name, "val_bpb": result.val_bpb, "steps": result.steps,
                           "folder": entry["folder"]})
@@ -250,6 +250,6 @@ def _fail(store: JobStore, job_id: str, exc: BaseException, started: float) -> N
     else:
         code, message = "training_error", f"{type(exc).__name__}: {exc}"
     logger.exception("fine-tuning job %s failed", job_id)
-    if store.set_status(FT, job_id, JobStatus.FAILED, error={"code": code, "message": message, "param": None}):
+    if store.set_status(FT, job_id, JobStatus.FAILED, error=JobError(code=code, message=message)):
         store.add_event(job_id, f"Job failed: {message}", level="error")
         store.observe_duration(FT, "failed", time.monotonic() - started)

@@ -11,7 +11,7 @@ from axl_mesh.jobs.names import JobKind, now
 from axl_mesh.jobs.queues import fetch_rq_job, rq_queue, rq_serializer
 from axl_mesh.jobs.settings import JobsSettings
 from axl_mesh.jobs.store import open_store
-from axl_mesh.jobs_protocol import JobStatus
+from axl_mesh.jobs_protocol import JobError, JobStatus
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +108,7 @@ class Reaper:
             self.store.add_event(record_id, message, level=level)
 
     def _fail(self, kind: str, record_id: str, message: str, code: str) -> None:
-        if self.store.set_status(kind, record_id, JobStatus.FAILED, error={"code": code, "message": message,
-                                                                           "param": None}):
+        if self.store.set_status(kind, record_id, JobStatus.FAILED, error=JobError(code=code, message=message)):
             self._note(kind, record_id, f"Job failed: {message}", level="error")
 
 
