@@ -37,7 +37,7 @@ def test_completion_payload_per_sample() -> None:
                                            seed_offset=1, stream=True)
     assert isinstance(request_, GenerateRequest)  # the worker validates the same class
     assert request_.model_dump(mode="json") == {
-        "request_id": "r-1", "prompt": "p", "messages": None, "suffix": "s", "max_tokens": 4096, "top_k": 0,
+        "request_id": "r-1", "model": None, "prompt": "p", "messages": None, "suffix": "s", "max_tokens": 4096, "top_k": 0,
         "seed": 11, "stop": ["\n"], "temperature": 0.01, "top_p": None, "repetition_penalty": 1.1, "logprobs": 2,
         "echo": True, "stream": True, "ignore_eos": False, "truncate": True}
     # Sampling left unset stays None, so the worker applies the specialist's defaults.
