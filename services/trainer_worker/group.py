@@ -45,7 +45,7 @@ from axl_mesh.jobs import (
     valid_id,
 )
 from axl_mesh.jobs.groups import OPEN, STARTED
-from axl_mesh.jobs_protocol import JobStatus
+from axl_mesh.jobs_protocol import FineTuningJobRecord
 from services.trainer_worker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -179,16 +179,16 @@ def _drop_unclaimed(store: JobStore, rq_ids: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def coordinate(settings: Settings, store: JobStore, record: dict[str, Any], attempt: int,
+def coordinate(settings: Settings, store: JobStore, record: FineTuningJobRecord, attempt: int,
                config: dict[str, Any], resume_step: int | None) -> Iterator[Any]:
     """Rank 0 of job ``record``: form its group (see the module docstring) and yield this rank's
     ``TrainingGroup`` with the process group joined; a lone ``TrainingGroup()`` when the job wants one worker or
     only one is there. Raises :class:`NotEnoughWorkers` below ``min_workers``."""
     from axl_model.distributed import TrainingGroup
 
-    hp = record["hyperparameters"]
-    job_id, workers = record["id"], int(hp.get("workers") or 1)
-    min_workers = int(hp.get("min_workers") or 1)
+    hp = record.hyperparameters
+    job_id, workers = record.id, hp.workers
+    min_workers = hp.min_workers or 1
     if workers <= 1:
         yield TrainingGroup()
         return
@@ -261,10 +261,10 @@ def run_group_member(job_id: str, attempt: int) -> dict[str, Any]:
     if not valid_id("ft", job_id):  # it names Redis keys and folders: only ids we mint
         raise ValueError(f"not a fine-tuning job id: {job_id!r}")
     settings = Settings()
-    store, record = open_job(settings, FT, job_id)
+    store, record = open_job(settings, FT, job_id, FineTuningJobRecord)
     groups = GroupStore(store.redis, settings)
     view = groups.read(job_id)
-    if JobStatus(record["status"]).terminal or view is None or view.attempt != int(attempt) or view.state != OPEN:
+    if record.status.terminal or view is None or view.attempt != int(attempt) or view.state != OPEN:
         logger.info("job %s attempt %s: its group is not forming any more; not joining", job_id, attempt)
         return {"status": "group not forming"}
     me = worker_identity()
@@ -306,7 +306,7 @@ def run_group_member(job_id: str, attempt: int) -> dict[str, Any]:
     return {"status": result.status, "rank": rank, "world_size": started.world_size, "steps": result.steps}
 
 
-def _member_config(settings: Settings, store: JobStore, record: dict[str, Any], view: GroupView) -> Any:
+def _member_config(settings: Settings, store: JobStore, record: FineTuningJobRecord, view: GroupView) -> Any:
     """Rank 0's training configuration with this host's paths and threads; ValueError when this host cannot see
     the job's training files or the checkpoint rank 0 resumes from (every rank must start from the same state)."""
     import torch.distributed  # noqa: F401 - the slow import, done before the slot is claimed
@@ -314,7 +314,7 @@ def _member_config(settings: Settings, store: JobStore, record: dict[str, Any], 
     from axl_model.train import TrainConfig
     from services.trainer_worker.jobs import checkpoint_step, job_folder, train_config
 
-    out_dir = job_folder(settings, record["id"]) / "checkpoint"
+    out_dir = job_folder(settings, record.id) / "checkpoint"
     mine = train_config(settings, store, record, out_dir)
     wanted = [*(mine.data or []), *(mine.val_data or []), *([mine.init_from] if mine.init_from else [])]
     missing = [path for path in wanted if not os.path.exists(path)]

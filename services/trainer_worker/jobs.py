@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from axl_mesh.jobs import FILE_KIND, JobKind, JobStore, now, open_job
-from axl_mesh.jobs_protocol import FileObject, JobError, JobProgress, JobStatus, TrainingResult
+from axl_mesh.jobs_protocol import FileObject, FineTuningJobRecord, JobError, JobProgress, JobStatus, TrainingResult
 from axl_mesh.model_store import ModelStore, fine_tuned_name
 from services.trainer_worker.group import NotEnoughWorkers, coordinate, is_group_loss
 from services.trainer_worker.settings import Settings
@@ -100,32 +100,32 @@ class _Progress:
 def run_training_job(job_id: str) -> dict[str, Any]:
     """Run (or resume) fine-tuning job ``job_id``; returns a small summary (RQ keeps it as the job's result)."""
     settings = Settings()
-    store, record = open_job(settings, FT, job_id)
-    if JobStatus(record["status"]).terminal:
-        return {"status": record["status"]}
+    store, record = open_job(settings, FT, job_id, FineTuningJobRecord)
+    if record.status.terminal:
+        return {"status": record.status.value}
     if store.cancel_requested_at(job_id) is not None:
         store.set_status(FT, job_id, JobStatus.CANCELLED)
         store.add_event(job_id, "Job cancelled before it started.")
         return {"status": "cancelled"}
 
     started = time.monotonic()
-    attempt = int(record.get("attempt") or 0) + 1
+    attempt = record.attempt + 1
     folder = job_folder(settings, job_id)
     out_dir = folder / "checkpoint"
     resume_step = checkpoint_step(out_dir)
     store.set_status(FT, job_id, JobStatus.RUNNING, attempt=attempt,
-                     started_at=record.get("started_at") or int(now()))
+                     started_at=record.started_at or int(now()))
     if resume_step is not None:
         store.add_event(job_id, f"Resuming from the checkpoint at step {resume_step} (attempt {attempt}).",
                         data={"resumed_from_step": resume_step, "attempt": attempt})
     else:
         store.add_event(job_id, f"Fine-tuning job started (attempt {attempt}).", data={"attempt": attempt})
 
-    model_name = fine_tuned_name(record["base_preset"], record.get("suffix"), job_id)
+    model_name = fine_tuned_name(record.base_preset, record.suffix, job_id)
     try:
         result = _train(settings, store, record, out_dir, model_name, attempt, resume_step)
     except BaseException as exc:
-        if int(record["hyperparameters"].get("workers") or 1) > 1 and is_group_loss(exc) \
+        if record.hyperparameters.workers > 1 and is_group_loss(exc) \
                 and _requeue_after_group_loss(store, job_id, exc, out_dir):
             raise  # RQ puts the job back on its queue (a retry is left)
         _fail(store, job_id, exc, started)
@@ -143,8 +143,8 @@ def run_training_job(job_id: str) -> dict[str, Any]:
     from axl_model.config import ModelConfig
 
     config = ModelConfig.from_checkpoint(out_dir)
-    entry = models.add(model_name, out_dir, base=record["base_preset"], base_model=record["model"],
-                       specialist=record["specialist"], job_id=job_id, context_length=config.max_seq_len,
+    entry = models.add(model_name, out_dir, base=record.base_preset, base_model=record.model,
+                       specialist=record.specialist, job_id=job_id, context_length=config.max_seq_len,
                        val_bpb=result.val_bpb, steps=result.steps)
     shutil.rmtree(f"{out_dir}.run", ignore_errors=True)  # prepared data and logs of the run
     for state_file in (STATE_JSON, STATE_TENSORS):  # optimizer state: needed to resume this job, not to serve
@@ -160,35 +160,37 @@ def run_training_job(job_id: str) -> dict[str, Any]:
     return {"status": "succeeded", "model": model_name, "steps": result.steps, "val_bpb": result.val_bpb}
 
 
-def train_config(settings: Settings, store: JobStore, record: dict[str, Any], out_dir: Path) -> Any:
+def train_config(settings: Settings, store: JobStore, record: FineTuningJobRecord, out_dir: Path) -> Any:
     """The ``axl_model.train.TrainConfig`` of a job (a group's members take rank 0's; see ``group``)."""
     from axl_model.optim import DEFAULT_LR
     from axl_model.train import TrainConfig
 
-    hp = record["hyperparameters"]
-    optimizer = hp.get("optimizer") or "lion"
-    multiplier = hp.get("learning_rate_multiplier")
+    hp = record.hyperparameters
+    if not isinstance(hp.batch_size, int) or hp.seq_len is None:  # the gateway resolves both when it creates a job
+        raise ValueError(f"job {record.id} has no resolved batch_size and seq_len")
+    optimizer = hp.optimizer or "lion"
+    multiplier = hp.learning_rate_multiplier
     lr = DEFAULT_LR[optimizer] * float(multiplier) if multiplier not in (None, "auto") else None
-    n_epochs = hp.get("n_epochs")
+    n_epochs = hp.n_epochs
     init_from = None
-    if record["base_kind"] == "store":
-        init_from = str(ModelStore(settings.resolved_model_store_dir).path(record["model"]))
+    if record.base_kind == "store":
+        init_from = str(ModelStore(settings.resolved_model_store_dir).path(record.model))
     return TrainConfig(
         out_dir=str(out_dir),
-        preset=record["base_preset"],
+        preset=record.base_preset,
         init_from=init_from,
-        data=[data_path(settings, store, record["training_file"])],
-        val_data=[data_path(settings, store, record["validation_file"])] if record.get("validation_file") else None,
-        max_steps=hp.get("max_steps"),
-        max_time=hp.get("max_time_seconds"),
+        data=[data_path(settings, store, record.training_file)],
+        val_data=[data_path(settings, store, record.validation_file)] if record.validation_file else None,
+        max_steps=hp.max_steps,
+        max_time=hp.max_time_seconds,
         epochs=None if n_epochs in (None, "auto") else float(n_epochs),
-        batch_size=int(hp["batch_size"]),
-        seq_len=int(hp["seq_len"]),
+        batch_size=hp.batch_size,
+        seq_len=hp.seq_len,
         lr=lr,
         optimizer=optimizer,
         eval_interval=settings.default_eval_interval,
-        checkpoint_interval=int(hp.get("checkpoint_interval") or settings.default_checkpoint_interval),
-        seed=int(record["seed"]),
+        checkpoint_interval=hp.checkpoint_interval or settings.default_checkpoint_interval,
+        seed=record.seed,
         resume=True,
         num_threads=settings.num_threads,
         progress=False,
@@ -197,13 +199,13 @@ def train_config(settings: Settings, store: JobStore, record: dict[str, Any], ou
     )
 
 
-def _train(settings: Settings, store: JobStore, record: dict[str, Any], out_dir: Path, model_name: str,
+def _train(settings: Settings, store: JobStore, record: FineTuningJobRecord, out_dir: Path, model_name: str,
            attempt: int, resume_step: int | None) -> Any:
     """Train as rank 0 of the job's group (alone unless ``hyperparameters.workers`` > 1)."""
     from axl_model.train import TrainCallbacks, train
 
     config = train_config(settings, store, record, out_dir)
-    progress = _Progress(store, record["id"], model_name)
+    progress = _Progress(store, record.id, model_name)
     callbacks = TrainCallbacks(on_step=progress.on_step, on_eval=progress.on_eval,
                                on_checkpoint=progress.on_checkpoint, should_stop=progress.should_stop)
     with coordinate(settings, store, record, attempt, config.to_dict(), resume_step) as group:
