@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -211,13 +211,18 @@ class BatchDecoder:
     rows keep streaming. When its last chunk is in, the row moves into the batch and samples its first token.
     A window slide then goes the same way (the row pauses while its context is re-read). The result equals
     the one-shot prefill (`MultiScaleTransformer.extend`).
+
+    `decode_step` replaces `model.decode_step` for the decode steps: a `compiled.CompiledDecodeStep` (the
+    compiled static-shape step), shared by every decoder of the model so that it compiles once.
     """
 
     def __init__(self, model: MultiScaleTransformer, max_batch: int = 8, capacity: int | None = None,
-                 prefill_chunk: int = 0) -> None:
+                 prefill_chunk: int = 0, decode_step: Callable[[torch.Tensor, KVCache], torch.Tensor] | None = None
+                 ) -> None:
         if prefill_chunk < 0 or prefill_chunk % SCALES[-1]:
             raise ValueError(f"prefill_chunk must be 0 (off) or a positive multiple of {SCALES[-1]}, got {prefill_chunk}")
         self.model = model
+        self.decode_step = decode_step  # None: model.decode_step, looked up at each step
         self.capacity = capacity or model.config.max_seq_len
         self.prefill_chunk = prefill_chunk
         self.staging_row = max_batch  # one extra cache row, only when chunking
@@ -311,7 +316,7 @@ class BatchDecoder:
                 return []
             live = self.cache.narrow(len(self.active))
             tokens = torch.tensor([s.next_token for s in self.active])
-            logits = self.model.decode_step(tokens, live)
+            logits = (self.decode_step or self.model.decode_step)(tokens, live)
             self.cache.lengths[: len(self.active)] = live.lengths
             self._steps += 1
         results = []
@@ -411,18 +416,25 @@ class Completion:
 
 
 class Generator:
-    """High-level generation for a loaded model."""
+    """High-level generation for a loaded model; `compile=True` decodes with the compiled static-shape step
+    (`compiled.CompiledDecodeStep`, eager where compilation is unavailable), built once for every call."""
 
-    def __init__(self, model: MultiScaleTransformer, tokenizer: ByteTokenizer | None = None) -> None:
+    def __init__(self, model: MultiScaleTransformer, tokenizer: ByteTokenizer | None = None,
+                 compile: bool = False) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer or ByteTokenizer(fim=model.config.fim)
+        self.decode_step = None
+        if compile:
+            from .compiled import CompiledDecodeStep
+
+            self.decode_step = CompiledDecodeStep(self.model)
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         return list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt)
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[StepOutput]:
         """Yield text pieces as they are decoded; the last one carries the finish reason."""
-        decoder = BatchDecoder(self.model, max_batch=1)
+        decoder = BatchDecoder(self.model, max_batch=1, decode_step=self.decode_step)
         sequence, output = decoder.add(self.encode(prompt), params or SamplingParams())
         yield output
         while not sequence.finished:
@@ -441,7 +453,8 @@ class Generator:
         texts = [[] for _ in prompts]
         logprobs: list[list[TokenLogprob]] = [[] for _ in prompts]
         sequences: list[GenerationSequence | None] = [None] * len(prompts)
-        decoder = BatchDecoder(self.model, max_batch=min(max_batch, len(prompts)) or 1)
+        decoder = BatchDecoder(self.model, max_batch=min(max_batch, len(prompts)) or 1,
+                               decode_step=self.decode_step)
         pending = list(range(len(prompts)))
 
         def record(index: int, output: StepOutput) -> None:

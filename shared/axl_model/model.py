@@ -58,9 +58,20 @@ class Linear(nn.Linear):
     FAST_ROWS = 16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # the compiled decode step (axl_model.compiled)
+            return self._compiled_forward(x)
         if torch.is_grad_enabled() or x.dtype != torch.float32 or x.numel() > self.FAST_ROWS * self.in_features:
             return super().forward(x)
         out = x @ self._transposed_weight()
+        return out if self.bias is None else out + self.bias
+
+    def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The compiled decode step cannot trace the cache check above (data pointers); it multiplies by the
+        # (in, out) copy `compiled.CompiledDecodeStep` attached as `compiled_weight_t` (weights fixed while serving).
+        weight_t = getattr(self, "compiled_weight_t", None)
+        if weight_t is None or x.dtype != torch.float32 or x.numel() > self.FAST_ROWS * self.in_features:
+            return super().forward(x)
+        out = x @ weight_t
         return out if self.bias is None else out + self.bias
 
     def _transposed_weight(self) -> torch.Tensor:

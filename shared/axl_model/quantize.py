@@ -102,7 +102,10 @@ class Int8Linear(nn.Module):
         rows = x.numel() // self.in_features
         if self.per_channel and rows <= _kernel_rows:
             flat = x.reshape(rows, self.in_features).to(torch.bfloat16)
-            out = torch._weight_int8pack_mm(flat, self.weight_int8, self._kernel_scale())
+            # The compiled step (axl_model.compiled) cannot trace `_kernel_scale`'s cache check (data pointers): it
+            # reads the copy `compiled.CompiledDecodeStep` attached as `compiled_scale` (weights fixed while serving).
+            scale = self.compiled_scale if torch.compiler.is_compiling() else self._kernel_scale()
+            out = torch._weight_int8pack_mm(flat, self.weight_int8, scale)
             out = out.to(x.dtype).view(*x.shape[:-1], self.out_features)
         else:
             out = F.linear(x, self.weight.to(x.dtype))
