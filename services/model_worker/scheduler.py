@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from axl_model.compiled import CompiledDecodeStep
 from axl_model.generate import BatchDecoder, GenerationSequence, SamplingParams, StepOutput
 from axl_model.model import MultiScaleTransformer
 from axl_model.tokenizer import EOS_ID
@@ -116,6 +117,7 @@ class Scheduler:
         num_threads: int,
         stalled_reader_seconds: float,
         prefill_chunk: int = 0,
+        compile: bool = False,
         metrics: WorkerMetrics | None = None,
         on_loaded: Callable[[MultiScaleTransformer], None] | None = None,
     ) -> None:
@@ -125,6 +127,7 @@ class Scheduler:
         self.num_threads = num_threads
         self.stalled_reader_seconds = stalled_reader_seconds
         self.prefill_chunk = prefill_chunk
+        self.compile = compile
         self.metrics = metrics
         self._on_loaded = on_loaded
         self.model: MultiScaleTransformer | None = None
@@ -211,7 +214,8 @@ class Scheduler:
             started = time.perf_counter()
             model = self._load_model()
             self.model = model
-            decoder = BatchDecoder(model, max_batch=self.max_batch, prefill_chunk=self.prefill_chunk)
+            decoder = BatchDecoder(model, max_batch=self.max_batch, prefill_chunk=self.prefill_chunk,
+                                   decode_step=self._compiled_step(model) if self.compile else None)
             if self._on_loaded is not None:
                 self._on_loaded(model)
             logger.info("model loaded in %.1fs (%d threads)", time.perf_counter() - started, self.num_threads)
@@ -225,6 +229,14 @@ class Scheduler:
             self._serve(decoder)
         finally:
             self._fail_everything("the worker is shutting down")
+
+    def _compiled_step(self, model: MultiScaleTransformer) -> CompiledDecodeStep:
+        """The compiled decode step, every kind compiled now (before /readyz) so no request waits for a compiler."""
+        step = CompiledDecodeStep(model)
+        step.warm_up((1, 2) if self.max_batch > 1 else (1,))
+        if step.fallback_reason is None:
+            logger.info("compiled decode step: %d graphs in %.1fs", step.compilations, step.compile_seconds)
+        return step
 
     def _serve(self, decoder: BatchDecoder) -> None:
         while True:

@@ -50,6 +50,10 @@ class Settings(ServiceSettings):
     prefill_chunk_tokens: int = Field(
         default=256, ge=0, multiple_of=4, description="read prompts in chunks of this many tokens between decode "
         "steps (a multiple of 4); 0: each prompt in one go")
+    # The compiled static-shape decode step (axl_model.compiled: inductor's C++ backend, one graph per step kind),
+    # compiled while the model loads (/readyz waits for it); the README's speed section has its figures. Where it
+    # cannot compile (no C++ compiler) the worker decodes eagerly and says so once in the log.
+    compile: bool = Field(default=False, description="decode with the compiled static-shape step (AXL_COMPILE=1)")
     drain_seconds: float = Field(default=30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
     heartbeat_seconds: float | None = Field(default=None, gt=0, description="default: a third of the registry TTL")
     retry_after_seconds: int = Field(default=1, ge=0, description="Retry-After of the 503 answers")

@@ -94,7 +94,7 @@ class ModelWorker:
         self.scheduler = Scheduler(
             self._load, max_batch=settings.max_batch, max_queue=settings.max_queue, num_threads=settings.threads,
             stalled_reader_seconds=settings.stalled_reader_seconds, prefill_chunk=settings.prefill_chunk_tokens,
-            metrics=metrics, on_loaded=self._loaded,
+            compile=settings.compile, metrics=metrics, on_loaded=self._loaded,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._registry: RegistryClient | None = None
