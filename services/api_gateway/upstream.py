@@ -237,8 +237,7 @@ class Upstream:
 
     async def generate(self, model: ResolvedModel, request: GenerateRequest) -> GenerateResponse:
         """A non-streaming generate call on the least-busy replica; failover while nothing came back."""
-        payload = request.model_dump(mode="json")
-        payload["model"] = model.model_id  # a pool worker serves the model the request names
+        payload = _worker_payload(model, request)
 
         async def call(instance: InstanceRecord) -> GenerateResponse:
             self.in_flight[instance.instance_id] += 1
@@ -268,8 +267,7 @@ class Upstream:
 
     async def open_stream(self, model: ResolvedModel, request: GenerateRequest) -> UpstreamStream:
         """Start a streaming generate call; returns once a replica answered 200 (failover until then)."""
-        payload = request.model_dump(mode="json")
-        payload["model"] = model.model_id
+        payload = _worker_payload(model, request)
 
         async def call(instance: InstanceRecord) -> UpstreamStream:
             self.in_flight[instance.instance_id] += 1
@@ -359,6 +357,11 @@ class Upstream:
             f"No replica of model '{model.model_id}' can take the request now; retry shortly.",
             retry_after_seconds=1, code="no_healthy_replica",
         )
+
+
+def _worker_payload(model: ResolvedModel, request: GenerateRequest) -> dict[str, Any]:
+    """The request's JSON, naming the resolved model (a pool worker serves the model the request names)."""
+    return request.model_copy(update={"model": model.model_id}).model_dump(mode="json")
 
 
 def _timeout_error(instance: InstanceRecord) -> APIError:
