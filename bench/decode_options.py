@@ -1,9 +1,11 @@
 """Decode speed of the serving options (AXL_DTYPE float32, float16, int8) beside llama.cpp, and what int8 costs.
 
 1. micro, batch 1, greedy, 256 tokens after a short prompt: tokens/s of float32, float16 and int8 (weight-only,
-   `axl_model.quantize`), and llama.cpp (llama-cpp-python, same thread count) running the fine-scale llama GGUF
-   export of the same weights at F32 and Q8_0, each ratio to llama.cpp F32. Rounds alternate the contenders;
-   every figure is the range over the rounds (the development VM is shared and noisy).
+   `axl_model.quantize`), float32 and int8 through the compiled static-shape step (`axl_model.compiled`, AXL_COMPILE;
+   compiled before the timing, its compile time printed), and llama.cpp (llama-cpp-python, same thread count)
+   running the fine-scale llama GGUF export of the same weights at F32 and Q8_0, each ratio to llama.cpp F32, and
+   each compiled figure's ratio to its eager one. Rounds alternate the contenders; every figure is the range over
+   the rounds (the development VM is shared and noisy).
 2. Decode tokens/s at 256, 2,048 and the full window of context (micro: 1,024 bytes; micro-long: 4,096), for
    float32 and int8: the prompt fills the window to that length minus the tokens then decoded.
 3. With --checkpoint: held-out bits/byte of that checkpoint in float32 and in int8 on the same bytes (the int8
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from axl_model.compiled import CompiledDecodeStep
 from axl_model.config import ModelConfig
 from axl_model.model import MultiScaleTransformer
 from axl_model.quantize import int8_kernel_everywhere, quantize_int8
@@ -29,6 +32,7 @@ from axl_model.tokenizer import ByteTokenizer
 from .generation_speed import PROMPT, cached_tokens_per_s
 
 TOKENS, ROUNDS = 256, 3
+COMPILED_TARGETS = {"float32": 600, "int8": 1000}  # batch-1 tokens/s the compiled step aims at (issue 10)
 CONTEXT_TOKENS = 64  # decoded at each context length
 CONTEXTS = (256, 2048, None)  # None: the preset's full window
 QUALITY_BYTES = 65_536  # held-out bytes scored per model (a fixed spread of windows)
@@ -73,14 +77,30 @@ def batch1(results: dict) -> None:
     model = MultiScaleTransformer(ModelConfig.from_name("micro")).eval()
     prompt = ByteTokenizer().encode(PROMPT)
     ours = {"float32": model, "float16": copy.deepcopy(model).half(), "int8": quantize_int8(copy.deepcopy(model))}
+    steps = {}
+    for name in COMPILED_TARGETS:
+        step, started = CompiledDecodeStep(ours[name]), time.perf_counter()
+        with torch.inference_mode():
+            step.warm_up((1,), capacity=model.config.max_seq_len)
+        if step.fallback_reason is not None:
+            print(f"  {name} compiled: unavailable ({step.fallback_reason})")
+            continue
+        print(f"  {name} compiled: {step.compilations} graphs in {time.perf_counter() - started:.0f} s")
+        steps[f"{name} compiled"] = (ours[name], step)
     from axl_model.export.gguf import llama_context_length
 
     with tempfile.TemporaryDirectory(prefix="axl-bench-") as tmp:
         exports = _llama_exports(model, Path(tmp))
-        figures: dict[str, list[float]] = {name: [] for name in [*ours, *exports]}
+        figures: dict[str, list[float]] = {name: [] for name in [*ours, *steps, *exports]}
+        cpu: dict[str, list[float]] = {name: [] for name in [*steps, *(n.removesuffix(" compiled") for n in steps)]}
         for _ in range(ROUNDS):
             for name, variant in ours.items():
                 figures[name].append(cached_tokens_per_s(variant, [prompt], TOKENS))
+            for name, (variant, step) in steps.items():
+                figures[name].append(cached_tokens_per_s(variant, [prompt], TOKENS, decode_step=step))
+                eager = name.removesuffix(" compiled")  # and both in CPU time: the ratio a busy machine bends least
+                cpu[name].append(cached_tokens_per_s(variant, [prompt], TOKENS, step, clock=time.process_time))
+                cpu[eager].append(cached_tokens_per_s(variant, [prompt], TOKENS, clock=time.process_time))
             for name, path in exports.items():
                 figures[name].append(_llama_tokens_per_s(path, prompt, TOKENS, llama_context_length(model.config)))
     reference = figures.get("llama.cpp F32")
@@ -89,9 +109,21 @@ def batch1(results: dict) -> None:
         ratios = [v / r for v, r in zip(values, reference or [])]  # within a round: the same machine load
         ratio = f"  {min(ratios):.2f}-{max(ratios):.2f}x llama.cpp F32 (same round)" if ratios else ""
         print(f"  {name:15s} {_span(values)} tokens/s{ratio}")
-        results[f"batch1_{name.replace('llama.cpp ', 'llama_cpp_').lower()}_tok_s"] = sum(values) / len(values)
+        key = name.replace("llama.cpp ", "llama_cpp_").replace(" ", "_").lower()
+        results[f"batch1_{key}_tok_s"] = sum(values) / len(values)
     int8, f32 = figures["int8"], figures["float32"]
     print(f"  int8 vs float32: {sum(int8) / sum(f32):.2f}x (means)")
+    for name in steps:
+        eager = name.removesuffix(" compiled")
+        ratios = [c / e for c, e in zip(figures[name], figures[eager])]  # within a round
+        cpu_ratios = [c / e for c, e in zip(cpu[name], cpu[eager])]
+        best, target = max(figures[name]), COMPILED_TARGETS[eager]
+        print(f"  {name} vs eager {eager}: {min(ratios):.2f}-{max(ratios):.2f}x wall clock (same round), "
+              f"{min(cpu_ratios):.2f}-{max(cpu_ratios):.2f}x per CPU-second ({_span(cpu[name]).strip()} vs "
+              f"{_span(cpu[eager]).strip()} tokens/CPU-s)")
+        print(f"    target {target:,} tokens/s: {'met' if best >= target else 'not met'} (best round {best:,.0f})")
+        results[f"batch1_{eager}_compiled_vs_eager"] = sum(ratios) / len(ratios)
+        results[f"batch1_{eager}_compiled_vs_eager_cpu"] = sum(cpu_ratios) / len(cpu_ratios)
 
 
 def by_context(results: dict) -> None:

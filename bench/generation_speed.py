@@ -30,16 +30,18 @@ def params(n: int) -> SamplingParams:
 
 
 @torch.inference_mode()
-def cached_tokens_per_s(model, prompts: list[list[int]], n: int) -> float:
-    decoder = BatchDecoder(model, max_batch=len(prompts))
+def cached_tokens_per_s(model, prompts: list[list[int]], n: int, decode_step=None, clock=time.perf_counter) -> float:
+    """decode_step: a `compiled.CompiledDecodeStep` of `model` (warmed up: no compilation inside the timing);
+    clock=time.process_time: tokens per CPU-second of this process (what a loaded, shared machine distorts least)."""
+    decoder = BatchDecoder(model, max_batch=len(prompts), decode_step=decode_step)
     for prompt in prompts:
         decoder.add(prompt, params(n))
     decoder.step()  # warm-up step
-    started = time.perf_counter()
+    started = clock()
     produced = 0
     for _ in range(n - 1):
         produced += len(decoder.step())
-    return produced / (time.perf_counter() - started)
+    return produced / (clock() - started)
 
 
 @torch.inference_mode()
