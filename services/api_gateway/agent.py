@@ -142,7 +142,9 @@ async def run_in_sandbox(program: str, timeout: float) -> SandboxRun:
     The sandbox's own frame (with its temporary path) is cut from tracebacks: they start at the program."""
     result = await asyncio.to_thread(run_untrusted, program, timeout=timeout, max_output_bytes=4 * MAX_OUTPUT_CHARS)
     return SandboxRun(
-        status=result.status.value, returncode=result.returncode, duration=round(result.duration, 4),
+        status=result.status.value,
+        returncode=result.returncode,
+        duration=round(result.duration, 4),
         stdout=_head(result.stdout, MAX_OUTPUT_CHARS),
         stderr=_tail(_RUNNER_FRAME.sub("", result.stderr), MAX_OUTPUT_CHARS),
     )
@@ -167,8 +169,9 @@ async def solve_events(
     A model call that fails (an ``APIError``: worker busy, prompt too long) or a sandbox that cannot run ends the
     loop with status ``error`` and the trace so far.
     """
-    summary = AgentSolveResponse(id=solve_id or random_id("solve"), status="unsolved", rounds=[], final_code=None,
-                                 tests=None, usage=UsageInfo())
+    summary = AgentSolveResponse(
+        id=solve_id or random_id("solve"), status="unsolved", rounds=[], final_code=None, tests=None, usage=UsageInfo()
+    )
     try:
         if request.tests is not None:
             summary.tests = AgentTests(source="caller", code=request.tests)
@@ -193,8 +196,7 @@ async def solve_events(
             code = extract_code(answer.text)
             entry_point = request.entry_point or infer_entry_point(request.task, code)
             result = await run_code(build_program(code, summary.tests.code, entry_point), request.timeout_seconds)
-            done = AgentRound(round=number, role=role, model=answer.model, output=answer.text, code=code,
-                              result=result)
+            done = AgentRound(round=number, role=role, model=answer.model, output=answer.text, code=code, result=result)
             summary.rounds.append(done)
             summary.final_code = code
             yield done
@@ -202,8 +204,10 @@ async def solve_events(
                 summary.status = "solved"
                 break
             if result.status == "error":  # the sandbox itself failed: another round cannot help
-                yield _ended(summary, APIError(500, f"The sandbox could not run the code: {result.stderr[:200]}",
-                                               code="sandbox_error"))
+                yield _ended(
+                    summary,
+                    APIError(500, f"The sandbox could not run the code: {result.stderr[:200]}", code="sandbox_error"),
+                )
                 return
             error = failure_text(result)
     except APIError as exc:

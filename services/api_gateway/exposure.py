@@ -43,7 +43,9 @@ def check_exposure(settings: Settings) -> None:
         logger.warning(
             "AXL_API_KEYS is not set: the gateway on %s:%d answers every local process without a key "
             "(requests whose Host is not localhost/127.0.0.1/[::1]%s get 403)",
-            settings.host, settings.port, "".join(f"/{h}" for h in settings.allowed_host_list()),
+            settings.host,
+            settings.port,
+            "".join(f"/{h}" for h in settings.allowed_host_list()),
         )
         return
     if not settings.allow_open:
@@ -57,7 +59,10 @@ def check_exposure(settings: Settings) -> None:
     logger.warning(
         "\n%s\nOPEN GATEWAY: no API keys, bound to %s:%d, started with --allow-open / AXL_ALLOW_OPEN.\n"
         "Anyone who can reach this port can run completions and fine-tuning jobs. Set AXL_API_KEYS to close it.\n%s",
-        banner, settings.host, settings.port, banner,
+        banner,
+        settings.host,
+        settings.port,
+        banner,
     )
 
 
@@ -85,7 +90,8 @@ class HostCheckMiddleware:
                     403,
                     f"Host {host[:100]!r} is not allowed: this gateway has no API keys and answers only "
                     "localhost, 127.0.0.1 and [::1] (add names with AXL_ALLOWED_HOSTS, or set AXL_API_KEYS).",
-                    type=ErrorType.PERMISSION, code="host_not_allowed",
+                    type=ErrorType.PERMISSION,
+                    code="host_not_allowed",
                 )
                 await error.to_response()(scope, receive, send)
                 return

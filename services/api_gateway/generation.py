@@ -54,7 +54,8 @@ def check_sample_count(prompts: int, n: int, limit: int) -> None:
     if prompts * n > limit:
         raise InvalidRequestError(
             f"This request asks for {prompts * n} samples ({prompts} prompt(s) x n={n}); the limit is {limit} "
-            "per request. Send fewer prompts or a smaller n.", param="n" if n > 1 else "prompt",
+            "per request. Send fewer prompts or a smaller n.",
+            param="n" if n > 1 else "prompt",
             code="too_many_samples",
         )
 
@@ -90,8 +91,11 @@ def truncation_headers(samples: Sequence[Sample], truncated: Mapping[int, int]) 
 
 def usage_info(usage: Usage) -> UsageInfo:
     """A worker's usage as OpenAI's (its total recomputed: the gateway sums these per request)."""
-    return UsageInfo(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                     total_tokens=usage.prompt_tokens + usage.completion_tokens)
+    return UsageInfo(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.prompt_tokens + usage.completion_tokens,
+    )
 
 
 class RequestMetrics:
@@ -264,8 +268,13 @@ class StreamRun:
     """
 
     def __init__(
-        self, upstream: Upstream, model: ResolvedModel, samples: Sequence[Sample], tracker: RequestMetrics,
-        *, stall_seconds: float,
+        self,
+        upstream: Upstream,
+        model: ResolvedModel,
+        samples: Sequence[Sample],
+        tracker: RequestMetrics,
+        *,
+        stall_seconds: float,
     ) -> None:
         self.model = model
         self.samples = list(samples)
@@ -288,8 +297,9 @@ class StreamRun:
         pending = set(self.opened)
         deadline = time.monotonic() + timeout
         while pending:
-            done, pending = await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()),
-                                               return_when=asyncio.FIRST_COMPLETED)
+            done, pending = await asyncio.wait(
+                pending, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+            )
             for future in done:
                 if future.result() is not None:
                     await self.cancel()
@@ -312,8 +322,9 @@ class StreamRun:
     def _stop_for_stalled_client(self) -> None:
         if not self.stalled:
             self.stalled = True
-            logger.warning("a client of %s read nothing for %.0fs: its stream is ended", self.model.model_id,
-                           self.stall_seconds)
+            logger.warning(
+                "a client of %s read nothing for %.0fs: its stream is ended", self.model.model_id, self.stall_seconds
+            )
         current = asyncio.current_task()
         for task in self.tasks:
             if task is not current:
@@ -331,8 +342,9 @@ class StreamRun:
             if not opened.done():
                 opened.set_result(APIError(499, "cancelled", code="client_closed_request"))
 
-    async def _pump_events(self, upstream: Upstream, sample: Sample, opened: asyncio.Future[APIError | None],
-                           gauge: _SampleGauge) -> None:
+    async def _pump_events(
+        self, upstream: Upstream, sample: Sample, opened: asyncio.Future[APIError | None], gauge: _SampleGauge
+    ) -> None:
         stream: UpstreamStream | None = None
         try:
             try:
@@ -348,9 +360,17 @@ class StreamRun:
             try:
                 async for line in stream.events():
                     if isinstance(line, WorkerError):
-                        await self._put(_Event(sample.index, APIError(
-                            502, line.error.message or "The model worker failed mid-stream.",
-                            type=line.error.type, code=line.error.code or "upstream_error")))
+                        await self._put(
+                            _Event(
+                                sample.index,
+                                APIError(
+                                    502,
+                                    line.error.message or "The model worker failed mid-stream.",
+                                    type=line.error.type,
+                                    code=line.error.code or "upstream_error",
+                                ),
+                            )
+                        )
                         return
                     if isinstance(line, StreamEnd):
                         await self._put(_Event(sample.index, line))
@@ -365,8 +385,14 @@ class StreamRun:
             if stream is not None:
                 await stream.aclose()
 
-    async def events(self, formatter: ChunkFormatter, *, include_usage: bool, keepalive_seconds: float,
-                     on_end: Callable[[int | str], None]) -> AsyncIterator[str]:
+    async def events(
+        self,
+        formatter: ChunkFormatter,
+        *,
+        include_usage: bool,
+        keepalive_seconds: float,
+        on_end: Callable[[int | str], None],
+    ) -> AsyncIterator[str]:
         """SSE text: the opening chunks, pieces as they come, each choice's finish, usage, ``[DONE]``.
         A sample that breaks ends the whole stream with an error event and ``[DONE]``; idle gaps get keep-alives."""
         results: dict[int, SampleResult] = {}
@@ -379,8 +405,13 @@ class StreamRun:
             while remaining:
                 if self.stalled and self.queue.empty():  # a late reader learns why nothing more comes
                     status = 408
-                    yield sse_data(APIError(408, "The stream was ended: the client read nothing for "
-                                                 f"{self.stall_seconds:.0f}s.", code="client_stalled").body())
+                    yield sse_data(
+                        APIError(
+                            408,
+                            f"The stream was ended: the client read nothing for {self.stall_seconds:.0f}s.",
+                            code="client_stalled",
+                        ).body()
+                    )
                     yield DONE
                     return
                 try:
@@ -451,8 +482,9 @@ async def respond(
         if stream:
             run = StreamRun(upstream, model, samples, tracker, stall_seconds=stalled_client_seconds)
             await run.wait_opened(keepalive_seconds)
-            events = run.events(formatter, include_usage=include_usage, keepalive_seconds=keepalive_seconds,
-                                on_end=tracker.finished)
+            events = run.events(
+                formatter, include_usage=include_usage, keepalive_seconds=keepalive_seconds, on_end=tracker.finished
+            )
             headers.update(truncation_headers(samples, run.truncated))
             return EventStreamResponse(events, headers=headers, send_timeout_seconds=stalled_client_seconds)
         results = await until_disconnect(request, generate_all(upstream, model, samples, tracker))

@@ -47,27 +47,42 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        registry = RegistryClient(settings.registry_url, settings.registry_secret_value(),
-                                  timeout_seconds=settings.connect_timeout_seconds + 3)
+        registry = RegistryClient(
+            settings.registry_url,
+            settings.registry_secret_value(),
+            timeout_seconds=settings.connect_timeout_seconds + 3,
+        )
         await asyncio.to_thread(log_sandbox_status)
-        http = WorkerClient(mesh_secret=settings.registry_secret_value(),
-                            connect_timeout=settings.connect_timeout_seconds,
-                            read_timeout=settings.read_timeout_seconds,
-                            max_connections=settings.max_upstream_connections)
+        http = WorkerClient(
+            mesh_secret=settings.registry_secret_value(),
+            connect_timeout=settings.connect_timeout_seconds,
+            read_timeout=settings.read_timeout_seconds,
+            max_connections=settings.max_upstream_connections,
+        )
         lookup = CachedLookup(registry, ttl_seconds=settings.lookup_ttl_seconds)
-        on_demand = OnDemandLoader(lookup, http, timeout_seconds=settings.on_demand_load_timeout_seconds,
-                                   on_load=count_on_demand_load)
-        app.state.upstream = Upstream(lookup, http, cooldown_seconds=settings.failed_instance_cooldown_seconds,
-                                      on_failover=count_failover, stored_models=model_store.entries,
-                                      on_demand=on_demand)
+        on_demand = OnDemandLoader(
+            lookup, http, timeout_seconds=settings.on_demand_load_timeout_seconds, on_load=count_on_demand_load
+        )
+        app.state.upstream = Upstream(
+            lookup,
+            http,
+            cooldown_seconds=settings.failed_instance_cooldown_seconds,
+            on_failover=count_failover,
+            stored_models=model_store.entries,
+            on_demand=on_demand,
+        )
         try:
             yield
         finally:
             await http.aclose()
             await registry.aclose()
 
-    app = FastAPI(title="AXL Mesh API", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible API of the AXL Mesh code models.")
+    app = FastAPI(
+        title="AXL Mesh API",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="OpenAI-compatible API of the AXL Mesh code models.",
+    )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.agent_metrics = AgentMetrics.create(metrics_registry)
@@ -90,13 +105,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ApiKeyMiddleware, keys=app.state.api_keys)
     # /internal/*: the model store's files for pool workers on other hosts; the mesh secret only, checked before
     # any route runs (as on the workers).
-    app.add_middleware(MeshSecretMiddleware, secret=settings.registry_secret.get_secret_value(),
-                       path_prefix="/internal")
+    app.add_middleware(
+        MeshSecretMiddleware, secret=settings.registry_secret.get_secret_value(), path_prefix="/internal"
+    )
     install_console(app, settings)  # /ui: the same keys through a login session (services/api_gateway/console)
     instrument_requests(app, metrics_registry)
     if settings.cors_origin_list():
         app.add_middleware(
-            CORSMiddleware, allow_origins=settings.cors_origin_list(), allow_methods=["*"], allow_headers=["*"],
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list(),
+            allow_methods=["*"],
+            allow_headers=["*"],
             expose_headers=["x-axl-routed-to", "x-axl-routing-reason", PROMPT_TRUNCATED_HEADER, "Retry-After"],
         )
 

@@ -30,8 +30,14 @@ LOAD_PATH = "/internal/v1/models/load"
 class OnDemandLoader:
     """Asks pool workers to load models of the store (see the module docstring)."""
 
-    def __init__(self, lookup: CachedLookup, http: WorkerClient, *, timeout_seconds: float,
-                 on_load: Callable[[str, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        lookup: CachedLookup,
+        http: WorkerClient,
+        *,
+        timeout_seconds: float,
+        on_load: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.lookup = lookup
         self.http = http
         self.timeout_seconds = timeout_seconds
@@ -42,8 +48,9 @@ class OnDemandLoader:
         try:
             return await self.lookup.pools()
         except RegistryError as exc:
-            raise ServiceUnavailableError(f"The model registry is unavailable: {exc}",
-                                          code="registry_unavailable") from None
+            raise ServiceUnavailableError(
+                f"The model registry is unavailable: {exc}", code="registry_unavailable"
+            ) from None
 
     async def load(self, name: str) -> InstanceRegistration | None:
         """Have a pool load ``name``; its registration, or None when no pool is registered (503 when none could)."""
@@ -67,7 +74,9 @@ class OnDemandLoader:
                 if exc.status == 404:  # this pool's copy of the store lacks it (the gateway's has it): not a 404
                     exc = ServiceUnavailableError(
                         f"The pool worker {pool.instance_id} cannot find the model '{name}' in its model store.",
-                        retry_after_seconds=5, code="model_store_unavailable")
+                        retry_after_seconds=5,
+                        code="model_store_unavailable",
+                    )
                 logger.warning("pool %s could not load %s: %s", pool.instance_id, name, exc.message)
                 last_error = exc
                 continue
@@ -86,16 +95,22 @@ class OnDemandLoader:
         except TimeoutError:
             raise ServiceUnavailableError(
                 f"Loading the model '{name}' took longer than {self.timeout_seconds:g}s; retry shortly.",
-                retry_after_seconds=5, code="model_load_timeout") from None
+                retry_after_seconds=5,
+                code="model_load_timeout",
+            ) from None
         except WorkerClientError as exc:
-            raise ServiceUnavailableError(f"The pool worker {pool.instance_id} could not be reached: {exc}",
-                                          retry_after_seconds=1, code="no_healthy_replica") from None
+            raise ServiceUnavailableError(
+                f"The pool worker {pool.instance_id} could not be reached: {exc}",
+                retry_after_seconds=1,
+                code="no_healthy_replica",
+            ) from None
         if status == 200:
             try:
                 return InstanceRegistration.model_validate_json(body)
             except ValidationError:
-                raise APIError(502, "The pool worker's answer did not follow the worker protocol.",
-                               code="upstream_error") from None
+                raise APIError(
+                    502, "The pool worker's answer did not follow the worker protocol.", code="upstream_error"
+                ) from None
         error = worker_error(status, headers, body)
         if status == 503:
             error.headers.setdefault("Retry-After", "1")

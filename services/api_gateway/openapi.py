@@ -21,12 +21,18 @@ from axl_mesh.protocol import MAX_N
 ERROR_SCHEMA = {
     "type": "object",
     "required": ["error"],
-    "properties": {"error": {
-        "type": "object",
-        "required": ["message", "type"],
-        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}},
-    }},
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
 }
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 ERROR_DESCRIPTIONS = {
@@ -35,7 +41,7 @@ ERROR_DESCRIPTIONS = {
     "404": "No such model, file or job",
     "413": "Request body (or uploaded file) over its limit",
     "503": "A dependency (registry, worker, Redis, the code sandbox) cannot serve now; `Retry-After` when it is "
-           "worth retrying",
+    "worth retrying",
 }
 # Path parameters whose format the routes check (anything else is a 404), by path prefix.
 ID_PATTERNS = {
@@ -44,8 +50,11 @@ ID_PATTERNS = {
     "/v1/quantization/jobs/{job_id}": QUANT_JOB_ID_PATTERN,
 }
 # With ``stream: true``: one event per chunk (the JSON object of the 200 answer's streamed form), then [DONE].
-SSE_EVENT = {"type": "object", "required": ["data"],
-             "properties": {"data": {"type": "string", "description": "a JSON chunk, or `[DONE]` at the end"}}}
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "a JSON chunk, or `[DONE]` at the end"}},
+}
 STREAMING = {"/v1/completions", "/v1/chat/completions", "/v1/agent/solve"}
 DOWNLOADS = {"/v1/files/{file_id}/content", "/v1/quantization/jobs/{job_id}/files/{filename}"}
 
@@ -77,8 +86,10 @@ def amend(schema: dict[str, Any], *, max_samples: int) -> None:
                 operation["responses"]["200"]["content"]["text/event-stream"] = {"schema": SSE_EVENT}
             if path in DOWNLOADS:
                 operation["responses"]["200"]["content"] = {
-                    "application/octet-stream": {"schema": {"type": "string", "contentMediaType":
-                                                            "application/octet-stream"}}}
+                    "application/octet-stream": {
+                        "schema": {"type": "string", "contentMediaType": "application/octet-stream"}
+                    }
+                }
     _state_upload(schema)
     _state_samples_cap(components, max_samples)
     _state_specialists(components, schema)
@@ -103,11 +114,17 @@ def _document_errors(path: str, operation: dict[str, Any]) -> None:
 
 
 def _error(status: str) -> dict[str, Any]:
-    response: dict[str, Any] = {"description": ERROR_DESCRIPTIONS[status],
-                                "content": {"application/json": {"schema": ERROR_REF}}}
+    response: dict[str, Any] = {
+        "description": ERROR_DESCRIPTIONS[status],
+        "content": {"application/json": {"schema": ERROR_REF}},
+    }
     if status == "503":
-        response["headers"] = {"Retry-After": {"description": "seconds to wait before retrying",
-                                               "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
+        response["headers"] = {
+            "Retry-After": {
+                "description": "seconds to wait before retrying",
+                "schema": {"type": "string", "pattern": "^[0-9]+$"},
+            }
+        }
     return response
 
 
@@ -126,9 +143,12 @@ def _state_upload(schema: dict[str, Any]) -> None:
     form = schema["components"]["schemas"][body["$ref"].rsplit("/", 1)[-1]]
     form["properties"]["purpose"] = {"type": "string", "enum": [p.value for p in FilePurpose], "title": "Purpose"}
     form["properties"]["file"] = {
-        "type": "string", "contentMediaType": "application/octet-stream", "pattern": r"\S", "title": "File",
+        "type": "string",
+        "contentMediaType": "application/octet-stream",
+        "pattern": r"\S",
+        "title": "File",
         "description": "UTF-8 text, not blank; a name ending .jsonl holds one JSON object per line with "
-                       "source_code/target_code, prompt/completion or text (strings)",
+        "source_code/target_code, prompt/completion or text (strings)",
     }
 
 

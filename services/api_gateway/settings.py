@@ -36,7 +36,8 @@ class Settings(ServiceSettings):
     # A request for a stored model no worker holds asks a pool worker to load it (services/api_gateway/on_demand.py)
     # and waits this long at most; then 503 model_load_timeout with Retry-After.
     on_demand_load_timeout_seconds: float = Field(
-        default=60.0, gt=0, description="how long the first request for a model waits for a pool to load it")
+        default=60.0, gt=0, description="how long the first request for a model waits for a pool to load it"
+    )
     connect_timeout_seconds: float = Field(default=2.0, gt=0)
     # Bound on waiting for the next piece from a worker (long prefill, a stuck worker): never hang forever.
     read_timeout_seconds: float = Field(default=300.0, gt=0)
@@ -52,7 +53,8 @@ class Settings(ServiceSettings):
         default=None, ge=1, description="max_tokens above this is clamped; unset: 4x the model's context window"
     )
     truncate_prompts: bool = Field(
-        default=True, description="fit prompts longer than a model's window into it (false: 400 "
+        default=True,
+        description="fit prompts longer than a model's window into it (false: 400 "
         "context_length_exceeded, as OpenAI); a request's `truncate` overrides it",
     )
     stalled_client_seconds: float = Field(

@@ -36,8 +36,13 @@ class EventStreamResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str], headers: dict[str, str] | None = None, *,
-                 send_timeout_seconds: float | None = None) -> None:
+    def __init__(
+        self,
+        content: AsyncIterator[str],
+        headers: dict[str, str] | None = None,
+        *,
+        send_timeout_seconds: float | None = None,
+    ) -> None:
         super().__init__(content, headers={**SSE_HEADERS, **(headers or {})}, media_type=self.media_type)
         self._events = content
         self._send_timeout = send_timeout_seconds

@@ -92,8 +92,9 @@ class UpstreamStream:
                     yield parse_stream_line(line)
                 except ValidationError as exc:
                     logger.warning("worker %s streamed outside the protocol: %s", self.instance.instance_id, exc)
-                    raise APIError(502, "The model worker's stream did not follow the worker protocol.",
-                                   code="upstream_error") from None
+                    raise APIError(
+                        502, "The model worker's stream did not follow the worker protocol.", code="upstream_error"
+                    ) from None
 
     async def aclose(self) -> None:
         """Close the connection (a worker drops a request whose client went away) and release the slot."""
@@ -112,8 +113,12 @@ def worker_error(status: int, headers: Mapping[str, str], body: bytes) -> APIErr
         error = WorkerErrorDetail(message="")
     retry_after = {"Retry-After": headers["retry-after"]} if "retry-after" in headers else None
     return APIError(
-        status, error.message or f"The model worker answered {status}.", type=error.type, param=error.param,
-        code=error.code, headers=retry_after,
+        status,
+        error.message or f"The model worker answered {status}.",
+        type=error.type,
+        param=error.param,
+        code=error.code,
+        headers=retry_after,
     )
 
 
@@ -152,7 +157,8 @@ def resolve_name(
     if not candidates and name in known:
         raise ServiceUnavailableError(
             f"The model '{name}' has no healthy replica right now; retry shortly.",
-            retry_after_seconds=2, code="no_healthy_replica",
+            retry_after_seconds=2,
+            code="no_healthy_replica",
         )
     if not candidates:
         raise ModelNotFoundError(name)
@@ -221,12 +227,18 @@ class Upstream:
             if self._is_stored(name):
                 registration = await self.on_demand.load(name) if self.on_demand is not None else None
                 if registration is not None:  # a pool holds it now (and the registry lists it)
-                    return ResolvedModel(registration.model_id, registration.specialist,
-                                         registration.context_length, tuple(registration.capabilities))
+                    return ResolvedModel(
+                        registration.model_id,
+                        registration.specialist,
+                        registration.context_length,
+                        tuple(registration.capabilities),
+                    )
                 raise ServiceUnavailableError(
                     f"The model '{name}' is in the model store but no worker serves it yet and no pool worker "
                     "(AXL_WORKER_MODE=pool) is registered to load it (`make up` starts a worker within seconds); "
-                    "retry shortly.", retry_after_seconds=5, code="model_not_served_yet",
+                    "retry shortly.",
+                    retry_after_seconds=5,
+                    code="model_not_served_yet",
                 ) from None
             raise
 
@@ -256,8 +268,9 @@ class Upstream:
                     return GenerateResponse.model_validate_json(body)
                 except ValidationError as exc:
                     logger.warning("worker %s answered outside the protocol: %s", instance.instance_id, exc)
-                    raise APIError(502, "The model worker's answer did not follow the worker protocol.",
-                                   code="upstream_error") from None
+                    raise APIError(
+                        502, "The model worker's answer did not follow the worker protocol.", code="upstream_error"
+                    ) from None
             error = worker_error(status, headers, body)
             if status == 503:
                 raise _Unreachable("busy", error)
@@ -329,8 +342,13 @@ class Upstream:
                 refreshed = True
                 self.lookup.invalidate(model.model_id)
                 continue
-            if not candidates and not tried and not reloaded and self.on_demand is not None \
-                    and self._is_stored(model.model_id):
+            if (
+                not candidates
+                and not tried
+                and not reloaded
+                and self.on_demand is not None
+                and self._is_stored(model.model_id)
+            ):
                 # A pool unloaded it (idle, or to make room) since the request was resolved: have one load it again.
                 reloaded = True
                 if await self.on_demand.load(model.model_id) is not None:
@@ -347,15 +365,20 @@ class Upstream:
                 else:
                     self._cooling_until[instance.instance_id] = self._clock() + self.cooldown_seconds
                     self.lookup.invalidate(model.model_id)
-                logger.warning("replica %s of %s could not take a request (%s); trying another",
-                               instance.instance_id, model.model_id, exc)
+                logger.warning(
+                    "replica %s of %s could not take a request (%s); trying another",
+                    instance.instance_id,
+                    model.model_id,
+                    exc,
+                )
                 if self._on_failover is not None:
                     self._on_failover(model.model_id, instance, "busy" if exc.error else "unreachable")
         if busy is not None:
             raise busy  # every replica is full: the worker's own 503 and Retry-After
         raise ServiceUnavailableError(
             f"No replica of model '{model.model_id}' can take the request now; retry shortly.",
-            retry_after_seconds=1, code="no_healthy_replica",
+            retry_after_seconds=1,
+            code="no_healthy_replica",
         )
 
 

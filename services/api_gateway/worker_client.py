@@ -261,11 +261,20 @@ class WorkerClient:
             raise WorkerClientError("the worker client is closed")
         origin, path = self._origin(url)
         body = json.dumps(payload, separators=(",", ":")).encode()
-        request = b"".join((
-            b"POST ", path.encode("ascii"), b" HTTP/1.1\r\nHost: ", origin.host_header,
-            b"\r\nContent-Type: application/json\r\nAccept: */*\r\n", self._auth_line,
-            b"Content-Length: ", str(len(body)).encode(), b"\r\n\r\n", body,
-        ))
+        request = b"".join(
+            (
+                b"POST ",
+                path.encode("ascii"),
+                b" HTTP/1.1\r\nHost: ",
+                origin.host_header,
+                b"\r\nContent-Type: application/json\r\nAccept: */*\r\n",
+                self._auth_line,
+                b"Content-Length: ",
+                str(len(body)).encode(),
+                b"\r\n\r\n",
+                body,
+            )
+        )
         conn = await self._acquire(origin)
         try:
             return await self._exchange(conn, request)
@@ -333,15 +342,18 @@ class WorkerClient:
                 await self._slots.acquire()
                 try:
                     reader, writer = await asyncio.open_connection(
-                        origin.host, origin.port, limit=MAX_HEADER_BYTES,
+                        origin.host,
+                        origin.port,
+                        limit=MAX_HEADER_BYTES,
                         ssl=(self._ssl_context or ssl.create_default_context()) if origin.tls else None,
                     )
                 except BaseException:
                     self._slots.release()
                     raise
         except TimeoutError:
-            raise WorkerConnectError(f"connect to {origin.host}:{origin.port} timed out "
-                                     f"after {self.connect_timeout} s") from None
+            raise WorkerConnectError(
+                f"connect to {origin.host}:{origin.port} timed out after {self.connect_timeout} s"
+            ) from None
         except OSError as exc:  # refused, unreachable, name not found
             raise WorkerConnectError(f"cannot connect to {origin.host}:{origin.port}: {exc!r}") from exc
         sock = writer.get_extra_info("socket")

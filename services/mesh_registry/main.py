@@ -27,11 +27,15 @@ class RegistryCounters:
 def _registry_metrics(registry: CollectorRegistry) -> RegistryCounters:
     return RegistryCounters(
         writes=Counter(
-            "axl_registry_writes_total", "Registry writes by kind and whether they created the instance",
-            ["kind", "created"], registry=registry,
+            "axl_registry_writes_total",
+            "Registry writes by kind and whether they created the instance",
+            ["kind", "created"],
+            registry=registry,
         ),
         instances=Gauge(
-            "axl_registry_instances", "Healthy instances per specialist and model", ["specialist", "model"],
+            "axl_registry_instances",
+            "Healthy instances per specialist and model",
+            ["specialist", "model"],
             registry=registry,
         ),
     )

@@ -22,4 +22,3 @@ class Settings(ServiceSettings):
     # where the workers are). Off only for a closed network whose tools read the registry without the secret.
     registry_protect_reads: bool = True
     max_body_bytes: int = Field(default=64 * 1024, ge=0)
-

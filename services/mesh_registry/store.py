@@ -95,8 +95,15 @@ class RegistryStore:
                 self._model_prefix + reg.model_id,
                 self._specialist_prefix + reg.specialist,
             ],
-            args=[self.ttl_ms, reg.instance_id, reg.model_id, reg.specialist, self._model_prefix,
-                  self._specialist_prefix, *pairs],
+            args=[
+                self.ttl_ms,
+                reg.instance_id,
+                reg.model_id,
+                reg.specialist,
+                self._model_prefix,
+                self._specialist_prefix,
+                *pairs,
+            ],
         )
         return InstanceAck(
             instance_id=reg.instance_id,

@@ -73,10 +73,15 @@ def main() -> None:
     except AdvertiseError as exc:  # no URL the rest of the mesh could call: say which variable to set
         print(f"model_worker: refusing to start: {exc}", file=sys.stderr)
         sys.exit(2)
-    logger.info("listening on %s:%d%s", settings.host, settings.port,
-                f", advertised as {app.state.worker.advertised_url}" if app.state.worker.advertised_url else "")
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=5)
+    logger.info(
+        "listening on %s:%d%s",
+        settings.host,
+        settings.port,
+        f", advertised as {app.state.worker.advertised_url}" if app.state.worker.advertised_url else "",
+    )
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=5
+    )
     DrainingServer(config, app.state.worker).run()
 
 

@@ -54,8 +54,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # open for container health checks and Prometheus (deploy/prometheus.yml scrapes without credentials); they
     # tell load and readiness, never a completion. Added after the body limit, so it runs before it: a caller
     # without the secret gets its 401 before any body is read (request metrics still count it).
-    app.add_middleware(MeshSecretMiddleware, secret=settings.registry_secret.get_secret_value(),
-                       path_prefix=INTERNAL_PREFIX)
+    app.add_middleware(
+        MeshSecretMiddleware, secret=settings.registry_secret.get_secret_value(), path_prefix=INTERNAL_PREFIX
+    )
     instrument_requests(app, metrics_registry)
 
     async def refresh_load_gauges() -> None:

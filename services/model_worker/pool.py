@@ -146,8 +146,9 @@ class _PoolMetrics:
             models=Gauge("axl_pool_models_loaded", "Models the pool holds now", registry=registry),
             memory=Gauge("axl_pool_memory_bytes", "Estimated bytes of the models the pool holds", registry=registry),
             loads=Counter("axl_pool_loads_total", "Model loads by outcome", ["outcome"], registry=registry),
-            unloads=Counter("axl_pool_unloads_total", "Model unloads by reason (lru, idle, shutdown)", ["reason"],
-                            registry=registry),
+            unloads=Counter(
+                "axl_pool_unloads_total", "Model unloads by reason (lru, idle, shutdown)", ["reason"], registry=registry
+            ),
         )
 
 
@@ -181,12 +182,17 @@ class ModelPool:
         if not self.settings.standalone:
             self._registry = RegistryClient(self.settings.registry_url, self.settings.registry_secret_value())
             self._heartbeat = self._registry.heartbeat_forever(
-                self.registration(), load_fn=self.load, interval_seconds=self.settings.heartbeat_seconds)
+                self.registration(), load_fn=self.load, interval_seconds=self.settings.heartbeat_seconds
+            )
         if self.settings.pool_idle_unload_seconds > 0:
             self._reaper = asyncio.create_task(self._unload_idle_forever(), name="pool-idle-reaper")
-        logger.info("pool %s: serving the model store %s on demand (budget %.0f MB, idle unload %s)",
-                    self.instance_id, self.store.root, self.budget_bytes / MB,
-                    f"{self.settings.pool_idle_unload_seconds:g}s" if self.settings.pool_idle_unload_seconds else "off")
+        logger.info(
+            "pool %s: serving the model store %s on demand (budget %.0f MB, idle unload %s)",
+            self.instance_id,
+            self.store.root,
+            self.budget_bytes / MB,
+            f"{self.settings.pool_idle_unload_seconds:g}s" if self.settings.pool_idle_unload_seconds else "off",
+        )
 
     async def drain(self) -> None:
         """SIGTERM: leave the registry, refuse new requests, let every held model finish its requests."""
@@ -216,8 +222,9 @@ class ModelPool:
             try:
                 await self._registry.deregister(self.instance_id)
             except Exception as exc:  # noqa: BLE001 - the TTL forgets us anyway
-                logger.warning("deregistering pool %s failed (%s); the registry's TTL will forget it",
-                               self.instance_id, exc)
+                logger.warning(
+                    "deregistering pool %s failed (%s); the registry's TTL will forget it", self.instance_id, exc
+                )
 
     # --- what the pool is -----------------------------------------------------------------------------------------
 
@@ -227,23 +234,32 @@ class ModelPool:
 
     def not_ready_error(self) -> ServiceUnavailableError:
         if self.draining:
-            return ServiceUnavailableError("This worker is shutting down.", code="shutting_down",
-                                           retry_after_seconds=self.settings.retry_after_seconds)
-        return ServiceUnavailableError("The pool is starting.", code="model_loading",
-                                       retry_after_seconds=self.settings.retry_after_seconds)
+            return ServiceUnavailableError(
+                "This worker is shutting down.",
+                code="shutting_down",
+                retry_after_seconds=self.settings.retry_after_seconds,
+            )
+        return ServiceUnavailableError(
+            "The pool is starting.", code="model_loading", retry_after_seconds=self.settings.retry_after_seconds
+        )
 
     def load(self) -> InstanceLoad:
         """Requests in every held model together (the pool record's load, and the worker's gauges)."""
         workers = [held.worker for held in self._held.values()]
-        return InstanceLoad(running=sum(w.scheduler.running for w in workers),
-                            waiting=sum(w.scheduler.waiting for w in workers))
+        return InstanceLoad(
+            running=sum(w.scheduler.running for w in workers), waiting=sum(w.scheduler.waiting for w in workers)
+        )
 
     def registration(self) -> InstanceRegistration:
         return InstanceRegistration(
-            instance_id=self.instance_id, specialist=ON_DEMAND_SPECIALIST, model_id=self.model_id,
+            instance_id=self.instance_id,
+            specialist=ON_DEMAND_SPECIALIST,
+            model_id=self.model_id,
             url=self.advertised_url or self.settings.advertised_url(),
             context_length=1,  # a pool has no window of its own; each held model registers its own
-            capabilities=[], max_concurrency=self.settings.max_batch, load=self.load(),
+            capabilities=[],
+            max_concurrency=self.settings.max_batch,
+            load=self.load(),
         )
 
     @property
@@ -253,14 +269,25 @@ class ModelPool:
     def info(self) -> PoolInfo:
         now = time.monotonic()
         return PoolInfo(
-            instance_id=self.instance_id, model_id=self.model_id, memory_budget_bytes=self.budget_bytes,
-            memory_used_bytes=self.used_bytes, idle_unload_seconds=self.settings.pool_idle_unload_seconds,
-            ready=self.ready, draining=self.draining,
-            models=[HeldModel(model=name, specialist=held.worker.specialist.name,
-                              instance_id=held.worker.instance_id, estimated_bytes=held.estimated_bytes,
-                              idle_seconds=round(now - held.last_used, 3), running=held.worker.scheduler.running,
-                              waiting=held.worker.scheduler.waiting)
-                    for name, held in self._held.items()],
+            instance_id=self.instance_id,
+            model_id=self.model_id,
+            memory_budget_bytes=self.budget_bytes,
+            memory_used_bytes=self.used_bytes,
+            idle_unload_seconds=self.settings.pool_idle_unload_seconds,
+            ready=self.ready,
+            draining=self.draining,
+            models=[
+                HeldModel(
+                    model=name,
+                    specialist=held.worker.specialist.name,
+                    instance_id=held.worker.instance_id,
+                    estimated_bytes=held.estimated_bytes,
+                    idle_seconds=round(now - held.last_used, 3),
+                    running=held.worker.scheduler.running,
+                    waiting=held.worker.scheduler.waiting,
+                )
+                for name, held in self._held.items()
+            ],
         )
 
     # --- serving ----------------------------------------------------------------------------------------------------
@@ -306,15 +333,29 @@ class ModelPool:
         try:
             config = await asyncio.to_thread(load_config, path)
             needed = await asyncio.to_thread(
-                estimate_serving_bytes, config, dtype=self.settings.dtype, max_batch=self.settings.max_batch,
-                prefill_chunk=self.settings.prefill_chunk_tokens)
+                estimate_serving_bytes,
+                config,
+                dtype=self.settings.dtype,
+                max_batch=self.settings.max_batch,
+                prefill_chunk=self.settings.prefill_chunk_tokens,
+            )
         except (OSError, ValueError) as exc:
-            raise self._unavailable(f"The model '{name}' cannot be read from the model store: {exc}",
-                                    "model_load_failed") from None
+            raise self._unavailable(
+                f"The model '{name}' cannot be read from the model store: {exc}", "model_load_failed"
+            ) from None
         await self._make_room(name, needed)
-        worker = ModelWorker(self.settings.model_copy(update={
-            "worker_mode": "pinned", "checkpoint": path, "specialist": specialist, "model_id": name,
-            "checkpoint_wait_seconds": 0.0}), self.metrics)
+        worker = ModelWorker(
+            self.settings.model_copy(
+                update={
+                    "worker_mode": "pinned",
+                    "checkpoint": path,
+                    "specialist": specialist,
+                    "model_id": name,
+                    "checkpoint_wait_seconds": 0.0,
+                }
+            ),
+            self.metrics,
+        )
         self._reserved = needed
         started = time.perf_counter()
         try:
@@ -322,17 +363,28 @@ class ModelPool:
             loaded = await asyncio.to_thread(worker.scheduler.loaded.wait, self.settings.pool_load_timeout_seconds)
             if not loaded or worker.scheduler.load_error is not None:
                 await worker.close()
-                reason = (f"did not load within {self.settings.pool_load_timeout_seconds:g}s" if not loaded
-                          else f"failed to load: {worker.scheduler.load_error}")
-                raise self._unavailable(f"The model '{name}' {reason}.",
-                                        "model_load_timeout" if not loaded else "model_load_failed")
+                reason = (
+                    f"did not load within {self.settings.pool_load_timeout_seconds:g}s"
+                    if not loaded
+                    else f"failed to load: {worker.scheduler.load_error}"
+                )
+                raise self._unavailable(
+                    f"The model '{name}' {reason}.", "model_load_timeout" if not loaded else "model_load_failed"
+                )
         finally:
             self._reserved = 0
         self._held[name] = _Held(worker, needed, time.monotonic())
         self._update_gauges()
-        logger.info("pool: loaded %s (%s) in %.2fs, ~%.1f MB; holding %d models, %.1f of %.0f MB", name, specialist,
-                    time.perf_counter() - started, needed / MB, len(self._held), self.used_bytes / MB,
-                    self.budget_bytes / MB)
+        logger.info(
+            "pool: loaded %s (%s) in %.2fs, ~%.1f MB; holding %d models, %.1f of %.0f MB",
+            name,
+            specialist,
+            time.perf_counter() - started,
+            needed / MB,
+            len(self._held),
+            self.used_bytes / MB,
+            self.budget_bytes / MB,
+        )
         if self._registry is not None:
             # Registered before the load call answers, so the gateway's next registry lookup finds it (the
             # worker's own heartbeat keeps it there from now on).
@@ -353,15 +405,22 @@ class ModelPool:
         assert url is not None
         try:
             # On disk the weights are float32; a checkpoint larger than the whole budget could never be served.
-            await asyncio.to_thread(fetch_model, url, self.settings.registry_secret_value(), name, self.store,
-                                    timeout_seconds=self.settings.pool_load_timeout_seconds,
-                                    max_bytes=4 * self.budget_bytes)
+            await asyncio.to_thread(
+                fetch_model,
+                url,
+                self.settings.registry_secret_value(),
+                name,
+                self.store,
+                timeout_seconds=self.settings.pool_load_timeout_seconds,
+                max_bytes=4 * self.budget_bytes,
+            )
         except NotInStore:
             raise ModelNotFoundError(name) from None
         except (FetchError, OSError, ValueError) as exc:
             logger.warning("pool: fetching %s from %s failed: %s", name, url, exc)
-            raise self._unavailable(f"The model '{name}' could not be copied from the model store at {url}: "
-                                    f"{exc}", "model_fetch_failed") from None
+            raise self._unavailable(
+                f"The model '{name}' could not be copied from the model store at {url}: {exc}", "model_fetch_failed"
+            ) from None
 
     def _locate(self, name: str) -> tuple[Path, str]:
         """The checkpoint folder and specialist of a stored model (404 when the store has no such model)."""
@@ -373,8 +432,9 @@ class ModelPool:
         except ModelStoreError as exc:
             raise self._unavailable(f"The model store cannot be read: {exc}", "model_store_unavailable") from None
         if not is_checkpoint(path):
-            raise self._unavailable(f"The model '{name}' is in the manifest but its checkpoint folder is missing.",
-                                    "model_load_failed")
+            raise self._unavailable(
+                f"The model '{name}' is in the manifest but its checkpoint folder is missing.", "model_load_failed"
+            )
         specialist = entry.get("specialist")
         # Every worker needs a prompt layout; an unknown (or unset) specialist is served as a coder, as under make up.
         return path, specialist if specialist in SPECIALISTS else "coder"
@@ -384,15 +444,20 @@ class ModelPool:
         if needed > self.budget_bytes:
             raise self._unavailable(
                 f"The model '{name}' needs about {needed / MB:.1f} MB, more than this pool's whole budget "
-                f"({self.budget_bytes / MB:.0f} MB, AXL_POOL_MEMORY_BUDGET_MB).", "model_too_large_for_pool")
+                f"({self.budget_bytes / MB:.0f} MB, AXL_POOL_MEMORY_BUDGET_MB).",
+                "model_too_large_for_pool",
+            )
         while self.used_bytes + needed > self.budget_bytes:
-            idle = [(n, h) for n, h in self._held.items()
-                    if not h.worker.scheduler.running + h.worker.scheduler.waiting]
+            idle = [
+                (n, h) for n, h in self._held.items() if not h.worker.scheduler.running + h.worker.scheduler.waiting
+            ]
             if not idle:
                 busy = ", ".join(self._held)
                 raise self._unavailable(
                     f"This pool's memory budget is full with models serving requests ({busy}); the model '{name}' "
-                    f"(about {needed / MB:.1f} MB) cannot be loaded now. Retry shortly.", "pool_full")
+                    f"(about {needed / MB:.1f} MB) cannot be loaded now. Retry shortly.",
+                    "pool_full",
+                )
             victim, held = idle[0]  # the least recently used idle model
             del self._held[victim]
             await self._close_worker(victim, held, "lru")

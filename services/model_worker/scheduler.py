@@ -214,8 +214,12 @@ class Scheduler:
             started = time.perf_counter()
             model = self._load_model()
             self.model = model
-            decoder = BatchDecoder(model, max_batch=self.max_batch, prefill_chunk=self.prefill_chunk,
-                                   decode_step=self._compiled_step(model) if self.compile else None)
+            decoder = BatchDecoder(
+                model,
+                max_batch=self.max_batch,
+                prefill_chunk=self.prefill_chunk,
+                decode_step=self._compiled_step(model) if self.compile else None,
+            )
             if self._on_loaded is not None:
                 self._on_loaded(model)
             logger.info("model loaded in %.1fs (%d threads)", time.perf_counter() - started, self.num_threads)
@@ -378,10 +382,15 @@ class Scheduler:
             if request.cancelled:
                 continue
             buffer = request.events
-            if not request.finished and (buffer.qsize() >= MAX_UNREAD_OUTPUTS
-                                         or buffer.oldest_wait(now) > self.stalled_reader_seconds):
-                logger.warning("request %s: its reader took nothing for %.0fs (%d outputs waiting); cancelled",
-                               request.request_id, buffer.oldest_wait(now), buffer.qsize())
+            if not request.finished and (
+                buffer.qsize() >= MAX_UNREAD_OUTPUTS or buffer.oldest_wait(now) > self.stalled_reader_seconds
+            ):
+                logger.warning(
+                    "request %s: its reader took nothing for %.0fs (%d outputs waiting); cancelled",
+                    request.request_id,
+                    buffer.oldest_wait(now),
+                    buffer.qsize(),
+                )
                 self.cancel(request)  # its row is freed before the next step
                 buffer.put_nowait(GenerationFailed("the client stopped reading the stream"))
                 continue

@@ -27,8 +27,10 @@ class Settings(ServiceSettings):
     # on demand (services/model_worker/pool.py): load on request, keep the most recently used within
     # pool_memory_budget_mb, unload idle ones; what it holds is registered model by model.
     worker_mode: Literal["pinned", "pool"] = Field(default="pinned", description="one pinned model, or a pool")
-    checkpoint: Path | None = Field(default=None, description="checkpoint folder (model.safetensors + config.json); "
-                                    "required unless worker_mode is pool")
+    checkpoint: Path | None = Field(
+        default=None,
+        description="checkpoint folder (model.safetensors + config.json); required unless worker_mode is pool",
+    )
     checkpoint_wait_seconds: float = Field(
         default=0.0, ge=0, description="wait this long for a missing checkpoint to appear (a bootstrap training)"
     )
@@ -48,8 +50,12 @@ class Settings(ServiceSettings):
     # A long prompt read in one go stalls every other stream for its whole prefill (a 4 KB window: a second or
     # more); in chunks, the others get a token between two chunks. Exact either way (MultiScaleTransformer.extend).
     prefill_chunk_tokens: int = Field(
-        default=256, ge=0, multiple_of=4, description="read prompts in chunks of this many tokens between decode "
-        "steps (a multiple of 4); 0: each prompt in one go")
+        default=256,
+        ge=0,
+        multiple_of=4,
+        description="read prompts in chunks of this many tokens between decode "
+        "steps (a multiple of 4); 0: each prompt in one go",
+    )
     # The compiled static-shape decode step (axl_model.compiled: inductor's C++ backend, one graph per step kind),
     # compiled while the model loads (/readyz waits for it); the README's speed section has its figures. Where it
     # cannot compile (no C++ compiler) the worker decodes eagerly and says so once in the log.
@@ -67,7 +73,8 @@ class Settings(ServiceSettings):
     # the least recently used idle models first; if it still does not fit, it is a 503 pool_full.
     pool_memory_budget_mb: float = Field(default=4096.0, gt=0, description="memory budget of the loaded models")
     pool_idle_unload_seconds: float = Field(
-        default=600.0, ge=0, description="a model not asked for this long is unloaded; 0: kept until evicted")
+        default=600.0, ge=0, description="a model not asked for this long is unloaded; 0: kept until evicted"
+    )
     pool_load_timeout_seconds: float = Field(default=120.0, gt=0, description="bound on loading one model")
     # The model store (the folder of the trainer's checkpoints + manifest.json): a shared volume or network
     # filesystem, the same path the gateway and trainer use. Default: data_dir/models.

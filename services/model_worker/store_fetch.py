@@ -39,8 +39,9 @@ class NotInStore(FetchError):
     """The gateway's store has no such model (404)."""
 
 
-def fetch_model(base_url: str, secret: str | None, name: str, store: ModelStore, *, timeout_seconds: float,
-                max_bytes: int) -> dict[str, Any]:
+def fetch_model(
+    base_url: str, secret: str | None, name: str, store: ModelStore, *, timeout_seconds: float, max_bytes: int
+) -> dict[str, Any]:
     """Copy ``name`` from the gateway at ``base_url`` into ``store``; returns the new manifest entry."""
     started = time.perf_counter()
     with httpx.Client(base_url=base_url.rstrip("/"), headers=bearer_header(secret), timeout=timeout_seconds) as http:
@@ -54,13 +55,25 @@ def fetch_model(base_url: str, secret: str | None, name: str, store: ModelStore,
         try:
             for item in files:
                 _download(http, name, item, staging / item["name"])
-            entry = store.add(name, staging, move=True, specialist=listing.get("specialist"),
-                              base=listing.get("base"), context_length=listing.get("context_length"),
-                              fetched_from=base_url)
+            entry = store.add(
+                name,
+                staging,
+                move=True,
+                specialist=listing.get("specialist"),
+                base=listing.get("base"),
+                context_length=listing.get("context_length"),
+                fetched_from=base_url,
+            )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    logger.info("fetched %s from %s: %d files, %.1f MB in %.2fs, checksums verified", name, base_url, len(files),
-                total / (1 << 20), time.perf_counter() - started)
+    logger.info(
+        "fetched %s from %s: %d files, %.1f MB in %.2fs, checksums verified",
+        name,
+        base_url,
+        len(files),
+        total / (1 << 20),
+        time.perf_counter() - started,
+    )
     return entry
 
 
@@ -76,10 +89,20 @@ def _listing(http: httpx.Client, name: str) -> dict[str, Any]:
     listing = response.json()
     files = listing.get("files")
     # The listing names what lands on disk here: plain names, sizes and digests only.
-    if not isinstance(files, list) or not files or not all(
-            isinstance(f, dict) and isinstance(f.get("name"), str) and _FILE_NAME.match(f["name"])
-            and isinstance(f.get("size"), int) and f["size"] >= 0
-            and isinstance(f.get("sha256"), str) and _HEX64.match(f["sha256"]) for f in files):
+    if (
+        not isinstance(files, list)
+        or not files
+        or not all(
+            isinstance(f, dict)
+            and isinstance(f.get("name"), str)
+            and _FILE_NAME.match(f["name"])
+            and isinstance(f.get("size"), int)
+            and f["size"] >= 0
+            and isinstance(f.get("sha256"), str)
+            and _HEX64.match(f["sha256"])
+            for f in files
+        )
+    ):
         raise FetchError(f"the model store's listing of '{name}' is malformed")
     return listing
 
@@ -101,6 +124,8 @@ def _download(http: httpx.Client, name: str, item: dict[str, Any], target: Path)
     except httpx.HTTPError as exc:
         raise FetchError(f"downloading {item['name']} of '{name}' failed: {exc!r}") from exc
     if size != item["size"] or digest.hexdigest() != item["sha256"]:
-        raise FetchError(f"{item['name']} of '{name}' does not match its checksum (got {size} bytes, sha256 "
-                         f"{digest.hexdigest()[:16]}...; the listing says {item['size']} bytes, "
-                         f"{item['sha256'][:16]}...): refused")
+        raise FetchError(
+            f"{item['name']} of '{name}' does not match its checksum (got {size} bytes, sha256 "
+            f"{digest.hexdigest()[:16]}...; the listing says {item['size']} bytes, "
+            f"{item['sha256'][:16]}...): refused"
+        )

@@ -71,9 +71,12 @@ def _warn_if_unreachable(url: str, registry_url: str) -> None:
     loopback): say so. Not refused, since a gateway on this machine could still use it."""
     registry_host = urlsplit(registry_url).hostname or ""
     if is_loopback(urlsplit(url).hostname or "") and registry_host and not is_loopback(registry_host):
-        logger.warning("advertising %s, a loopback address, to the registry at %s on another host: gateways "
-                       "elsewhere cannot reach it; bind a routable AXL_HOST or set AXL_ADVERTISE_HOST", url,
-                       registry_url)
+        logger.warning(
+            "advertising %s, a loopback address, to the registry at %s on another host: gateways "
+            "elsewhere cannot reach it; bind a routable AXL_HOST or set AXL_ADVERTISE_HOST",
+            url,
+            registry_url,
+        )
 
 
 class ModelWorker:
@@ -92,9 +95,15 @@ class ModelWorker:
         self.checkpoint_version = ""
         self.draining = False
         self.scheduler = Scheduler(
-            self._load, max_batch=settings.max_batch, max_queue=settings.max_queue, num_threads=settings.threads,
-            stalled_reader_seconds=settings.stalled_reader_seconds, prefill_chunk=settings.prefill_chunk_tokens,
-            compile=settings.compile, metrics=metrics, on_loaded=self._loaded,
+            self._load,
+            max_batch=settings.max_batch,
+            max_queue=settings.max_queue,
+            num_threads=settings.threads,
+            stalled_reader_seconds=settings.stalled_reader_seconds,
+            prefill_chunk=settings.prefill_chunk_tokens,
+            compile=settings.compile,
+            metrics=metrics,
+            on_loaded=self._loaded,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._registry: RegistryClient | None = None
@@ -130,8 +139,13 @@ class ModelWorker:
         self.metrics.model_loaded.set(1)
         logger.info(
             "serving %s (%s, %s) from %s: %d parameters, context %d, version %s",
-            self.model_id, self.specialist.name, model.config.name, self.settings.checkpoint,
-            model.num_parameters(), model.config.max_seq_len, self.checkpoint_version,
+            self.model_id,
+            self.specialist.name,
+            model.config.name,
+            self.settings.checkpoint,
+            model.num_parameters(),
+            model.config.max_seq_len,
+            self.checkpoint_version,
         )
         if self._loop is not None and not self.settings.standalone:
             self._loop.call_soon_threadsafe(self._start_heartbeat)
@@ -211,10 +225,17 @@ class ModelWorker:
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(
-            model_id=self.model_id, specialist=self.specialist.name, context_length=self.context_length,
-            capabilities=self.capabilities, running=self.scheduler.running, waiting=self.scheduler.waiting,
-            max_batch=self.settings.max_batch, max_queue=self.settings.max_queue,
-            checkpoint_version=self.checkpoint_version, dtype=self.settings.dtype, ready=self.ready,
+            model_id=self.model_id,
+            specialist=self.specialist.name,
+            context_length=self.context_length,
+            capabilities=self.capabilities,
+            running=self.scheduler.running,
+            waiting=self.scheduler.waiting,
+            max_batch=self.settings.max_batch,
+            max_queue=self.settings.max_queue,
+            checkpoint_version=self.checkpoint_version,
+            dtype=self.settings.dtype,
+            ready=self.ready,
             draining=self.draining,
         )
 
@@ -225,15 +246,18 @@ class ModelWorker:
     def not_ready_error(self) -> ServiceUnavailableError:
         retry = self.settings.retry_after_seconds
         if self.draining:
-            return ServiceUnavailableError("This worker is shutting down.", retry_after_seconds=retry,
-                                           code="shutting_down")
+            return ServiceUnavailableError(
+                "This worker is shutting down.", retry_after_seconds=retry, code="shutting_down"
+            )
         if self.scheduler.load_error is not None:
             return ServiceUnavailableError(
-                f"The model failed to load: {self.scheduler.load_error}", retry_after_seconds=retry,
+                f"The model failed to load: {self.scheduler.load_error}",
+                retry_after_seconds=retry,
                 code="model_load_failed",
             )
         return ServiceUnavailableError(
-            f"The model is still loading (checkpoint {self.settings.checkpoint}).", retry_after_seconds=retry,
+            f"The model is still loading (checkpoint {self.settings.checkpoint}).",
+            retry_after_seconds=retry,
             code="model_loading",
         )
 
@@ -250,8 +274,9 @@ class ModelWorker:
             params = to_sampling_params(body, s)
         except ValueError as exc:
             raise InvalidRequestError(str(exc)) from None
-        budget = (self.context_length - generation_reserve(params.max_tokens, self.context_length)
-                  if body.truncate else None)
+        budget = (
+            self.context_length - generation_reserve(params.max_tokens, self.context_length) if body.truncate else None
+        )
         if body.messages is not None:
             param = "messages"
             try:
@@ -264,7 +289,9 @@ class ModelWorker:
             if not self.config.fim:
                 raise InvalidRequestError(
                     f"The model '{self.model_id}' does not support fill-in-the-middle (it was trained without FIM "
-                    "tokens); leave out `suffix`.", param="suffix", code="fim_not_supported",
+                    "tokens); leave out `suffix`.",
+                    param="suffix",
+                    code="fim_not_supported",
                 )
             assert body.prompt is not None
             fitted = fit_fim(self.tokenizer, body.prompt, body.suffix, budget)
@@ -279,7 +306,8 @@ class ModelWorker:
             raise InvalidRequestError(
                 f"This model's maximum context length is {self.context_length} tokens (bytes). However, your "
                 f"prompt has {len(ids)} tokens. Please shorten the prompt.",
-                param=param, code="context_length_exceeded",
+                param=param,
+                code="context_length_exceeded",
             )
         return PreparedPrompt(ids=ids, text=text, params=params, truncated=fitted.dropped)
 
@@ -293,15 +321,20 @@ class ModelWorker:
         except InvalidRequestError:
             self.metrics.requests.labels(status="invalid").inc()
             raise
-        request = GenerationRequest(prepared.ids, prepared.params, loop=asyncio.get_running_loop(),
-                                    request_id=body.request_id or uuid.uuid4().hex)
+        request = GenerationRequest(
+            prepared.ids,
+            prepared.params,
+            loop=asyncio.get_running_loop(),
+            request_id=body.request_id or uuid.uuid4().hex,
+        )
         try:
             self.scheduler.submit(request)
         except QueueFull as exc:
             self.metrics.requests.labels(status="rejected").inc()
             raise ServiceUnavailableError(
                 f"This worker is at capacity: {exc}. Retry shortly or use another replica.",
-                retry_after_seconds=self.settings.retry_after_seconds, code="queue_full",
+                retry_after_seconds=self.settings.retry_after_seconds,
+                code="queue_full",
             ) from None
         except SchedulerClosed:
             self.metrics.requests.labels(status="rejected").inc()

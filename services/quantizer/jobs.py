@@ -38,9 +38,15 @@ def run_quantization_job(job_id: str) -> dict[str, Any]:
         training = store.read(FT, record.fine_tuning_job_id, FineTuningJob)
         ended = training.status.value if training is not None else None
         if training is None or training.status != JobStatus.SUCCEEDED or not training.fine_tuned_model:
-            store.set_status(Q, job_id, JobStatus.CANCELLED, error=JobError(
-                code="training_not_succeeded",
-                message=f"fine-tuning job {record.fine_tuning_job_id} ended {ended!r}; nothing to quantize"))
+            store.set_status(
+                Q,
+                job_id,
+                JobStatus.CANCELLED,
+                error=JobError(
+                    code="training_not_succeeded",
+                    message=f"fine-tuning job {record.fine_tuning_job_id} ended {ended!r}; nothing to quantize",
+                ),
+            )
             return {"status": "cancelled"}
         model = training.fine_tuned_model
     if store.cancel_requested_at(job_id) is not None:
@@ -66,8 +72,11 @@ def run_quantization_job(job_id: str) -> dict[str, Any]:
     store.set_status(Q, job_id, JobStatus.SUCCEEDED, outputs=outputs)
     store.observe_duration(Q, "succeeded", time.monotonic() - started)
     if record.fine_tuning_job_id:
-        store.add_event(record.fine_tuning_job_id, f"GGUF files written by {job_id}: "
-                        + ", ".join(o.filename for o in outputs), data={"quantization_job": job_id})
+        store.add_event(
+            record.fine_tuning_job_id,
+            f"GGUF files written by {job_id}: " + ", ".join(o.filename for o in outputs),
+            data={"quantization_job": job_id},
+        )
     return {"status": "succeeded", "files": [o.filename for o in outputs]}
 
 
@@ -80,17 +89,34 @@ def _export(settings: Settings, model: str, job_id: str, types: list[GGUFType]) 
         raise ValueError(f"the model store has no model {model!r}")
     out_dir = settings.resolved_jobs_dir / job_id
     safe_name = model.replace(":", "-")  # a validated model name; ':' only makes shell use awkward
-    report = export_checkpoint(models.path(model), out_dir, types=types, kinds=settings.kinds(),
-                               specialist=entry.get("specialist"), name=safe_name, progress=False)
+    report = export_checkpoint(
+        models.path(model),
+        out_dir,
+        types=types,
+        kinds=settings.kinds(),
+        specialist=entry.get("specialist"),
+        name=safe_name,
+        progress=False,
+    )
     outputs: list[QuantizationOutput] = []
     gguf = dict(entry.get("gguf", {}))
     for file in report.files:
-        details = {"kind": file.kind, "tensor_types": file.type_counts(), "fallbacks": file.fallbacks,
-                   "warnings": list(file.warnings) + list(report.warnings) if file.kind == "llama" else
-                   list(file.warnings), "modelfile": file.modelfile.name if file.modelfile else None}
-        outputs.append(QuantizationOutput(type=file.type, filename=file.path.name, bytes=file.size_bytes,
-                                          url=f"/v1/quantization/jobs/{job_id}/files/{file.path.name}",
-                                          details=details))
+        details = {
+            "kind": file.kind,
+            "tensor_types": file.type_counts(),
+            "fallbacks": file.fallbacks,
+            "warnings": list(file.warnings) + list(report.warnings) if file.kind == "llama" else list(file.warnings),
+            "modelfile": file.modelfile.name if file.modelfile else None,
+        }
+        outputs.append(
+            QuantizationOutput(
+                type=file.type,
+                filename=file.path.name,
+                bytes=file.size_bytes,
+                url=f"/v1/quantization/jobs/{job_id}/files/{file.path.name}",
+                details=details,
+            )
+        )
         gguf[f"{file.kind}-{file.type}"] = {"job": job_id, "filename": file.path.name, "created": int(now())}
     models.set_field(model, "gguf", gguf)
     return outputs

@@ -75,7 +75,8 @@ def is_group_loss(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and any(
-        marker in text for marker in ("gloo", "Connection closed", "Connection reset", "Socket Timeout", "timed out"))
+        marker in text for marker in ("gloo", "Connection closed", "Connection reset", "Socket Timeout", "timed out")
+    )
 
 
 def worker_identity() -> dict[str, str]:
@@ -105,12 +106,14 @@ def training_group(members: list[Member], rank: int) -> Any:
 
     host = members[rank].host
     same_host = [m.rank for m in members if m.host == host]
-    return TrainingGroup(rank=rank, world_size=len(members), local_rank=same_host.index(rank),
-                         local_world_size=len(same_host))
+    return TrainingGroup(
+        rank=rank, world_size=len(members), local_rank=same_host.index(rank), local_world_size=len(same_host)
+    )
 
 
-def _join(master: str, rank: int, world_size: int, job_id: str, attempt: int, settings: Settings,
-          store: Any = None) -> None:
+def _join(
+    master: str, rank: int, world_size: int, job_id: str, attempt: int, settings: Settings, store: Any = None
+) -> None:
     """Join the gloo process group of ``attempt`` through rank 0's TCPStore (``store`` on rank 0 itself).
 
     Reaching rank 0 is bounded by ``AXL_TRAIN_GROUP_TIMEOUT_SECONDS``, not by the collective timeout: a member
@@ -126,9 +129,11 @@ def _join(master: str, rank: int, world_size: int, job_id: str, attempt: int, se
         try:
             store = dist.TCPStore(host.strip("[]"), int(port), is_master=False, timeout=reach)
         except Exception as exc:  # noqa: BLE001 - whatever torch raises for an unreachable store
-            raise GroupLost(f"rank {rank} cannot reach rank 0 at {master} within {reach.total_seconds():g} s "
-                            f"({type(exc).__name__}); trainer hosts must be able to connect to each other "
-                            "(AXL_ADVERTISE_HOST, firewalls)") from exc
+            raise GroupLost(
+                f"rank {rank} cannot reach rank 0 at {master} within {reach.total_seconds():g} s "
+                f"({type(exc).__name__}); trainer hosts must be able to connect to each other "
+                "(AXL_ADVERTISE_HOST, firewalls)"
+            ) from exc
         store.set_timeout(timeout)
         store.set(f"{prefix}/reached/{rank}", "1")
     else:
@@ -137,11 +142,14 @@ def _join(master: str, rank: int, world_size: int, job_id: str, attempt: int, se
             store.wait(keys, reach)
         except Exception as exc:  # noqa: BLE001 - torch's store timeout
             missing = [r for r, key in enumerate(keys, start=1) if not store.check([key])]
-            raise GroupLost(f"rank(s) {', '.join(map(str, missing))} did not reach rank 0 at {master} within "
-                            f"{reach.total_seconds():g} s; trainer hosts must be able to connect to each other "
-                            "(AXL_ADVERTISE_HOST, firewalls)") from exc
-    dist.init_process_group("gloo", store=dist.PrefixStore(prefix, store), rank=rank, world_size=world_size,
-                            timeout=timeout)
+            raise GroupLost(
+                f"rank(s) {', '.join(map(str, missing))} did not reach rank 0 at {master} within "
+                f"{reach.total_seconds():g} s; trainer hosts must be able to connect to each other "
+                "(AXL_ADVERTISE_HOST, firewalls)"
+            ) from exc
+    dist.init_process_group(
+        "gloo", store=dist.PrefixStore(prefix, store), rank=rank, world_size=world_size, timeout=timeout
+    )
 
 
 def _enqueue_members(store: JobStore, settings: Settings, job_id: str, attempt: int, count: int) -> list[str]:
@@ -152,14 +160,25 @@ def _enqueue_members(store: JobStore, settings: Settings, job_id: str, attempt: 
     queue = rq_queue(QueueName.TRAIN, store.redis)
     coordinator_job = get_current_job()
     # The coordinator's own time limit (the gateway lengthens it for long max_time_seconds): members train as long.
-    timeout = coordinator_job.timeout if coordinator_job is not None and coordinator_job.timeout else \
-        settings.job_timeout_seconds
+    timeout = (
+        coordinator_job.timeout
+        if coordinator_job is not None and coordinator_job.timeout
+        else settings.job_timeout_seconds
+    )
     ids = []
     for index in range(1, count + 1):
         rq_id = f"{job_id}-attempt{attempt}-member{index}"
-        queue.enqueue(TRAIN_MEMBER_FUNCTION, job_id, attempt, job_id=rq_id, at_front=True,
-                      job_timeout=timeout, result_ttl=MEMBER_RESULT_TTL_SECONDS,
-                      failure_ttl=MEMBER_RESULT_TTL_SECONDS, description=f"fine-tune {job_id} (group member)")
+        queue.enqueue(
+            TRAIN_MEMBER_FUNCTION,
+            job_id,
+            attempt,
+            job_id=rq_id,
+            at_front=True,
+            job_timeout=timeout,
+            result_ttl=MEMBER_RESULT_TTL_SECONDS,
+            failure_ttl=MEMBER_RESULT_TTL_SECONDS,
+            description=f"fine-tune {job_id} (group member)",
+        )
         ids.append(rq_id)
     return ids
 
@@ -179,8 +198,14 @@ def _drop_unclaimed(store: JobStore, rq_ids: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def coordinate(settings: Settings, store: JobStore, record: FineTuningJobRecord, attempt: int,
-               config: dict[str, Any], resume_step: int | None) -> Iterator[Any]:
+def coordinate(
+    settings: Settings,
+    store: JobStore,
+    record: FineTuningJobRecord,
+    attempt: int,
+    config: dict[str, Any],
+    resume_step: int | None,
+) -> Iterator[Any]:
     """Rank 0 of job ``record``: form its group (see the module docstring) and yield this rank's
     ``TrainingGroup`` with the process group joined; a lone ``TrainingGroup()`` when the job wants one worker or
     only one is there. Raises :class:`NotEnoughWorkers` below ``min_workers``."""
@@ -203,13 +228,23 @@ def coordinate(settings: Settings, store: JobStore, record: FineTuningJobRecord,
     # on every interface; its own client (this process) connects over loopback, whatever address is advertised.
     tcp_store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=collective_timeout)
     master = f"{url_host(host)}:{tcp_store.port}"
-    groups.open(job_id, attempt=attempt, workers=workers, master=master, coordinator=worker_identity(),
-                config=config, resume_step=resume_step, ttl_seconds=ttl)
+    groups.open(
+        job_id,
+        attempt=attempt,
+        workers=workers,
+        master=master,
+        coordinator=worker_identity(),
+        config=config,
+        resume_step=resume_step,
+        ttl_seconds=ttl,
+    )
     member_jobs = _enqueue_members(store, settings, job_id, attempt, workers - 1)
     timeout = settings.train_group_timeout_seconds
-    store.add_event(job_id, f"Waiting up to {timeout:g} s for {workers - 1} more trainer worker(s) to join "
-                            f"(a group of {workers}).",
-                    data={"workers": workers, "min_workers": min_workers, "rendezvous": master})
+    store.add_event(
+        job_id,
+        f"Waiting up to {timeout:g} s for {workers - 1} more trainer worker(s) to join (a group of {workers}).",
+        data={"workers": workers, "min_workers": min_workers, "rendezvous": master},
+    )
     started = time.monotonic()
     try:
         while groups.live_slots(job_id) < workers - 1 and time.monotonic() - started < timeout:
@@ -226,14 +261,23 @@ def coordinate(settings: Settings, store: JobStore, record: FineTuningJobRecord,
         if world < workers:
             got = f"Got {world} of {workers} workers after {waited:.0f} s"
             if world < min_workers and store.cancel_requested_at(job_id) is None:  # cancelled: it ends as such
-                raise NotEnoughWorkers(f"{got}; min_workers is {min_workers}. Start more trainer workers, or lower "
-                                       "workers or min_workers, and create the job again.")
-            store.add_event(job_id, f"{got}; running with {world}.", level="warn",
-                            data={"workers": workers, "world_size": world, "waited_s": round(waited, 1)})
-        store.add_event(job_id, f"Training as a group of {world} rank(s): "
-                        + ", ".join(f"rank {m.rank} {m.name}" for m in view.members) + ".",
-                        data={"world_size": world, "ranks": [m.as_dict() for m in view.members],
-                              "waited_s": round(waited, 1)})
+                raise NotEnoughWorkers(
+                    f"{got}; min_workers is {min_workers}. Start more trainer workers, or lower "
+                    "workers or min_workers, and create the job again."
+                )
+            store.add_event(
+                job_id,
+                f"{got}; running with {world}.",
+                level="warn",
+                data={"workers": workers, "world_size": world, "waited_s": round(waited, 1)},
+            )
+        store.add_event(
+            job_id,
+            f"Training as a group of {world} rank(s): "
+            + ", ".join(f"rank {m.rank} {m.name}" for m in view.members)
+            + ".",
+            data={"world_size": world, "ranks": [m.as_dict() for m in view.members], "waited_s": round(waited, 1)},
+        )
     except BaseException:
         groups.delete(job_id)  # members still waiting see it gone and return to their queues
         raise
@@ -271,8 +315,12 @@ def run_group_member(job_id: str, attempt: int) -> dict[str, Any]:
     try:
         config = _member_config(settings, store, record, view)
     except ValueError as exc:
-        store.add_event(job_id, f"Trainer {me['name']} cannot join the group: {exc}", level="warn",
-                        data={"trainer": me["name"], "host": me["host"]})
+        store.add_event(
+            job_id,
+            f"Trainer {me['name']} cannot join the group: {exc}",
+            level="warn",
+            data={"trainer": me["name"], "host": me["host"]},
+        )
         return {"status": "cannot join", "reason": str(exc)}
     alive = float(settings.heartbeat_ttl_seconds)
     slot = groups.claim(job_id, attempt=int(attempt), member=me, alive_seconds=alive)
@@ -296,9 +344,14 @@ def run_group_member(job_id: str, attempt: int) -> dict[str, Any]:
     except BaseException as exc:
         # Rank 0 reports a lost group; what broke here (its own error, rank 0 out of reach) only this rank can tell.
         if isinstance(exc, GroupLost) or not is_group_loss(exc):
-            store.add_event(job_id, f"Rank {rank} ({me['name']}) failed: {exc}" if isinstance(exc, GroupLost)
-                            else f"Rank {rank} ({me['name']}) failed: {type(exc).__name__}: {exc}",
-                            level="error", data={"rank": rank, "trainer": me["name"]})
+            store.add_event(
+                job_id,
+                f"Rank {rank} ({me['name']}) failed: {exc}"
+                if isinstance(exc, GroupLost)
+                else f"Rank {rank} ({me['name']}) failed: {type(exc).__name__}: {exc}",
+                level="error",
+                data={"rank": rank, "trainer": me["name"]},
+            )
         raise
     finally:
         if dist.is_initialized():
@@ -319,18 +372,23 @@ def _member_config(settings: Settings, store: JobStore, record: FineTuningJobRec
     wanted = [*(mine.data or []), *(mine.val_data or []), *([mine.init_from] if mine.init_from else [])]
     missing = [path for path in wanted if not os.path.exists(path)]
     if missing:
-        raise ValueError(f"this host does not see {', '.join(missing)}: every trainer in a group needs the "
-                         "gateway's data folder and the model store (AXL_DATA_DIR on a shared filesystem)")
+        raise ValueError(
+            f"this host does not see {', '.join(missing)}: every trainer in a group needs the "
+            "gateway's data folder and the model store (AXL_DATA_DIR on a shared filesystem)"
+        )
     if checkpoint_step(out_dir) != view.resume_step:
-        raise ValueError(f"rank 0 resumes from the checkpoint at step {view.resume_step} but this host sees "
-                         f"{checkpoint_step(out_dir)} in {out_dir}: the job folders must be on a shared filesystem")
+        raise ValueError(
+            f"rank 0 resumes from the checkpoint at step {view.resume_step} but this host sees "
+            f"{checkpoint_step(out_dir)} in {out_dir}: the job folders must be on a shared filesystem"
+        )
     # Where files are and how many threads this host gives are this host's; everything else is rank 0's.
     own = {name: getattr(mine, name) for name in ("out_dir", "init_from", "data", "val_data", "num_threads")}
     return TrainConfig(**{**view.config, **own})
 
 
-def _wait_for_start(groups: GroupStore, job_id: str, attempt: int, slot: int, alive: float,
-                    settings: Settings) -> GroupView | None:
+def _wait_for_start(
+    groups: GroupStore, job_id: str, attempt: int, slot: int, alive: float, settings: Settings
+) -> GroupView | None:
     """Keep ``slot`` alive until the coordinator starts the group; None when it will not (it died: its record
     expired; another attempt replaced it; or it never closed within the timeout and a margin)."""
     deadline = time.monotonic() + settings.train_group_timeout_seconds + 2 * alive

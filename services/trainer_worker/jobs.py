@@ -68,26 +68,45 @@ class _Progress:
 
     def on_step(self, record: dict[str, Any]) -> None:
         self.last = record
-        progress = JobProgress(step=record["step"], loss=record.get("loss"), val_bpb=self.val_bpb,
-                               bytes_per_s=record.get("bytes_per_s"), updated_at=now())
+        progress = JobProgress(
+            step=record["step"],
+            loss=record.get("loss"),
+            val_bpb=self.val_bpb,
+            bytes_per_s=record.get("bytes_per_s"),
+            updated_at=now(),
+        )
         self.store.update(FT, self.job_id, progress=progress, trained_tokens=record.get("tokens_seen"))
         if time.monotonic() - self.last_event >= METRICS_EVENT_INTERVAL_SECONDS:
             self.last_event = time.monotonic()
-            self.store.add_event(self.job_id, f"Step {record['step']}: training loss={record['loss']:.4f}",
-                                 type="metrics", data={"step": record["step"], "train_loss": record["loss"],
-                                                       "bytes_per_s": record.get("bytes_per_s"),
-                                                       "elapsed_s": record.get("elapsed_s")})
+            self.store.add_event(
+                self.job_id,
+                f"Step {record['step']}: training loss={record['loss']:.4f}",
+                type="metrics",
+                data={
+                    "step": record["step"],
+                    "train_loss": record["loss"],
+                    "bytes_per_s": record.get("bytes_per_s"),
+                    "elapsed_s": record.get("elapsed_s"),
+                },
+            )
 
     def on_eval(self, record: dict[str, Any]) -> None:
         self.val_bpb = record["val_bpb"]
-        self.store.add_event(self.job_id, f"Step {record['step']}: validation bits per byte={record['val_bpb']:.4f}",
-                             type="metrics", data={"step": record["step"], "val_bpb": record["val_bpb"]})
+        self.store.add_event(
+            self.job_id,
+            f"Step {record['step']}: validation bits per byte={record['val_bpb']:.4f}",
+            type="metrics",
+            data={"step": record["step"], "val_bpb": record["val_bpb"]},
+        )
 
     def on_checkpoint(self, path: str, step: int) -> None:
         checkpoint = {
-            "id": f"ftckpt-{self.job_id.rsplit('-', 1)[-1][:12]}{step:012d}", "object": "fine_tuning.job.checkpoint",
-            "created_at": int(now()), "fine_tuned_model_checkpoint": f"{self.model_name}:ckpt-step-{step}",
-            "fine_tuning_job_id": self.job_id, "step_number": step,
+            "id": f"ftckpt-{self.job_id.rsplit('-', 1)[-1][:12]}{step:012d}",
+            "object": "fine_tuning.job.checkpoint",
+            "created_at": int(now()),
+            "fine_tuned_model_checkpoint": f"{self.model_name}:ckpt-step-{step}",
+            "fine_tuning_job_id": self.job_id,
+            "step_number": step,
             "metrics": {"step": step, "train_loss": self.last.get("loss"), "valid_loss": self.val_bpb},
         }
         self.store.add_checkpoint(self.job_id, checkpoint)
@@ -113,11 +132,13 @@ def run_training_job(job_id: str) -> dict[str, Any]:
     folder = job_folder(settings, job_id)
     out_dir = folder / "checkpoint"
     resume_step = checkpoint_step(out_dir)
-    store.set_status(FT, job_id, JobStatus.RUNNING, attempt=attempt,
-                     started_at=record.started_at or int(now()))
+    store.set_status(FT, job_id, JobStatus.RUNNING, attempt=attempt, started_at=record.started_at or int(now()))
     if resume_step is not None:
-        store.add_event(job_id, f"Resuming from the checkpoint at step {resume_step} (attempt {attempt}).",
-                        data={"resumed_from_step": resume_step, "attempt": attempt})
+        store.add_event(
+            job_id,
+            f"Resuming from the checkpoint at step {resume_step} (attempt {attempt}).",
+            data={"resumed_from_step": resume_step, "attempt": attempt},
+        )
     else:
         store.add_event(job_id, f"Fine-tuning job started (attempt {attempt}).", data={"attempt": attempt})
 
@@ -125,16 +146,20 @@ def run_training_job(job_id: str) -> dict[str, Any]:
     try:
         result = _train(settings, store, record, out_dir, model_name, attempt, resume_step)
     except BaseException as exc:
-        if record.hyperparameters.workers > 1 and is_group_loss(exc) \
-                and _requeue_after_group_loss(store, job_id, exc, out_dir):
+        if (
+            record.hyperparameters.workers > 1
+            and is_group_loss(exc)
+            and _requeue_after_group_loss(store, job_id, exc, out_dir)
+        ):
             raise  # RQ puts the job back on its queue (a retry is left)
         _fail(store, job_id, exc, started)
         raise
 
     if result.status == "stopped":
         store.set_status(FT, job_id, JobStatus.CANCELLED)
-        store.add_event(job_id, f"Job cancelled at step {result.steps}; its last checkpoint was kept.",
-                        data={"step": result.steps})
+        store.add_event(
+            job_id, f"Job cancelled at step {result.steps}; its last checkpoint was kept.", data={"step": result.steps}
+        )
         store.observe_duration(FT, "cancelled", time.monotonic() - started)
         return {"status": "cancelled", "steps": result.steps}
 
@@ -143,18 +168,34 @@ def run_training_job(job_id: str) -> dict[str, Any]:
     from axl_model.config import ModelConfig
 
     config = ModelConfig.from_checkpoint(out_dir)
-    entry = models.add(model_name, out_dir, base=record.base_preset, base_model=record.model,
-                       specialist=record.specialist, job_id=job_id, context_length=config.max_seq_len,
-                       val_bpb=result.val_bpb, steps=result.steps)
+    entry = models.add(
+        model_name,
+        out_dir,
+        base=record.base_preset,
+        base_model=record.model,
+        specialist=record.specialist,
+        job_id=job_id,
+        context_length=config.max_seq_len,
+        val_bpb=result.val_bpb,
+        steps=result.steps,
+    )
     shutil.rmtree(f"{out_dir}.run", ignore_errors=True)  # prepared data and logs of the run
     for state_file in (STATE_JSON, STATE_TENSORS):  # optimizer state: needed to resume this job, not to serve
         (models.path(model_name) / state_file).unlink(missing_ok=True)
-    store.set_status(FT, job_id, JobStatus.SUCCEEDED, fine_tuned_model=model_name,
-                     result_metrics=TrainingResult(val_bpb=result.val_bpb, train_loss=result.train_loss,
-                                                   steps=result.steps, bytes_per_s=result.bytes_per_s))
-    store.add_event(job_id, f"New fine-tuned model created: {model_name}",
-                    data={"model": model_name, "val_bpb": result.val_bpb, "steps": result.steps,
-                          "folder": entry["folder"]})
+    store.set_status(
+        FT,
+        job_id,
+        JobStatus.SUCCEEDED,
+        fine_tuned_model=model_name,
+        result_metrics=TrainingResult(
+            val_bpb=result.val_bpb, train_loss=result.train_loss, steps=result.steps, bytes_per_s=result.bytes_per_s
+        ),
+    )
+    store.add_event(
+        job_id,
+        f"New fine-tuned model created: {model_name}",
+        data={"model": model_name, "val_bpb": result.val_bpb, "steps": result.steps, "folder": entry["folder"]},
+    )
     store.add_event(job_id, "The job has successfully completed.")
     store.observe_duration(FT, "succeeded", time.monotonic() - started)
     return {"status": "succeeded", "model": model_name, "steps": result.steps, "val_bpb": result.val_bpb}
@@ -199,15 +240,26 @@ def train_config(settings: Settings, store: JobStore, record: FineTuningJobRecor
     )
 
 
-def _train(settings: Settings, store: JobStore, record: FineTuningJobRecord, out_dir: Path, model_name: str,
-           attempt: int, resume_step: int | None) -> Any:
+def _train(
+    settings: Settings,
+    store: JobStore,
+    record: FineTuningJobRecord,
+    out_dir: Path,
+    model_name: str,
+    attempt: int,
+    resume_step: int | None,
+) -> Any:
     """Train as rank 0 of the job's group (alone unless ``hyperparameters.workers`` > 1)."""
     from axl_model.train import TrainCallbacks, train
 
     config = train_config(settings, store, record, out_dir)
     progress = _Progress(store, record.id, model_name)
-    callbacks = TrainCallbacks(on_step=progress.on_step, on_eval=progress.on_eval,
-                               on_checkpoint=progress.on_checkpoint, should_stop=progress.should_stop)
+    callbacks = TrainCallbacks(
+        on_step=progress.on_step,
+        on_eval=progress.on_eval,
+        on_checkpoint=progress.on_checkpoint,
+        should_stop=progress.should_stop,
+    )
     with coordinate(settings, store, record, attempt, config.to_dict(), resume_step) as group:
         return train(config, callbacks, group=group)
 
@@ -226,9 +278,13 @@ def _requeue_after_group_loss(store: JobStore, job_id: str, exc: BaseException, 
     reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(exc).strip().splitlines() or [type(exc).__name__])[0])
     reason = reason.split(". ")[0].rstrip(".")
     store.set_status(FT, job_id, JobStatus.QUEUED)
-    store.add_event(job_id, f"The training group lost a rank ({reason}); requeued ({job.retries_left - 1} retries "
-                            f"left). The next attempt forms a new group and resumes from {where}.",
-                    level="warn", data={"resume_step": step, "error": str(exc)[:500]})
+    store.add_event(
+        job_id,
+        f"The training group lost a rank ({reason}); requeued ({job.retries_left - 1} retries "
+        f"left). The next attempt forms a new group and resumes from {where}.",
+        level="warn",
+        data={"resume_step": step, "error": str(exc)[:500]},
+    )
     return True
 
 

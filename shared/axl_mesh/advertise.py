@@ -62,8 +62,10 @@ def check_advertise_url(value: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"AXL_ADVERTISE_URL must be an http(s) URL with a host, got {value!r}")
     if is_wildcard(parts.hostname):
-        raise ValueError(f"AXL_ADVERTISE_URL {value!r} names a wildcard address, which nobody can call: "
-                         "give this host's name or address as the other hosts reach it")
+        raise ValueError(
+            f"AXL_ADVERTISE_URL {value!r} names a wildcard address, which nobody can call: "
+            "give this host's name or address as the other hosts reach it"
+        )
     if parts.username or parts.password or parts.query or parts.fragment:
         raise ValueError(f"AXL_ADVERTISE_URL must be a base URL (no credentials, query or fragment), got {value!r}")
     try:
@@ -79,17 +81,23 @@ def check_advertise_host(value: str) -> str:
     """``value`` if it is a host name or address other hosts could call (not a wildcard, not a URL)."""
     host = value.strip()
     if is_wildcard(host):
-        raise ValueError(f"AXL_ADVERTISE_HOST must be this host's name or address as the other hosts reach it, "
-                         f"not the wildcard {value!r}")
+        raise ValueError(
+            f"AXL_ADVERTISE_HOST must be this host's name or address as the other hosts reach it, "
+            f"not the wildcard {value!r}"
+        )
     if "/" in host or "@" in host or any(c.isspace() for c in host):
-        raise ValueError(f"AXL_ADVERTISE_HOST must be a bare host name or address (a whole URL goes in "
-                         f"AXL_ADVERTISE_URL), got {value!r}")
+        raise ValueError(
+            f"AXL_ADVERTISE_HOST must be a bare host name or address (a whole URL goes in "
+            f"AXL_ADVERTISE_URL), got {value!r}"
+        )
     if ":" in host:  # only an IPv6 literal may hold colons; a port goes in AXL_PORT or AXL_ADVERTISE_URL
         try:
             ipaddress.IPv6Address(host.strip("[]"))
         except ValueError:
-            raise ValueError(f"AXL_ADVERTISE_HOST must be a host without a port (the port is AXL_PORT; a "
-                             f"different one goes in AXL_ADVERTISE_URL), got {value!r}") from None
+            raise ValueError(
+                f"AXL_ADVERTISE_HOST must be a host without a port (the port is AXL_PORT; a "
+                f"different one goes in AXL_ADVERTISE_URL), got {value!r}"
+            ) from None
     return host
 
 
@@ -115,15 +123,18 @@ def local_address_toward(url: str) -> str | None:
     return None
 
 
-def advertised_url(*, bind_host: str, port: int, advertise_url: str | None, advertise_host: str | None,
-                   registry_url: str) -> str:
+def advertised_url(
+    *, bind_host: str, port: int, advertise_url: str | None, advertise_host: str | None, registry_url: str
+) -> str:
     """The base URL a service bound to ``bind_host``:``port`` tells others to call (order in the module docstring);
     :class:`AdvertiseError` when there is none."""
     if advertise_url:
         return check_advertise_url(advertise_url)
     if port == 0:
-        raise AdvertiseError("AXL_PORT=0 binds a port chosen at start, which cannot be advertised: set AXL_PORT, "
-                             "or AXL_ADVERTISE_URL to the URL that reaches this service")
+        raise AdvertiseError(
+            "AXL_PORT=0 binds a port chosen at start, which cannot be advertised: set AXL_PORT, "
+            "or AXL_ADVERTISE_URL to the URL that reaches this service"
+        )
     host = advertise_host.strip() if advertise_host else bind_host.strip()
     if is_wildcard(host):
         derived = local_address_toward(registry_url) if registry_url.strip() else None

@@ -66,11 +66,18 @@ class AgentSampling(_Strict):
 
 class AgentSolveRequest(_Strict):
     task: str = Field(min_length=1, description="what to write: a description and/or a signature with docstring")
-    tests: str | None = Field(default=None, description=(
-        "Python run after the code: asserts, test_* functions (each is called) or check(candidate) (called with "
-        "the entry point); when null, the testgen model writes them"))
-    entry_point: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-                                    description="the function check(candidate) gets; default: the task's first def")
+    tests: str | None = Field(
+        default=None,
+        description=(
+            "Python run after the code: asserts, test_* functions (each is called) or check(candidate) (called with "
+            "the entry point); when null, the testgen model writes them"
+        ),
+    )
+    entry_point: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="the function check(candidate) gets; default: the task's first def",
+    )
     max_rounds: int = Field(default=3, ge=1, le=MAX_ROUNDS)
     models: AgentModels = Field(default_factory=AgentModels)
     sampling: AgentSampling = Field(default_factory=AgentSampling)

@@ -94,9 +94,7 @@ class AuthenticationError(APIError):
     """401: missing or wrong bearer token."""
 
     def __init__(self, message: str = "Invalid or missing bearer token.", *, code: str = "invalid_api_key") -> None:
-        super().__init__(
-            401, message, type=ErrorType.AUTHENTICATION, code=code, headers={"WWW-Authenticate": "Bearer"}
-        )
+        super().__init__(401, message, type=ErrorType.AUTHENTICATION, code=code, headers={"WWW-Authenticate": "Bearer"})
 
 
 class NotFoundError(APIError):

@@ -32,13 +32,13 @@ class FimTemplate:
         """``(prefix, suffix)`` when ``prompt`` has this template's shape, else None."""
         if not prompt.startswith(self.start) or not prompt.endswith(self.end):
             return None
-        body = prompt[len(self.start):len(prompt) - len(self.end)]
+        body = prompt[len(self.start) : len(prompt) - len(self.end)]
         # Prefix-first: the suffix (after the cursor) is usually the shorter side, so its marker is searched from
         # the end; suffix-first: the same side comes first, so the marker is searched from the start.
         cut = body.find(self.middle) if self.suffix_first else body.rfind(self.middle)
         if cut < 0:
             return None
-        first, second = body[:cut], body[cut + len(self.middle):]
+        first, second = body[:cut], body[cut + len(self.middle) :]
         return (second, first) if self.suffix_first else (first, second)
 
 

@@ -92,7 +92,7 @@ class FileDeleted(BaseModel):
 
 
 def _auto_or(kind: type, low: float, high: float) -> Callable[[Any], Any]:
-    """"auto" or a number of ``kind`` in [low, high], with one clear message (a plain union reports per branch)."""
+    """ "auto" or a number of ``kind`` in [low, high], with one clear message (a plain union reports per branch)."""
 
     def check(value: Any) -> Any:
         if value == "auto":
@@ -101,8 +101,10 @@ def _auto_or(kind: type, low: float, high: float) -> Callable[[Any], Any]:
         if ok and kind is int and float(value) != int(value):
             ok = False
         if not ok or not low <= value <= high:
-            raise ValueError(f"must be 'auto' or {'an integer' if kind is int else 'a number'} from {low:g} to "
-                             f"{high:g}, got {value!r}")
+            raise ValueError(
+                f"must be 'auto' or {'an integer' if kind is int else 'a number'} from {low:g} to "
+                f"{high:g}, got {value!r}"
+            )
         return kind(value)
 
     return check
@@ -120,8 +122,9 @@ class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     batch_size: Annotated[int | str, BeforeValidator(_auto_or(int, 1, 512)), _auto_or_schema(int, 1, 512)] = "auto"
-    learning_rate_multiplier: Annotated[float | str, BeforeValidator(_auto_or(float, 1e-6, 100)),
-                                        _auto_or_schema(float, 1e-6, 100)] = "auto"
+    learning_rate_multiplier: Annotated[
+        float | str, BeforeValidator(_auto_or(float, 1e-6, 100)), _auto_or_schema(float, 1e-6, 100)
+    ] = "auto"
     n_epochs: Annotated[int | str, BeforeValidator(_auto_or(int, 1, 1000)), _auto_or_schema(int, 1, 1000)] = "auto"
     # --- AXL extensions: bounds of a run on the CPU and the shape of training
     max_time_seconds: Annotated[float, Field(gt=0, le=7 * 24 * 3600)] | None = None
@@ -324,9 +327,7 @@ class QuantizationJobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: Annotated[str, Field(min_length=1, max_length=200)]
-    types: Annotated[list[GGUFType], Field(min_length=1, max_length=3)] = Field(
-        default_factory=lambda: [GGUFType.Q8_0]
-    )
+    types: Annotated[list[GGUFType], Field(min_length=1, max_length=3)] = Field(default_factory=lambda: [GGUFType.Q8_0])
 
 
 class QuantizationOutput(BaseModel):

@@ -69,11 +69,15 @@ class RequestMetricsMiddleware:
 def instrument_requests(app: FastAPI, registry: CollectorRegistry) -> None:
     """Add ``axl_http_requests_total`` and ``axl_http_request_duration_seconds`` for this app to ``registry``."""
     requests = Counter(
-        "axl_http_requests_total", "HTTP requests by method, route and status", ["method", "route", "status"],
+        "axl_http_requests_total",
+        "HTTP requests by method, route and status",
+        ["method", "route", "status"],
         registry=registry,
     )
     latency = Histogram(
-        "axl_http_request_duration_seconds", "HTTP request latency by method and route", ["method", "route"],
+        "axl_http_request_duration_seconds",
+        "HTTP request latency by method and route",
+        ["method", "route"],
         registry=registry,
     )
     app.add_middleware(RequestMetricsMiddleware, requests=requests, latency=latency)

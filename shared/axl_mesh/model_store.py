@@ -88,12 +88,19 @@ class ModelStore:
         """Every stored model as an OpenAI model object (plus our fields), oldest first."""
         out = []
         for name, entry in sorted(self.entries().items(), key=lambda kv: kv[1].get("created", 0)):
-            out.append({
-                "id": name, "object": "model", "created": int(entry.get("created", 0)), "owned_by": "axl",
-                "specialist": entry.get("specialist"), "context_length": entry.get("context_length"),
-                "base": entry.get("base"), "fine_tuning_job_id": entry.get("job_id"),
-                "gguf": sorted(entry.get("gguf", {})),
-            })
+            out.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": int(entry.get("created", 0)),
+                    "owned_by": "axl",
+                    "specialist": entry.get("specialist"),
+                    "context_length": entry.get("context_length"),
+                    "base": entry.get("base"),
+                    "fine_tuning_job_id": entry.get("job_id"),
+                    "gguf": sorted(entry.get("gguf", {})),
+                }
+            )
         return out
 
     # --- writing
@@ -188,8 +195,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(store.models(), indent=2))
     elif args.command == "add":
         config = json.loads((Path(args.checkpoint) / "config.json").read_text())
-        store.add(args.name, args.checkpoint, move=False, base=config.get("name", args.name),
-                  specialist=args.specialist, context_length=config.get("max_seq_len"))
+        store.add(
+            args.name,
+            args.checkpoint,
+            move=False,
+            base=config.get("name", args.name),
+            specialist=args.specialist,
+            context_length=config.get("max_seq_len"),
+        )
     else:
         return 0 if store.remove(args.name) else 1
     return 0

@@ -151,9 +151,13 @@ class SamplingFields(OpenAIBaseModel):
     top_k: int | None = Field(default=None, ge=-1, description="sample among the k likeliest bytes; 0 or -1: off")
     repetition_penalty: RepetitionPenalty | None = None
     ignore_eos: bool = Field(default=False, description="keep sampling past end-of-text (benchmarks; as in vLLM)")
-    truncate: bool | None = Field(default=None, description=(
-        "fit a prompt longer than the model's window into it (true) or answer 400 context_length_exceeded "
-        "(false, OpenAI's behaviour); unset: the server's AXL_TRUNCATE_PROMPTS (on by default). As in Ollama."))
+    truncate: bool | None = Field(
+        default=None,
+        description=(
+            "fit a prompt longer than the model's window into it (true) or answer 400 context_length_exceeded "
+            "(false, OpenAI's behaviour); unset: the server's AXL_TRUNCATE_PROMPTS (on by default). As in Ollama."
+        ),
+    )
     # --- end of AXL extensions ---
 
     @field_validator("stop")
@@ -239,14 +243,26 @@ class CompletionRequest(SamplingFields):
         return split_fim_template(prompt) or (prompt, None)
 
     def to_generate_request(
-        self, prompt: str, *, request_id: str, max_tokens: int, truncate: bool, seed_offset: int = 0,
-        stream: bool = False, suffix: str | None = None,
+        self,
+        prompt: str,
+        *,
+        request_id: str,
+        max_tokens: int,
+        truncate: bool,
+        seed_offset: int = 0,
+        stream: bool = False,
+        suffix: str | None = None,
     ) -> GenerateRequest:
         """The worker's ``POST /internal/v1/generate`` request for one prompt and one of the ``n`` samples
         (``suffix``: the one :meth:`infill` found)."""
         return GenerateRequest(
-            request_id=request_id, prompt=prompt, suffix=suffix, logprobs=self.logprobs, echo=bool(self.echo),
-            stream=stream, **self._sampling_fields(max_tokens, seed_offset, truncate),
+            request_id=request_id,
+            prompt=prompt,
+            suffix=suffix,
+            logprobs=self.logprobs,
+            echo=bool(self.echo),
+            stream=stream,
+            **self._sampling_fields(max_tokens, seed_offset, truncate),
         )
 
 
@@ -330,8 +346,9 @@ class ChatMessage(OpenAIBaseModel):
 class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``; tools, response_format and the like are accepted and not applied."""
 
-    model_config = ConfigDict(extra="allow", json_schema_extra={
-        "allOf": [STREAM_OPTIONS_NEED_STREAM, TOP_LOGPROBS_NEED_LOGPROBS]})
+    model_config = ConfigDict(
+        extra="allow", json_schema_extra={"allOf": [STREAM_OPTIONS_NEED_STREAM, TOP_LOGPROBS_NEED_LOGPROBS]}
+    )
 
     messages: list[ChatMessage] = Field(min_length=1)
     model: str
@@ -387,8 +404,11 @@ class ChatCompletionRequest(SamplingFields):
     ) -> GenerateRequest:
         """The worker's ``POST /internal/v1/generate`` request for one of the ``n`` samples."""
         return GenerateRequest(
-            request_id=request_id, messages=[WorkerMessage.model_validate(m) for m in self.worker_messages()],
-            logprobs=(self.top_logprobs or 0) if self.logprobs else None, echo=False, stream=stream,
+            request_id=request_id,
+            messages=[WorkerMessage.model_validate(m) for m in self.worker_messages()],
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            echo=False,
+            stream=stream,
             **self._sampling_fields(max_tokens, seed_offset, truncate),
         )
 

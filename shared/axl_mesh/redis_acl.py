@@ -47,8 +47,9 @@ _COMMANDS = ("+@all", "-@dangerous")
 _EXTRA_COMMANDS = {JOBS_USER: ("+info",)}  # RQ: INFO server, for the Redis version
 
 
-def user_rules(user: str, *, registry_prefix: str = DEFAULT_REGISTRY_PREFIX,
-               jobs_prefix: str = DEFAULT_JOBS_PREFIX) -> list[str]:
+def user_rules(
+    user: str, *, registry_prefix: str = DEFAULT_REGISTRY_PREFIX, jobs_prefix: str = DEFAULT_JOBS_PREFIX
+) -> list[str]:
     """The ACL rules of ``user`` without its password (``ACL SETUSER``/``user`` directive syntax)."""
     if user == REGISTRY_USER:
         keys, channels = [f"{registry_prefix}:*"], []
@@ -56,8 +57,15 @@ def user_rules(user: str, *, registry_prefix: str = DEFAULT_REGISTRY_PREFIX,
         keys, channels = [f"{jobs_prefix}:*", f"{RQ_PREFIX}:*"], [f"{RQ_PREFIX}:*", MODEL_STORE_CHANNEL]
     else:
         raise ValueError(f"unknown Redis user {user!r}; the mesh's are {', '.join(USERS)}")
-    return ["resetkeys", "resetchannels", *(f"~{k}" for k in keys), *(f"&{c}" for c in channels),
-            "-@all", *_COMMANDS, *_EXTRA_COMMANDS.get(user, ())]
+    return [
+        "resetkeys",
+        "resetchannels",
+        *(f"~{k}" for k in keys),
+        *(f"&{c}" for c in channels),
+        "-@all",
+        *_COMMANDS,
+        *_EXTRA_COMMANDS.get(user, ()),
+    ]
 
 
 def default_user_rules() -> list[str]:

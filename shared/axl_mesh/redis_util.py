@@ -32,8 +32,11 @@ def reconnect_policy(*, asyncio: bool = False) -> dict[str, Any]:
     ``from_url``: retry a command whose connection was lost, on a fresh connection."""
     base, cap = RECONNECT_BACKOFF_SECONDS
     retry_class = AsyncRetry if asyncio else Retry
-    return {"retry": retry_class(ExponentialBackoff(cap=cap, base=base), RECONNECT_RETRIES,
-                                 supported_errors=(RedisConnectionError,))}
+    return {
+        "retry": retry_class(
+            ExponentialBackoff(cap=cap, base=base), RECONNECT_RETRIES, supported_errors=(RedisConnectionError,)
+        )
+    }
 
 
 def create_redis(url: str, *, timeout_seconds: float = 2.0) -> aioredis.Redis:

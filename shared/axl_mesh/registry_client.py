@@ -169,8 +169,11 @@ class RegistryClient:
         except ValueError:
             error = {}
         message = error.get("message") or response.text[:200]
-        raise RegistryError(f"registry answered {response.status_code} to {method} {path}: {message}",
-                            status=response.status_code, error=error)
+        raise RegistryError(
+            f"registry answered {response.status_code} to {method} {path}: {message}",
+            status=response.status_code,
+            error=error,
+        )
 
 
 async def _maybe_await(value: T | Awaitable[T]) -> T:

@@ -46,27 +46,55 @@ def _rx(pattern: str) -> re.Pattern[str]:
 
 
 RULES: tuple[Rule, ...] = (
-    Rule("translate", "asks to translate/convert/port code to another language",
-         _rx(rf"\b(translate|convert|port|rewrite)\b.{{0,80}}\b(to|into|in)\s+({_LANGUAGES})\b(?![\w+#])")),
-    Rule("secure", "mentions security or vulnerabilities",
-         _rx(r"\b(secur\w*|vulnerab\w*|exploit\w*|injection|sanitiz\w*|cve-\d+|unsafe|insecure|xss|csrf)\b")),
-    Rule("testgen", "asks for tests",
-         _rx(r"\b(write|generate|create|add)\b.{0,40}\b(unit\s*)?tests?\b|\bpytest\b|\bunittest\b|\btest cases?\b")),
-    Rule("debugger", "contains a traceback or error",
-         _rx(r"traceback \(most recent call last\)|^[^\S\n]*\w*(error|exception): |\b(segfault|stack trace)\b")),
-    Rule("debugger", "asks to find a bug",
-         _rx(r"\b(bug|debug\w*|doesn'?t work|does not work|crash\w*|wrong (output|result|answer))\b")),
+    Rule(
+        "translate",
+        "asks to translate/convert/port code to another language",
+        _rx(rf"\b(translate|convert|port|rewrite)\b.{{0,80}}\b(to|into|in)\s+({_LANGUAGES})\b(?![\w+#])"),
+    ),
+    Rule(
+        "secure",
+        "mentions security or vulnerabilities",
+        _rx(r"\b(secur\w*|vulnerab\w*|exploit\w*|injection|sanitiz\w*|cve-\d+|unsafe|insecure|xss|csrf)\b"),
+    ),
+    Rule(
+        "testgen",
+        "asks for tests",
+        _rx(r"\b(write|generate|create|add)\b.{0,40}\b(unit\s*)?tests?\b|\bpytest\b|\bunittest\b|\btest cases?\b"),
+    ),
+    Rule(
+        "debugger",
+        "contains a traceback or error",
+        _rx(r"traceback \(most recent call last\)|^[^\S\n]*\w*(error|exception): |\b(segfault|stack trace)\b"),
+    ),
+    Rule(
+        "debugger",
+        "asks to find a bug",
+        _rx(r"\b(bug|debug\w*|doesn'?t work|does not work|crash\w*|wrong (output|result|answer))\b"),
+    ),
     Rule("fixer", "asks to fix code", _rx(r"\bfix\w*\b|\brepair\b|\bcorrect (this|the|my)\b"), needs_code=True),
     Rule("docs", "asks for documentation", _rx(r"\bdocstrings?\b|\bdocument(ation)?\b|\bdocs\b")),
     Rule("comment", "asks for comments", _rx(r"\bcomment(s|ed|ing)?\b|\bannotate\b")),
-    Rule("refactor", "asks to refactor or clean up",
-         _rx(r"\brefactor\w*\b|\bclean\s*up\b|\bcleaner\b|\bsimplif(y|ied)\b|\brestructure\b|\bmore readable\b")),
-    Rule("reasoning", "asks for step-by-step reasoning or why",
-         _rx(r"\bstep[- ]by[- ]step\b|\bexplain\b.{0,40}\bwhy\b|^[^\S\n]*why\b|\bwhy (does|is|do|did|would)\b|"
-             r"\breason(ing)? (about|through)\b")),
-    Rule("coder", "asks for code to be written",
-         _rx(r"\b(write|implement|create|generate|code|build|make)\b.{0,60}\b(function|class|script|program|"
-             r"method|code|snippet|module|algorithm|regex|decorator|parser)\b")),
+    Rule(
+        "refactor",
+        "asks to refactor or clean up",
+        _rx(r"\brefactor\w*\b|\bclean\s*up\b|\bcleaner\b|\bsimplif(y|ied)\b|\brestructure\b|\bmore readable\b"),
+    ),
+    Rule(
+        "reasoning",
+        "asks for step-by-step reasoning or why",
+        _rx(
+            r"\bstep[- ]by[- ]step\b|\bexplain\b.{0,40}\bwhy\b|^[^\S\n]*why\b|\bwhy (does|is|do|did|would)\b|"
+            r"\breason(ing)? (about|through)\b"
+        ),
+    ),
+    Rule(
+        "coder",
+        "asks for code to be written",
+        _rx(
+            r"\b(write|implement|create|generate|code|build|make)\b.{0,60}\b(function|class|script|program|"
+            r"method|code|snippet|module|algorithm|regex|decorator|parser)\b"
+        ),
+    ),
     Rule("coder", "contains code", None, needs_code=True),
     Rule("chat", "plain prose"),
 )
@@ -146,9 +174,7 @@ def _content(message: Mapping[str, object]) -> str:
     return str(content)
 
 
-def choose_specialist(
-    request: str | Sequence[Mapping[str, object]], available: Collection[str]
-) -> tuple[str, str]:
+def choose_specialist(request: str | Sequence[Mapping[str, object]], available: Collection[str]) -> tuple[str, str]:
     """The specialist for a request and the reason, restricted to `available` specialists."""
     if not available:
         raise ValueError("no specialist is available to route to")
@@ -164,7 +190,7 @@ def choose_specialist(
             if not match:
                 continue
             # The words as written, unless lower-casing changed the text's length (a few non-ASCII letters).
-            matched = text[match.start():match.end()] if len(lowered) == len(text) else match.group(0)
+            matched = text[match.start() : match.end()] if len(lowered) == len(text) else match.group(0)
             why = f"{rule.why} (matched {matched.strip()[:40]!r})"
         else:
             why = rule.why

@@ -29,7 +29,8 @@ class ServiceSettings(BaseSettings):
     # What other hosts should call this service at, when not http://host:port (axl_mesh.advertise says the order).
     advertise_host: str | None = Field(default=None, description="host name/IP others reach this service at")
     advertise_url: str | None = Field(
-        default=None, validation_alias=AliasChoices("advertise_url", "AXL_ADVERTISE_URL", "AXL_PUBLIC_URL"),
+        default=None,
+        validation_alias=AliasChoices("advertise_url", "AXL_ADVERTISE_URL", "AXL_PUBLIC_URL"),
         description="base URL others reach this service at (AXL_PUBLIC_URL is its older name)",
     )
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -60,8 +61,13 @@ class ServiceSettings(BaseSettings):
     def advertised_url(self) -> str:
         """The base URL other hosts should call this service at; AdvertiseError when none can be given (a wildcard
         bind with no route to the registry, port 0)."""
-        return advertise.advertised_url(bind_host=self.host, port=self.port, advertise_url=self.advertise_url,
-                                        advertise_host=self.advertise_host, registry_url=self.registry_url)
+        return advertise.advertised_url(
+            bind_host=self.host,
+            port=self.port,
+            advertise_url=self.advertise_url,
+            advertise_host=self.advertise_host,
+            registry_url=self.registry_url,
+        )
 
     def registry_secret_value(self) -> str | None:
         """The secret as a plain string (or None), for building an Authorization header."""

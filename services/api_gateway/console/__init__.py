@@ -21,8 +21,9 @@ def install_console(app: FastAPI, settings: Settings) -> None:
     """Mount the console's pages and static files and guard them with the login session (keys from app.state)."""
     from services.api_gateway.console.routes import STATIC_DIR, router
 
-    auth = ConsoleAuth(console_secret(settings.registry_secret_value() or ""), app.state.api_keys,
-                       settings.console_session_seconds)
+    auth = ConsoleAuth(
+        console_secret(settings.registry_secret_value() or ""), app.state.api_keys, settings.console_session_seconds
+    )
     app.state.console_auth = auth
     app.state.console_rates = TokenRates()
     app.add_middleware(ConsoleAuthMiddleware, auth=auth)

@@ -49,14 +49,20 @@ def cells(name: str, entry: dict[str, Any] | None, rows: list[dict[str, Any]]) -
     try:
         held = row.get("held_out") or {}
         bpb = f"{float(held['bpb']):.3f}" if "bpb" in held else NOT_MEASURED
-        next_line = "; ".join(
-            f"{'held-out' if corpus == 'held_out' else corpus}: "
-            f"exact {_pct(r['exact'])}, sim {float(r['similarity']):.3f}"
-            for corpus, r in (row.get("nextline") or {}).items()) or NOT_MEASURED
+        next_line = (
+            "; ".join(
+                f"{'held-out' if corpus == 'held_out' else corpus}: "
+                f"exact {_pct(r['exact'])}, sim {float(r['similarity']):.3f}"
+                for corpus, r in (row.get("nextline") or {}).items()
+            )
+            or NOT_MEASURED
+        )
         he = row.get("humaneval") or {}
-        humaneval = (f"pass@1 {_pct(he['pass@1'])} ({he.get('problems', '?')} problems)" if "pass@1" in he
-                     else NOT_MEASURED)
+        humaneval = (
+            f"pass@1 {_pct(he['pass@1'])} ({he.get('problems', '?')} problems)" if "pass@1" in he else NOT_MEASURED
+        )
     except (KeyError, TypeError, ValueError):  # a hand-edited row: show what is sure, not a 500
         return EvaluationCells(source=source)
-    return EvaluationCells(bits_per_byte=bpb, next_line=next_line, humaneval=humaneval,
-                           date=str(row.get("date") or ""), source=source)
+    return EvaluationCells(
+        bits_per_byte=bpb, next_line=next_line, humaneval=humaneval, date=str(row.get("date") or ""), source=source
+    )

@@ -102,9 +102,14 @@ async def worker_rows(registry: Any, mesh_secret: str, rates: TokenRates) -> tup
         looks = await asyncio.gather(*(_look_at(http, instance) for instance in instances))
     now, wall = time.monotonic(), time.time()
     rows = [
-        WorkerRow(instance=instance, health=_health(info), info=info, generated_tokens=tokens,
-                  tokens_per_s=rates.update(instance.instance_id, tokens, now),
-                  heartbeat_age_s=max(0.0, wall - instance.last_heartbeat))
+        WorkerRow(
+            instance=instance,
+            health=_health(info),
+            info=info,
+            generated_tokens=tokens,
+            tokens_per_s=rates.update(instance.instance_id, tokens, now),
+            heartbeat_age_s=max(0.0, wall - instance.last_heartbeat),
+        )
         for instance, (info, tokens) in zip(instances, looks, strict=True)
     ]
     rows.sort(key=lambda r: (r.instance.specialist, r.instance.model_id, r.instance.instance_id))

@@ -51,8 +51,9 @@ templates = Jinja2Templates(directory=HERE / "templates")  # autoescape on for .
 # No inline script anywhere (data reaches console.js through data-* attributes); uPlot and htmx set inline styles.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
-                               "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
-    "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
+    "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",  # no-referrer would make form POSTs send "Origin: null"
     "Cache-Control": "no-store",
 }
@@ -86,8 +87,9 @@ def render(request: Request, name: str, status_code: int = 200, **context: Any) 
     if fresh:
         nonce = auth.new_nonce()
     assert nonce is not None
-    context.update(csrf_token=auth.csrf_token(nonce), console_open=auth.open, poll_seconds=POLL_SECONDS,
-                   prefix=CONSOLE_PREFIX)
+    context.update(
+        csrf_token=auth.csrf_token(nonce), console_open=auth.open, poll_seconds=POLL_SECONDS, prefix=CONSOLE_PREFIX
+    )
     response = templates.TemplateResponse(request, name, context, status_code=status_code, headers=SECURITY_HEADERS)
     if fresh:
         set_cookie(response, CSRF_COOKIE, nonce, max_age=None, secure=request.url.scheme == "https")
@@ -99,7 +101,8 @@ async def checked_form(request: Request) -> FormData:
     form = await request.form()
     token = form.get(CSRF_FIELD)
     if not same_origin(request.headers) or not console_auth(request).csrf_valid(
-            request.cookies.get(CSRF_COOKIE), token if isinstance(token, str) else None):
+        request.cookies.get(CSRF_COOKIE), token if isinstance(token, str) else None
+    ):
         raise csrf_error()
     return form
 
@@ -107,7 +110,8 @@ async def checked_form(request: Request) -> FormData:
 async def checked_header(request: Request) -> None:
     """For the console's fetch() calls: the CSRF token in ``X-CSRF-Token``."""
     if not same_origin(request.headers) or not console_auth(request).csrf_valid(
-            request.cookies.get(CSRF_COOKIE), request.headers.get(CSRF_HEADER)):
+        request.cookies.get(CSRF_COOKIE), request.headers.get(CSRF_HEADER)
+    ):
         raise csrf_error()
 
 
@@ -138,16 +142,22 @@ def login_form(request: Request, next: str | None = None) -> Response:  # noqa: 
 
 
 @router.post("/login")
-async def login(request: Request, form: CheckedForm, api_key: Annotated[str, Form()] = "",
-                next: Annotated[str, Form()] = "") -> Response:  # noqa: A002
+async def login(
+    request: Request, form: CheckedForm, api_key: Annotated[str, Form()] = "", next: Annotated[str, Form()] = ""
+) -> Response:  # noqa: A002
     auth = console_auth(request)
     key = auth.matching_key(api_key.strip()) if api_key.strip() else None
     if key is None and not auth.open:
         return render(request, "login.html", status_code=401, next=_safe_next(next), error="That API key is not valid.")
     response = RedirectResponse(_safe_next(next), status_code=303)
     if key is not None:
-        set_cookie(response, SESSION_COOKIE, auth.session_value(key), max_age=auth.session_seconds,
-                   secure=request.url.scheme == "https")
+        set_cookie(
+            response,
+            SESSION_COOKIE,
+            auth.session_value(key),
+            max_age=auth.session_seconds,
+            secure=request.url.scheme == "https",
+        )
     return response
 
 
@@ -215,10 +225,18 @@ def jobs_tables(request: Request, ctx: JobsDep) -> Response:
 def _job_context(ctx: JobsContext, job_id: str) -> dict[str, Any]:
     record = fine_tuning.get_job_record(ctx, job_id).model_dump(mode="json")
     events, _ = ctx.store.events_page(job_id, None, EVENTS_SHOWN)
-    quantization_jobs = [q for q in (ctx.store.get(JobKind.QUANTIZE, q_id) for q_id in record.get("quantization_jobs")
-                                     or []) if q is not None]
-    return {"job": record, "events": events, "terminal": JobStatus(record["status"]).terminal,
-            "checkpoints": list(reversed(ctx.store.checkpoints(job_id))), "quantization_jobs": quantization_jobs}
+    quantization_jobs = [
+        q
+        for q in (ctx.store.get(JobKind.QUANTIZE, q_id) for q_id in record.get("quantization_jobs") or [])
+        if q is not None
+    ]
+    return {
+        "job": record,
+        "events": events,
+        "terminal": JobStatus(record["status"]).terminal,
+        "checkpoints": list(reversed(ctx.store.checkpoints(job_id))),
+        "quantization_jobs": quantization_jobs,
+    }
 
 
 @router.get("/jobs/{job_id}")
@@ -258,8 +276,14 @@ def curves(record: dict[str, Any], events_oldest_first: list[dict[str, Any]]) ->
         steps = sorted(points)
         return {"steps": steps, "values": [points[s] for s in steps]}
 
-    return {"id": record["id"], "status": record["status"], "done": JobStatus(record["status"]).terminal,
-            "loss": series(loss), "val_bpb": series(val_bpb), "progress": progress or None}
+    return {
+        "id": record["id"],
+        "status": record["status"],
+        "done": JobStatus(record["status"]).terminal,
+        "loss": series(loss),
+        "val_bpb": series(val_bpb),
+        "progress": progress or None,
+    }
 
 
 @router.get("/api/jobs/{job_id}/curves")
@@ -276,8 +300,9 @@ def cancel_job(request: Request, job_id: str, ctx: JobsDep, form: CheckedForm) -
     except APIError as exc:
         if exc.status == 404:
             raise
-        return render(request, "job.html", status_code=exc.status, page="jobs", error=exc.message,
-                      **_job_context(ctx, job_id))
+        return render(
+            request, "job.html", status_code=exc.status, page="jobs", error=exc.message, **_job_context(ctx, job_id)
+        )
     return RedirectResponse(f"{CONSOLE_PREFIX}/jobs/{job_id}", status_code=303)
 
 
@@ -301,18 +326,25 @@ async def models_page(request: Request, upstream: UpstreamDep, ctx: JobsDep) -> 
     except ModelStoreError as exc:
         stored, registry_error = {}, str(exc)
     rows_data = load_results_rows(request.app.state.settings.console_results_file)
-    names = list(served) + [name for name in sorted(stored, key=lambda n: stored[n].get("created", 0))
-                            if name not in served]
+    names = list(served) + [
+        name for name in sorted(stored, key=lambda n: stored[n].get("created", 0)) if name not in served
+    ]
     rows = []
     for name in names:
         entry, summary = stored.get(name), served.get(name)
-        rows.append({
-            "name": name, "specialist": (summary.specialist if summary else (entry or {}).get("specialist")) or "–",
-            "context_length": summary.context_length if summary else (entry or {}).get("context_length"),
-            "instances": summary.instances if summary else 0, "stored": entry is not None,
-            "base": (entry or {}).get("base"), "job_id": (entry or {}).get("job_id"),
-            "gguf": sorted((entry or {}).get("gguf") or {}), "eval": cells(name, entry, rows_data),
-        })
+        rows.append(
+            {
+                "name": name,
+                "specialist": (summary.specialist if summary else (entry or {}).get("specialist")) or "–",
+                "context_length": summary.context_length if summary else (entry or {}).get("context_length"),
+                "instances": summary.instances if summary else 0,
+                "stored": entry is not None,
+                "base": (entry or {}).get("base"),
+                "job_id": (entry or {}).get("job_id"),
+                "gguf": sorted((entry or {}).get("gguf") or {}),
+                "eval": cells(name, entry, rows_data),
+            }
+        )
     return render(request, "models.html", page="models", models=rows, error=registry_error)
 
 
@@ -330,7 +362,8 @@ async def playground_page(request: Request, upstream: UpstreamDep) -> Response:
 
 
 @router.post("/api/completions", dependencies=[Depends(checked_header)])
-async def playground_completion(body: CompletionRequest, request: Request, upstream: UpstreamDep,
-                                settings: SettingsDep, metrics: MetricsDep) -> Any:
+async def playground_completion(
+    body: CompletionRequest, request: Request, upstream: UpstreamDep, settings: SettingsDep, metrics: MetricsDep
+) -> Any:
     """``POST /v1/completions`` for the logged-in console (session cookie + CSRF header instead of a bearer key)."""
     return await completions.create_completion(body, request, upstream, settings, metrics)

@@ -101,8 +101,9 @@ def same_origin(headers: Headers) -> bool:
 
 
 def set_cookie(response: Response, name: str, value: str, *, max_age: int | None, secure: bool) -> None:
-    response.set_cookie(name, value, max_age=max_age, path=CONSOLE_PREFIX, httponly=True, samesite="strict",
-                        secure=secure)
+    response.set_cookie(
+        name, value, max_age=max_age, path=CONSOLE_PREFIX, httponly=True, samesite="strict", secure=secure
+    )
 
 
 class ConsoleAuthMiddleware:
@@ -123,8 +124,9 @@ class ConsoleAuthMiddleware:
             if not self.auth.session_valid(cookie):
                 response: Response
                 if path.startswith(CONSOLE_PREFIX + "/api/") or scope.get("method") != "GET":
-                    response = AuthenticationError("Log in to the console first (or send an API key to /v1).") \
-                        .to_response()
+                    response = AuthenticationError(
+                        "Log in to the console first (or send an API key to /v1)."
+                    ).to_response()
                 else:
                     response = RedirectResponse(f"{CONSOLE_PREFIX}/login?next={quote(path)}", status_code=303)
                 await response(scope, receive, send)
@@ -141,5 +143,9 @@ def _cookie(headers: Headers, name: str) -> str | None:
 
 
 def csrf_error() -> APIError:
-    return APIError(403, "Missing or invalid CSRF token (reload the page and try again).",
-                    type=ErrorType.PERMISSION, code="csrf_failed")
+    return APIError(
+        403,
+        "Missing or invalid CSRF token (reload the page and try again).",
+        type=ErrorType.PERMISSION,
+        code="csrf_failed",
+    )

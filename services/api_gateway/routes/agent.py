@@ -39,11 +39,12 @@ def log_sandbox_status() -> None:
     if caps["isolated"]:
         logger.info("code sandbox: bubblewrap isolation (%s mode)", caps["mode"])
     elif caps["unsafe_opt_in"]:
-        logger.warning("code sandbox: NO isolation (%s); the operator opted in to running untrusted code unisolated",
-                       caps["reason"])
+        logger.warning(
+            "code sandbox: NO isolation (%s); the operator opted in to running untrusted code unisolated",
+            caps["reason"],
+        )
     else:
-        logger.warning("code sandbox unavailable (%s): /v1/agent/solve answers 503 sandbox_unavailable",
-                       caps["reason"])
+        logger.warning("code sandbox unavailable (%s): /v1/agent/solve answers 503 sandbox_unavailable", caps["reason"])
 
 
 async def sandbox_ready() -> None:
@@ -75,28 +76,46 @@ async def resolve_roles(upstream: Upstream, body: AgentSolveRequest) -> dict[Age
             if role == "testgen":
                 raise InvalidRequestError(
                     f"`tests` is missing and no testgen model ('{name}') is served: give `tests` (asserts, test_* "
-                    "functions or check(candidate)) or start a testgen worker.", param="tests", code="tests_required",
+                    "functions or check(candidate)) or start a testgen worker.",
+                    param="tests",
+                    code="tests_required",
                 ) from None
-            raise NotFoundError(f"The {role} model '{name}' does not exist or has no healthy instance.",
-                                param=f"models.{role}", code="model_not_found") from None
+            raise NotFoundError(
+                f"The {role} model '{name}' does not exist or has no healthy instance.",
+                param=f"models.{role}",
+                code="model_not_found",
+            ) from None
     return resolved
 
 
-def worker_generate(upstream: Upstream, metrics: GatewayMetrics, models: dict[AgentRole, ResolvedModel],
-                    body: AgentSolveRequest, solve_id: str, *, truncate: bool,
-                    max_tokens_ceiling: int | None = None) -> Generate:
+def worker_generate(
+    upstream: Upstream,
+    metrics: GatewayMetrics,
+    models: dict[AgentRole, ResolvedModel],
+    body: AgentSolveRequest,
+    solve_id: str,
+    *,
+    truncate: bool,
+    max_tokens_ceiling: int | None = None,
+) -> Generate:
     """``generate(role, messages, round)`` on the role's model, through the completions path."""
 
     async def generate(role: AgentRole, messages: Messages, round_number: int) -> Generation:
         model = models[role]
         sampling = body.sampling
-        chat = ChatCompletionRequest(model=model.model_id, messages=messages, temperature=sampling.temperature,
-                                     top_p=sampling.top_p, seed=sampling.seed)
-        request = chat.to_generate_request(request_id=f"{solve_id}-{round_number}-{role}",
-                                           max_tokens=clamped_max_tokens(sampling.max_tokens, model,
-                                                                         max_tokens_ceiling),
-                                           truncate=truncate,
-                                           seed_offset=round_number)
+        chat = ChatCompletionRequest(
+            model=model.model_id,
+            messages=messages,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+        )
+        request = chat.to_generate_request(
+            request_id=f"{solve_id}-{round_number}-{role}",
+            max_tokens=clamped_max_tokens(sampling.max_tokens, model, max_tokens_ceiling),
+            truncate=truncate,
+            seed_offset=round_number,
+        )
         tracker = RequestMetrics(metrics, "agent", model.model_id)
         try:
             [result] = await generate_all(upstream, model, [Sample(index=0, request=request)], tracker)
@@ -157,11 +176,19 @@ async def solve(
     await sandbox_ready()
     models = await resolve_roles(upstream, body)
     solve_id = random_id("solve")
-    generate = worker_generate(upstream, metrics, models, body, solve_id, truncate=settings.truncate_prompts,
-                               max_tokens_ceiling=settings.max_tokens_ceiling)
+    generate = worker_generate(
+        upstream,
+        metrics,
+        models,
+        body,
+        solve_id,
+        truncate=settings.truncate_prompts,
+        max_tokens_ceiling=settings.max_tokens_ceiling,
+    )
     events = counted(solve_events(body, generate, solve_id=solve_id), agent_metrics(request.app))
     if body.stream:
-        return EventStreamResponse(sse_events(events, settings.keepalive_seconds),
-                                   send_timeout_seconds=settings.stalled_client_seconds)
+        return EventStreamResponse(
+            sse_events(events, settings.keepalive_seconds), send_timeout_seconds=settings.stalled_client_seconds
+        )
     summary = await until_disconnect(request, final_event(events))
     return JSONResponse(summary.model_dump(mode="json"))

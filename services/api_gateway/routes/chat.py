@@ -50,9 +50,13 @@ def chat_logprobs(entries: list[TokenLogprobOut] | None) -> ChatLogProbs | None:
         return None
     content = [
         ChatLogProbsContent(
-            token=entry.token, logprob=entry.logprob, bytes=list(entry.token.encode()),
-            top_logprobs=[ChatLogProb(token=token, logprob=logprob, bytes=list(token.encode()))
-                          for token, logprob in entry.top_logprobs.items()],
+            token=entry.token,
+            logprob=entry.logprob,
+            bytes=list(entry.token.encode()),
+            top_logprobs=[
+                ChatLogProb(token=token, logprob=logprob, bytes=list(token.encode()))
+                for token, logprob in entry.top_logprobs.items()
+            ],
         )
         for entry in entries
     ]
@@ -82,8 +86,9 @@ class ChatChunks:
         return self._chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(), finish_reason=finish_reason))
 
     def usage(self, usage: UsageInfo) -> ChatCompletionStreamResponse:
-        return ChatCompletionStreamResponse(id=self.id, created=self.created, model=self.model_id, choices=[],
-                                            usage=usage)
+        return ChatCompletionStreamResponse(
+            id=self.id, created=self.created, model=self.model_id, choices=[], usage=usage
+        )
 
 
 @router.post("/completions", response_model=ChatCompletionResponse)
@@ -101,19 +106,29 @@ async def create_chat_completion(
     if model.routed_reason:
         metrics.routed.labels(specialist=model.specialist, model=model.model_id).inc()
     request_id = random_id("chatcmpl")
-    max_tokens = clamped_max_tokens(body.requested_max_tokens() or settings.default_chat_max_tokens, model,
-                                    settings.max_tokens_ceiling)
+    max_tokens = clamped_max_tokens(
+        body.requested_max_tokens() or settings.default_chat_max_tokens, model, settings.max_tokens_ceiling
+    )
     samples = [
-        Sample(index=i, request=body.to_generate_request(request_id=f"{request_id}-{i}", max_tokens=max_tokens,
-                                                         truncate=body.truncates(settings.truncate_prompts),
-                                                         seed_offset=i, stream=bool(body.stream)))
+        Sample(
+            index=i,
+            request=body.to_generate_request(
+                request_id=f"{request_id}-{i}",
+                max_tokens=max_tokens,
+                truncate=body.truncates(settings.truncate_prompts),
+                seed_offset=i,
+                stream=bool(body.stream),
+            ),
+        )
         for i in range(body.n)
     ]
 
     def build(results: list[SampleResult], usage: UsageInfo) -> ChatCompletionResponse:
         choices = [
             ChatCompletionResponseChoice(
-                index=r.index, message=ChatResponseMessage(content=r.text), finish_reason=r.finish_reason,
+                index=r.index,
+                message=ChatResponseMessage(content=r.text),
+                finish_reason=r.finish_reason,
                 logprobs=chat_logprobs(r.logprobs) if body.logprobs else None,
             )
             for r in results
@@ -121,8 +136,15 @@ async def create_chat_completion(
         return ChatCompletionResponse(id=request_id, model=model.model_id, choices=choices, usage=usage)
 
     return await respond(
-        request, upstream=upstream, keepalive_seconds=settings.keepalive_seconds, tracker=tracker, model=model,
-        samples=samples, stream=bool(body.stream), formatter=ChatChunks(model.model_id, bool(body.logprobs)),
-        include_usage=body.include_usage, build_response=build,
+        request,
+        upstream=upstream,
+        keepalive_seconds=settings.keepalive_seconds,
+        tracker=tracker,
+        model=model,
+        samples=samples,
+        stream=bool(body.stream),
+        formatter=ChatChunks(model.model_id, bool(body.logprobs)),
+        include_usage=body.include_usage,
+        build_response=build,
         stalled_client_seconds=settings.stalled_client_seconds,
     )

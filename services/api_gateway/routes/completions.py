@@ -74,8 +74,9 @@ class CompletionChunks:
         if self.with_logprobs:
             offset = self.offsets.get(index, 0)
             if logprob is None:  # echoed prompt text: no logprob of its own, as OpenAI's first echoed token
-                logprobs = CompletionLogProbs(text_offset=[offset], token_logprobs=[None], tokens=[text],
-                                              top_logprobs=[None])
+                logprobs = CompletionLogProbs(
+                    text_offset=[offset], token_logprobs=[None], tokens=[text], top_logprobs=[None]
+                )
             else:
                 logprobs = completion_logprobs([logprob], offset)
         self.offsets[index] = self.offsets.get(index, 0) + len(text)
@@ -85,8 +86,7 @@ class CompletionChunks:
         return self._chunk(CompletionResponseChoice(index=index, text="", finish_reason=finish_reason))
 
     def usage(self, usage: UsageInfo) -> CompletionStreamResponse:
-        return CompletionStreamResponse(id=self.id, created=self.created, model=self.model_id, choices=[],
-                                        usage=usage)
+        return CompletionStreamResponse(id=self.id, created=self.created, model=self.model_id, choices=[], usage=usage)
 
 
 @router.post("/completions", response_model=CompletionResponse)
@@ -106,7 +106,9 @@ async def create_completion(
         tracker.finished(400)
         raise InvalidRequestError(
             f"The model '{model.model_id}' does not support fill-in-the-middle (suffix); "
-            "use a model whose capabilities include 'fim'.", param="suffix", code="fim_not_supported",
+            "use a model whose capabilities include 'fim'.",
+            param="suffix",
+            code="fim_not_supported",
         )
     request_id = random_id("cmpl")
     max_tokens = clamped_max_tokens(body.requested_max_tokens(), model, settings.max_tokens_ceiling)
@@ -115,9 +117,15 @@ async def create_completion(
     samples = [
         Sample(
             index=p * body.n + i,
-            request=body.to_generate_request(prefix, suffix=suffix, request_id=f"{request_id}-{p * body.n + i}",
-                                             max_tokens=max_tokens, truncate=body.truncates(settings.truncate_prompts),
-                                             seed_offset=i, stream=bool(body.stream)),
+            request=body.to_generate_request(
+                prefix,
+                suffix=suffix,
+                request_id=f"{request_id}-{p * body.n + i}",
+                max_tokens=max_tokens,
+                truncate=body.truncates(settings.truncate_prompts),
+                seed_offset=i,
+                stream=bool(body.stream),
+            ),
             prompt_group=p,
         )
         for p, (prefix, suffix) in enumerate(infills)
@@ -129,7 +137,9 @@ async def create_completion(
     def build(results: list[SampleResult], usage: UsageInfo) -> CompletionResponse:
         choices = [
             CompletionResponseChoice(
-                index=r.index, text=r.text, finish_reason=r.finish_reason,
+                index=r.index,
+                text=r.text,
+                finish_reason=r.finish_reason,
                 logprobs=completion_logprobs(r.logprobs) if body.logprobs is not None else None,
             )
             for r in results
@@ -137,9 +147,15 @@ async def create_completion(
         return CompletionResponse(id=request_id, model=model.model_id, choices=choices, usage=usage)
 
     return await respond(
-        request, upstream=upstream, keepalive_seconds=settings.keepalive_seconds, tracker=tracker, model=model,
-        samples=samples, stream=bool(body.stream),
+        request,
+        upstream=upstream,
+        keepalive_seconds=settings.keepalive_seconds,
+        tracker=tracker,
+        model=model,
+        samples=samples,
+        stream=bool(body.stream),
         formatter=CompletionChunks(model.model_id, body.logprobs is not None),
-        include_usage=body.include_usage, build_response=build,
+        include_usage=body.include_usage,
+        build_response=build,
         stalled_client_seconds=settings.stalled_client_seconds,
     )

@@ -44,8 +44,12 @@ def get_jobs(request: Request) -> JobsContext:
     if ctx is None:
         settings = JobsSettings()
         store = open_store(settings)
-        ctx = JobsContext(settings, store, ModelStore(settings.resolved_model_store_dir, redis_client=store.redis),
-                          rq_connection(settings))
+        ctx = JobsContext(
+            settings,
+            store,
+            ModelStore(settings.resolved_model_store_dir, redis_client=store.redis),
+            rq_connection(settings),
+        )
         request.app.state.axl_jobs = ctx
     return ctx
 
@@ -84,8 +88,9 @@ class UploadCheck:
         offset = self.size
         self.size += len(raw)
         if self.size > self.limit:
-            raise APIError(413, f"File is larger than the limit of {self.limit} bytes.", param="file",
-                           code="file_too_large")
+            raise APIError(
+                413, f"File is larger than the limit of {self.limit} bytes.", param="file", code="file_too_large"
+            )
         if self.blank and raw.strip():
             self.blank = False
         try:
@@ -93,7 +98,9 @@ class UploadCheck:
         except UnicodeDecodeError as exc:
             raise InvalidRequestError(
                 f"File is not valid UTF-8: line {self.lines + 1}, byte offset {offset + exc.start}.",
-                param="file", code="invalid_encoding") from None
+                param="file",
+                code="invalid_encoding",
+            ) from None
         lines = [jsonl_line(text)] if self.jsonl else text.removesuffix("\n").splitlines() or [""]
         for line in lines:
             self.lines += 1
@@ -101,8 +108,9 @@ class UploadCheck:
                 try:  # the trainer's own parser: a line it would refuse is refused now
                     parse_training_record(line)
                 except TrainingRecordError as exc:
-                    raise InvalidRequestError(f"Invalid JSONL on line {self.lines}: {exc}", param="file",
-                                              code="invalid_jsonl") from None
+                    raise InvalidRequestError(
+                        f"Invalid JSONL on line {self.lines}: {exc}", param="file", code="invalid_jsonl"
+                    ) from None
                 self.records += 1
 
     def result(self) -> tuple[str, int]:
@@ -142,15 +150,20 @@ def upload_file(ctx: JobsDep, file: Annotated[UploadFile, File()], purpose: Anno
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    record = FileObject(id=file_id, created_at=int(now()), filename=filename, purpose=purpose, bytes=size,
-                        format=fmt, lines=lines)
+    record = FileObject(
+        id=file_id, created_at=int(now()), filename=filename, purpose=purpose, bytes=size, format=fmt, lines=lines
+    )
     ctx.store.create(FILE, record)
     return record
 
 
 @router.get("", response_model=FileList)
-def list_files(ctx: JobsDep, after: str | None = None,
-               limit: Annotated[int, Query(ge=1, le=10000)] = 10000, purpose: str | None = None) -> FileList:
+def list_files(
+    ctx: JobsDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
+    purpose: str | None = None,
+) -> FileList:
     """Uploaded files, newest first."""
     records, has_more = ctx.store.read_page(FILE, after, limit, FileObject)
     return FileList(data=[r for r in records if purpose is None or r.purpose == purpose], has_more=has_more)
@@ -166,8 +179,11 @@ def retrieve_file(file_id: str, ctx: JobsDep) -> FileObject:
 def file_content(file_id: str, ctx: JobsDep) -> FileResponse:
     """The file's bytes as uploaded."""
     record = get_file_record(ctx, file_id)
-    return FileResponse(ctx.settings.uploaded_file(record.id, record.format), media_type="application/octet-stream",
-                        filename=record.filename)
+    return FileResponse(
+        ctx.settings.uploaded_file(record.id, record.format),
+        media_type="application/octet-stream",
+        filename=record.filename,
+    )
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)

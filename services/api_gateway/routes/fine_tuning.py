@@ -81,7 +81,9 @@ def _base(ctx: JobsContext, model: str) -> tuple[str, str, Any, dict[str, Any] |
     if entry is None or path is None:
         raise InvalidRequestError(
             f"Model {model!r} is neither a preset ({', '.join(preset_names())}) nor a model in the model store.",
-            param="model", code="model_not_found")
+            param="model",
+            code="model_not_found",
+        )
     return "store", entry.get("base") or model, model_config(config_file=path / "config.json"), entry
 
 
@@ -89,8 +91,9 @@ def _require_file(ctx: JobsContext, file_id: str, param: str) -> None:
     try:
         get_file_record(ctx, file_id, param=param)
     except NotFoundError:
-        raise InvalidRequestError(f"File {file_id} ({param}) does not exist; upload it with POST /v1/files.",
-                                  param=param, code="invalid_file") from None
+        raise InvalidRequestError(
+            f"File {file_id} ({param}) does not exist; upload it with POST /v1/files.", param=param, code="invalid_file"
+        ) from None
 
 
 def _memory_limit(ctx: JobsContext) -> tuple[int | None, str]:
@@ -114,12 +117,16 @@ def create_job(body: FineTuningJobCreate, ctx: JobsDep) -> FineTuningJob:
     hp = body.hyperparameters
     specialist = hp.specialist or (entry or {}).get("specialist") or "coder"
     if specialist not in SPECIALISTS:
-        raise InvalidRequestError(f"Unknown specialist {specialist!r}; choose one of: {', '.join(SPECIALISTS)}.",
-                                  param="hyperparameters.specialist")
+        raise InvalidRequestError(
+            f"Unknown specialist {specialist!r}; choose one of: {', '.join(SPECIALISTS)}.",
+            param="hyperparameters.specialist",
+        )
     seq_len = hp.resolved_seq_len(config.max_seq_len)
     if seq_len > config.max_seq_len:
-        raise InvalidRequestError(f"seq_len {seq_len} exceeds the model's window of {config.max_seq_len} bytes.",
-                                  param="hyperparameters.seq_len")
+        raise InvalidRequestError(
+            f"seq_len {seq_len} exceeds the model's window of {config.max_seq_len} bytes.",
+            param="hyperparameters.seq_len",
+        )
     batch_size = hp.resolved_batch_size()
     ram = config.training_ram_bytes(batch_size, seq_len, hp.optimizer.value)
     limit, source = _memory_limit(ctx)
@@ -128,16 +135,29 @@ def create_job(body: FineTuningJobCreate, ctx: JobsDep) -> FineTuningJob:
             f"This job needs about {ram / 2**30:.2f} GiB of RAM to train ({body.model}, batch_size {batch_size}, "
             f"seq_len {seq_len}, {hp.optimizer.value}) but the trainer has {limit / 2**30:.2f} GiB ({source}). "
             "Lower batch_size or seq_len, or pick a smaller model.",
-            param="hyperparameters", code="insufficient_memory")
+            param="hyperparameters",
+            code="insufficient_memory",
+        )
 
     job_id = new_id("ftjob")
     seed = body.seed if body.seed is not None else int.from_bytes(job_id.encode()[-4:], "big") % (2**31)
     hyperparameters = HyperparametersOut(**{**hp.model_dump(mode="json"), "batch_size": batch_size, "seq_len": seq_len})
     record = FineTuningJobRecord(
-        id=job_id, created_at=int(now()), hyperparameters=hyperparameters, model=body.model, seed=seed,
-        status=JobStatus.VALIDATING_FILES, training_file=body.training_file, validation_file=body.validation_file,
-        metadata=body.metadata, suffix=body.suffix, quantize=[t.value for t in body.quantize], ram_estimate_bytes=ram,
-        base_kind=base_kind, base_preset=base_preset, specialist=specialist,
+        id=job_id,
+        created_at=int(now()),
+        hyperparameters=hyperparameters,
+        model=body.model,
+        seed=seed,
+        status=JobStatus.VALIDATING_FILES,
+        training_file=body.training_file,
+        validation_file=body.validation_file,
+        metadata=body.metadata,
+        suffix=body.suffix,
+        quantize=[t.value for t in body.quantize],
+        ram_estimate_bytes=ram,
+        base_kind=base_kind,
+        base_preset=base_preset,
+        specialist=specialist,
     )
     ctx.store.create(FT, record)
     ctx.store.add_event(job_id, f"Created fine-tuning job: {job_id}", data={"ram_estimate_bytes": ram})
@@ -151,30 +171,53 @@ def create_job(body: FineTuningJobCreate, ctx: JobsDep) -> FineTuningJob:
     if hp.max_time_seconds:
         timeout = max(timeout, int(hp.max_time_seconds) + 3600)
     rq_queue(QueueName.TRAIN, ctx.rq).enqueue(
-        TRAIN_FUNCTION, job_id, job_id=job_id, job_timeout=timeout, retry=Retry(max=ctx.settings.job_retries),
-        result_ttl=RESULT_TTL_SECONDS, failure_ttl=RESULT_TTL_SECONDS, description=f"fine-tune {body.model}")
+        TRAIN_FUNCTION,
+        job_id,
+        job_id=job_id,
+        job_timeout=timeout,
+        retry=Retry(max=ctx.settings.job_retries),
+        result_ttl=RESULT_TTL_SECONDS,
+        failure_ttl=RESULT_TTL_SECONDS,
+        description=f"fine-tune {body.model}",
+    )
     if quantization_id:
         from services.api_gateway.routes.quantization import QUANTIZATION_TIMEOUT_SECONDS
 
         # Runs once training ends, whatever way (it cancels itself unless training succeeded).
         rq_queue(QueueName.QUANTIZE, ctx.rq).enqueue(
-            QUANTIZE_FUNCTION, quantization_id, job_id=quantization_id, job_timeout=QUANTIZATION_TIMEOUT_SECONDS,
-            retry=Retry(max=ctx.settings.job_retries), depends_on=Dependency(jobs=[job_id], allow_failure=True),
-            result_ttl=RESULT_TTL_SECONDS, failure_ttl=RESULT_TTL_SECONDS, description=f"quantize {job_id}")
+            QUANTIZE_FUNCTION,
+            quantization_id,
+            job_id=quantization_id,
+            job_timeout=QUANTIZATION_TIMEOUT_SECONDS,
+            retry=Retry(max=ctx.settings.job_retries),
+            depends_on=Dependency(jobs=[job_id], allow_failure=True),
+            result_ttl=RESULT_TTL_SECONDS,
+            failure_ttl=RESULT_TTL_SECONDS,
+            description=f"quantize {job_id}",
+        )
     return ctx.store.read(FT, job_id, FineTuningJob) or record.public()
 
 
 def _create_quantization_record(ctx: JobsContext, record: FineTuningJobRecord) -> str:
     q_id = new_id("qjob")
-    ctx.store.create(JobKind.QUANTIZE, QuantizationJob(
-        id=q_id, created_at=int(now()), model=f"(the model of {record.id})", types=record.quantize,
-        status=JobStatus.QUEUED, fine_tuning_job_id=record.id))
+    ctx.store.create(
+        JobKind.QUANTIZE,
+        QuantizationJob(
+            id=q_id,
+            created_at=int(now()),
+            model=f"(the model of {record.id})",
+            types=record.quantize,
+            status=JobStatus.QUEUED,
+            fine_tuning_job_id=record.id,
+        ),
+    )
     return q_id
 
 
 @router.get("", response_model=FineTuningJobList)
-def list_jobs(ctx: JobsDep, after: str | None = None,
-              limit: Annotated[int, Query(ge=1, le=100)] = 20) -> FineTuningJobList:
+def list_jobs(
+    ctx: JobsDep, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20
+) -> FineTuningJobList:
     """Fine-tuning jobs, newest first; ``after`` is the last id of the previous page."""
     records, has_more = ctx.store.read_page(FT, after, limit, FineTuningJob)
     return FineTuningJobList(data=records, has_more=has_more)
@@ -192,8 +235,11 @@ def cancel_job(job_id: str, ctx: JobsDep) -> FineTuningJob:
     killed after the grace period). The status ends ``cancelled`` either way."""
     record = get_job_record(ctx, job_id)
     if record.status.terminal:
-        raise InvalidRequestError(f"Job {job_id} has already {record.status.value}; it cannot be cancelled.",
-                                  param="fine_tuning_job_id", code="job_not_cancellable")
+        raise InvalidRequestError(
+            f"Job {job_id} has already {record.status.value}; it cannot be cancelled.",
+            param="fine_tuning_job_id",
+            code="job_not_cancellable",
+        )
     ctx.store.request_cancel(job_id)
     ctx.store.add_event(job_id, "Cancellation requested.")
     try:
@@ -208,8 +254,9 @@ def cancel_job(job_id: str, ctx: JobsDep) -> FineTuningJob:
 
 
 @router.get("/{job_id}/events", response_model=FineTuningJobEventList)
-def list_events(job_id: str, ctx: JobsDep, after: str | None = None,
-                limit: Annotated[int, Query(ge=1, le=10000)] = 20) -> FineTuningJobEventList:
+def list_events(
+    job_id: str, ctx: JobsDep, after: str | None = None, limit: Annotated[int, Query(ge=1, le=10000)] = 20
+) -> FineTuningJobEventList:
     """Events newest first (info messages and metrics: step, loss, validation bits per byte, bytes/s); ``after``
     is the last id of the previous page. Only the newest ``AXL_JOB_EVENTS_MAX`` events of a job are kept."""
     require_job(ctx, job_id)
@@ -218,14 +265,19 @@ def list_events(job_id: str, ctx: JobsDep, after: str | None = None,
 
 
 @router.get("/{job_id}/checkpoints", response_model=FineTuningJobCheckpointList)
-def list_checkpoints(job_id: str, ctx: JobsDep, after: str | None = None,
-                     limit: Annotated[int, Query(ge=1, le=100)] = 10) -> FineTuningJobCheckpointList:
+def list_checkpoints(
+    job_id: str, ctx: JobsDep, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 10
+) -> FineTuningJobCheckpointList:
     """Checkpoints the job saved, newest first (the latest one is kept on disk and resumed from)."""
     require_job(ctx, job_id)
     checkpoints = list(reversed(ctx.store.checkpoints(job_id)))
     if after is not None:
         ids = [c["id"] for c in checkpoints]
-        checkpoints = checkpoints[ids.index(after) + 1:] if after in ids else []
+        checkpoints = checkpoints[ids.index(after) + 1 :] if after in ids else []
     page = [FineTuningJobCheckpoint(**c) for c in checkpoints[:limit]]
-    return FineTuningJobCheckpointList(data=page, has_more=len(checkpoints) > limit,
-                                       first_id=page[0].id if page else None, last_id=page[-1].id if page else None)
+    return FineTuningJobCheckpointList(
+        data=page,
+        has_more=len(checkpoints) > limit,
+        first_id=page[0].id if page else None,
+        last_id=page[-1].id if page else None,
+    )

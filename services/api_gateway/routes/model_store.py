@@ -68,7 +68,9 @@ def model_listing(model: str, request: Request) -> dict[str, Any]:
     """The model's store entry and its files with size and SHA-256 (a plain ``def``: hashing runs in a thread)."""
     folder, entry = _folder(_store(request), model)
     return {
-        "model": model, "specialist": entry.get("specialist"), "base": entry.get("base"),
+        "model": model,
+        "specialist": entry.get("specialist"),
+        "base": entry.get("base"),
         "context_length": entry.get("context_length"),
         "files": [{"name": p.name, "size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(folder)],
     }

@@ -19,8 +19,12 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 def _card(summary: ModelSummary) -> ModelCard:
     return ModelCard(
-        id=summary.id, created=summary.created, specialist=summary.specialist,
-        context_length=summary.context_length, capabilities=summary.capabilities, instances=summary.instances,
+        id=summary.id,
+        created=summary.created,
+        specialist=summary.specialist,
+        context_length=summary.context_length,
+        capabilities=summary.capabilities,
+        instances=summary.instances,
     )
 
 
@@ -28,10 +32,16 @@ def _stored_cards(jobs: JobsDep, served: set[str]) -> list[ModelCard]:
     cards = []
     for entry in jobs.models.models():
         if entry["id"] not in served:
-            cards.append(ModelCard(id=entry["id"], created=entry["created"],
-                                   specialist=entry.get("specialist") or "coder",
-                                   context_length=entry.get("context_length") or 0, capabilities=["completion", "chat"],
-                                   instances=0))
+            cards.append(
+                ModelCard(
+                    id=entry["id"],
+                    created=entry["created"],
+                    specialist=entry.get("specialist") or "coder",
+                    context_length=entry.get("context_length") or 0,
+                    capabilities=["completion", "chat"],
+                    instances=0,
+                )
+            )
     return cards
 
 

@@ -36,21 +36,33 @@ def create_quantization_job(body: QuantizationJobCreate, ctx: JobsDep) -> Quanti
         entry = None
     if entry is None:
         names = ", ".join(sorted(ctx.models.entries())) or "none yet"
-        raise InvalidRequestError(f"Model {body.model!r} is not in the model store (models: {names}).",
-                                  param="model", code="model_not_found")
+        raise InvalidRequestError(
+            f"Model {body.model!r} is not in the model store (models: {names}).", param="model", code="model_not_found"
+        )
     job_id = new_id("qjob")
-    record = QuantizationJob(id=job_id, created_at=int(now()), model=body.model,
-                             types=list(dict.fromkeys(t.value for t in body.types)), status=JobStatus.QUEUED)
+    record = QuantizationJob(
+        id=job_id,
+        created_at=int(now()),
+        model=body.model,
+        types=list(dict.fromkeys(t.value for t in body.types)),
+        status=JobStatus.QUEUED,
+    )
     ctx.store.create(Q, record)
     rq_queue(QueueName.QUANTIZE, ctx.rq).enqueue(
-        QUANTIZE_FUNCTION, job_id, job_id=job_id, job_timeout=QUANTIZATION_TIMEOUT_SECONDS,
-        retry=Retry(max=ctx.settings.job_retries), description=f"quantize {body.model}")
+        QUANTIZE_FUNCTION,
+        job_id,
+        job_id=job_id,
+        job_timeout=QUANTIZATION_TIMEOUT_SECONDS,
+        retry=Retry(max=ctx.settings.job_retries),
+        description=f"quantize {body.model}",
+    )
     return ctx.store.read(Q, job_id, QuantizationJob) or record
 
 
 @router.get("", response_model=QuantizationJobList)
-def list_quantization_jobs(ctx: JobsDep, after: str | None = None,
-                           limit: Annotated[int, Query(ge=1, le=100)] = 20) -> QuantizationJobList:
+def list_quantization_jobs(
+    ctx: JobsDep, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20
+) -> QuantizationJobList:
     """Quantization jobs, newest first."""
     records, has_more = ctx.store.read_page(Q, after, limit, QuantizationJob)
     return QuantizationJobList(data=records, has_more=has_more)

@@ -15,9 +15,13 @@ router = APIRouter(prefix="/v1/specialists", tags=["specialists"])
 
 def _describe(specialist: Specialist, served: dict[str, list[str]]) -> dict[str, Any]:
     return {
-        "id": specialist.name, "object": "specialist", "description": specialist.description,
-        "preset": specialist.preset, "instruction": specialist.instruction,
-        "prompt_format": specialist.render_prompt("{input}"), "default_sampling": specialist.sampling(),
+        "id": specialist.name,
+        "object": "specialist",
+        "description": specialist.description,
+        "preset": specialist.preset,
+        "instruction": specialist.instruction,
+        "prompt_format": specialist.render_prompt("{input}"),
+        "default_sampling": specialist.sampling(),
         "models": served.get(specialist.name, []),
     }
 
@@ -40,6 +44,7 @@ async def list_specialists(upstream: UpstreamDep) -> dict[str, Any]:
 async def retrieve_specialist(name: str, upstream: UpstreamDep) -> dict[str, Any]:
     """One specialist by name; 404 when there is no such specialist."""
     if name not in SPECIALISTS:
-        raise NotFoundError(f"no specialist {name!r}; specialists: {', '.join(SPECIALISTS)}", param="name",
-                            code="specialist_not_found")
+        raise NotFoundError(
+            f"no specialist {name!r}; specialists: {', '.join(SPECIALISTS)}", param="name", code="specialist_not_found"
+        )
     return _describe(SPECIALISTS[name], await _served(upstream))

@@ -41,8 +41,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
     if body.stream:
         # The gateway reads this before the first line, so its own response can carry it in its headers.
         headers = {PROMPT_TRUNCATED_HEADER: str(prepared.truncated)} if prepared.truncated else None
-        return StreamingResponse(_ndjson(worker, generation, prepared, body.echo), media_type=NDJSON,
-                                 headers=headers)
+        return StreamingResponse(_ndjson(worker, generation, prepared, body.echo), media_type=NDJSON, headers=headers)
     collecting = asyncio.ensure_future(_collect(worker, generation, prepared, body.echo))
     disconnected = asyncio.ensure_future(_client_disconnected(request))
     try:
@@ -68,16 +67,20 @@ async def _client_disconnected(request: Request) -> None:
 
 def _usage(prepared: PreparedPrompt, generation: GenerationRequest) -> Usage:
     prompt_tokens = len(prepared.ids)
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=generation.completion_tokens,
-                 total_tokens=prompt_tokens + generation.completion_tokens)
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=generation.completion_tokens,
+        total_tokens=prompt_tokens + generation.completion_tokens,
+    )
 
 
 def _logprob(lp: TokenLogprob | None) -> TokenLogprobOut | None:
     return None if lp is None else TokenLogprobOut(token=lp.token, logprob=lp.logprob, top_logprobs=lp.top)
 
 
-async def _collect(worker: ModelWorker, generation: GenerationRequest, prepared: PreparedPrompt,
-                   echo: bool) -> GenerateResponse:
+async def _collect(
+    worker: ModelWorker, generation: GenerationRequest, prepared: PreparedPrompt, echo: bool
+) -> GenerateResponse:
     pieces = [prepared.text] if echo else []
     logprobs: list[TokenLogprobOut] = []
     last: StepOutput | None = None
@@ -88,14 +91,18 @@ async def _collect(worker: ModelWorker, generation: GenerationRequest, prepared:
         last = output
     assert last is not None and last.finish_reason is not None
     return GenerateResponse(
-        text="".join(pieces), finish_reason=last.finish_reason, usage=_usage(prepared, generation),
-        logprobs=logprobs if prepared.params.logprobs is not None else None, model=worker.model_id,
+        text="".join(pieces),
+        finish_reason=last.finish_reason,
+        usage=_usage(prepared, generation),
+        logprobs=logprobs if prepared.params.logprobs is not None else None,
+        model=worker.model_id,
         prompt_truncated=prepared.truncated,
     )
 
 
-async def _ndjson(worker: ModelWorker, generation: GenerationRequest, prepared: PreparedPrompt,
-                  echo: bool) -> AsyncIterator[bytes]:
+async def _ndjson(
+    worker: ModelWorker, generation: GenerationRequest, prepared: PreparedPrompt, echo: bool
+) -> AsyncIterator[bytes]:
     """One JSON object per line: pieces of text (with their logprob), then {finish_reason, usage, model}.
 
     If the client disconnects, Starlette cancels this generator and ``worker.outputs`` cancels the request.
@@ -107,10 +114,14 @@ async def _ndjson(worker: ModelWorker, generation: GenerationRequest, prepared: 
             if output.text or output.logprob is not None:
                 yield stream_line(StreamPiece(text=output.text, logprob=_logprob(output.logprob)))
             if output.finish_reason is not None:
-                yield stream_line(StreamEnd(finish_reason=output.finish_reason, usage=_usage(prepared, generation),
-                                            model=worker.model_id))
+                yield stream_line(
+                    StreamEnd(
+                        finish_reason=output.finish_reason, usage=_usage(prepared, generation), model=worker.model_id
+                    )
+                )
     except GenerationFailed as exc:
         # Headers are gone already: the error travels as the last line, in the usual shape.
         logger.warning("request %s failed mid-stream: %s", generation.request_id, exc)
-        yield stream_line(WorkerError(error=WorkerErrorDetail(message=str(exc), type="server_error",
-                                                              code="generation_failed")))
+        yield stream_line(
+            WorkerError(error=WorkerErrorDetail(message=str(exc), type="server_error", code="generation_failed"))
+        )

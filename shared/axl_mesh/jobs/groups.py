@@ -107,17 +107,37 @@ class GroupStore:
         return f"{self.prefix}:ft:{job_id}:group:alive:"
 
     # --- the coordinator (rank 0)
-    def open(self, job_id: str, *, attempt: int, workers: int, master: str, coordinator: dict[str, str],
-             config: dict[str, Any], resume_step: int | None, ttl_seconds: float) -> None:
+    def open(
+        self,
+        job_id: str,
+        *,
+        attempt: int,
+        workers: int,
+        master: str,
+        coordinator: dict[str, str],
+        config: dict[str, Any],
+        resume_step: int | None,
+        ttl_seconds: float,
+    ) -> None:
         """A fresh open record for ``attempt`` (replacing any earlier attempt's). ``config`` is rank 0's training
         configuration: every rank must run the same one (another eval interval on one rank would desynchronise
         the group's collectives), so members take it from here, not from their own settings. ``resume_step``:
         the step of the checkpoint rank 0 resumes from, which a member must see too (None: a fresh start)."""
         with self.redis.pipeline() as pipe:
             pipe.delete(self.key(job_id))
-            pipe.hset(self.key(job_id), mapping={"attempt": str(attempt), "workers": workers, "master": master,
-                                                 "state": OPEN, "slots": 0, "member:0": json.dumps(coordinator),
-                                                 "config": json.dumps(config), "resume_step": json.dumps(resume_step)})
+            pipe.hset(
+                self.key(job_id),
+                mapping={
+                    "attempt": str(attempt),
+                    "workers": workers,
+                    "master": master,
+                    "state": OPEN,
+                    "slots": 0,
+                    "member:0": json.dumps(coordinator),
+                    "config": json.dumps(config),
+                    "resume_step": json.dumps(resume_step),
+                },
+            )
             pipe.pexpire(self.key(job_id), int(ttl_seconds * 1000))
             pipe.execute()
 
@@ -134,8 +154,9 @@ class GroupStore:
 
     def close(self, job_id: str, *, attempt: int, ttl_seconds: float) -> GroupView | None:
         """Close the group and fix its ranks (None when it was not open for ``attempt``)."""
-        ranked = self._close(keys=[self.key(job_id), self.alive_prefix(job_id)],
-                             args=[str(attempt), int(ttl_seconds * 1000)])
+        ranked = self._close(
+            keys=[self.key(job_id), self.alive_prefix(job_id)], args=[str(attempt), int(ttl_seconds * 1000)]
+        )
         if not ranked and self.redis.hget(self.key(job_id), "state") != STARTED.encode():
             return None
         return self.read(job_id)
@@ -146,8 +167,12 @@ class GroupStore:
     # --- a member
     def claim(self, job_id: str, *, attempt: int, member: dict[str, str], alive_seconds: float) -> int | None:
         """A slot in the open group of ``attempt``, or None (closed, full, another attempt, gone)."""
-        slot = int(self._claim(keys=[self.key(job_id), self.alive_prefix(job_id)],
-                               args=[str(attempt), json.dumps(member), int(alive_seconds * 1000)]))
+        slot = int(
+            self._claim(
+                keys=[self.key(job_id), self.alive_prefix(job_id)],
+                args=[str(attempt), json.dumps(member), int(alive_seconds * 1000)],
+            )
+        )
         return slot if slot > 0 else None
 
     def heartbeat(self, job_id: str, slot: int, alive_seconds: float) -> None:
@@ -157,15 +182,23 @@ class GroupStore:
         raw = self.redis.hgetall(self.key(job_id))
         if not raw:
             return None
-        fields = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-                  for k, v in raw.items()}
+        fields = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in raw.items()
+        }
         members: list[Member] = []
         ranked = [int(s) for s in fields.get("ranked", "").split(",") if s]
         if fields["state"] == STARTED:
             for rank, slot in enumerate([0, *ranked]):
                 who = json.loads(fields[f"member:{slot}"])
                 members.append(Member(rank=rank, name=who["name"], host=who["host"]))
-        return GroupView(attempt=int(fields["attempt"]), workers=int(fields["workers"]), master=fields["master"],
-                         state=fields["state"], members=members, ranked=ranked,
-                         config=json.loads(fields.get("config") or "{}"),
-                         resume_step=json.loads(fields.get("resume_step") or "null"))
+        return GroupView(
+            attempt=int(fields["attempt"]),
+            workers=int(fields["workers"]),
+            master=fields["master"],
+            state=fields["state"],
+            members=members,
+            ranked=ranked,
+            config=json.loads(fields.get("config") or "{}"),
+            resume_step=json.loads(fields.get("resume_step") or "null"),
+        )

@@ -60,8 +60,9 @@ class JobsCollector(Collector):
         yield from (depth, by_status, step, loss, speed, *durations)
 
     def _durations(self) -> list[Any]:
-        family = HistogramMetricFamily("axl_job_duration_seconds", "Wall time of ended jobs by kind and status",
-                                       labels=["kind", "status"])
+        family = HistogramMetricFamily(
+            "axl_job_duration_seconds", "Wall time of ended jobs by kind and status", labels=["kind", "status"]
+        )
         for kind in JobKind:
             stored = self.store.redis.hgetall(self.store.durations_key(kind))
             raw = {as_text(k): float(v) for k, v in stored.items()}

@@ -88,9 +88,13 @@ class Reaper:
                         self.store.set_status(kind, record_id, JobStatus.CANCELLED)
                         continue
                     self.store.set_status(kind, record_id, JobStatus.QUEUED)
-                    self._note(kind, record_id, "The worker running this job stopped; requeued "
-                               f"({job.retries_left} retries left). The next attempt resumes from the last checkpoint.",
-                               level="warn")
+                    self._note(
+                        kind,
+                        record_id,
+                        "The worker running this job stopped; requeued "
+                        f"({job.retries_left} retries left). The next attempt resumes from the last checkpoint.",
+                        level="warn",
+                    )
                 elif rq_status in (RQStatus.FAILED, RQStatus.STOPPED):
                     if cancel_at is not None:
                         if self.store.set_status(kind, record_id, JobStatus.CANCELLED):

@@ -29,8 +29,9 @@ class JobsSettings(ServiceSettings):
     # Retention: a job logs about one event a second while it trains; keep its newest events, and let a finished
     # job's keys (record, events, checkpoints list, cancel flag) expire.
     job_events_max: int = Field(default=1000, ge=10, description="events kept per fine-tuning job (older trimmed)")
-    finished_job_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=60,
-                                          description="a finished job's records are deleted this long after it ends")
+    finished_job_ttl_seconds: int = Field(
+        default=30 * 24 * 3600, ge=60, description="a finished job's records are deleted this long after it ends"
+    )
 
     @property
     def resolved_files_dir(self) -> Path:

@@ -96,7 +96,9 @@ _JOB_KINDS = frozenset(JobKind)
 FILE_KIND = "file"
 # What a record of each kind is; a field written by update() or set_status() must be one of its fields, of its type.
 RECORD_MODELS: dict[str, type[BaseModel]] = {
-    FILE_KIND: FileObject, JobKind.FINE_TUNE: FineTuningJobRecord, JobKind.QUANTIZE: QuantizationJob,
+    FILE_KIND: FileObject,
+    JobKind.FINE_TUNE: FineTuningJobRecord,
+    JobKind.QUANTIZE: QuantizationJob,
 }
 R = TypeVar("R", bound=BaseModel)
 
@@ -216,8 +218,12 @@ class JobStore:
         args: list[Any] = [record_id, self.finished_ttl_seconds, status.value, "status", json.dumps(status.value)]
         for name, value in self._encode(kind, fields).items():
             args += [name, value]
-        keys = [self.key(kind, record_id), self.active_key(kind), self.ended_key(kind),
-                *self._job_keys(kind, record_id)]
+        keys = [
+            self.key(kind, record_id),
+            self.active_key(kind),
+            self.ended_key(kind),
+            *self._job_keys(kind, record_id),
+        ]
         return self._set_status(keys=keys, args=args) == 1
 
     def delete(self, kind: str, record_id: str) -> bool:
@@ -292,11 +298,24 @@ class JobStore:
         self.redis.set(marker, "1")
 
     # events and checkpoints of fine-tuning jobs
-    def add_event(self, job_id: str, message: str, *, level: str = "info", data: dict[str, Any] | None = None,
-                  type: str = "message") -> None:  # noqa: A002 - the wire name
+    def add_event(
+        self,
+        job_id: str,
+        message: str,
+        *,
+        level: str = "info",
+        data: dict[str, Any] | None = None,
+        type: str = "message",
+    ) -> None:  # noqa: A002 - the wire name
         """Append an event (the oldest beyond ``job_events_max`` are dropped); the id is made in Redis."""
-        event = {"object": "fine_tuning.job.event", "created_at": int(now()), "level": level, "message": message,
-                 "data": data, "type": type}
+        event = {
+            "object": "fine_tuning.job.event",
+            "created_at": int(now()),
+            "level": level,
+            "message": message,
+            "data": data,
+            "type": type,
+        }
         keys = [self.key(JobKind.FINE_TUNE, job_id), self.events_key(job_id), self.events_seq_key(job_id)]
         self._add_event(keys=keys, args=[self.events_max, secrets.token_hex(8), json.dumps(event)[1:]])
 
@@ -309,8 +328,9 @@ class JobStore:
             if match is None or int(match.group(1), 16) == 0:
                 return [], False
             after_seq = int(match.group(1), 16)
-        raw, more = self._events_page(keys=[self.events_key(job_id), self.events_seq_key(job_id)],
-                                      args=[after_seq, limit])
+        raw, more = self._events_page(
+            keys=[self.events_key(job_id), self.events_seq_key(job_id)], args=[after_seq, limit]
+        )
         return [json.loads(e) for e in reversed(raw)], bool(more)
 
     def add_checkpoint(self, job_id: str, checkpoint: dict[str, Any]) -> None:
@@ -372,8 +392,9 @@ def range_members(reply: ZSetRangeResponse) -> list[str]:
 def open_job(settings: JobsSettings, kind: JobKind, job_id: str) -> tuple[JobStore, dict[str, Any]]: ...
 @overload
 def open_job(settings: JobsSettings, kind: JobKind, job_id: str, model: type[R]) -> tuple[JobStore, R]: ...
-def open_job(settings: JobsSettings, kind: JobKind, job_id: str,
-             model: type[BaseModel] | None = None) -> tuple[JobStore, Any]:
+def open_job(
+    settings: JobsSettings, kind: JobKind, job_id: str, model: type[BaseModel] | None = None
+) -> tuple[JobStore, Any]:
     """In a job's forked process: die with the worker, open the store and read the job's record (as ``model``,
     e.g. ``QuantizationJob``; without one, the stored fields)."""
     set_parent_death_signal()
@@ -386,6 +407,5 @@ def open_job(settings: JobsSettings, kind: JobKind, job_id: str,
 
 
 def open_store(settings: JobsSettings) -> JobStore:
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30,
-                                  **reconnect_policy())
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30, **reconnect_policy())
     return JobStore(client, settings)

@@ -39,8 +39,11 @@ def build_worker(settings: JobsSettings, queue: QueueName, conn: redis.Redis, *,
     """The RQ worker for ``queue``: JSON only, our job class, our heartbeat TTL."""
     worker_class = _worker_class(settings.heartbeat_ttl_seconds)
     return worker_class(
-        [rq_queue(queue.value, conn)], connection=conn, name=name,
-        serializer=rq_serializer(), job_class=rq_job_class(),
+        [rq_queue(queue.value, conn)],
+        connection=conn,
+        name=name,
+        serializer=rq_serializer(),
+        job_class=rq_job_class(),
         job_monitoring_interval=settings.heartbeat_interval_seconds,
         # RQ also cleans registries while idle; the reaper does it on time whatever the worker is doing.
         maintenance_interval=max(15, int(settings.reaper_interval_seconds)),
@@ -61,8 +64,11 @@ def serve_health_and_metrics(host: str, port: int, registry: Any) -> Any:
             elif self.path == "/metrics":
                 body, ctype, status = generate_latest(registry), CONTENT_TYPE_LATEST, 200
             else:
-                body, ctype, status = b'{"error":{"message":"not found","type":"invalid_request_error",' \
-                                      b'"param":null,"code":null}}', "application/json", 404
+                body, ctype, status = (
+                    b'{"error":{"message":"not found","type":"invalid_request_error","param":null,"code":null}}',
+                    "application/json",
+                    404,
+                )
             self.send_response(status)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
@@ -77,8 +83,9 @@ def serve_health_and_metrics(host: str, port: int, registry: Any) -> Any:
     return server
 
 
-def run_worker(settings: JobsSettings, queue: QueueName, *, burst: bool = False, name: str | None = None,
-               on_tick: Any = None) -> bool:
+def run_worker(
+    settings: JobsSettings, queue: QueueName, *, burst: bool = False, name: str | None = None, on_tick: Any = None
+) -> bool:
     """Work ``queue`` until stopped (or, with ``burst``, until it is empty): the RQ worker, the reaper thread and
     the ``/healthz`` + ``/metrics`` endpoints. Returns whether any job ran."""
     from prometheus_client import CollectorRegistry
