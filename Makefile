@@ -27,7 +27,8 @@ install:  ## create .venv and install the project with every extra, again if don
 	rm -f $(INSTALLED)
 	$(MAKE) --no-print-directory $(INSTALLED)
 
-test: $(INSTALLED)  ## run the whole test suite
+# `make lint` first: a lint or type error fails `make test` (and so CI, which runs it) before the suite starts.
+test: lint  ## lint (ruff, mypy), then run the whole test suite
 	$(PY) -m pytest -q tests
 
 test-fast: $(INSTALLED)  ## the model library's tests only
@@ -65,4 +66,4 @@ eval: $(INSTALLED)  ## evaluate a checkpoint: held-out bits/byte, HumanEval (san
 
 clean:  ## remove caches (keeps .venv and checkpoints)
 	find . -name __pycache__ -prune -exec rm -rf {} +
-	rm -rf .pytest_cache .hypothesis
+	rm -rf .pytest_cache .hypothesis .mypy_cache .ruff_cache

@@ -103,3 +103,49 @@ def test_the_stamp_is_not_written_when_pip_fails(tmp_path: Path) -> None:
     _fake_pip(venv, 1)
     assert _make(str(venv / ".installed"), venv).returncode != 0
     assert not (venv / ".installed").exists()
+
+
+def test_make_test_lints_before_the_suite(tmp_path: Path) -> None:
+    """`make test` (the README's test command, which CI runs) runs every `make lint` step before pytest."""
+    lines = _dry_run("test", _installed_venv(tmp_path))
+    suite = _index(lines, "-m pytest")
+    for step in ("ruff check", "ruff format --check", "mypy"):
+        assert _index(lines, step) < suite, lines
+
+
+# One finding per lint step, each clean for the other two: `make lint` must fail on each (no step's failure ignored).
+LINT_FINDINGS = {
+    "ruff check": "import os\n",  # F401: imported but unused
+    "ruff format --check": "x = {'a':1}\n",  # quotes and spacing the formatter rewrites
+    "mypy": 'x: int = "a"\n',  # a str assigned to an int
+}
+
+
+@pytest.mark.parametrize("step", sorted(LINT_FINDINGS))
+def test_make_lint_fails_on_a_finding(step: str, tmp_path: Path) -> None:
+    venv = REPO_ROOT / ".venv"
+    if not all((venv / "bin" / tool).exists() for tool in ("ruff", "mypy")):
+        pytest.skip("the project's venv has no ruff or mypy (the dev extra)")
+    # The project's config (the file lies outside the tree): ruff reads the nearest pyproject.toml.
+    shutil.copy(REPO_ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    (tmp_path / "finding.py").write_text(LINT_FINDINGS[step])
+    # -o: the venv counts as installed even if pyproject.toml is newer than its stamp (no pip run from a test).
+    result = subprocess.run(
+        [
+            "make",
+            "-C",
+            str(REPO_ROOT),
+            "--no-print-directory",
+            "-o",
+            str(venv / ".installed"),
+            f"VENV={venv}",
+            f"LINT_PATHS={tmp_path / 'finding.py'}",
+            "lint",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0, result.stdout
+    ran = [line for line in result.stdout.splitlines() if "/bin/ruff" in line or "/bin/mypy" in line]
+    assert step in ran[-1], ran  # make stopped at the step that found it
