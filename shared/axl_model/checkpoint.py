@@ -54,7 +54,11 @@ def save_checkpoint(model: MultiScaleTransformer, path: str | Path, *, training_
             skeleton = _extract_tensors(training_state, "state", tensors)
             save_file(tensors, str(staging / STATE_TENSORS))
             (staging / STATE_JSON).write_text(json.dumps(skeleton))
+        # mkdtemp makes the folder 0700 and safetensors writes 0600: a checkpoint holds no secret, and the services
+        # that read it (a worker in another container, the image's non-root user) need not be its writer.
+        staging.chmod(0o755)
         for file in staging.iterdir():
+            file.chmod(0o644)
             _fsync(file)
         _swap_in(staging, path)
     finally:

@@ -169,6 +169,8 @@ def test_release_export_is_half_the_weights_without_optimizer_state_and_serves_a
     assert export_main(["release", str(source), "--out", str(tmp_path / "rel")]) == 0
     release = tmp_path / "rel"
     assert {p.name for p in release.iterdir()} == {"model.safetensors", "config.json", "metadata.json"}
+    assert release.stat().st_mode & 0o777 == 0o755  # readable by a worker running as another user
+    assert {p.stat().st_mode & 0o777 for p in release.iterdir()} == {0o644}
     with safe_open(str(release / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     metadata = json.loads((release / "metadata.json").read_text())
