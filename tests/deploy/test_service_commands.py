@@ -89,8 +89,12 @@ def test_service_starts_from_its_compose_definition(name: str, local: dict[str, 
         assert httpx.get(process.url + _health_path(service), timeout=5).status_code == 200
         metrics = httpx.get(process.url + "/metrics", timeout=5)
         assert metrics.status_code == 200 and "# TYPE" in metrics.text  # what Prometheus scrapes
-        if module == "services.model_worker":  # a worker registers itself under its specialist's model id
-            mesh_auth = {"Authorization": f"Bearer {env['AXL_REGISTRY_SECRET']}"}  # registry reads need it too
+        mesh_auth = {"Authorization": f"Bearer {env.get('AXL_REGISTRY_SECRET', '')}"}  # internal reads need it
+        if module == "services.model_worker" and env.get("AXL_WORKER_MODE") == "pool":
+            # The pool holds nothing until asked; it answers its internal view of what it holds.
+            pool = httpx.get(process.url + "/internal/v1/pool", headers=mesh_auth, timeout=5)
+            assert pool.status_code == 200, pool.text
+        elif module == "services.model_worker":  # a worker registers itself under its specialist's model id
             models = httpx.get(local["registry"].url + "/v1/models", headers=mesh_auth, timeout=5).json()
             assert f"axl-{env['AXL_SPECIALIST']}" in str(models)
     finally:
