@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -57,3 +61,46 @@ def app_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The services that run our image (``python -m services.X``)."""
     return {name: s for name, s in compose["services"].items()
             if (s.get("command") or [None, None, ""])[:2] == ["python", "-m"]}
+
+
+@contextlib.contextmanager
+def acl_redis(command: list[str], data_dir: Path, passwords: dict[str, str]) -> Iterator[int]:
+    """Run redis-server as a deployment file's `command` (on a free loopback port, data in `data_dir`), check the mesh's
+    ACL holds there (`passwords`: the registry and jobs users' own), and yield the port for the file's own probe.
+
+    The ACL: each user logs in with its password, the jobs user can neither read nor write the registry's keys, and
+    a client that does not log in gets nothing."""
+    import redis as redis_client
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from axl_mesh.redis_acl import url_for_user
+    from tests.support import free_port
+
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server / redis-cli not installed")
+    port = free_port()
+    proc = subprocess.Popen([command[0], "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
+                             *command[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"redis://127.0.0.1:{port}/0"
+        registry = redis_client.Redis.from_url(url_for_user(base, "registry", passwords["registry"]))
+        jobs = redis_client.Redis.from_url(url_for_user(base, "jobs", passwords["jobs"]))
+        for _ in range(100):
+            try:
+                registry.ping()
+                break
+            except redis_client.ConnectionError:
+                time.sleep(0.05)
+        registry.set("axl:registry:probe", "1")
+        jobs.set("rq:probe", "1")
+        with pytest.raises(redis_client.exceptions.NoPermissionError):
+            jobs.get("axl:registry:probe")
+        with pytest.raises(redis_client.exceptions.NoPermissionError):
+            jobs.set("axl:registry:probe", "2")
+        with pytest.raises(redis_client.AuthenticationError):
+            redis_client.Redis(port=port, retry=Retry(NoBackoff(), 0)).ping()
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)

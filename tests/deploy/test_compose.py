@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy.conftest import COMPOSE_FILE, REQUIRED_ENV, app_services, env_of, run_compose
+from tests.deploy.conftest import COMPOSE_FILE, REQUIRED_ENV, acl_redis, app_services, env_of, run_compose
 from tests.support import REPO_ROOT
 
 CHECK_JSONSCHEMA = REPO_ROOT / ".venv" / "bin" / "check-jsonschema"
@@ -206,53 +207,18 @@ def test_redis_has_the_mesh_acl_and_each_service_its_own_login(compose: dict[str
 
 
 def test_the_compose_redis_command_runs_the_acl(compose: dict[str, Any], tmp_path: Path) -> None:
-    """The redis service's command line, run by the local redis-server: the users log in, the jobs user gets NOPERM
-    on a registry key, the default user is off, and the health check's redis-cli call answers PONG."""
-    import os
-    import shutil
-    import time
-
-    import redis as redis_client
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
-    from axl_mesh.redis_acl import url_for_user
-    from tests.support import free_port
-
-    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
-        pytest.skip("redis-server / redis-cli not installed")
+    """The redis service's command line, run by the local redis-server: the mesh's ACL holds (acl_redis), and the
+    health check's redis-cli call answers PONG with the jobs password only."""
     command = [re.sub(r"\$\{(\w+):\?[^}]*\}", lambda m: REQUIRED_ENV[m.group(1)], arg)
                for arg in compose["services"]["redis"]["command"]]
-    port = free_port()
-    command = [command[0], "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path), *command[1:]]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        base = f"redis://127.0.0.1:{port}/0"
-        registry = redis_client.Redis.from_url(
-            url_for_user(base, "registry", REQUIRED_ENV["AXL_REDIS_REGISTRY_PASSWORD"]))
-        jobs = redis_client.Redis.from_url(url_for_user(base, "jobs", REQUIRED_ENV["AXL_REDIS_JOBS_PASSWORD"]))
-        for _ in range(100):
-            try:
-                registry.ping()
-                break
-            except redis_client.ConnectionError:
-                time.sleep(0.05)
-        registry.set("axl:registry:probe", "1")
-        jobs.set("rq:probe", "1")
-        with pytest.raises(redis_client.exceptions.NoPermissionError):
-            jobs.get("axl:registry:probe")
-        with pytest.raises(redis_client.exceptions.NoPermissionError):
-            jobs.set("axl:registry:probe", "2")
-        with pytest.raises(redis_client.AuthenticationError):
-            redis_client.Redis(port=port, retry=Retry(NoBackoff(), 0)).ping()
+    passwords = {"registry": REQUIRED_ENV["AXL_REDIS_REGISTRY_PASSWORD"],
+                 "jobs": REQUIRED_ENV["AXL_REDIS_JOBS_PASSWORD"]}
+    with acl_redis(command, tmp_path, passwords) as port:
         check = compose["services"]["redis"]["healthcheck"]["test"][1].replace("redis-cli", f"redis-cli -p {port}")
         env = {**os.environ, "REDISCLI_AUTH": REQUIRED_ENV["AXL_REDIS_JOBS_PASSWORD"]}
         assert subprocess.run(["sh", "-c", check], env=env, timeout=10).returncode == 0
         env["REDISCLI_AUTH"] = "wrong"
         assert subprocess.run(["sh", "-c", check], env=env, timeout=10, capture_output=True).returncode != 0
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_required_secrets_use_the_error_form() -> None:

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from referencing import Registry, Resource
 
-from tests.deploy.conftest import REQUIRED_ENV, app_services, env_of
+from tests.deploy.conftest import REQUIRED_ENV, acl_redis, app_services, env_of
 from tests.support import REPO_ROOT
 
 K8S_DIR = REPO_ROOT / "deploy" / "k8s"
@@ -460,46 +460,19 @@ def test_redis_has_the_mesh_acl_persistence_and_each_service_its_own_login(objec
 
 
 def test_the_rendered_redis_command_runs_the_acl(objects: Objects, tmp_path: Path) -> None:
-    """The redis container's args, $(VAR)s expanded as the kubelet does, run by the local redis-server: each user
-    logs in with its secret, the jobs user cannot touch a registry key, and the probe's command answers."""
-    import time
-
-    import redis as redis_client
-
-    from axl_mesh.redis_acl import url_for_user
-    from tests.support import free_port
-
-    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
-        pytest.skip("redis-server / redis-cli not installed")
+    """The redis container's args, $(VAR)s expanded as the kubelet does, run by the local redis-server: the mesh's
+    ACL holds (acl_redis), and the probe's command answers with the right password only."""
     container = by_kind(objects, "Deployment")["redis"]["spec"]["template"]["spec"]["containers"][0]
     values = {name: SECRETS[e["valueFrom"]["secretKeyRef"]["key"]] for name, e in env_map(container).items()}
     args = [VAR_REF.sub(lambda m: values[m.group(1)], arg) for arg in container["args"]]
-    port = free_port()
-    proc = subprocess.Popen([args[0], "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path), *args[1:]],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        base = f"redis://127.0.0.1:{port}/0"
-        registry = redis_client.Redis.from_url(url_for_user(base, "registry", SECRETS["AXL_REDIS_REGISTRY_PASSWORD"]))
-        jobs = redis_client.Redis.from_url(url_for_user(base, "jobs", SECRETS["AXL_REDIS_JOBS_PASSWORD"]))
-        for _ in range(100):
-            try:
-                registry.ping()
-                break
-            except redis_client.ConnectionError:
-                time.sleep(0.05)
-        registry.set("axl:registry:probe", "1")
-        jobs.set("rq:probe", "1")
-        with pytest.raises(redis_client.exceptions.NoPermissionError):
-            jobs.get("axl:registry:probe")
+    passwords = {"registry": SECRETS["AXL_REDIS_REGISTRY_PASSWORD"], "jobs": SECRETS["AXL_REDIS_JOBS_PASSWORD"]}
+    with acl_redis(args, tmp_path, passwords) as port:
         probe = container["readinessProbe"]["exec"]["command"]
         probe = [*probe[:-1], probe[-1].replace("redis-cli", f"redis-cli -p {port}")]
         env = {**os.environ, "REDISCLI_AUTH": values["REDISCLI_AUTH"]}
         assert subprocess.run(probe, env=env, timeout=10).returncode == 0
         env["REDISCLI_AUTH"] = "wrong"
         assert subprocess.run(probe, env=env, timeout=10, capture_output=True).returncode != 0
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def _guards(objects: Objects) -> dict[str, dict[str, Any]]:
