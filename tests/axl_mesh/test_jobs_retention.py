@@ -12,6 +12,7 @@ import redis
 from axl_mesh.jobs import (
     TRAIN_FUNCTION, JobKind, JobsCollector, JobsSettings, JobStore, QueueName, Reaper, new_id, now, rq_queue,
 )
+from axl_mesh.jobs.reaper import ENQUEUE_GRACE_SECONDS
 from axl_mesh.jobs_protocol import JobStatus
 
 FT = JobKind.FINE_TUNE
@@ -245,3 +246,19 @@ def test_records_from_before_retention_are_adopted_once(client: redis.Redis, red
     client.delete(store.active_key(FT))
     store.adopt_legacy_records()  # done once: the marker stops a second full pass
     assert store.active_ids(FT) == []
+
+
+def test_the_reaper_leaves_a_job_being_enqueued_and_fails_one_whose_queue_entry_is_gone(client: redis.Redis,
+                                                                                            redis_url: str) -> None:
+    """The gateway writes a job's record before it enqueues the RQ job: a tick in between must not fail it (it did,
+    and the trainer then found the new job already ended). An RQ job still missing after the grace is lost."""
+    settings = _settings(redis_url, reaper_interval_seconds=60)
+    store = JobStore(client, settings)
+    new, old = _job(store), _job(store)
+    client.hset(store.key(FT, old), "created_at", str(int(now() - ENQUEUE_GRACE_SECONDS - 5)))
+    reaper = Reaper(settings, [QueueName.TRAIN.value])
+    reaper.store = store
+    reaper.tick()
+    assert store.get(FT, new)["status"] == "queued"  # being enqueued: left alone
+    assert store.get(FT, old)["status"] == "failed"
+    assert store.get(FT, old)["error"]["code"] == "job_lost"

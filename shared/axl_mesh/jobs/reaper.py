@@ -16,6 +16,10 @@ from axl_mesh.jobs_protocol import JobError, JobStatus
 logger = logging.getLogger(__name__)
 
 
+# How long a new job's record may exist without its RQ job (the gateway enqueues right after writing it).
+ENQUEUE_GRACE_SECONDS = 30.0
+
+
 class Reaper:
     """Recovers jobs of dead workers and enforces cancellation; one per worker process, in a thread.
 
@@ -71,7 +75,11 @@ class Reaper:
                     job = fetch_rq_job(record_id, conn)
                     rq_status = job.get_status()
                 except (NoSuchJobError, InvalidJobOperation):
-                    if record["status"] != JobStatus.VALIDATING_FILES:
+                    # The gateway writes the record (validating, then queued) before it enqueues the RQ job: a tick
+                    # between the two must not fail a job that is being created (it did: a flaky test's job ended
+                    # before it began). Missing for longer than the grace, the job is lost.
+                    age = now() - float(record.get("created_at") or 0)
+                    if record["status"] != JobStatus.VALIDATING_FILES and age > ENQUEUE_GRACE_SECONDS:
                         self._fail(kind, record_id, "The job disappeared from the queue.", "job_lost")
                     continue
                 cancel_at = self.store.cancel_requested_at(record_id)
