@@ -104,3 +104,14 @@ def acl_redis(command: list[str], data_dir: Path, passwords: dict[str, str]) -> 
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def command_user_lines(command: list[str]) -> list[str]:
+    """The ``--user`` directives of a redis-server command line, one ``user ...`` line each."""
+    lines: list[list[str]] = []
+    for arg in command:
+        if arg.startswith("--"):
+            lines.append([arg[2:]])
+        elif lines:
+            lines[-1].append(arg)
+    return [" ".join(line) for line in lines if line[0] == "user"]

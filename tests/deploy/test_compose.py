@@ -11,7 +11,15 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy.conftest import COMPOSE_FILE, REQUIRED_ENV, acl_redis, app_services, env_of, run_compose
+from tests.deploy.conftest import (
+    COMPOSE_FILE,
+    REQUIRED_ENV,
+    acl_redis,
+    app_services,
+    command_user_lines,
+    env_of,
+    run_compose,
+)
 from tests.support import REPO_ROOT
 
 CHECK_JSONSCHEMA = REPO_ROOT / ".venv" / "bin" / "check-jsonschema"
@@ -175,17 +183,6 @@ def test_dependencies_wait_for_health(compose: dict[str, Any]) -> None:
         assert "redis" in services[name]["depends_on"]
 
 
-def _acl_directives(command: list[str]) -> list[str]:
-    """The ``--user`` directives of a redis-server command line, one ``user ...`` line each."""
-    lines: list[list[str]] = []
-    for arg in command:
-        if arg.startswith("--"):
-            lines.append([arg[2:]])
-        elif lines:
-            lines[-1].append(arg)
-    return [" ".join(line) for line in lines if line[0] == "user"]
-
-
 def test_redis_has_the_mesh_acl_and_each_service_its_own_login(compose: dict[str, Any]) -> None:
     """Redis has no open door and no shared password: the ACL of axl_mesh.redis_acl from required variables (no
     default user), and each service logs in as its own user (the registry's keys are the registry user's alone)."""
@@ -194,7 +191,7 @@ def test_redis_has_the_mesh_acl_and_each_service_its_own_login(compose: dict[str
     redis = compose["services"]["redis"]
     placeholders = {user: f"${{{variable}:?set {variable} (random, URL-safe characters)}}"
                     for user, variable in REDIS_LOGINS.items()}
-    assert _acl_directives(redis["command"]) == acl_directives(placeholders)
+    assert command_user_lines(redis["command"]) == acl_directives(placeholders)
     assert "--requirepass" not in redis["command"]
     assert env_of(redis)["REDISCLI_AUTH"] == placeholders["jobs"]
     assert redis["healthcheck"]["test"] == ["CMD-SHELL", "redis-cli --user jobs ping | grep -q PONG"]

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from referencing import Registry, Resource
 
-from tests.deploy.conftest import REQUIRED_ENV, acl_redis, app_services, env_of
+from tests.deploy.conftest import REQUIRED_ENV, acl_redis, app_services, command_user_lines, env_of
 from tests.support import REPO_ROOT
 
 K8S_DIR = REPO_ROOT / "deploy" / "k8s"
@@ -428,22 +428,12 @@ def _redis_args(objects: Objects) -> list[str]:
     return by_kind(objects, "Deployment")["redis"]["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
-def _acl(command: list[str]) -> list[str]:
-    lines: list[list[str]] = []
-    for arg in command:
-        if arg.startswith("--"):
-            lines.append([arg[2:]])
-        elif lines:
-            lines[-1].append(arg)
-    return [" ".join(line) for line in lines if line[0] == "user"]
-
-
 def test_redis_has_the_mesh_acl_persistence_and_each_service_its_own_login(objects: Objects) -> None:
     from axl_mesh.redis_acl import SERVICE_USERS, acl_directives
 
     variables = {"registry": "AXL_REDIS_REGISTRY_PASSWORD", "jobs": "AXL_REDIS_JOBS_PASSWORD"}
     args = _redis_args(objects)
-    assert _acl(args) == acl_directives({user: f"$({variable})" for user, variable in variables.items()})
+    assert command_user_lines(args) == acl_directives({user: f"$({variable})" for user, variable in variables.items()})
     assert args[args.index("--appendonly") + 1] == "yes"
     redis = by_kind(objects, "Deployment")["redis"]["spec"]["template"]["spec"]
     (data,) = [m for m in redis["containers"][0]["volumeMounts"] if m["mountPath"] == "/data"]
