@@ -13,8 +13,9 @@ import torch
 
 MODULES = ("train_throughput", "distributed_throughput", "quality_per_cpu_minute", "generation_speed", "decode_options",
            "gateway_latency", "gateway_streams", "chunked_prefill")
-# Run only when named: minutes of traffic against a mesh (load), minutes of 4,096-byte training steps (long_window).
-ON_REQUEST = ("load", "long_window")
+# Run only when named: minutes of traffic against a mesh (load), minutes of 4,096-byte training steps (long_window),
+# minutes of scoring a trained checkpoint several ways (llama_export_quality).
+ON_REQUEST = ("load", "long_window", "llama_export_quality")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
                          help="where `axl data corpus pypi --out DIR/pypi` put the PyPI corpus (default data/corpora)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all CPUs)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
-    parser.add_argument("--checkpoint", help="decode_options: also measure int8's held-out bits/byte cost on this checkpoint")
+    parser.add_argument("--checkpoint", help="decode_options: also measure int8's held-out bits/byte cost on this checkpoint; "
+                                             "llama_export_quality: the checkpoint to score (default weights/axl-coder)")
+    parser.add_argument("--held-out-bytes", type=int,
+                        help="llama_export_quality: held-out bytes scored (whole windows; default 131072)")
     load = parser.add_argument_group("load (python -m bench load)")
     load.add_argument("--url", help="a running gateway, e.g. http://127.0.0.1:8880 (default: boot a private mesh)")
     load.add_argument("--api-key", help="bearer key for --url")

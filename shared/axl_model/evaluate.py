@@ -30,7 +30,7 @@ import platform
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,6 +62,10 @@ PromptFormat = Literal["raw", "specialist"]
 
 # (prompts, n, GenerationSpec) -> for each prompt, n generated texts (the text after the prompt)
 GenerateFn = Callable[[Sequence[str], int, "GenerationSpec"], list[list[str]]]
+# (windows of (tokens, mask), on_batch) -> (summed cross-entropy in nats, predicted tokens): how `held_out_bpb`
+# scores a model; on_batch(n), if given, after n of the windows (progress bars). See `model_scorer`.
+Window = tuple[np.ndarray, np.ndarray]
+WindowScorer = Callable[[Iterable[Window], Callable[[int], None] | None], tuple[float, float]]
 
 # Published HumanEval pass@1 of other code models, as their papers report them (sampled, many samples per problem).
 REFERENCE_RESULTS: list[dict[str, str]] = [
@@ -250,7 +254,8 @@ def refuse_corpus_overlap(name: str, documents: Sequence[tuple[str, bytes]], che
 
 def held_out_bpb(checkpoint: str | os.PathLike, data: Sequence[str] | None = None, *, seq_len: int = 256,
                  max_bytes: int | None = None, val_fraction: float | None = None, batch_size: int = 8,
-                 progress: bool = False, model: Any = None, compressors: bool = False) -> dict[str, Any]:
+                 progress: bool = False, model: Any = None, compressors: bool = False,
+                 scorers: dict[str, WindowScorer] | None = None) -> dict[str, Any]:
     """Bits per byte of the checkpoint on held-out files: by default exactly the split it recorded when it trained
     (`split_to_score`); with `data`, the held-out split of that corpus, refused when it holds a training file.
 
@@ -262,11 +267,12 @@ def held_out_bpb(checkpoint: str | os.PathLike, data: Sequence[str] | None = Non
     when it matches; otherwise a temporary one is built. `model` scores another model on the checkpoint's split
     (e.g. its int8 version, `axl_model.quantize`) instead of the checkpoint's weights. `compressors` adds
     "compressors": zlib/zstd/xz bits per byte on every held-out file (`axl_model.compressors`; the whole split
-    even with max_bytes).
+    even with max_bytes). `scorers` ({name: WindowScorer}) also scores other models on exactly the same windows
+    (the llama export through llama.cpp, the fine-scale path: `llama_export_scorers`); their figures are under
+    "scorers" ({name: {"bpb", "bytes", "by_kind"}}).
     """
     from .checkpoint import load_checkpoint
     from .data import default_corpus, eval_window_spans, eval_windows, prepare_data, prepared_folder
-    from .train import score_windows
 
     settings = split_to_score(checkpoint, data, val_fraction)
     paths = settings["data"] or default_corpus()
@@ -297,13 +303,26 @@ def held_out_bpb(checkpoint: str | os.PathLike, data: Sequence[str] | None = Non
 
             bar = tqdm(total=sum(map(len, spans.values())), desc="held-out bits/byte", unit="window")
         files = Counter(entry["kind"] for entry in split["val_files"])
-        by_kind, nats, count = {}, 0.0, 0.0
-        for kind, (view, budget) in plans.items():
-            kind_nats, kind_count = score_windows(model, eval_windows(view, seq_len, budget), batch_size,
-                                                  on_batch=bar.update if bar is not None else None)
-            if kind_count:
-                by_kind[kind] = {"bpb": kind_nats / kind_count / LN2, "bytes": int(kind_count), "files": files[kind]}
-            nats, count = nats + kind_nats, count + kind_count
+
+        def score_all(scorer: WindowScorer) -> tuple[dict[str, dict[str, Any]], float, float]:
+            by_kind, nats, count = {}, 0.0, 0.0
+            for kind, (view, budget) in plans.items():
+                kind_nats, kind_count = scorer(eval_windows(view, seq_len, budget),
+                                               bar.update if bar is not None else None)
+                if kind_count:
+                    by_kind[kind] = {"bpb": kind_nats / kind_count / LN2, "bytes": int(kind_count),
+                                     "files": files[kind]}
+                nats, count = nats + kind_nats, count + kind_count
+            return by_kind, nats, count
+
+        if bar is not None and scorers:
+            bar.total *= 1 + len(scorers)
+        by_kind, nats, count = score_all(model_scorer(model, batch_size))
+        others = {}
+        for name, scorer in (scorers or {}).items():
+            other_by_kind, other_nats, other_count = score_all(scorer)
+            others[name] = {"bpb": other_nats / other_count / LN2 if other_count else float("nan"),
+                            "bytes": int(other_count), "by_kind": other_by_kind}
         if bar is not None:
             bar.close()
         baselines = None
@@ -321,7 +340,8 @@ def held_out_bpb(checkpoint: str | os.PathLike, data: Sequence[str] | None = Non
             "by_kind": by_kind, "files": len(split["val_files"]), "split_source": settings["source"],
             "split_matches_checkpoint": (split["val_files_sha256"] == recorded["val_files_sha256"]) if recorded else None,
             "val_files_sha256": split["val_files_sha256"], "data": [str(p) for p in paths],
-            "val_fraction": settings["val_fraction"], **({"compressors": baselines} if baselines else {})}
+            "val_fraction": settings["val_fraction"], **({"compressors": baselines} if baselines else {}),
+            **({"scorers": others} if scorers else {})}
 
 
 class _Slice:
@@ -335,6 +355,120 @@ class _Slice:
 
     def window(self, start: int, length: int):
         return self.dataset.window(self.start + start, min(length, len(self) - start))
+
+
+# ---------------------------------------------------------------------------------------------- other scorers
+def model_scorer(model: Any, batch_size: int = 8, fine_only: bool = False) -> WindowScorer:
+    """A MultiScaleTransformer scoring windows (`train.score_windows`): the full model, or with `fine_only` its
+    fine-scale path alone (`forward_fine_only`: the fine stack with its own local window, then the head), which is
+    what the llama-architecture GGUF export holds."""
+    from .train import score_windows
+
+    scored = _fine_path(model) if fine_only else model
+
+    def score(windows: Iterable[Window], on_batch: Callable[[int], None] | None = None) -> tuple[float, float]:
+        return score_windows(scored, windows, batch_size, on_batch=on_batch)
+
+    return score
+
+
+def _fine_path(model: Any) -> Any:
+    """`model` as a module whose forward is its fine-scale path (what `train.score_windows` calls)."""
+    import torch
+
+    class FinePath(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.inner.forward_fine_only(ids)
+
+    return FinePath()
+
+
+def context_pieces(windows: Iterable[Window], context: int) -> Iterator[list[Window]]:
+    """Each window cut into pieces that predict at most `context` tokens each from at most `context` tokens of
+    input (a model whose context is shorter than the window): piece j reads tokens [jC, jC + C) and predicts
+    [jC + 1, jC + C], starting afresh, so the pieces of a window predict exactly the window's targets once."""
+    for tokens, mask in windows:
+        yield [(tokens[start:start + context + 1], mask[start:start + context + 1])
+               for start in range(0, len(tokens) - 1, context)]
+
+
+def in_pieces(scorer: WindowScorer, context: int) -> WindowScorer:
+    """`scorer` run on `context_pieces` of every window (on_batch still counts whole windows)."""
+
+    def score(windows: Iterable[Window], on_batch: Callable[[int], None] | None = None) -> tuple[float, float]:
+        nats = count = 0.0
+        for pieces in context_pieces(windows, context):
+            piece_nats, piece_count = scorer(pieces, None)
+            nats, count = nats + piece_nats, count + piece_count
+            if on_batch is not None:
+                on_batch(1)
+        return nats, count
+
+    return score
+
+
+def llama_cpp_scorer(gguf_path: str | os.PathLike, context: int, threads: int | None = None) -> WindowScorer:
+    """llama.cpp (llama-cpp-python, `Llama(logits_all=True)`) scoring windows of at most context + 1 tokens with a
+    llama-architecture GGUF (`axl export gguf --kind llama`): each window is evaluated from an empty KV cache, the
+    ids given as they are (no tokenization), its logits for every position read back. Default KV cache types
+    (F16), as llama.cpp and Ollama run the file."""
+    import llama_cpp
+    import torch
+
+    llm = llama_cpp.Llama(str(gguf_path), n_ctx=context, n_batch=context, n_ubatch=context, logits_all=True,
+                          n_threads=threads or torch.get_num_threads(), n_threads_batch=threads or torch.get_num_threads(),
+                          verbose=False)
+
+    def score(windows: Iterable[Window], on_batch: Callable[[int], None] | None = None) -> tuple[float, float]:
+        nats = count = 0.0
+        for tokens, mask in windows:
+            inputs, targets = tokens[:-1].astype(np.int64), tokens[1:].astype(np.int64)
+            if len(inputs) > context:
+                raise ValueError(f"a window of {len(inputs)} input tokens for a llama.cpp context of {context}")
+            llm.reset()
+            llm.eval(inputs.tolist())
+            logits = np.asarray(llm.scores[: len(inputs)], dtype=np.float64)
+            top = logits.max(axis=1)
+            log_z = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+            losses = log_z - logits[np.arange(len(targets)), targets]
+            weights = mask[1:].astype(np.float64)
+            nats, count = nats + float((losses * weights).sum()), count + float(weights.sum())
+            if on_batch is not None:
+                on_batch(1)
+        return nats, count
+
+    return score
+
+
+def llama_export_scorers(model: Any, folder: str | os.PathLike, types: Sequence[str] = ("f32",),
+                         threads: int | None = None, batch_size: int = 8) -> dict[str, WindowScorer]:
+    """Scorers of the llama-architecture GGUF export of `model` (`axl export gguf --kind llama`) and of the
+    fine-scale path it holds, for `held_out_bpb(..., scorers=...)`:
+
+    - "fine path, PyTorch": `forward_fine_only` over the whole window, the fine stack attending to its own local
+      window (the best the fine path alone can do);
+    - "fine path, PyTorch, C-token pieces": the same in pieces of the export's context C (`context_pieces`);
+    - "llama.cpp <TYPE>, C-token pieces": the exported file (F32, or quantized by llama.cpp: `types`) run by
+      llama.cpp on the same pieces. llama.cpp's llama architecture has no sliding window, so its context is the
+      fine stack's local window (`llama_context_length`) and it reads each piece afresh; its F32 figure equals the
+      PyTorch one in pieces up to float rounding (tested).
+    The files are written into `folder`, which must outlive the scorers.
+    """
+    from .export.gguf import export_llama_gguf, llama_context_length, quantize_gguf
+
+    context = llama_context_length(model.config)
+    fine = model_scorer(model, batch_size, fine_only=True)
+    scorers = {"fine path, PyTorch": fine, f"fine path, PyTorch, {context}-token pieces": in_pieces(fine, context)}
+    f32 = export_llama_gguf(model, Path(folder) / "fine-f32.gguf")
+    for gguf_type in types:
+        path = f32 if gguf_type == "f32" else quantize_gguf(f32, Path(folder) / f"fine-{gguf_type}.gguf", gguf_type).path
+        scorers[f"llama.cpp {gguf_type.upper()}, {context}-token pieces"] = in_pieces(
+            llama_cpp_scorer(path, context, threads), context)
+    return scorers
 
 
 # ---------------------------------------------------------------------------------------------- HumanEval
