@@ -21,11 +21,13 @@ examples:
   axl train --preset micro --data src/ --max-time 180 --out checkpoints/axl-micro
   axl train --out checkpoints/axl-micro --resume --max-time 600    # continue where it stopped
   axl train --specialist docs --max-time 600    # the docs specialist: its preset and its data recipe
+  axl train --mix stdlib,site-packages --max-time 600   # the standard library + the installed packages
   axl generate checkpoints/axl-micro "def fibonacci(n):" --max-tokens 100 --stream
   axl eval checkpoints/axl-micro --data src/    # bits per byte on the held-out files
   axl plot checkpoints/axl-micro                # loss curve -> checkpoints/axl-micro.run/loss.png
   axl data build --all                          # every specialist's data from the standard library
   axl data corpus pypi                          # a held-out corpus of PyPI packages for `axl eval`
+  axl data mix stdlib,site-packages             # what each part of a training mix holds after the filters
 """
 
 
@@ -57,6 +59,11 @@ def register_train(subparsers) -> None:
     data = p.add_argument_group("data")
     data.add_argument("--data", nargs="+", metavar="PATH",
                       help="files, folders or globs of .py/.txt/.jsonl (default: the Python standard library)")
+    data.add_argument("--mix", metavar="PARTS",
+                      help="named sources, comma-separated: stdlib (the Python standard library), site-packages (the "
+                           ".py files of the packages installed beside axl, one root per distribution; held-out "
+                           "corpora, the project's own code and vendored copies left out; duplicates dropped across "
+                           "the mix); with --data, both (`axl data mix` shows what each part holds)")
     data.add_argument("--val-data", nargs="+", metavar="PATH", help="validation data (default: held-out files of --data)")
     data.add_argument("--val-fraction", type=float, default=0.05,
                       help="share of files held out for validation (default 0.05; 0 needs --val-data)")
@@ -109,6 +116,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     group = TrainingGroup.from_env()
     preset, data, val_data = args.preset, args.data, args.val_data
+    if args.mix:
+        from .data import mix_inputs
+
+        data = mix_inputs(args.mix) + list(data or [])
     if args.specialist:
         from .specialists import get_specialist
 
@@ -158,7 +169,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     resumed = f" (resumed from step {result.resumed_from_step})" if result.resumed_from_step is not None else ""
     print(f"{result.status}: {result.steps} steps{resumed}, validation {result.val_bpb:.4f} bits/byte, "
           f"{result.bytes_per_s:,.0f} bytes/s, {result.elapsed_s:.0f} s -> {result.checkpoint_dir}")
+    if is_checkpoint(result.checkpoint_dir):
+        for line in data_parts_lines((load_metadata(result.checkpoint_dir).get("data") or {}).get("parts") or {}):
+            print(line)
     return 0
+
+
+def data_parts_lines(parts: dict[str, dict[str, int]]) -> list[str]:
+    """One line per source of the training data (`data.DataStats.parts`): what it contributed after the filters."""
+    return [f"  data {name}: {p['documents']:,} of {p['files']:,} files kept, {p['bytes']:,} bytes "
+            f"(train {p['train']:,} files / {p['train_bytes']:,} B, held out {p['val']:,} / {p['val_bytes']:,} B)"
+            for name, p in parts.items()]
 
 
 def _size_for_budget(args: argparse.Namespace, default_threads: int) -> str:
@@ -556,7 +577,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- data
 def register_data(subparsers) -> None:
     p = subparsers.add_parser("data", help="build training data; fetch held-out evaluation corpora")
-    sub = p.add_subparsers(dest="data_command", required=True, metavar="{build,corpus}")
+    sub = p.add_subparsers(dest="data_command", required=True, metavar="{build,corpus,mix}")
     b = sub.add_parser("build", help="build a specialist's dataset (train.jsonl, val.jsonl) from Python source",
                        epilog="examples:\n  axl data build --specialist docs\n  axl data build --all --source ~/src --out data",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -583,6 +604,16 @@ def register_data(subparsers) -> None:
                    help="a folder or file:// URL of the pinned wheels instead of PyPI (no index is asked)")
     c.add_argument("--force", action="store_true", help="fetch again even if the corpus is complete")
     c.set_defaults(func=cmd_data_corpus)
+    m = sub.add_parser("mix", help="what a training mix (`axl train --mix`) holds: files and bytes per part after "
+                                   "the filters, the distributions read and left out",
+                       epilog="examples:\n  axl data mix                                  # stdlib,site-packages\n"
+                              "  axl data mix site-packages --packages          # one line per distribution",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("parts", nargs="?", default="stdlib,site-packages", help="comma-separated (default: both)")
+    m.add_argument("--val-fraction", type=float, default=0.05)
+    m.add_argument("--packages", action="store_true", help="list every distribution with what it contributed")
+    m.add_argument("--cache", metavar="DIR", help="keep the prepared data here (default: a temporary folder)")
+    m.set_defaults(func=cmd_data_mix)
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:
@@ -608,6 +639,37 @@ def cmd_data_corpus(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     print(f"{args.name}: {len(manifest['packages'])} packages, {manifest['files']} files, {manifest['bytes']:,} bytes "
           f"-> {out} (manifest: {out / 'manifest.json'})")
+    return 0
+
+
+def cmd_data_mix(args: argparse.Namespace) -> int:
+    import tempfile
+    import time
+
+    from .data import mix_inputs, prepare_data
+
+    inputs = mix_inputs(args.parts)
+    with tempfile.TemporaryDirectory(prefix="axl-data-mix-") as tmp:
+        start, cpu = time.perf_counter(), time.process_time()
+        prepared = prepare_data(inputs, args.cache or tmp, val_fraction=args.val_fraction, progress=False)
+        took = f"{time.perf_counter() - start:.0f} s wall, {time.process_time() - cpu:.0f} CPU-s"
+        split, stats = prepared.split, prepared.stats
+    print(f"mix {','.join(i.removeprefix('mix:') for i in inputs)}: {stats.files:,} files read, "
+          f"{sum(stats.documents.values()):,} kept ({stats.documents['train']:,} train, {stats.documents['val']:,} "
+          f"held out); rejected {', '.join(f'{k} {v:,}' for k, v in stats.rejected.items() if v) or 'none'} ({took})")
+    for line in data_parts_lines(stats.parts):
+        print(line)
+    roots = split.get("mix") or []
+    read = [r for r in roots if "excluded" not in r and r["part"] == "site-packages"]
+    left = [r for r in roots if "excluded" in r]
+    if read:
+        top = sorted(read, key=lambda r: -r.get("bytes", 0))
+        shown = top if args.packages else top[:10]
+        print(f"  site-packages: {len(read)} distributions read"
+              f"{'' if args.packages else ', largest first (--packages: all)'}: "
+              + ", ".join(f"{r['name']} {r['version']} ({r.get('files', 0)} files, {r.get('bytes', 0):,} B)" for r in shown))
+    if left:
+        print("  left out: " + ", ".join(f"{r['name']} {r['version']} ({r['excluded']})" for r in left))
     return 0
 
 

@@ -31,6 +31,7 @@ import glob
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import sysconfig
@@ -38,7 +39,7 @@ import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
 import numpy as np
@@ -67,6 +68,148 @@ def default_corpus() -> list[str]:
     return [sysconfig.get_paths()["stdlib"]]
 
 
+# ---------------------------------------------------------------------------------------------- the training mix
+# Named parts of a training mix, given as data inputs `mix:<part>` (`axl train --mix stdlib,site-packages`):
+#   stdlib         the running Python's standard library, keyed exactly as `--data <stdlib folder>` (json/decoder.py)
+#   site-packages  the .py files of the distributions installed in the running environment (sysconfig purelib and
+#                  platlib), one root per distribution: site-packages/<name>/<path in its RECORD>, so a key does not
+#                  move with the venv's path, the Python version or the package's version. Left out: distributions
+#                  of a held-out evaluation corpus (`corpora.PYPI_PACKAGES` and every fetched manifest), the
+#                  project's own code (editable installs, the axl_model/axl_mesh/services packages) and vendored
+#                  copies (_vendor/, vendor/, third_party/ ...); exact and near-duplicates are dropped across the
+#                  whole mix by the usual filter. A split records the distributions it read by name and version
+#                  (`mix:site-packages=name==version,...`), so `axl eval` rebuilds it from those only.
+MIX_PREFIX = "mix:"
+MIX_PARTS = ("stdlib", "site-packages")
+VENDORED_DIRS = {"_vendor", "vendor", "_vendored", "vendored", "third_party", "_thirdparty", "_bundled"}
+PROJECT_PACKAGES = {"axl_model", "axl_mesh", "services"}
+
+
+def mix_inputs(spec: str | Sequence[str]) -> list[str]:
+    """`stdlib,site-packages` (or a list of part names) -> the data inputs ["mix:stdlib", "mix:site-packages"]."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    parts = list(dict.fromkeys(n.strip() for n in names if n.strip()))
+    unknown = [p for p in parts if p not in MIX_PARTS]
+    if not parts or unknown:
+        raise ValueError(f"unknown part {unknown[0] if unknown else spec!r} of the training mix; "
+                         f"parts: {', '.join(MIX_PARTS)} (comma-separated)")
+    return [MIX_PREFIX + p for p in parts]
+
+
+def stdlib_dir() -> Path:
+    return Path(default_corpus()[0])
+
+
+def site_package_dirs() -> list[Path]:
+    """The running environment's folders of installed packages (purelib, platlib; one when they agree)."""
+    paths = sysconfig.get_paths()
+    return [Path(p) for p in dict.fromkeys(os.path.realpath(paths[k]) for k in ("purelib", "platlib")) if os.path.isdir(p)]
+
+
+def normalize_name(name: str) -> str:
+    """PEP 503 normalized distribution name (Markdown == markdown, more_itertools == more-itertools)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def held_out_package_names() -> dict[str, str]:
+    """Normalized distribution name -> the held-out evaluation corpus it belongs to (never trained on): the
+    pinned PyPI list and the packages of every fetched corpus's manifest."""
+    from .corpora import CORPORA, PYPI_PACKAGES, load_manifest
+
+    names = {normalize_name(p.name): "pypi" for p in PYPI_PACKAGES}
+    for corpus in CORPORA:
+        for entry in (load_manifest(corpus) or {}).get("packages", []):
+            names[normalize_name(entry["name"])] = corpus
+    return names
+
+
+@dataclass(frozen=True)
+class InstalledPackage:
+    """An installed distribution as a root of the site-packages part: its .py files (file, key) after the
+    vendored/cache folders are left out, and why the whole distribution is left out ("" when it is in)."""
+
+    name: str  # normalized
+    version: str
+    files: tuple[tuple[Path, str], ...]
+    excluded: str = ""
+
+
+def installed_packages(site_dirs: Sequence[str | os.PathLike] | None = None) -> list[InstalledPackage]:
+    """Every distribution in site_dirs (default `site_package_dirs()`), by name; the first folder wins a name."""
+    import importlib.metadata
+
+    held_out = held_out_package_names()
+    out: dict[str, InstalledPackage] = {}
+    for site in map(Path, site_package_dirs() if site_dirs is None else site_dirs):
+        dists = [(normalize_name(d.metadata["Name"] or ""), d) for d in importlib.metadata.distributions(path=[str(site)])]
+        for name, dist in sorted(dists, key=lambda item: item[0]):
+            if not name or name in out:
+                continue
+            records = [PurePosixPath(str(entry)) for entry in dist.files or ()]
+            tops = {r.parts[0].removesuffix(".py") for r in records if r.parts and not r.is_absolute()}
+            files = []
+            for rel in records:
+                folders = rel.parts[:-1]
+                if rel.suffix != ".py" or rel.is_absolute() or ".." in rel.parts or rel.name.startswith("__editable__") \
+                        or any(f in SKIPPED_DIRS or f in VENDORED_DIRS or f.endswith((".dist-info", ".egg-info", ".data"))
+                               for f in folders):
+                    continue
+                if (site / rel).is_file():
+                    files.append((site / rel, f"site-packages/{name}/{rel.as_posix()}"))
+            excluded = ""
+            if name in held_out:
+                excluded = f"in the held-out {held_out[name]} corpus"
+            elif tops & PROJECT_PACKAGES or _editable(dist):
+                excluded = "the project's own code (editable install)" if _editable(dist) else "the project's own code"
+            elif dist.files is None:
+                excluded = "no file list (RECORD)"
+            out[name] = InstalledPackage(name, dist.version or "", tuple(files), excluded)
+    return sorted(out.values(), key=lambda p: p.name)
+
+
+def _editable(dist) -> bool:
+    try:
+        return bool(json.loads(dist.read_text("direct_url.json") or "{}").get("dir_info", {}).get("editable"))
+    except (ValueError, AttributeError):
+        return False
+
+
+def _mix_part(raw: str) -> tuple[str, dict[str, str] | None]:
+    """"mix:site-packages=a==1,b==2" -> ("site-packages", {"a": "1", "b": "2"}); no pins: None."""
+    part, _, pins = raw.removeprefix(MIX_PREFIX).partition("=")
+    if part not in MIX_PARTS:
+        raise ValueError(f"unknown part {part!r} of the training mix in {raw!r}; parts: {', '.join(MIX_PARTS)}")
+    if not pins:
+        return part, None
+    pinned = {}
+    for pin in pins.split(","):
+        name, sep, version = pin.partition("==")
+        if not sep or not name:
+            raise ValueError(f"{raw!r}: a pin is name==version, got {pin!r}")
+        pinned[normalize_name(name)] = version
+    return part, pinned
+
+
+def _mix_files(raw: str, roots: list[dict]) -> list[tuple[Path, str, str]]:
+    """(file, key, part) of one mix input; its roots ({"part", "name", "version"} or with "excluded") go to roots."""
+    part, pins = _mix_part(raw)
+    if part == "stdlib":
+        root = stdlib_dir()
+        roots.append({"part": "stdlib", "name": "python-stdlib", "version": platform.python_version()})
+        return [(file, key, part) for file, key, _ in _walk(root, part)]
+    found = []
+    for package in installed_packages():
+        entry = {"part": part, "name": package.name, "version": package.version}
+        if pins is not None and pins.get(package.name) != package.version:
+            continue  # a recorded split: only the distributions it read, at the versions it read
+        if package.excluded:
+            roots.append({**entry, "excluded": package.excluded})
+            continue
+        roots.append(entry)
+        found += [(file, key, part) for file, key in package.files]
+    return found
+
+
 @dataclass
 class FilterConfig:
     min_lines: int = 3
@@ -86,6 +229,9 @@ class DataStats:
     near_duplicate_clusters: int = 0  # clusters of two or more files (each kept wholly on one side)
     near_duplicate_files: int = 0  # files in those clusters
     split_note: str = ""
+    # what each source contributed after the filters: part ("data", "stdlib", "site-packages", "val-data") ->
+    # {"files" read, "documents"/"bytes" kept, "train"/"val" documents, "train_bytes"/"val_bytes"}
+    parts: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------- token files
@@ -166,10 +312,23 @@ class Document:
 
 
 def resolve_inputs(paths: Sequence[str | os.PathLike]) -> list[tuple[Path, str]]:
-    """(file, path relative to its input root) for every data file named by paths, folders and globs."""
-    found: dict[Path, str] = {}
+    """(file, path relative to its input root) for every data file named by paths, folders, globs and parts of
+    the training mix (`mix:stdlib`, `mix:site-packages`)."""
+    return [(file, key) for file, key, _ in _resolve(paths)[0]]
+
+
+def _resolve(paths: Sequence[str | os.PathLike]) -> tuple[list[tuple[Path, str, str]], list[dict]]:
+    """(file, key, part) of every data file (part: "data", or the mix part it came from), in reading order (keys
+    sorted; the site-packages part after everything else, so a file it shares with the standard library or the
+    given data is kept from those), and the roots of the mix's parts."""
+    found: dict[Path, tuple[str, str]] = {}
+    roots: list[dict] = []
     for raw in paths:
         raw = str(raw)
+        if raw.startswith(MIX_PREFIX):
+            for file, key, part in _mix_files(raw, roots):
+                found.setdefault(file.resolve(), (key, part))
+            continue
         if glob.has_magic(raw):
             prefix = re.split(r"[*?\[]", raw, maxsplit=1)[0]
             root = Path(os.path.dirname(prefix) or ".")  # the folder before the first wildcard
@@ -178,25 +337,31 @@ def resolve_inputs(paths: Sequence[str | os.PathLike]) -> list[tuple[Path, str]]
                 raise ValueError(f"data glob {raw!r} matches no files")
             for match in matches:
                 if match.is_file() and match.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES:
-                    found.setdefault(match.resolve(), _relative(match, root))
+                    found.setdefault(match.resolve(), (_relative(match, root), "data"))
             continue
         path = Path(raw)
         if path.is_dir():
-            for dirpath, dirnames, filenames in os.walk(path):
-                dirnames[:] = sorted(d for d in dirnames if d not in SKIPPED_DIRS)
-                for name in sorted(filenames):
-                    file = Path(dirpath) / name
-                    if file.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES:
-                        # relative to the folder itself: the stdlib's json/decoder.py has the same key under
-                        # python3.11/ and python3.12/, so the split does not move with the Python version
-                        found.setdefault(file.resolve(), _relative(file, path))
+            for file, key, part in _walk(path, "data"):
+                found.setdefault(file.resolve(), (key, part))
         elif path.is_file():
             if path.suffix not in TEXT_SUFFIXES + JSONL_SUFFIXES:
                 raise ValueError(f"data file {path} is not .py, .txt or .jsonl")
-            found.setdefault(path.resolve(), path.name)
+            found.setdefault(path.resolve(), (path.name, "data"))
         else:
             raise ValueError(f"data path {path} does not exist")
-    return sorted(found.items(), key=lambda item: item[1])
+    ordered = sorted(found.items(), key=lambda item: (item[1][1] == "site-packages", item[1][0]))
+    return [(file, key, part) for file, (key, part) in ordered], roots
+
+
+def _walk(path: Path, part: str) -> Iterator[tuple[Path, str, str]]:
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIPPED_DIRS)
+        for name in sorted(filenames):
+            file = Path(dirpath) / name
+            if file.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES:
+                # relative to the folder itself: the stdlib's json/decoder.py has the same key under
+                # python3.11/ and python3.12/, so the split does not move with the Python version
+                yield file, _relative(file, path), part
 
 
 def _relative(file: Path, root: Path) -> str:
@@ -409,6 +574,13 @@ def prepared_folder(data: Sequence[str | os.PathLike] | None, cache_dir: str | o
     return Path(cache_dir) / _inputs_key(train_files, val_files, filters or FilterConfig(), val_fraction)
 
 
+def _pinned(data: Sequence[str | os.PathLike], roots: list[dict]) -> list[str]:
+    """The inputs as a split records them: `mix:site-packages` names the distributions it read, with versions."""
+    read = ",".join(f"{r['name']}=={r['version']}" for r in roots if r["part"] == "site-packages" and "excluded" not in r)
+    return [f"{MIX_PREFIX}site-packages={read}" if str(p).startswith(f"{MIX_PREFIX}site-packages") else str(p)
+            for p in data]
+
+
 def prepare_data(data: Sequence[str | os.PathLike] | None, cache_dir: str | os.PathLike, *,
                  val_data: Sequence[str | os.PathLike] | None = None, val_fraction: float = 0.05,
                  filters: FilterConfig | None = None, progress: bool = True) -> PreparedData:
@@ -421,8 +593,11 @@ def prepare_data(data: Sequence[str | os.PathLike] | None, cache_dir: str | os.P
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if not 0.0 <= filters.near_duplicate_jaccard <= 1.0:
         raise ValueError(f"near_duplicate_jaccard must be in [0, 1], got {filters.near_duplicate_jaccard}")
-    train_files = resolve_inputs(data if data else default_corpus())
+    resolved, roots = _resolve(data if data else default_corpus())
+    train_files = [(file, key) for file, key, _ in resolved]
+    parts = {file: ("stdlib" if not data else part) for file, _, part in resolved}
     val_files = resolve_inputs(val_data) if val_data else []
+    parts.update({file: "val-data" for file, _ in val_files})
     if not train_files:
         raise ValueError(f"no .py, .txt or .jsonl files found in {list(map(str, data or default_corpus()))}")
     key = _inputs_key(train_files, val_files, filters, val_fraction)
@@ -432,10 +607,12 @@ def prepare_data(data: Sequence[str | os.PathLike] | None, cache_dir: str | os.P
 
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=cache_dir))
-    inputs = {"data": [str(p) for p in data] if data else None, "corpus": [str(p) for p in data or default_corpus()],
+    inputs = {"data": _pinned(data, roots) if data else None, "corpus": [str(p) for p in data or default_corpus()],
               "val_data": [str(p) for p in val_data] if val_data else None}
+    if roots:  # the mix's roots by name and version (no folder: the split does not depend on where they live)
+        inputs["mix"] = roots
     try:
-        _build(staging, train_files, val_files, filters, val_fraction, progress, inputs)
+        _build(staging, train_files, val_files, filters, val_fraction, progress, inputs, parts)
         if os.path.exists(folder):  # another process finished first
             shutil.rmtree(staging)
         else:
@@ -460,10 +637,11 @@ class _Kept:
     content_hash: str
     forced_val: bool  # from val_data
     lines: np.ndarray | None  # distinct line hashes of a raw file (near-duplicate search); None for records
+    part: str = "data"  # the source it came from (DataStats.parts)
 
 
 def _build(staging: Path, train_files, val_files, filters: FilterConfig, val_fraction: float, progress: bool,
-           inputs: dict) -> DataStats:
+           inputs: dict, parts: dict[Path, str] | None = None) -> DataStats:
     from tqdm import tqdm
 
     stats = DataStats()
@@ -475,6 +653,9 @@ def _build(staging: Path, train_files, val_files, filters: FilterConfig, val_fra
     bar = tqdm(jobs, desc="preparing data", unit="file", disable=not progress, leave=False)
     for file, relpath, forced_val in bar:
         stats.files += 1
+        part = (parts or {}).get(file, "val-data" if forced_val else "data")
+        stats.parts.setdefault(part, dict.fromkeys(("files", "documents", "bytes", "train", "val", "train_bytes",
+                                                     "val_bytes"), 0))["files"] += 1
         for doc in read_documents(file, relpath, filters, stats.rejected):
             if filters.dedupe:
                 if doc.content_hash in seen:
@@ -483,7 +664,7 @@ def _build(staging: Path, train_files, val_files, filters: FilterConfig, val_fra
                 seen.add(doc.content_hash)
             lines = line_set(doc.tokens[1:-1].astype(np.uint8).tobytes()) \
                 if filters.near_duplicate_jaccard and file.suffix in TEXT_SUFFIXES else None
-            kept.append(_Kept(doc.split_key, pool.n_tokens, len(doc.tokens), doc.content_hash, forced_val, lines))
+            kept.append(_Kept(doc.split_key, pool.n_tokens, len(doc.tokens), doc.content_hash, forced_val, lines, part))
             pool.add(doc.tokens, doc.mask)
     bar.close()
     pool.close()
@@ -544,6 +725,19 @@ def _build(staging: Path, train_files, val_files, filters: FilterConfig, val_fra
     shutil.rmtree(staging / "pool")
     stats.split_note = note
     stats.documents = {"train": len(train_ids), "val": len(val_ids)}
+    for side, ids in (("train", train_ids), ("val", val_ids)):
+        for i in ids:
+            counts = stats.parts[kept[i].part]
+            counts["documents"] += 1
+            counts["bytes"] += kept[i].length - 2  # without BOS and EOS
+            counts[side] += 1
+            counts[f"{side}_bytes"] += kept[i].length - 2
+    for root in inputs.get("mix", ()):  # what each distribution (and the standard library) contributed
+        if "excluded" not in root:
+            prefix = f"site-packages/{root['name']}/" if root["part"] == "site-packages" else None
+            mine = [i for i in (*train_ids, *val_ids) if kept[i].part == root["part"]
+                    and (prefix is None or kept[i].key.startswith(prefix))]
+            root.update(files=len(mine), bytes=sum(kept[i].length - 2 for i in mine))
     for name, writer in writers.items():
         writer.close()
         stats.tokens[name] = writer.n_tokens
