@@ -667,7 +667,8 @@ def cmd_data_mix(args: argparse.Namespace) -> int:
         shown = top if args.packages else top[:10]
         print(f"  site-packages: {len(read)} distributions read"
               f"{'' if args.packages else ', largest first (--packages: all)'}: "
-              + ", ".join(f"{r['name']} {r['version']} ({r.get('files', 0)} files, {r.get('bytes', 0):,} B)" for r in shown))
+              + ", ".join(f"{r['name']} {r['version']} ({r.get('files', 0)} files, {r.get('bytes', 0):,} B)"
+                          for r in shown))
     if left:
         print("  left out: " + ", ".join(f"{r['name']} {r['version']} ({r['excluded']})" for r in left))
     return 0

@@ -103,7 +103,8 @@ def stdlib_dir() -> Path:
 def site_package_dirs() -> list[Path]:
     """The running environment's folders of installed packages (purelib, platlib; one when they agree)."""
     paths = sysconfig.get_paths()
-    return [Path(p) for p in dict.fromkeys(os.path.realpath(paths[k]) for k in ("purelib", "platlib")) if os.path.isdir(p)]
+    folders = dict.fromkeys(os.path.realpath(paths[k]) for k in ("purelib", "platlib"))
+    return [Path(p) for p in folders if os.path.isdir(p)]
 
 
 def normalize_name(name: str) -> str:
@@ -141,7 +142,8 @@ def installed_packages(site_dirs: Sequence[str | os.PathLike] | None = None) -> 
     held_out = held_out_package_names()
     out: dict[str, InstalledPackage] = {}
     for site in map(Path, site_package_dirs() if site_dirs is None else site_dirs):
-        dists = [(normalize_name(d.metadata["Name"] or ""), d) for d in importlib.metadata.distributions(path=[str(site)])]
+        dists = [(normalize_name(d.metadata["Name"] or ""), d)
+                 for d in importlib.metadata.distributions(path=[str(site)])]
         for name, dist in sorted(dists, key=lambda item: item[0]):
             if not name or name in out:
                 continue
@@ -150,9 +152,10 @@ def installed_packages(site_dirs: Sequence[str | os.PathLike] | None = None) -> 
             files = []
             for rel in records:
                 folders = rel.parts[:-1]
-                if rel.suffix != ".py" or rel.is_absolute() or ".." in rel.parts or rel.name.startswith("__editable__") \
-                        or any(f in SKIPPED_DIRS or f in VENDORED_DIRS or f.endswith((".dist-info", ".egg-info", ".data"))
-                               for f in folders):
+                if rel.suffix != ".py" or rel.is_absolute() or ".." in rel.parts \
+                        or rel.name.startswith("__editable__") or any(
+                            f in SKIPPED_DIRS or f in VENDORED_DIRS or f.endswith((".dist-info", ".egg-info", ".data"))
+                            for f in folders):
                     continue
                 if (site / rel).is_file():
                     files.append((site / rel, f"site-packages/{name}/{rel.as_posix()}"))
@@ -576,7 +579,8 @@ def prepared_folder(data: Sequence[str | os.PathLike] | None, cache_dir: str | o
 
 def _pinned(data: Sequence[str | os.PathLike], roots: list[dict]) -> list[str]:
     """The inputs as a split records them: `mix:site-packages` names the distributions it read, with versions."""
-    read = ",".join(f"{r['name']}=={r['version']}" for r in roots if r["part"] == "site-packages" and "excluded" not in r)
+    read = ",".join(f"{r['name']}=={r['version']}" for r in roots
+                    if r["part"] == "site-packages" and "excluded" not in r)
     return [f"{MIX_PREFIX}site-packages={read}" if str(p).startswith(f"{MIX_PREFIX}site-packages") else str(p)
             for p in data]
 
