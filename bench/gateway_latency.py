@@ -44,7 +44,10 @@ def random_checkpoint(path: Path, preset: str = "micro") -> Path:
 
 
 @contextlib.contextmanager
-def local_mesh(threads: int | None = None, max_batch: int = 8, preset: str = "micro") -> Iterator[LocalMesh]:
+def local_mesh(threads: int | None = None, max_batch: int = 8, preset: str = "micro",
+               worker_env: dict[str, str] | None = None) -> Iterator[LocalMesh]:
+    """worker_env: more settings of the worker (e.g. AXL_PREFILL_CHUNK_TOKENS)."""
+    extra_env = dict(worker_env or {})
     with tempfile.TemporaryDirectory(prefix="axl-bench-mesh-") as tmp:
         root = Path(tmp)
         checkpoint = random_checkpoint(root / preset, preset)
@@ -60,6 +63,7 @@ def local_mesh(threads: int | None = None, max_batch: int = 8, preset: str = "mi
                           "AXL_MAX_BATCH": str(max_batch)}
             if threads:
                 worker_env["AXL_NUM_THREADS"] = str(threads)
+            worker_env.update(extra_env)
             worker = ServiceProcess("services.model_worker", worker_env, log_path=root / "worker.log",
                                     health_path="/readyz")
             services.append(worker.start(120))
