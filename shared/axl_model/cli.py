@@ -179,7 +179,10 @@ def data_parts_lines(parts: dict[str, dict[str, int]]) -> list[str]:
     """One line per source of the training data (`data.DataStats.parts`): what it contributed after the filters."""
     return [f"  data {name}: {p['documents']:,} of {p['files']:,} files kept, {p['bytes']:,} bytes "
             f"(train {p['train']:,} files / {p['train_bytes']:,} B, held out {p['val']:,} / {p['val_bytes']:,} B)"
-            for name, p in parts.items()]
+            for name, p in sorted(parts.items(), key=lambda item: _PART_ORDER.get(item[0], len(_PART_ORDER)))]
+
+
+_PART_ORDER = {"stdlib": 0, "site-packages": 1, "data": 2, "val-data": 3}  # the summary's order
 
 
 def _size_for_budget(args: argparse.Namespace, default_threads: int) -> str:

@@ -140,7 +140,8 @@ def test_split_keys_do_not_move_with_the_environment(tmp_path: Path, monkeypatch
     assert splits[0]["data"] == splits[1]["data"] == ["mix:site-packages=alpha==1.0"]
 
 
-def test_the_checkpoint_records_the_mix_and_eval_scores_exactly_it(env, tmp_path: Path) -> None:
+def test_the_checkpoint_records_the_mix_and_eval_scores_exactly_it(env, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
     _, site = env
     assert main(["train", "--preset", "tiny", "--mix", "stdlib,site-packages", "--max-steps", "1", "--batch-size", "2",
                  "--seq-len", "32", "--threads", "1", "--val-fraction", "0.2", "--out", str(tmp_path / "ck"),
@@ -155,6 +156,8 @@ def test_the_checkpoint_records_the_mix_and_eval_scores_exactly_it(env, tmp_path
     assert {r["part"] for r in recorded["mix"]} == {"stdlib", "site-packages"}
     assert str(tmp_path) not in json.dumps(recorded)  # roots by name and version, never by folder
     assert set(metadata["data"]["parts"]) == {"stdlib", "site-packages"}
+    printed = capsys.readouterr().out  # axl train's data summary: what each part contributed
+    assert printed.index("data stdlib: 13 of 13 files kept") < printed.index("data site-packages: ")
 
     # a package installed after training does not join the recorded split: eval scores exactly its files
     _dist(site, "gamma", "3.0", {f"gamma/g{i}.py": _module(600 + i) for i in range(30)})
