@@ -50,7 +50,8 @@ def first_line_ms(client: httpx.Client, url: str, body: dict, headers: dict | No
 
 def measure(chunk: int, threads: int | None) -> dict[str, float]:
     texts = prompts(WARMUP + REQUESTS)
-    with local_mesh(threads or 1, max_batch=8, preset="micro", worker_env={"AXL_PREFILL_CHUNK_TOKENS": str(chunk)}) as mesh:
+    settings = {"AXL_PREFILL_CHUNK_TOKENS": str(chunk)}
+    with local_mesh(threads or 1, max_batch=8, preset="micro", worker_env=settings) as mesh:
         direct_url = mesh.worker.url + "/internal/v1/generate"
         gateway_url = mesh.gateway.url + "/v1/completions"
         auth = {"Authorization": f"Bearer {SECRET}"}
@@ -82,7 +83,8 @@ def run(args) -> dict:
         result = measure(chunk, threads)
         print(f"  prefill {'in chunks of 256' if chunk else 'in one go':17s} worker p50 {result['direct_p50_ms']:6.1f} "
               f"p90 {result['direct_p90_ms']:6.1f} ms; through the gateway p50 {result['gateway_p50_ms']:6.1f} "
-              f"p90 {result['gateway_p90_ms']:6.1f} ms; worker CPU {result['worker_cpu_ms_per_request']:.1f} ms/request")
+              f"p90 {result['gateway_p90_ms']:6.1f} ms; worker CPU {result['worker_cpu_ms_per_request']:.1f} "
+              "ms/request")
         for key, value in result.items():
             figures[f"{label}.{key}"] = value
     best = min(figures["chunk256.direct_p50_ms"], figures["one_go.direct_p50_ms"])

@@ -419,9 +419,9 @@ def llama_cpp_scorer(gguf_path: str | os.PathLike, context: int, threads: int | 
     import llama_cpp
     import torch
 
+    threads = threads or torch.get_num_threads()
     llm = llama_cpp.Llama(str(gguf_path), n_ctx=context, n_batch=context, n_ubatch=context, logits_all=True,
-                          n_threads=threads or torch.get_num_threads(), n_threads_batch=threads or torch.get_num_threads(),
-                          verbose=False)
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
 
     def score(windows: Iterable[Window], on_batch: Callable[[int], None] | None = None) -> tuple[float, float]:
         nats = count = 0.0
@@ -465,7 +465,9 @@ def llama_export_scorers(model: Any, folder: str | os.PathLike, types: Sequence[
     scorers = {"fine path, PyTorch": fine, f"fine path, PyTorch, {context}-token pieces": in_pieces(fine, context)}
     f32 = export_llama_gguf(model, Path(folder) / "fine-f32.gguf")
     for gguf_type in types:
-        path = f32 if gguf_type == "f32" else quantize_gguf(f32, Path(folder) / f"fine-{gguf_type}.gguf", gguf_type).path
+        path = f32
+        if gguf_type != "f32":
+            path = quantize_gguf(f32, Path(folder) / f"fine-{gguf_type}.gguf", gguf_type).path
         scorers[f"llama.cpp {gguf_type.upper()}, {context}-token pieces"] = in_pieces(
             llama_cpp_scorer(path, context, threads), context)
     return scorers

@@ -75,7 +75,7 @@ def test_fine_path_scorer_equals_forward_fine_only(checkpoint_and_corpus) -> Non
     tokens = rng.integers(0, 256, size=(3, 65)).astype(np.uint16)
     masks = np.ones_like(tokens, dtype=np.uint8)
     masks[1, 10:20] = 0
-    nats, count = E.model_scorer(model, fine_only=True)(list(zip(tokens, masks)), None)
+    nats, count = E.model_scorer(model, fine_only=True)(list(zip(tokens, masks, strict=True)), None)
     ids = torch.from_numpy(tokens.astype(np.int64))
     with torch.no_grad():
         logits = model.forward_fine_only(ids[:, :-1])
