@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -89,7 +90,9 @@ def run(args) -> dict:
     print(f"  int8 target {TARGET_TOK_S} tokens/s (original release {ORIGINAL_RELEASE_TOK_S}): "
           f"{'met' if max(wall['int8']) >= TARGET_TOK_S else 'not met'} in wall clock (best {max(wall['int8']):.1f}), "
           f"{'met' if max(cpu['int8']) >= TARGET_TOK_S else 'not met'} per CPU-second (best {max(cpu['int8']):.1f})")
-    figures["load_average_1min"] = load
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    print(f"  peak resident memory of this process: {peak:.2f} GiB")
+    figures.update(load_average_1min=load, peak_rss_gib=peak)
     return figures
 
 
