@@ -4,7 +4,8 @@
     sampler = WindowSampler(prepared.train, seq_len=256, batch_size=8, seed=0)
     x, y, mask = sampler.batch(step)                       # (B, T) int64, (B, T) int64, (B, T) float
 
-Inputs are files, folders (searched recursively) or globs of `.py`/`.txt` and `.jsonl`. A raw file becomes
+Inputs are files, folders (searched recursively) or globs of `.py`/`.txt` and `.jsonl`, or named parts of a training
+mix, `mix:stdlib` and `mix:site-packages` (`axl train --mix`; see "the training mix" below). A raw file becomes
 BOS + its bytes + EOS. A `.jsonl` line with `source_code`/`target_code` (or `prompt`/`completion`) becomes prompt
 bytes + target bytes + EOS, and the loss mask covers the target (and EOS) only; a line that names a known
 `specialist` is rendered with that specialist's prompt layout, and a line with `text` is a raw document. The record
@@ -162,8 +163,10 @@ def installed_packages(site_dirs: Sequence[str | os.PathLike] | None = None) -> 
             excluded = ""
             if name in held_out:
                 excluded = f"in the held-out {held_out[name]} corpus"
-            elif tops & PROJECT_PACKAGES or _editable(dist):
-                excluded = "the project's own code (editable install)" if _editable(dist) else "the project's own code"
+            elif _editable(dist):
+                excluded = "the project's own code (editable install)"
+            elif tops & PROJECT_PACKAGES:
+                excluded = "the project's own code"
             elif dist.files is None:
                 excluded = "no file list (RECORD)"
             out[name] = InstalledPackage(name, dist.version or "", tuple(files), excluded)
