@@ -201,6 +201,25 @@ def load_metadata(path: str | Path) -> dict[str, Any]:
     return json.loads(meta_file.read_text()) if meta_file.is_file() else {}
 
 
+def training_history(metadata: dict[str, Any]) -> dict[str, Any]:
+    """What every training run behind a checkpoint added up to: its own run plus the chain of checkpoints it was
+    initialised from (`axl train --init-from`), as metadata["initialised_from"] records them.
+
+    {"steps", "elapsed_s", "tokens_seen", "runs"}: a continued model's row then says all the training it had, not only
+    its last run's (the source folder may be gone, or replaced by this very model, as the shipped default is).
+    """
+    earlier = metadata.get("initialised_from") or {}
+    return {"steps": (metadata.get("step") or 0) + (earlier.get("steps") or 0),
+            "elapsed_s": round((metadata.get("elapsed_s") or 0.0) + (earlier.get("elapsed_s") or 0.0), 2),
+            "tokens_seen": (metadata.get("tokens_seen") or 0) + (earlier.get("tokens_seen") or 0),
+            "runs": 1 + (earlier.get("runs") or 0)}
+
+
+def initialised_from(source: str | Path) -> dict[str, Any]:
+    """The metadata["initialised_from"] record of a run started from checkpoint `source`: where, and its history."""
+    return {"checkpoint": str(source), **training_history(load_metadata(source))}
+
+
 def is_checkpoint(path: str | Path) -> bool:
     path = Path(path)
     if path.suffix.lower() == ".gguf":

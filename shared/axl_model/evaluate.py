@@ -162,19 +162,21 @@ def model_generate_fn(model, *, max_batch: int = 8, progress: bool = False) -> G
 
 def checkpoint_info(checkpoint: str | os.PathLike) -> dict[str, Any]:
     """Name, parameter count, preset, training steps and the specialist (if it trained as one) of a checkpoint."""
-    from .checkpoint import load_config, load_metadata
+    from .checkpoint import load_config, load_metadata, training_history
 
     config = load_config(checkpoint)
     metadata = load_metadata(checkpoint)
     train_config = metadata.get("train_config") or {}
+    history = training_history(metadata)  # a continued model counts the runs it started from too
     return {
         "model": Path(checkpoint).name,
         "checkpoint": str(checkpoint),
         "preset": config.name,
         "params": config.param_count(),
         "window": config.max_seq_len,
-        "steps": metadata.get("step"),
-        "train_seconds": metadata.get("elapsed_s"),
+        "steps": history["steps"] if metadata.get("step") is not None else None,
+        "train_seconds": history["elapsed_s"] or None,
+        "training_runs": history["runs"],
         "training_val_bpb": metadata.get("val_bpb"),
         "train_data": train_config.get("data"),
         "specialist": trained_specialist(metadata),
@@ -1010,6 +1012,8 @@ def _cells(row: dict[str, Any]) -> list[str]:
     steps = f", {row['steps']} steps" if row.get("steps") is not None else ""
     if row.get("train_seconds"):
         steps += f" in {row['train_seconds'] / 60:.0f} min"
+    if (row.get("training_runs") or 1) > 1:
+        steps += f" over {row['training_runs']} runs"
     return [f"`{row['model']}` ({row['preset']}{steps}, {row['prompt_format']} prompts)", _human(row["params"]),
             bpb, pypi_cell, nextline_cell, he_cell, docs_cell, fixer_cell, row["date"]]
 

@@ -31,7 +31,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import is_checkpoint, load_checkpoint, load_config, load_training_state, save_checkpoint
+from .checkpoint import (
+    initialised_from,
+    is_checkpoint,
+    load_checkpoint,
+    load_config,
+    load_metadata,
+    load_training_state,
+    save_checkpoint,
+)
 from .config import PRESETS, ModelConfig, memory_bytes
 from .corpora import refuse_held_out_training
 from .data import FilterConfig, PreparedData, TokenDataset, WindowSampler, eval_windows, prepare_data
@@ -292,6 +300,9 @@ def _train(config: TrainConfig, callbacks: TrainCallbacks, group: TrainingGroup)
     if config.check_ram:  # before anything big is allocated
         check_ram(model_config, config, extra_bytes=teacher_config.param_count() * 8 if teacher_config else 0,
                   processes=group.local_world_size)
+    # A run started from another checkpoint carries that one's training history (a resume keeps what it recorded).
+    history = (load_metadata(out_dir).get("initialised_from") if state is not None
+               else initialised_from(config.init_from) if config.init_from else None)
     if source is not None:
         model = load_checkpoint(source)
     else:
@@ -359,6 +370,8 @@ def _train(config: TrainConfig, callbacks: TrainCallbacks, group: TrainingGroup)
                     "train_config": _jsonable(config.to_dict()), "world_size": group.world_size,
                     "elastic_run_id": group.run_id,
                     "data_split": data_split}
+        if history:
+            metadata["initialised_from"] = history
         save_checkpoint(model, out_dir, training_state=training_state(elapsed), metadata=metadata)
         logger.log("event", event="checkpoint", step=step, path=str(out_dir))
         if callbacks.on_checkpoint:  # rank 0 only (above)

@@ -161,6 +161,28 @@ def test_fine_tune_from_a_checkpoint_with_gradient_accumulation(corpus: Path, tm
     assert load_training_state(tmp_path / "tuned")["tokens_seen"] == 3 * 2 * 4 * 64
 
 
+def test_a_continued_model_records_the_training_it_started_from(corpus: Path, tmp_path: Path) -> None:
+    """--init-from twice, then a resume: the metadata adds up every run, even once the sources are gone."""
+    from axl_model.checkpoint import training_history
+    from axl_model.evaluate import checkpoint_info
+
+    train(small_config(tmp_path / "first", corpus, max_steps=4))
+    train(small_config(tmp_path / "second", corpus, init_from=str(tmp_path / "first"), max_steps=3))
+    train(small_config(tmp_path / "third", corpus, init_from=str(tmp_path / "second"), max_steps=2))
+    shutil.rmtree(tmp_path / "first")
+    shutil.rmtree(tmp_path / "second")
+    train(small_config(tmp_path / "third", corpus, init_from=str(tmp_path / "second"), max_steps=5, resume=True))
+
+    metadata = load_metadata(tmp_path / "third")
+    assert metadata["initialised_from"]["checkpoint"] == str(tmp_path / "second")
+    assert metadata["initialised_from"]["steps"] == 4 + 3 and metadata["initialised_from"]["runs"] == 2
+    history = training_history(metadata)
+    assert history["steps"] == 4 + 3 + 5 and history["runs"] == 3
+    assert history["tokens_seen"] == (4 + 3 + 5) * 4 * 64
+    info = checkpoint_info(tmp_path / "third")
+    assert info["steps"] == 12 and info["training_runs"] == 3 and info["train_seconds"] >= metadata["elapsed_s"]
+
+
 def test_a_fim_model_learns_fill_in_the_middle_windows(corpus: Path, tmp_path: Path) -> None:
     """Same data and steps: the model that trained on prefix-suffix-middle windows scores them better."""
     import numpy as np
