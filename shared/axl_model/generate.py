@@ -16,6 +16,7 @@ import torch
 
 from .config import SCALES
 from .model import KVCache, MultiScaleTransformer
+from .prefix_cache import PrefixCache, PrefixEntry, StateRecord
 from .tokenizer import BOS_ID, EOS_ID, ByteTokenizer, StreamDecoder
 
 FinishReason = Literal["stop", "length"]
@@ -214,11 +215,14 @@ class BatchDecoder:
 
     `decode_step` replaces `model.decode_step` for the decode steps: a `compiled.CompiledDecodeStep` (the
     compiled static-shape step), shared by every decoder of the model so that it compiles once.
+
+    `prefix_cache` (`prefix_cache.PrefixCache`): each prompt's state is kept after its prefill, and a prompt that
+    shares a kept prompt's beginning restores that state and reads only the rest (same result).
     """
 
     def __init__(self, model: MultiScaleTransformer, max_batch: int = 8, capacity: int | None = None,
-                 prefill_chunk: int = 0, decode_step: Callable[[torch.Tensor, KVCache], torch.Tensor] | None = None
-                 ) -> None:
+                 prefill_chunk: int = 0, decode_step: Callable[[torch.Tensor, KVCache], torch.Tensor] | None = None,
+                 prefix_cache: PrefixCache | None = None) -> None:
         if prefill_chunk < 0 or prefill_chunk % SCALES[-1]:
             raise ValueError(f"prefill_chunk must be 0 (off) or a positive multiple of {SCALES[-1]}, got {prefill_chunk}")
         self.model = model
@@ -232,6 +236,9 @@ class BatchDecoder:
         self.prefilling: deque[GenerationSequence] = deque()  # waiting to be read in chunks, the first one staged
         self._resuming: set[int] = set()  # id() of prefilling sequences re-reading a slid window (no new sample)
         self._steps = 0  # decode steps so far: the reference of the rows' phases (`_phase`)
+        self.prefix_cache = prefix_cache
+        self._found: dict[int, tuple[PrefixEntry | None, int]] = {}  # id() of a prefilling sequence -> its lookup
+        self._staged_record: StateRecord | None = None  # the staged prompt's state so far (with a prefix cache)
 
     @property
     def free_rows(self) -> int:
@@ -252,13 +259,15 @@ class BatchDecoder:
         sequence = GenerationSequence(list(prompt_ids), params, self.model.config.vocab_size, request_id)
         if params.max_tokens == 0:
             return sequence, sequence._finish("length", None)
-        if self.prefill_chunk and len(sequence.window) > self.prefill_chunk:
+        found = (None, 0) if self.prefix_cache is None else self.prefix_cache.lookup(sequence.window, self.cache)
+        if self.prefill_chunk and len(sequence.window) - found[1] > self.prefill_chunk:
             self.prefilling.append(sequence)
+            self._found[id(sequence)] = found
             return sequence, None
         self._join(sequence, len(sequence.window))
         try:
             with torch.inference_mode():
-                logits = self.model.prefill(torch.tensor(sequence.window), self.cache, sequence.row)
+                logits = self._prefill(sequence.window, sequence.row, found)
             output = sequence.accept(logits)
         except BaseException:
             self.remove(sequence)  # a failed prefill must not keep its row (the batch would fill up for good)
@@ -275,16 +284,23 @@ class BatchDecoder:
             return []
         sequence, row = self.prefilling[0], self.staging_row
         done = int(self.cache.lengths[row])  # 0 when this sequence starts (set when the previous one left)
-        end = min(len(sequence.window), done + self.prefill_chunk)
+        resuming = id(sequence) in self._resuming
         try:
             with torch.inference_mode():
+                if done == 0 and self.prefix_cache is not None and not resuming:
+                    done, self._staged_record = self._restore(self._found.pop(id(sequence), (None, 0)), row)
+                end = min(len(sequence.window), done + self.prefill_chunk)
                 logits = self.model.extend(torch.tensor(sequence.window[done:end]), self.cache, row)
+                if self._staged_record is not None:
+                    self._staged_record.after(self.cache, row, done, end)
         except BaseException:
             self._unstage()
             raise
         if end < len(sequence.window):
             return []
-        resuming = id(sequence) in self._resuming
+        if self._staged_record is not None and self.prefix_cache is not None:
+            self.prefix_cache.insert(sequence.window, self._staged_record)
+            self._staged_record = None
         self._join(sequence, len(sequence.window))
         self.cache.move_row(row, sequence.row)
         self._unstage()
@@ -301,8 +317,38 @@ class BatchDecoder:
 
     def _unstage(self) -> None:
         """The first prefilling sequence leaves the queue; the staging row starts empty for the next."""
-        self._resuming.discard(id(self.prefilling.popleft()))
+        first = self.prefilling.popleft()
+        self._resuming.discard(id(first))
+        self._found.pop(id(first), None)
         self.cache.lengths[self.staging_row] = 0
+        self._staged_record = None
+
+    def _restore(self, found: tuple[PrefixEntry | None, int], row: int) -> tuple[int, StateRecord]:
+        """With a prefix cache: put the prefix a lookup found (entry, bytes) into an empty `row`. Returns the bytes
+        restored (0: none, the prompt is read from its start) and the record of the row's state from there."""
+        entry, cut = found
+        if entry is None:
+            return 0, StateRecord.empty(self.cache)
+        return cut, entry.record.restore(cut, self.cache, row)
+
+    def _prefill(self, prompt: list[int], row: int, found: tuple[PrefixEntry | None, int]) -> torch.Tensor:
+        """Read a whole prompt into `row`: the one-shot prefill, or with a prefix cache the prefix its lookup
+        `found` restored and the rest read by `extend` (a miss: the one-shot prefill, its states kept). Returns the
+        logits after the prompt."""
+        if self.prefix_cache is None:
+            return self.model.prefill(torch.tensor(prompt), self.cache, row)
+        start, record = self._restore(found, row)
+        if start:
+            logits = self.model.extend(torch.tensor(prompt[start:]), self.cache, row)
+            record.after(self.cache, row, start, len(prompt))
+        else:
+            ids = torch.tensor(prompt).view(1, -1)
+            full, (embeddings, self_kvs, cross_kvs, fused) = self.model._forward_with_states(ids)
+            self.model.copy_into_cache(self.cache, torch.tensor([row]), embeddings, self_kvs, cross_kvs, fused)
+            logits = full[0, -1]
+            record = StateRecord.from_states(self_kvs, cross_kvs, len(prompt))
+        self.prefix_cache.insert(prompt, record)
+        return logits
 
     def step(self) -> list[tuple[GenerationSequence, StepOutput]]:
         """One token for every active sequence (a sequence whose window slides in chunks sits this one out)."""
@@ -337,6 +383,7 @@ class BatchDecoder:
             else:
                 self.prefilling.remove(sequence)
                 self._resuming.discard(id(sequence))
+                self._found.pop(id(sequence), None)
             return
         if sequence not in self.active:
             return
