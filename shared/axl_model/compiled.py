@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from .config import SCALE_NAMES, SCALES
 from .model import CROSS_PAIRS, SCALE_FACTOR, KVCache, Linear, MultiScaleTransformer, cross_name
@@ -68,9 +69,56 @@ class _StaticSlots:
         cache[self.rows, :, self.slots] = new
 
 
-def _held_mask(held: torch.Tensor, size: int) -> torch.Tensor:
-    """(B,) counts of slots a row may read (from slot 0) -> (B, 1, 1, size) bool, for SDPA over (B, H, 1, size)."""
-    return (torch.arange(size, device=held.device)[None, :] < held[:, None])[:, None, None, :]
+# Attention over the slots a row holds, as one opaque operator in the graph. The graph's shapes are the rings' whole
+# capacity; a compiled SDPA over the whole ring reads every slot each step (micro's 1,024-byte window: ~11 MB of
+# keys and values per token whatever the context, measured at ~half of a fine step). This operator reads only
+# slots [0, the most any row holds) at run time, as the eager step does, with no new graph as the rows grow.
+_LIBRARY = torch.library.Library("axl", "DEF")
+_LIBRARY.define("held_attention(Tensor q, Tensor k, Tensor v, Tensor held) -> Tensor")
+
+
+def held_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+    """SDPA of q (B, H, 1, D) over the slots [0, held[b]) of row b of k, v (B, H, S, D): the eager decode step's call
+    (`decode_step`'s slice of the cache, with no mask when every row holds as many slots)."""
+    spans = held.tolist()
+    span = max(spans)
+    mask = None
+    if min(spans) != span:  # ragged rows: each reads its own slots
+        mask = (torch.arange(span, device=held.device)[None, :] < held[:, None])[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k[:, :, :span], v[:, :, :span], attn_mask=mask)
+
+
+_LIBRARY.impl("held_attention", held_attention, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("axl::held_attention")
+def _held_attention_shape(q, k, v, held):
+    return q.new_empty(q.shape[:-1] + v.shape[-1:])
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+    return torch.ops.axl.held_attention(q, k, v, held)
+
+
+def _stack_step(stack, x: torch.Tensor, cos, sin, cache_ks, cache_vs, slot: _StaticSlots, held: torch.Tensor):
+    """`ScaleStack.step` with attention over the held slots (`held_attention`) instead of an SDPA over a span."""
+    for block, cache_k, cache_v in zip(stack.blocks, cache_ks, cache_vs):
+        attn = block.attn
+        q, k, v = attn.project(block.attn_norm(x), cos, sin)  # (B, H, 1, D)
+        slot.write(cache_k, k)
+        slot.write(cache_v, v)
+        y = _attend(q, cache_k, cache_v, held)
+        x = x + attn.out(y.transpose(1, 2).reshape(x.shape))
+        x = x + block.mlp(block.mlp_norm(x))
+    return stack.norm(x)
+
+
+def _cross_attend(module, x: torch.Tensor, cache_k, cache_v, held: torch.Tensor) -> torch.Tensor:
+    """`CrossScaleAttention.attend` over the held slots (the null slot and the key tokens held)."""
+    B, T, C = x.shape
+    q = module.q(module.query_norm(x)).view(B, T, module.n_heads, module.head_dim).transpose(1, 2)
+    y = _attend(q, cache_k, cache_v, held)
+    return module.out(y.transpose(1, 2).reshape(B, T, C))
 
 
 def static_decode_step(model: MultiScaleTransformer, kind: int, tokens: torch.Tensor, lengths: torch.Tensor,
@@ -108,8 +156,7 @@ def static_decode_step(model: MultiScaleTransformer, kind: int, tokens: torch.Te
         slot = _StaticSlots(rows, index, ring, 0, completes[scale])
         cos, sin = (table[index][:, None, None, :] for table in model.rope(scale))  # (B, 1, 1, D)
         held = torch.clamp(start + (lengths + 1) // k, max=ring)  # the tokens a row holds, a new one included
-        outputs[scale] = model.stacks[scale].step(token, cos, sin, self_k[scale], self_v[scale], slot,
-                                                  _held_mask(held, ring))
+        outputs[scale] = _stack_step(model.stacks[scale], token, cos, sin, self_k[scale], self_v[scale], slot, held)
 
     # 2. Key/value projections of the new tokens for the cross attentions that read them.
     for query, key in CROSS_PAIRS:
@@ -126,7 +173,7 @@ def static_decode_step(model: MultiScaleTransformer, kind: int, tokens: torch.Te
         name, k = cross_name(query, key), SCALE_FACTOR[key]
         ring = cross_k[name].shape[2] - 1
         held = 1 + torch.clamp((0 if k == 1 else 1) + (lengths + 1) // k, max=ring)  # null + the key tokens held
-        return model.cross[name].attend(x_query, cross_k[name], cross_v[name], _held_mask(held, ring + 1))
+        return _cross_attend(model.cross[name], x_query, cross_k[name], cross_v[name], held)
 
     for scale, target in (("medium", fused_medium), ("coarse", fused_coarse)):
         if scale in outputs:
@@ -179,6 +226,11 @@ class CompiledDecodeStep:
         self.compilations = 0
         self.compile_seconds = 0.0
         self.fallback_reason: str | None = None
+        # Graphs called directly, by (kind, batch > 1, cache capacity); the tensors a graph may take as fixed
+        # (the model's weights and tables) by id; the per-call inputs of a call being compiled.
+        self._graphs: dict[tuple, _DirectGraph] = {}
+        self._constants = {id(t): t for t in _model_tensors(model)}
+        self._pending: tuple | None = None
         unavailable = compiler_available()
         if unavailable is not None:
             self._fall_back(unavailable)
@@ -193,13 +245,20 @@ class CompiledDecodeStep:
         return static_decode_step(self.model, kind, tokens, lengths, *cache)
 
     def _backend(self, graph: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        """Inductor, counted and timed."""
+        """Inductor, counted and timed; the graph is also kept for `_DirectGraph` calls where its inputs allow."""
         from torch._inductor.compile_fx import compile_fx
 
         started = time.perf_counter()
         compiled = compile_fx(graph, example_inputs)
         self.compilations += 1
         self.compile_seconds += time.perf_counter() - started
+        if self._pending is not None:
+            key, flat = self._pending
+            direct = _DirectGraph.build(compiled, graph, example_inputs, flat, self._constants)
+            if direct is not None:
+                self._graphs[key] = direct
+            else:
+                logger.debug("compiled decode step %s: graph inputs not all known, called through dynamo", key)
         return compiled
 
     def _fall_back(self, reason: str) -> None:
@@ -213,23 +272,38 @@ class CompiledDecodeStep:
         lengths_list = cache.lengths.tolist()
         if max(lengths_list) >= cache.capacity:
             raise ValueError("a cache row is full; slide the window (re-prefill) before decoding further")
-        if tokens.shape[0] > Linear.FAST_ROWS:  # past the matrix-vector sizes the step's overhead is amortised
+        batch = tokens.shape[0]
+        if batch > Linear.FAST_ROWS:  # past the matrix-vector sizes the step's overhead is amortised
             return self.model.decode_step(tokens, cache)
+        key = (step_kind(lengths_list), batch > 1, cache.capacity)
+        lengths = torch.tensor(lengths_list, device=tokens.device)
+        direct = self._graphs.get(key)
+        if direct is not None:  # the graph inductor built for this key, without dynamo's per-call guards
+            try:
+                logits = direct(tokens, lengths, cache, batch)
+            except AssertionError:  # an input of another layout than the graph's (its size/stride checks)
+                del self._graphs[key]
+            else:
+                cache.lengths += 1
+                return logits
         # Dynamo guards on whether a tensor was made under inference mode: the decoder's lengths and tokens are,
         # its cache is not. Fresh plain copies of the two small ones keep every call on the same graphs.
         with torch.inference_mode(False):
             tokens, lengths = tokens.clone(), torch.tensor(lengths_list, device=tokens.device)
         arguments = (tokens, lengths, *cache_arguments(cache))
-        if tokens.shape[0] > 1:  # one graph per kind for every batch size from 2 to FAST_ROWS
+        if batch > 1:  # one graph per kind for every batch size from 2 to FAST_ROWS
             for tensor in _flat_tensors(arguments):
                 torch._dynamo.mark_dynamic(tensor, 0, min=2, max=Linear.FAST_ROWS)
+        self._pending = (key, [tokens, lengths, *_flat_tensors(arguments[2:])])
         try:
-            logits = self._compiled(step_kind(lengths_list), *arguments)
+            logits = self._compiled(key[0], *arguments)
         except Exception as exc:  # noqa: BLE001 - a compiler failure must not fail decoding; said once, then eager
             if self.compilations and not _is_compile_error(exc):
                 raise
             self._fall_back(f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
             return self.model.decode_step(tokens, cache)
+        finally:
+            self._pending = None
         cache.lengths += 1
         return logits
 
@@ -245,6 +319,58 @@ class CompiledDecodeStep:
                 self(torch.zeros(batch_size, dtype=torch.long, device=cache.lengths.device), cache)
                 if self.fallback_reason is not None:
                     return
+
+
+class _DirectGraph:
+    """One inductor graph called with its inputs put together here, not through dynamo's frame and guards.
+
+    Dynamo checks every input of the step at each call (~170 tensors: weights, cache rings) before it runs the graph:
+    measured at ~0.5 ms of a ~2.5 ms micro step. Here the inputs are sorted once, when the graph is built: the
+    per-call ones (tokens, lengths, the cache tensors, matched by identity to the call being compiled), the
+    fixed ones (the model's own weights and tables, which a served model does not change) and the symbolic batch
+    size. A graph with any other input is not called this way (dynamo keeps calling it). The graph checks the
+    sizes and strides of its inputs itself (an AssertionError: the caller goes back to dynamo)."""
+
+    BATCH = -1
+
+    def __init__(self, compiled: Callable, sources: list) -> None:
+        self.compiled, self.sources = compiled, sources
+
+    @classmethod
+    def build(cls, compiled: Callable, graph: torch.fx.GraphModule, example_inputs: list, flat: list[torch.Tensor],
+              constants: dict[int, torch.Tensor]) -> "_DirectGraph | None":
+        outputs = graph.graph.output_node().args[0]
+        if not isinstance(outputs, (tuple, list)) or len(outputs) != 1:
+            return None
+        per_call = {id(t): i for i, t in enumerate(flat)}
+        batch = int(flat[0].shape[0])
+        sources: list = []
+        for value in example_inputs:
+            if isinstance(value, torch.Tensor) and id(value) in per_call:
+                sources.append(per_call[id(value)])
+            elif isinstance(value, torch.Tensor) and id(value) in constants:
+                sources.append(value)
+            elif isinstance(value, torch.SymInt) and batch > 1:  # the symbolic batch size (int() would specialise it)
+                sources.append(cls.BATCH)
+            elif type(value) is int and value == batch > 1:
+                sources.append(cls.BATCH)
+            else:
+                return None
+        return cls(compiled, sources)
+
+    def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor, cache: KVCache, batch: int) -> torch.Tensor:
+        flat = [tokens, lengths, *_flat_tensors(cache_arguments(cache))]
+        inputs = [source if isinstance(source, torch.Tensor) else (batch if source == self.BATCH else flat[source])
+                  for source in self.sources]
+        return self.compiled(*inputs)[0]
+
+
+def _model_tensors(model: MultiScaleTransformer) -> list[torch.Tensor]:
+    """Every tensor of the model a compiled step may read as fixed: parameters, buffers, decode layouts."""
+    tensors = [*model.parameters(), *model.buffers()]
+    for module in model.modules():
+        tensors.extend(value for value in vars(module).values() if isinstance(value, torch.Tensor))
+    return tensors
 
 
 def _flat_tensors(arguments) -> list[torch.Tensor]:
