@@ -29,6 +29,7 @@ own length, so prompts of any lengths decode together and requests can join or l
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -404,6 +405,8 @@ class KVCache:
 
     def narrow(self, n: int) -> "KVCache":
         """A cache over rows [0, n) that shares memory with this one (lengths excepted: copy them back)."""
+        if n == self.batch_size:  # every row: the same tensors (no per-step views of each of them)
+            return dataclasses.replace(self, lengths=self.lengths.clone())
         return KVCache(
             lengths=self.lengths[:n].clone(),
             self_k={s: [t[:n] for t in ts] for s, ts in self.self_k.items()},
