@@ -7,6 +7,11 @@ stream) and through the gateway (`/v1/completions`, server-sent events), alterna
 request to receiving the first streamed line, which comes after the first token. p50 and p90 over the requests,
 for the worker's default chunked prefill (AXL_PREFILL_CHUNK_TOKENS=256) and for the prompt read in one go (0), and
 the worker's CPU time per request (what a loaded machine bends least). The target is under 50 ms (issue 10).
+
+Then as an editor sends it (Continue's autocomplete resends the file above the cursor on every keystroke): one
+1,000-byte prompt whose last EDITED_BYTES bytes change on every request, with the worker's prompt prefix cache
+(AXL_PREFIX_CACHE_MB, default 256: the kept prefix is restored, only the changed end is prefilled) and without it (0),
+the same figures, and the prefix cache's hits and reused tokens from the worker's /metrics.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from .common import defaults, matmul_peak_flops, training_flops_per_byte
 from .gateway_latency import SECRET, _percentile, local_mesh, process_cpu_seconds
 
 PROMPT_BYTES, REQUESTS, WARMUP = 1000, 30, 3
+EDITED_BYTES = 20
 TARGET_MS = 50.0
 
 
@@ -29,6 +35,19 @@ def prompts(n: int) -> list[str]:
     source = bytes(b for b in inspect.getsource(inspect).encode() if b < 128)
     step = (len(source) - PROMPT_BYTES) // n
     return [source[i * step:i * step + PROMPT_BYTES].decode("ascii") for i in range(n)]
+
+
+def edited_prompts(n: int) -> list[str]:
+    """n prompts of PROMPT_BYTES bytes: one stretch of inspect.py whose last EDITED_BYTES bytes differ each time."""
+    text = prompts(1)[0][: PROMPT_BYTES - EDITED_BYTES]
+    return [text + f"value_{i:03d} = call({i})".ljust(EDITED_BYTES)[:EDITED_BYTES] for i in range(n)]
+
+
+def metric_samples(client: httpx.Client, url: str, *samples: str) -> list[float]:
+    """The values of samples (name plus labels as /metrics writes them) in a worker's /metrics; 0 when absent."""
+    values = dict(line.rsplit(" ", 1) for line in client.get(url + "/metrics").text.splitlines()
+                  if line and not line.startswith("#"))
+    return [float(values.get(sample, 0.0)) for sample in samples]
 
 
 def first_line_ms(client: httpx.Client, url: str, body: dict, headers: dict | None, prefix: str) -> float:
@@ -48,9 +67,13 @@ def first_line_ms(client: httpx.Client, url: str, body: dict, headers: dict | No
     return elapsed
 
 
-def measure(chunk: int, threads: int | None) -> dict[str, float]:
-    texts = prompts(WARMUP + REQUESTS)
+def measure(chunk: int, threads: int | None, texts: list[str] | None = None,
+            prefix_cache_mb: float | None = None) -> dict[str, float]:
+    """texts: the prompts of the direct requests, then of those through the gateway (default: other stretches)."""
+    texts = texts or prompts(2 * (WARMUP + REQUESTS))
     settings = {"AXL_PREFILL_CHUNK_TOKENS": str(chunk)}
+    if prefix_cache_mb is not None:
+        settings["AXL_PREFIX_CACHE_MB"] = str(prefix_cache_mb)
     with local_mesh(threads or 1, max_batch=8, preset="micro", worker_env=settings) as mesh:
         direct_url = mesh.worker.url + "/internal/v1/generate"
         gateway_url = mesh.gateway.url + "/v1/completions"
@@ -59,17 +82,21 @@ def measure(chunk: int, threads: int | None) -> dict[str, float]:
         worker_pid = mesh.worker.proc.pid
         direct, through = [], []
         with httpx.Client(timeout=60) as client:
-            for i, text in enumerate(texts):
+            for i, (text, other) in enumerate(zip(texts[0::2], texts[1::2], strict=True)):
                 if i == WARMUP:
                     cpu_before = process_cpu_seconds(worker_pid)
-                body = {"prompt": text, "max_tokens": 1, "temperature": 0.0, "stream": True}
-                d = first_line_ms(client, direct_url, body, auth, "{")
-                g = first_line_ms(client, gateway_url, {"model": mesh.model_id, **body}, None, "data:")
+                body = {"max_tokens": 1, "temperature": 0.0, "stream": True}
+                d = first_line_ms(client, direct_url, {"prompt": text, **body}, auth, "{")
+                g = first_line_ms(client, gateway_url, {"model": mesh.model_id, "prompt": other, **body}, None, "data:")
                 if i >= WARMUP:
                     direct.append(d)
                     through.append(g)
             worker_cpu_ms = (process_cpu_seconds(worker_pid) - cpu_before) * 1000 / (2 * REQUESTS)
-    return {"direct_p50_ms": statistics.median(direct), "direct_p90_ms": _percentile(direct, 0.9),
+            hits, misses, reused = metric_samples(  # warm-up requests included
+                client, mesh.worker.url, 'axl_worker_prefix_cache_lookups_total{result="hit"}',
+                'axl_worker_prefix_cache_lookups_total{result="miss"}', "axl_worker_prefix_cache_reused_tokens_total")
+    return {"prefix_hits": hits, "prefix_misses": misses, "prefix_reused_tokens": reused,
+            "direct_p50_ms": statistics.median(direct), "direct_p90_ms": _percentile(direct, 0.9),
             "gateway_p50_ms": statistics.median(through), "gateway_p90_ms": _percentile(through, 0.9),
             "worker_cpu_ms_per_request": worker_cpu_ms}
 
@@ -85,6 +112,18 @@ def run(args) -> dict:
               f"p90 {result['direct_p90_ms']:6.1f} ms; through the gateway p50 {result['gateway_p50_ms']:6.1f} "
               f"p90 {result['gateway_p90_ms']:6.1f} ms; worker CPU {result['worker_cpu_ms_per_request']:.1f} "
               "ms/request")
+        for key, value in result.items():
+            figures[f"{label}.{key}"] = value
+    print(f"  as an editor sends it: one {PROMPT_BYTES:,}-byte prompt, its last {EDITED_BYTES} bytes changed on every "
+          "request (chunks of 256):")
+    edited = edited_prompts(2 * (WARMUP + REQUESTS))  # each request's prompt differs from the one before
+    for label, cache_mb in (("edited_cached", 256.0), ("edited_uncached", 0.0)):
+        result = measure(256, threads, edited, cache_mb)
+        print(f"  prefix cache {'on (256 MB)' if cache_mb else 'off':11s} worker p50 {result['direct_p50_ms']:6.1f} "
+              f"p90 {result['direct_p90_ms']:6.1f} ms; through the gateway p50 {result['gateway_p50_ms']:6.1f} "
+              f"p90 {result['gateway_p90_ms']:6.1f} ms; worker CPU {result['worker_cpu_ms_per_request']:.1f} "
+              f"ms/request; {result['prefix_hits']:.0f} hits, {result['prefix_misses']:.0f} misses, "
+              f"{result['prefix_reused_tokens']:.0f} tokens reused")
         for key, value in result.items():
             figures[f"{label}.{key}"] = value
     best = min(figures["chunk256.direct_p50_ms"], figures["one_go.direct_p50_ms"])

@@ -25,6 +25,9 @@ class WorkerMetrics:
     prompt_tokens: Counter
     generation_tokens: Counter
     model_loaded: Gauge
+    prefix_cache_lookups: Counter  # by result: hit, miss
+    prefix_cache_reused_tokens: Counter
+    prefix_cache_bytes: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> WorkerMetrics:
@@ -61,4 +64,18 @@ class WorkerMetrics:
             prompt_tokens=Counter("axl_worker_prompt_tokens_total", "Prefilled prompt tokens", registry=registry),
             generation_tokens=Counter("axl_worker_generation_tokens_total", "Generated tokens", registry=registry),
             model_loaded=Gauge("axl_worker_model_loaded", "1 once the checkpoint is loaded", registry=registry),
+            prefix_cache_lookups=Counter(
+                "axl_worker_prefix_cache_lookups_total",
+                "Prompts looked up in the prefix cache, by result (hit: some prefix restored)",
+                ["result"],
+                registry=registry,
+            ),
+            prefix_cache_reused_tokens=Counter(
+                "axl_worker_prefix_cache_reused_tokens_total",
+                "Prompt tokens restored from the prefix cache instead of prefilled",
+                registry=registry,
+            ),
+            prefix_cache_bytes=Gauge(
+                "axl_worker_prefix_cache_bytes", "Memory the prefix cache holds", registry=registry
+            ),
         )

@@ -57,9 +57,12 @@ MB = 1 << 20
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def estimate_serving_bytes(config: ModelConfig, *, dtype: str, max_batch: int, prefill_chunk: int) -> int:
+def estimate_serving_bytes(
+    config: ModelConfig, *, dtype: str, max_batch: int, prefill_chunk: int, prefix_cache_mb: float = 0.0
+) -> int:
     """Weights at ``dtype`` plus the KV cache a worker allocates for ``max_batch`` rows (one more when it reads
-    prompts in chunks: ``BatchDecoder``'s staging row), over the full window. Exact shapes, no weights read."""
+    prompts in chunks: ``BatchDecoder``'s staging row), over the full window, plus the most its prompt prefix cache
+    may hold. Exact shapes, no weights read."""
     with torch.device("meta"):
         model = MultiScaleTransformer(config)
         cache = model.new_cache(max_batch + (1 if prefill_chunk else 0))
@@ -78,6 +81,7 @@ def estimate_serving_bytes(config: ModelConfig, *, dtype: str, max_batch: int, p
         cache_element = element
     weights += sum(b.numel() * b.element_size() for b in model.buffers())
     cache_bytes = sum(t.numel() for t in cache.tensors() if t.is_floating_point()) * cache_element
+    cache_bytes += int(prefix_cache_mb * MB)
     return int(weights + cache_bytes)
 
 
@@ -338,6 +342,7 @@ class ModelPool:
                 dtype=self.settings.dtype,
                 max_batch=self.settings.max_batch,
                 prefill_chunk=self.settings.prefill_chunk_tokens,
+                prefix_cache_mb=self.settings.prefix_cache_mb,
             )
         except (OSError, ValueError) as exc:
             raise self._unavailable(

@@ -8,6 +8,9 @@ outputs to the requests' output buffers with one ``call_soon_threadsafe`` per st
 A prompt longer than ``prefill_chunk`` tokens is read in chunks, one per decode step (``BatchDecoder.advance_prefill``),
 so the running rows keep streaming while it loads; 0 reads every prompt in one go, as before.
 
+With ``prefix_cache_mb`` > 0 each prompt's model state is kept after its prefill (``axl_model.prefix_cache``), and a
+prompt that shares a kept prompt's beginning restores it and prefills only the rest (the same tokens).
+
 A reader that stops reading (the gateway's stream is stuck on a client that reads nothing) would let a buffer
 grow without end while its row keeps decoding: a request whose oldest output waited ``stalled_reader_seconds``, or
 that has ``MAX_UNREAD_OUTPUTS`` waiting, is cancelled instead, which frees its row before the next step.
@@ -32,6 +35,7 @@ import torch
 from axl_model.compiled import CompiledDecodeStep
 from axl_model.generate import BatchDecoder, GenerationSequence, SamplingParams, StepOutput
 from axl_model.model import MultiScaleTransformer
+from axl_model.prefix_cache import PrefixCache
 from axl_model.tokenizer import EOS_ID
 from services.model_worker.metrics import WorkerMetrics
 
@@ -118,6 +122,7 @@ class Scheduler:
         stalled_reader_seconds: float,
         prefill_chunk: int = 0,
         compile: bool = False,
+        prefix_cache_mb: float = 0.0,
         metrics: WorkerMetrics | None = None,
         on_loaded: Callable[[MultiScaleTransformer], None] | None = None,
     ) -> None:
@@ -129,6 +134,9 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.compile = compile
         self.metrics = metrics
+        self.prefix_cache: PrefixCache | None = None
+        if prefix_cache_mb > 0:
+            self.prefix_cache = PrefixCache(int(prefix_cache_mb * (1 << 20)), observer=self._prefix_lookup)
         self._on_loaded = on_loaded
         self.model: MultiScaleTransformer | None = None
         self.load_error: BaseException | None = None
@@ -219,6 +227,7 @@ class Scheduler:
                 max_batch=self.max_batch,
                 prefill_chunk=self.prefill_chunk,
                 decode_step=self._compiled_step(model) if self.compile else None,
+                prefix_cache=self.prefix_cache,
             )
             if self._on_loaded is not None:
                 self._on_loaded(model)
@@ -260,10 +269,22 @@ class Scheduler:
                 self._admit(decoder, request, events)
             if decoder.prefilling:
                 self._advance_prefill(decoder, events)
+            if admitted or decoder.prefilling:
+                self._prefix_cache_held()
             if decoder.active:
                 self._step(decoder, events)
             self._running_count = len(self._running)
             self._deliver(events)
+
+    def _prefix_lookup(self, prompt_tokens: int, reused_tokens: int) -> None:
+        """The prefix cache's report of one lookup (model thread)."""
+        if self.metrics is not None:
+            self.metrics.prefix_cache_lookups.labels(result="hit" if reused_tokens else "miss").inc()
+            self.metrics.prefix_cache_reused_tokens.inc(reused_tokens)
+
+    def _prefix_cache_held(self) -> None:
+        if self.metrics is not None and self.prefix_cache is not None:
+            self.metrics.prefix_cache_bytes.set(self.prefix_cache.bytes_held)
 
     def _drop_cancelled(self, decoder: BatchDecoder) -> None:
         for key, request in list(self._running.items()):

@@ -102,6 +102,7 @@ class ModelWorker:
             stalled_reader_seconds=settings.stalled_reader_seconds,
             prefill_chunk=settings.prefill_chunk_tokens,
             compile=settings.compile,
+            prefix_cache_mb=settings.prefix_cache_mb,
             metrics=metrics,
             on_loaded=self._loaded,
         )

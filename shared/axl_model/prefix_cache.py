@@ -185,6 +185,7 @@ class PrefixCache:
         self.max_bytes, self.max_entries, self.observer = max_bytes, max_entries, observer
         self.entries: list[PrefixEntry] = []  # oldest use first
         self.hits = self.misses = self.reused_tokens = 0
+        self.bytes_held = 0  # nbytes after the last insert
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -217,7 +218,7 @@ class PrefixCache:
             self.entries.remove(entry)
             self.entries.append(entry)
         logger.debug("prefix cache %s: %d of %d prompt tokens reused (%d entries, %d bytes)",
-                     "hit" if entry else "miss", cut, len(ids), len(self.entries), self.nbytes)
+                     "hit" if entry else "miss", cut, len(ids), len(self.entries), self.bytes_held)
         if self.observer is not None:
             self.observer(len(ids), cut)
         return best
@@ -231,8 +232,11 @@ class PrefixCache:
         self.entries = [old for old in self.entries
                         if not (common_prefix(entry.tokens, old.tokens) == len(old.tokens) and record.covers(old.record))]
         self.entries.append(entry)
-        while self.entries and (len(self.entries) > self.max_entries or self.nbytes > self.max_bytes):
+        self.bytes_held = self.nbytes
+        while self.entries and (len(self.entries) > self.max_entries or self.bytes_held > self.max_bytes):
             self.entries.pop(0)
+            self.bytes_held = self.nbytes
 
     def clear(self) -> None:
         self.entries.clear()
+        self.bytes_held = 0

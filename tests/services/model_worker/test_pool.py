@@ -43,7 +43,7 @@ def one_model_budget_mb(**overrides: int) -> str:
 def pool_env(store: ModelStore, **extra: str) -> dict[str, str]:
     return {"AXL_WORKER_MODE": "pool", "AXL_MODEL_STORE_DIR": str(store.root), "AXL_REGISTRY_URL": "",
             "AXL_REGISTRY_SECRET": MESH_SECRET, "AXL_NUM_THREADS": "1", "AXL_MAX_BATCH": "4",
-            "AXL_LOG_LEVEL": "info", **extra}
+            "AXL_LOG_LEVEL": "info", "AXL_PREFIX_CACHE_MB": "0", **extra}  # budgets: one_model_budget_mb
 
 
 def held(url: str) -> list[str]:
