@@ -145,7 +145,9 @@ class StateRecord:
                     break
                 kept.append((first, values[:, : stop - first]))
                 lo = max(first, needed)
-                if lo < stop:
+                if lo < stop and (lo // ring == (stop - 1) // ring):  # one stretch of the ring: a slice
+                    target[:, base + lo % ring : base + (stop - 1) % ring + 1] = values[:, lo - first : stop - first]
+                elif lo < stop:
                     slots = base + torch.arange(lo, stop, device=tensor.device) % ring
                     target.index_copy_(1, slots, values[:, lo - first : stop - first])
             buffers.append(_Runs(record.base, kept))
@@ -155,6 +157,14 @@ class StateRecord:
     def tensors(self) -> list[torch.Tensor]:
         out = [values for record in self.buffers for _, values in record.runs]
         return out + [record.base for record in self.buffers if record.base is not None]
+
+    def storages(self) -> dict[int, int]:
+        """The memory this record refers to: storage address -> bytes (shared storages appear in several records)."""
+        found = {}
+        for tensor in self.tensors():
+            storage = tensor.untyped_storage()
+            found[storage.data_ptr()] = storage.nbytes()
+        return found
 
     def covers(self, other: StateRecord) -> bool:
         """Whether every token `other` holds, this one holds too (for the same prompt's first bytes)."""
@@ -167,6 +177,7 @@ class StateRecord:
 class PrefixEntry:
     tokens: torch.Tensor  # (L,) long: the prompt
     record: StateRecord
+    storages: dict[int, int]  # record.storages(), worked out once (a kept record does not change)
 
 
 def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -194,9 +205,7 @@ class PrefixCache:
     def nbytes(self) -> int:
         storages: dict[int, int] = {}
         for entry in self.entries:
-            for tensor in entry.record.tensors():
-                storage = tensor.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
+            storages.update(entry.storages)
         return sum(storages.values())
 
     def lookup(self, prompt: Sequence[int], cache: KVCache) -> tuple[PrefixEntry | None, int]:
@@ -227,7 +236,7 @@ class PrefixCache:
         """Keep a prompt's state (`record` must hold all of it), then evict down to the budget."""
         if record.length != len(prompt):
             return
-        entry = PrefixEntry(torch.tensor(list(prompt), dtype=torch.long), record)
+        entry = PrefixEntry(torch.tensor(list(prompt), dtype=torch.long), record, record.storages())
         # An entry this one extends (its prompt a prefix of this one, its tokens all held here) is redundant.
         self.entries = [old for old in self.entries
                         if not (common_prefix(entry.tokens, old.tokens) == len(old.tokens) and record.covers(old.record))]
