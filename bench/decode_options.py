@@ -132,6 +132,39 @@ def batch1(results: dict) -> None:
         results[f"batch1_{eager}_compiled_vs_eager_cpu"] = sum(cpu_ratios) / len(cpu_ratios)
 
 
+def compiled_step(results: dict, dtype: str = "float32", rounds: int = 5) -> None:
+    """The compiled step alone: micro at `dtype` ("float32" or "int8"), batch 1, the same 256 greedy tokens as
+    `batch1`, eager and compiled alternating, in a process holding only that model (`batch1` also holds float16,
+    the other dtype's compiled graphs and llama.cpp, and its eager figures come out lower per CPU-second)."""
+    torch.manual_seed(0)
+    model = MultiScaleTransformer(ModelConfig.from_name("micro")).eval()
+    model = quantize_int8(model) if dtype == "int8" else model
+    prompt = ByteTokenizer().encode(PROMPT)
+    cpu, wall = time.process_time(), time.perf_counter()
+    step = CompiledDecodeStep(model)
+    with torch.inference_mode():
+        step.warm_up((1,), capacity=model.config.max_seq_len)
+    if step.fallback_reason is not None:
+        print(f"  {dtype} compiled: unavailable ({step.fallback_reason})")
+        return
+    print(f"micro {dtype}, batch 1, {torch.get_num_threads()} thread(s), {TOKENS} greedy tokens, {rounds} rounds "
+          f"(min-max); {step.compilations} graphs compiled in {time.process_time() - cpu:.0f} CPU-s "
+          f"({time.perf_counter() - wall:.0f} s wall clock):")
+    figures: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for name, decode_step in (("eager", None), ("compiled", step)):
+            for clock in (time.process_time, time.perf_counter):
+                key = f"{name} {'tokens/CPU-s' if clock is time.process_time else 'tokens/s wall'}"
+                figures.setdefault(key, []).append(cached_tokens_per_s(model, [prompt], TOKENS, decode_step, clock=clock))
+    for key, values in figures.items():
+        print(f"  {key:24s} {_span(values)}")
+        results[f"compiled_step_{dtype}_{key.replace(' ', '_').replace('/', '_per_')}"] = sum(values) / len(values)
+    ratios = [c / e for c, e in zip(figures["compiled tokens/CPU-s"], figures["eager tokens/CPU-s"])]
+    best, target = max(figures["compiled tokens/CPU-s"]), COMPILED_TARGETS[dtype]
+    print(f"  compiled vs eager per CPU-second: {min(ratios):.2f}-{max(ratios):.2f}x (same round); target "
+          f"{target:,} tokens/s: {'met' if best >= target else 'not met'} per CPU-second (best round {best:,.0f})")
+
+
 def by_context(results: dict) -> None:
     print(f"decode tokens/s by context ({CONTEXT_TOKENS} tokens decoded up to that many bytes of context; min-max of 2):")
     for preset in ("micro", "micro-long"):
