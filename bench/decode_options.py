@@ -155,7 +155,8 @@ def compiled_step(results: dict, dtype: str = "float32", rounds: int = 5) -> Non
         for name, decode_step in (("eager", None), ("compiled", step)):
             for clock in (time.process_time, time.perf_counter):
                 key = f"{name} {'tokens/CPU-s' if clock is time.process_time else 'tokens/s wall'}"
-                figures.setdefault(key, []).append(cached_tokens_per_s(model, [prompt], TOKENS, decode_step, clock=clock))
+                value = cached_tokens_per_s(model, [prompt], TOKENS, decode_step, clock=clock)
+                figures.setdefault(key, []).append(value)
     for key, values in figures.items():
         print(f"  {key:24s} {_span(values)}")
         results[f"compiled_step_{dtype}_{key.replace(' ', '_').replace('/', '_per_')}"] = sum(values) / len(values)

@@ -5,11 +5,12 @@ cache slots [0, span) as the rows grow, and ragged rows run the medium/coarse st
 would see a new graph every step. `static_decode_step` computes the same thing with one shape per step kind:
 
 * the KV caches keep their fixed capacity (the ring of each scale and cross attention, `new_cache`); a new token's
-  key and value are written by index (`index_put_` at slot `position % ring`), and attention reads the whole ring
-  under a mask of the slots the row holds, instead of a slice of them;
+  key and value are written by index (`index_put_` at slot `position % ring`), and attention is one opaque
+  operator (`axl::held_attention`) taking the whole ring, which reads only the slots the rows hold at run time
+  (the graph's shapes stay the ring's; the work follows the context, as in the eager step);
 * every row runs the stacks the step needs; a row whose medium (coarse) group does not complete this step keeps
   its cache slot and fused state as they were (a `where` on the write), so its output is computed and dropped;
-* what depends on the rows' lengths (slots, RoPE rows, masks, which rows complete a group) is computed from the
+* what depends on the rows' lengths (slots, RoPE rows, held slots, which rows complete a group) is computed from the
   lengths tensor inside the graph, never from Python integers, so the graph does not change as the rows grow.
 
 The step kinds are fine only (no row completes a pair), fine + medium (some row completes a pair, none a quad) and
@@ -22,7 +23,8 @@ The weights enter the graphs in the layouts the eager decode path caches (`model
 kernel's bfloat16 scales), made once when the step is built: the compiled step serves fixed weights. Where
 compilation is unavailable (no C++ compiler, an inductor failure) it says so once in the log and runs
 `decode_step` eagerly from then on, the exact reference path. Batches above `Linear.FAST_ROWS` rows decode eagerly
-too (their matmuls leave the matrix-vector regime, where the step's overhead mattered).
+too (their matmuls leave the matrix-vector regime, where the step's overhead mattered). Once built, a graph is
+called directly (`_DirectGraph`), without dynamo's per-call guard checks of every input.
 """
 from __future__ import annotations
 
