@@ -135,6 +135,7 @@ def test_the_gateway_passes_on_a_full_pool_and_loads_one_model_once(redis_server
         pool = ServiceProcess("services.model_worker", {
             "AXL_WORKER_MODE": "pool", "AXL_MODEL_STORE_DIR": str(store.root), "AXL_REGISTRY_URL": mesh.registry.url,
             "AXL_REGISTRY_SECRET": REGISTRY_SECRET, "AXL_NUM_THREADS": "1", "AXL_MAX_BATCH": "4",
+            "AXL_PREFIX_CACHE_MB": "0",  # one_model_budget_mb counts no prefix cache
             "AXL_POOL_MEMORY_BUDGET_MB": one_model_budget_mb(**window)}, log_path=tmp_path / "pool.log").start(60)
         mesh.workers.append(pool)
         mesh.wait_for_instances("axl-pool", count=1)  # the pool's own record (specialist on-demand)
