@@ -142,7 +142,9 @@ def fresh_mesh(redis_server: str, tmp_path: Path, checkpoints: dict[str, Path]) 
     """A mesh of its own (registry + gateway, no workers yet) for tests that kill things."""
     mesh = _mesh(redis_server, tmp_path)
     try:
-        mesh.start_gateway()
+        # Its tests hold streams open with max_tokens 100000: the default ceiling (4x the tiny model's 128-byte window)
+        # would end them within about a second, a keep-alive interval, on a fast machine.
+        mesh.start_gateway(AXL_MAX_TOKENS_CEILING="1000000")
         yield mesh
     finally:
         mesh.stop()
