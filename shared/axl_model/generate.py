@@ -342,10 +342,7 @@ class BatchDecoder:
             logits = self.model.extend(torch.tensor(prompt[start:]), self.cache, row)
             record.after(self.cache, row, start, len(prompt))
         else:
-            ids = torch.tensor(prompt).view(1, -1)
-            full, (embeddings, self_kvs, cross_kvs, fused) = self.model._forward_with_states(ids)
-            self.model.copy_into_cache(self.cache, torch.tensor([row]), embeddings, self_kvs, cross_kvs, fused)
-            logits = full[0, -1]
+            logits, (_, self_kvs, cross_kvs, _) = self.model.prefill_with_states(torch.tensor(prompt), self.cache, row)
             record = StateRecord.from_states(self_kvs, cross_kvs, len(prompt))
         self.prefix_cache.insert(prompt, record)
         return logits

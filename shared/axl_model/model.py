@@ -619,18 +619,23 @@ class MultiScaleTransformer(nn.Module):
         cache.fused_coarse[rows] = fused_inputs["coarse"][:, -1]
         cache.lengths[rows] = T
 
-    @torch.no_grad()
     def prefill(self, ids: torch.Tensor, cache: KVCache, row: int) -> torch.Tensor:
         """Run prompt `ids` (1-D or (1, T)) into row `row` of a cache, replacing its content.
 
         Returns the logits after the last prompt token (vocab_size,).
         """
+        return self.prefill_with_states(ids, cache, row)[0]
+
+    @torch.no_grad()
+    def prefill_with_states(self, ids: torch.Tensor, cache: KVCache, row: int) -> tuple[torch.Tensor, tuple]:
+        """`prefill`, also returning every token's states it computed (`_forward_with_states`: embeddings, self and
+        cross K/V, fused inputs), before the cache's rings keep only their windows: what a prefix cache keeps."""
         ids = ids.view(1, -1)
         if not 0 < ids.shape[1] <= cache.capacity:
             raise ValueError(f"prompt of {ids.shape[1]} tokens must be between 1 and the cache capacity {cache.capacity}")
         logits, states = self._forward_with_states(ids)
         self.copy_into_cache(cache, torch.tensor([row], device=ids.device), *states)
-        return logits[0, -1]
+        return logits[0, -1], states
 
     @torch.no_grad()
     def extend(self, ids: torch.Tensor, cache: KVCache, row: int) -> torch.Tensor:
