@@ -6,6 +6,11 @@ the three FIM tokens for fill-in-the-middle). Cuts fall on UTF-8 character bound
 - Plain prompts keep their end (what the model continues from).
 - Fill-in-the-middle keeps the end of the prefix and the start of the suffix, prefix-weighted
   (:data:`FIM_PREFIX_SHARE` of the room; a side that needs less gives the rest to the other).
+- Both drop their head in whole blocks (:func:`cut_block`: an eighth of the room), counted from the start of the
+  text, so the kept start stays where it was while an editor's file grows or changes near its end: successive
+  requests then share their beginning and the worker's prompt prefix cache restores it (a cut that moved by a byte
+  each request would share nothing). The price is up to one block of the room left unused (a FIM prompt gives it
+  to the suffix when the suffix has more).
 - Chat keeps the latest message whole (its end, if it alone is too long), then the end of the system prompt in up
   to half of the room left, then earlier turns newest first (user/assistant exchanges whole, dropped from the
   oldest), and finally gives the system prompt whatever room the turns left. Tool definitions are never part of
@@ -23,7 +28,7 @@ from dataclasses import dataclass
 from axl_model.specialists import Specialist
 from axl_model.tokenizer import ByteTokenizer
 
-__all__ = ["FIM_PREFIX_SHARE", "FittedPrompt", "fit_chat", "fit_fim", "fit_text", "generation_reserve"]
+__all__ = ["FIM_PREFIX_SHARE", "FittedPrompt", "cut_block", "fit_chat", "fit_fim", "fit_text", "generation_reserve"]
 
 # Of the room a fill-in-the-middle prompt has, the share the prefix gets when both sides are long: the code before
 # the cursor says more about what comes next than the code after it.
@@ -31,6 +36,9 @@ FIM_PREFIX_SHARE = 0.75
 # The most of the window kept free for generation: the quarter the decoder drops when a full window slides
 # (axl_model.generate: newest three quarters kept), so a fitted prompt is never cut again by the first slide.
 RESERVE_WINDOW_FRACTION = 4
+# A fitted prompt's head is dropped in blocks of this fraction of the room (see the module's doc): larger blocks
+# keep a growing file's start for more requests, and leave more of the room unused.
+CUT_BLOCK_FRACTION = 8
 SYSTEM_ROLES = ("system", "developer")
 
 
@@ -48,6 +56,11 @@ class FittedPrompt:
     dropped: int = 0
 
 
+def cut_block(room: int) -> int:
+    """The bytes a fitted prompt's head is dropped in, for ``room`` bytes of text: an eighth of it (at least 1)."""
+    return max(1, room // CUT_BLOCK_FRACTION)
+
+
 def _utf8(text: str) -> bytes:
     return text.encode("utf-8", errors="surrogatepass")  # as ByteTokenizer.encode does
 
@@ -62,6 +75,19 @@ def _tail(text: str, nbytes: int) -> str:
     if nbytes >= len(data):
         return text
     start = len(data) - max(0, nbytes)
+    while start < len(data) and data[start] & 0xC0 == 0x80:  # a continuation byte: skip to the next character
+        start += 1
+    return _text(data[start:])
+
+
+def _stable_tail(text: str, nbytes: int, block: int) -> str:
+    """The end of ``text`` in at most ``nbytes`` bytes, its head dropped in whole ``block``s from the text's start
+    (then to the next character boundary), so the kept start only moves when the text outgrows another block."""
+    data = _utf8(text)
+    excess = len(data) - max(0, nbytes)
+    if excess <= 0:
+        return text
+    start = -(-excess // block) * block  # rounded up to a whole block
     while start < len(data) and data[start] & 0xC0 == 0x80:  # a continuation byte: skip to the next character
         start += 1
     return _text(data[start:])
@@ -93,17 +119,19 @@ def _largest(n: int, fits: Callable[[int], bool]) -> int | None:
 
 
 def fit_text(tokenizer: ByteTokenizer, text: str, budget: int | None) -> FittedPrompt:
-    """A plain prompt in ``budget`` tokens (None: as it is): its end."""
+    """A plain prompt in ``budget`` tokens (None: as it is): its end, cut at a whole block (:func:`cut_block`)."""
     ids = tokenizer.encode(text)
     if budget is None or len(ids) <= budget:
         return FittedPrompt(ids, text)
-    kept = _tail(text, budget - len(tokenizer.encode("")))
+    room = budget - len(tokenizer.encode(""))
+    kept = _stable_tail(text, room, cut_block(room))
     kept_ids = tokenizer.encode(kept)
     return FittedPrompt(kept_ids, kept, len(ids) - len(kept_ids))
 
 
 def fit_fim(tokenizer: ByteTokenizer, prefix: str, suffix: str, budget: int | None) -> FittedPrompt:
-    """A fill-in-the-middle prompt in ``budget`` tokens: the prefix's end and the suffix's start, prefix-weighted.
+    """A fill-in-the-middle prompt in ``budget`` tokens: the prefix's end and the suffix's start, prefix-weighted;
+    the prefix cut at a whole block (:func:`cut_block`), the room that leaves going to the suffix.
 
     ``text`` is the prefix kept (what ``echo`` gives back)."""
     ids = tokenizer.encode_fim(prefix, suffix)
@@ -116,7 +144,8 @@ def fit_fim(tokenizer: ByteTokenizer, prefix: str, suffix: str, budget: int | No
         prefix_room = room - suffix_bytes
     elif prefix_bytes < prefix_room:
         prefix_room = prefix_bytes
-    kept_prefix, kept_suffix = _tail(prefix, prefix_room), _head(suffix, room - prefix_room)
+    kept_prefix = _stable_tail(prefix, prefix_room, cut_block(room))
+    kept_suffix = _head(suffix, room - len(_utf8(kept_prefix)))
     kept_ids = tokenizer.encode_fim(kept_prefix, kept_suffix)
     return FittedPrompt(kept_ids, kept_prefix, len(ids) - len(kept_ids))
 

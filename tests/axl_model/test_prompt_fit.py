@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from axl_model.prompt_fit import FIM_PREFIX_SHARE, fit_chat, fit_fim, fit_text, generation_reserve
+from axl_model.prompt_fit import FIM_PREFIX_SHARE, cut_block, fit_chat, fit_fim, fit_text, generation_reserve
 from axl_model.specialists import get_specialist
 from axl_model.tokenizer import ByteTokenizer
 
@@ -37,20 +37,58 @@ def test_fim_keeps_the_prefix_end_and_suffix_start_prefix_weighted() -> None:
     prefix, suffix = "p" * 3000 + "CURSOR_BEFORE", "CURSOR_AFTER" + "s" * 3000
     fitted = fit_fim(TOKENIZER, prefix, suffix, 1004)
     room = 1000  # budget less BOS and the three FIM tokens
-    assert len(fitted.ids) == 1004
-    kept_prefix = bytes(fitted.ids[2:2 + int(room * FIM_PREFIX_SHARE)]).decode()
+    assert len(fitted.ids) == 1004  # the suffix takes what the prefix's whole-block cut leaves
+    kept_prefix = bytes(fitted.ids[2:fitted.ids.index(259)]).decode()
     assert kept_prefix.endswith("CURSOR_BEFORE") and fitted.text == kept_prefix
+    share, block = int(room * FIM_PREFIX_SHARE), cut_block(room)
+    assert share - block < len(kept_prefix) <= share and (len(prefix) - len(kept_prefix)) % block == 0
     kept_suffix = TOKENIZER.decode(fitted.ids[fitted.ids.index(259) + 1:])
-    assert kept_suffix.startswith("CURSOR_AFTER") and len(kept_suffix) == room - int(room * FIM_PREFIX_SHARE)
+    assert kept_suffix.startswith("CURSOR_AFTER") and len(kept_suffix) == room - len(kept_prefix)
     assert fitted.dropped == len(prefix) + len(suffix) - room
 
 
 @pytest.mark.parametrize("prefix_len, suffix_len", [(3000, 20), (20, 3000)])
 def test_fim_gives_the_short_sides_room_to_the_long_one(prefix_len: int, suffix_len: int) -> None:
     fitted = fit_fim(TOKENIZER, "p" * prefix_len, "s" * suffix_len, 504)
-    assert len(fitted.ids) == 504  # every byte of the room used
+    # Every byte of the room used, but for the part of a block the long prefix's whole-block cut leaves.
+    assert 504 - cut_block(500) < len(fitted.ids) <= 504 and (suffix_len > prefix_len) == (len(fitted.ids) == 504)
     short = min(prefix_len, suffix_len)
     assert TOKENIZER.decode(fitted.ids).count("p" if prefix_len == short else "s") == short
+
+
+def _kept_start(whole: str, kept: str) -> int:
+    """Where the kept end of `whole` starts, in bytes."""
+    assert whole.endswith(kept)
+    return len(whole.encode()) - len(kept.encode())
+
+
+def test_a_growing_prompt_keeps_its_start_until_it_outgrows_a_block() -> None:
+    """An editor's file past the window, typed at its end: each request keeps the same start (the prefix cache
+    restores it) until the text has grown by a block, and the prompt always fits and reports what it dropped."""
+    file = "".join(f"line_{i} = compute({i}) + é\n" for i in range(200))  # multi-byte characters too
+    budget, room = 300, 299
+    starts = []
+    for end in range(4000, 4400, 3):  # typed three bytes at a time
+        text = file[:end]
+        fitted = fit_text(TOKENIZER, text, budget)
+        assert room - cut_block(room) - 2 < len(fitted.ids) - 1 <= room  # a character boundary moves it <= 1 byte
+        assert fitted.dropped == len(TOKENIZER.encode(text)) - len(fitted.ids) and "\ufffd" not in fitted.text
+        starts.append(_kept_start(text, fitted.text))
+    assert starts == sorted(starts)
+    moves = sum(a != b for a, b in zip(starts, starts[1:]))
+    grown = len(file[:4397].encode()) - len(file[:4000].encode())
+    assert moves <= grown // cut_block(room) + 1 and len(starts) > 10 * (moves + 1)  # most requests keep the start
+
+
+def test_a_growing_fim_prefix_keeps_its_start_and_the_suffix_takes_the_rest() -> None:
+    prefix, suffix = "".join(f"x{i} = {i}\n" for i in range(600)), "return x\n" * 200
+    starts = []
+    for end in range(3000, 3200, 2):
+        fitted = fit_fim(TOKENIZER, prefix[:end], suffix, 516)
+        assert len(fitted.ids) == 516  # the long suffix fills what the prefix leaves
+        assert fitted.dropped == len(TOKENIZER.encode_fim(prefix[:end], suffix)) - 516
+        starts.append(_kept_start(prefix[:end], fitted.text))
+    assert len(set(starts)) <= 200 // cut_block(512) + 2 and len(set(starts)) < len(starts) // 10
 
 
 def system_and_tools_conversation() -> list[dict[str, str]]:

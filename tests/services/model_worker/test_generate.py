@@ -83,23 +83,25 @@ def test_prompt_longer_than_the_window_is_context_length_exceeded(worker: Servic
 
 
 def test_truncate_fits_a_long_prompt_into_the_window_less_the_answers_room(worker: ServiceProcess) -> None:
-    # Window 128, max_tokens 100: a quarter of the window (32) stays free, so the prompt gets 96 tokens.
+    # Window 128, max_tokens 100: a quarter of the window (32) stays free, so the prompt gets 96 tokens, BOS and 95
+    # bytes, of which it keeps the end, its head dropped in whole blocks of 95 // 8 = 11 bytes: 418 of 503 go.
     answer = generate(worker.url, prompt="x" * 500 + "END", max_tokens=100, seed=0, truncate=True, echo=True)
     assert answer.status_code == 200, answer.text
     body = answer.json()
-    assert body["usage"]["prompt_tokens"] == 96 and body["prompt_truncated"] == 504 - 96
+    assert body["usage"]["prompt_tokens"] == 1 + 503 - 418 and body["prompt_truncated"] == 418
     assert body["text"].startswith("x" * 500 + "END")  # echo gives back the prompt as sent
-    # It fits the window, not the window less 4 for the answer: 3 bytes go, so the answer starts before a slide.
+    # It fits the window, not the window less 4 for the answer: 3 bytes must go, one block of 123 // 8 = 15 goes, so
+    # the answer starts before a slide.
     small = generate(worker.url, prompt="y" * 126, max_tokens=4, truncate=True).json()
-    assert (small["usage"]["prompt_tokens"], small["prompt_truncated"]) == (124, 3)
+    assert (small["usage"]["prompt_tokens"], small["prompt_truncated"]) == (127 - 15, 15)
     fits = generate(worker.url, prompt=PROMPT, max_tokens=4, truncate=True).json()
     assert fits["prompt_truncated"] == 0
     with httpx.stream("POST", worker.url + GENERATE, headers=MESH_AUTH, timeout=60,
                       json={"prompt": "z" * 300, "max_tokens": 8, "stream": True, "truncate": True}) as streamed:
-        assert streamed.status_code == 200
-        assert streamed.headers["x-axl-prompt-truncated"] == str(301 - 120)
+        assert streamed.status_code == 200  # 181 bytes must go of 300: 13 blocks of 119 // 8 = 14
+        assert streamed.headers["x-axl-prompt-truncated"] == str(13 * 14)
         end = [line for line in streamed.iter_lines() if line][-1]
-    assert '"prompt_tokens":120' in end
+    assert f'"prompt_tokens":{301 - 13 * 14}' in end
 
 
 def test_truncate_fits_a_long_chat_keeping_the_latest_message(worker: ServiceProcess) -> None:

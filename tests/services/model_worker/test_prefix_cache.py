@@ -1,6 +1,7 @@
 """The worker's prompt prefix cache (AXL_PREFIX_CACHE_MB): an editor's requests, the same prompt with its end changed,
 reuse the kept prefix and give the tokens a worker without the cache gives (beside another running request, read in
-chunks or in one go, prompts fitted into the window); the metrics count hits, misses and reused tokens."""
+chunks or in one go, prompts fitted into the window, a file longer than the window growing at its end); the metrics
+count hits, misses and reused tokens."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from axl_model.prompt_fit import fit_text, generation_reserve
+from axl_model.tokenizer import ByteTokenizer
 from tests.services.model_worker.conftest import GENERATE, MESH_AUTH, WORKER, metric_value, wait_ready, worker_env
 from tests.support import ServiceProcess
 
@@ -69,3 +72,25 @@ def test_prompts_longer_than_the_window_are_fitted_and_decode_as_without_the_cac
         mine, theirs = (_generate(url, long_base + edit, truncate=True) for url in (cached, cold))
         assert mine["prompt_truncated"] > 0 and mine["prompt_truncated"] == theirs["prompt_truncated"]
         assert mine["text"] == theirs["text"]
+
+
+def test_a_file_longer_than_the_window_typed_at_its_end_reuses_its_kept_start(workers: tuple[str, str]) -> None:
+    """The fitted prompt's head goes in whole blocks, so while the file grows within a block each request keeps the
+    start of the one before, and the cache restores it (a cut moving by the bytes typed would never hit)."""
+    cached, cold = workers
+    long_base, typed = BASE * 7, "result = fib(10) + fib(2)"
+    files = [long_base + typed[:n] for n in range(0, len(typed), 3)]  # 3 bytes typed between requests
+    budget = 128 - generation_reserve(12, 128)  # the tiny model's window less the answer's room (max_tokens 12)
+    kept = [fit_text(ByteTokenizer(), file, budget).text for file in files]
+    starts = [len(file) - len(text) for file, text in zip(files, kept)]
+    same_start = sum(a == b for a, b in zip(starts, starts[1:]))
+    assert same_start >= len(files) - 3  # the pattern this test is about: most requests keep the start
+    hits_before = metric_value(cached, "axl_worker_prefix_cache_lookups_total", 'result="hit"')
+    reused_before = metric_value(cached, "axl_worker_prefix_cache_reused_tokens_total")
+    for file, start in zip(files, starts):
+        mine, theirs = (_generate(url, file, truncate=True) for url in (cached, cold))
+        assert mine["prompt_truncated"] == theirs["prompt_truncated"] == start  # ASCII: bytes are characters
+        assert mine["text"] == theirs["text"], file
+    hits = metric_value(cached, "axl_worker_prefix_cache_lookups_total", 'result="hit"') - hits_before
+    reused = metric_value(cached, "axl_worker_prefix_cache_reused_tokens_total") - reused_before
+    assert hits >= same_start and reused >= same_start * (min(map(len, kept)) // 4 * 4 - 4)
