@@ -266,30 +266,33 @@ def held_out_bpb(checkpoint: str | os.PathLike, data: Sequence[str] | None = Non
     apart from library code), "files", "split_source", "split_matches_checkpoint" (None when it recorded none),
     "val_files_sha256", "data", "val_fraction"}. The whole split is scored unless max_bytes: then a fixed sample of
     windows spread over each kind's files (`data.eval_window_spans`). The data folder training prepared is reused
-    when it matches; otherwise a temporary one is built. `model` scores another model on the checkpoint's split
-    (e.g. its int8 version, `axl_model.quantize`) instead of the checkpoint's weights. `compressors` adds
+    when it matches; else the checkpoint's own split is read back from the files it recorded
+    (`data.recorded_val_files`: seconds, where preparing a mix takes minutes); otherwise a temporary one is built.
+    `model` scores another model on the checkpoint's split (e.g. its int8 version, `axl_model.quantize`) instead
+    of the checkpoint's weights. `compressors` adds
     "compressors": zlib/zstd/xz bits per byte on every held-out file (`axl_model.compressors`; the whole split
     even with max_bytes). `scorers` ({name: WindowScorer}) also scores other models on exactly the same windows
     (the llama export through llama.cpp, the fine-scale path: `llama_export_scorers`); their figures are under
     "scorers" ({name: {"bpb", "bytes", "by_kind"}}).
     """
     from .checkpoint import load_checkpoint
-    from .data import default_corpus, eval_window_spans, eval_windows, prepare_data, prepared_folder
+    from .data import default_corpus, eval_window_spans, eval_windows, prepare_data, recorded_val_files, write_val_split
 
     settings = split_to_score(checkpoint, data, val_fraction)
     paths = settings["data"] or default_corpus()
     model = load_checkpoint(checkpoint) if model is None else model
     seq_len = min(seq_len, model.config.max_seq_len)
     options = {"val_data": settings["val_data"], "val_fraction": settings["val_fraction"], "filters": settings["filters"]}
-    cache_dir: Path | None = None
-    run_data = Path(f"{Path(checkpoint)}.run") / "data"
-    if run_data.is_dir() and (prepared_folder(settings["data"], run_data, **options) / "stats.json").is_file():
-        cache_dir = run_data  # training's tokenized corpus, exactly this one
+    cache_dir = prepared_data_cache(checkpoint, settings)
+    own = settings["recorded"] if settings["source"] == "the checkpoint's split" else None
+    recorded_files = recorded_val_files(own) if own and cache_dir is None else None
     with tempfile.TemporaryDirectory(prefix="axl-eval-data-") as tmp:
-        prepared = prepare_data(settings["data"], cache_dir or tmp, progress=progress, **options)
-        split = prepared.split
+        if recorded_files is not None:  # its own split, read back from the files it recorded: nothing to prepare
+            split, dataset = own, write_val_split(Path(tmp) / "val", recorded_files)
+        else:
+            prepared = prepare_data(settings["data"], cache_dir or tmp, progress=progress, **options)
+            split, dataset = prepared.split, prepared.val
         refuse_training_overlap(split, settings["recorded"], checkpoint, f"the held-out split of {list(map(str, paths))}")
-        dataset = prepared.val
         if len(dataset) < 2:
             raise ValueError(f"the held-out split of {paths} is empty (val_fraction={settings['val_fraction']}); "
                              f"pass more files or a larger --val-fraction")
@@ -344,6 +347,18 @@ def held_out_bpb(checkpoint: str | os.PathLike, data: Sequence[str] | None = Non
             "val_files_sha256": split["val_files_sha256"], "data": [str(p) for p in paths],
             "val_fraction": settings["val_fraction"], **({"compressors": baselines} if baselines else {}),
             **({"scorers": others} if scorers else {})}
+
+
+def prepared_data_cache(checkpoint: str | os.PathLike, settings: dict[str, Any]) -> Path | None:
+    """The data folder training prepared beside the checkpoint (`<checkpoint>.run/data`) when it holds exactly the
+    split `settings` (`split_to_score`) asks for, else None (the caller prepares the data in a temporary folder)."""
+    from .data import prepared_folder
+
+    run_data = Path(f"{Path(checkpoint)}.run") / "data"
+    options = {key: settings[key] for key in ("val_data", "val_fraction", "filters")}
+    if run_data.is_dir() and (prepared_folder(settings["data"], run_data, **options) / "stats.json").is_file():
+        return run_data  # training's tokenized corpus, exactly this one
+    return None
 
 
 class _Slice:
@@ -939,6 +954,9 @@ def machine_description() -> str:
 
 # ---------------------------------------------------------------------------------------------- the table
 _DATA_BEGIN, _DATA_END = "<!-- axl-eval-data", "axl-eval-data -->"
+# Hand-written notes (measurements that are not a model's row: A/B runs, training-mix comparisons) live between
+# these markers; a rewrite of the file keeps them verbatim, so they are edited by hand and survive `axl eval`.
+_NOTES_BEGIN, _NOTES_END = "<!-- axl-notes: kept verbatim when axl eval rewrites this file -->", "<!-- /axl-notes -->"
 
 
 def _row_summary(report: dict[str, Any]) -> dict[str, Any]:
@@ -964,6 +982,17 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
         return json.loads(html.unescape(text[start + len(_DATA_BEGIN):end]))
     except json.JSONDecodeError:
         return []
+
+
+def _read_notes(path: Path) -> str:
+    """The hand-written notes between the markers of the file at `path` ("" when it has none)."""
+    if not path.is_file():
+        return ""
+    text = path.read_text(encoding="utf-8")
+    start, end = text.find(_NOTES_BEGIN), text.find(_NOTES_END)
+    if start == -1 or end < start:
+        return ""
+    return text[start + len(_NOTES_BEGIN):end].strip("\n")
 
 
 def read_results_rows(path: str | os.PathLike = "docs/results.md") -> list[dict[str, Any]]:
@@ -1057,7 +1086,8 @@ def write_results_table(report: dict[str, Any], path: str | os.PathLike = "docs/
     lines = [
         "# AXL evaluation results",
         "",
-        "Generated by `axl eval` (shared/axl_model/evaluate.py); edit by re-running it, not by hand.",
+        "Generated by `axl eval` (shared/axl_model/evaluate.py); edit by re-running it, not by hand, except the",
+        "hand-written [notes](#notes), which every rewrite keeps.",
         "",
         "- **Held-out bits/byte**: cross-entropy in bits per byte on the files training held out, never",
         "  training loss. The checkpoint records its split (corpus, filters, val_fraction, the validation",
@@ -1115,6 +1145,18 @@ def write_results_table(report: dict[str, Any], path: str | os.PathLike = "docs/
             "",
             *compressor_lines,
         ]
+    notes = _read_notes(path)
+    lines += [
+        "",
+        "## Notes",
+        "",
+        "Hand-written: measurements that are not a model's row (A/B runs of training choices), with their commands.",
+        "Edit between the markers; `axl eval` keeps what is there.",
+        "",
+        _NOTES_BEGIN,
+        *([notes] if notes else []),
+        _NOTES_END,
+    ]
     lines += [
         "",
         "## Reference: published HumanEval pass@1 of other code models",

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["NEXTLINE_MAX_TOKENS", "NEXTLINE_SEED", "LineCase", "evaluate_nextline", "sample_lines",
-           "split_documents", "split_file_bytes", "edit_similarity"]
+           "split_documents", "split_file_bytes", "edit_similarity", "recorded_split_documents"]
 
 NEXTLINE_MAX_TOKENS = 160  # longest line generated, in bytes (PEP 8 lines are under 80)
 NEXTLINE_SEED = 0
@@ -124,20 +124,49 @@ def held_out_split_documents(checkpoint, data: Sequence[str] | None = None,
                              val_fraction: float | None = None) -> list[Document]:
     """The held-out split `axl eval` scores for bits/byte (`evaluate.split_to_score`: by default the one the
     checkpoint recorded) as documents. Refused, as bits/byte is (`evaluate.refuse_training_overlap`), when one
-    of its files is, by content, a file the checkpoint trained on: a line the model saw is not a completion."""
+    of its files is, by content, a file the checkpoint trained on: a line the model saw is not a completion.
+
+    The checkpoint's own split is read straight from the files it recorded (`recorded_split_documents`: seconds,
+    where rebuilding a `--mix` split takes minutes); another split, or a recorded one whose files moved or
+    changed, is prepared as training prepares it (reusing the run's data folder when it matches)."""
     import tempfile
 
     from .data import default_corpus, prepare_data
-    from .evaluate import refuse_training_overlap, split_to_score
+    from .evaluate import prepared_data_cache, refuse_training_overlap, split_to_score
 
     settings = split_to_score(checkpoint, data, val_fraction)
+    paths = settings["data"] or default_corpus()
+    where = f"next-line completion on the held-out split of {list(map(str, paths))}"
+    recorded = settings["recorded"]
+    if recorded and settings["source"] == "the checkpoint's split":
+        documents = recorded_split_documents(recorded)
+        if documents is not None:
+            refuse_training_overlap(recorded, recorded, checkpoint, where)
+            return documents
+    cache_dir = prepared_data_cache(checkpoint, settings)
     with tempfile.TemporaryDirectory(prefix="axl-nextline-data-") as tmp:
-        prepared = prepare_data(settings["data"], tmp, val_data=settings["val_data"],
+        prepared = prepare_data(settings["data"], cache_dir or tmp, val_data=settings["val_data"],
                                 val_fraction=settings["val_fraction"], filters=settings["filters"], progress=False)
-        paths = settings["data"] or default_corpus()
-        refuse_training_overlap(prepared.split, settings["recorded"], checkpoint,
-                                f"next-line completion on the held-out split of {list(map(str, paths))}")
+        refuse_training_overlap(prepared.split, recorded, checkpoint, where)
         return split_documents(prepared.val)
+
+
+def recorded_split_documents(split: dict[str, Any]) -> list[Document] | None:
+    """The validation files a split records, read back from disk (`data.recorded_val_files`), as (path, text) in
+    scoring order: the same bytes `split_documents` takes out of the prepared split, without reading, parsing and
+    deduplicating the whole corpus. None when they cannot be read back as they were (the caller prepares the data)."""
+    from .data import recorded_val_files
+
+    files = recorded_val_files(split)
+    if files is None:
+        return None
+    documents: list[Document] = []
+    names: set[str] = set()
+    for entry, data in files:
+        name = entry["path"] if entry["path"] not in names else f"{entry['path']} #{len(documents)}"
+        names.add(name)
+        documents.append((name, data.decode("utf-8", "replace")))
+    return documents
 
 
 def corpus_documents(name: str, root=None) -> list[Document]:

@@ -8,6 +8,7 @@ import math
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -190,6 +191,37 @@ def test_eval_scores_the_recorded_split_and_refuses_training_files(tmp_path: Pat
     trained, _ = E.training_exposure(ck)
     held_out = {e["path"] for e in recorded["val_files"]}
     assert trained == {str(f.resolve()) for f, key in resolve_inputs([corpus]) if key not in held_out}
+
+
+def test_the_recorded_split_read_back_scores_as_the_prepared_one(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the run's data folder, eval reads the checkpoint's held-out files back from what its split recorded:
+    the same tokens, groups and bits/byte as preparing the whole corpus again (which a changed file falls back to)."""
+    from axl_model import data as D
+
+    corpus = _library_and_tests(tmp_path / "src")
+    ck = _checkpoint_with_split(tmp_path, corpus, val_fraction=0.3)
+    recorded = E.recorded_split(ck)
+    prepared = D.prepare_data([corpus], tmp_path / "again", val_fraction=0.3, progress=False)
+    files = D.recorded_val_files(recorded)
+    assert [entry for entry, _ in files] == recorded["val_files"]
+    written = D.write_val_split(tmp_path / "val", files)
+    assert np.array_equal(np.asarray(written.tokens), np.asarray(prepared.val.tokens))
+    assert np.array_equal(np.asarray(written.mask), np.asarray(prepared.val.mask))
+    assert written.groups == prepared.val.groups and written.n_predicted == prepared.val.n_predicted
+
+    calls = []
+    monkeypatch.setattr(D, "prepare_data", lambda *a, **k: calls.append(a) or prepared)
+    read_back = E.held_out_bpb(ck, seq_len=64, compressors=True)
+    assert not calls and read_back["split_matches_checkpoint"] is True
+    monkeypatch.setattr(D, "recorded_val_files", lambda split: None)  # as when a file changed since training
+    rebuilt = E.held_out_bpb(ck, seq_len=64, compressors=True)
+    assert len(calls) == 1
+    for key in ("bpb", "bytes", "tokens", "by_kind", "files", "val_files_sha256"):
+        assert read_back[key] == rebuilt[key], key
+    for name, result in rebuilt["compressors"].items():  # the same bytes compressed (timings aside)
+        if isinstance(result, dict) and "per_file_bpb" in result:
+            assert read_back["compressors"][name]["per_file_bpb"] == result["per_file_bpb"], name
 
 
 def test_axl_eval_defaults_to_the_recorded_split(tmp_path: Path, capsys: pytest.CaptureFixture,

@@ -120,6 +120,52 @@ def test_table_without_the_new_measures_shows_dashes(tmp_path: Path) -> None:
     assert "| `m` (tiny, raw prompts) | 1K | – | – | – | – | – | – | today |" in text
 
 
+def test_next_line_reads_the_recorded_split_without_preparing_data(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint's own held-out files come straight from the paths and hashes it recorded: the same texts, in
+    the same order, as the prepared split gives; a file changed since training sends it back to preparing."""
+    from axl_model import data as D
+    from axl_model.data import prepare_data
+    from tests.axl_model.test_evaluate import _checkpoint_with_split, _library_and_tests
+
+    corpus = _library_and_tests(tmp_path / "src")
+    ck = _checkpoint_with_split(tmp_path, corpus, val_fraction=0.3)
+    split = recorded_split(ck)
+    prepared = prepare_data([corpus], tmp_path / "again", val_fraction=0.3, progress=False)
+    expected = [text for _, text in N.split_documents(prepared.val)]
+    documents = N.recorded_split_documents(split)
+    assert [text for _, text in documents] == expected and len(expected) == len(split["val_files"]) > 1
+    assert [name for name, _ in documents] == [e["path"] for e in split["val_files"]]
+
+    calls = []
+    monkeypatch.setattr(D, "prepare_data", lambda *a, **k: calls.append(a) or prepare_data(*a, **k))
+    assert N.held_out_split_documents(ck) == documents and not calls  # no data prepared
+    changed = corpus / split["val_files"][0]["path"]
+    changed.write_text(changed.read_text() + "# edited after training\n")
+    assert N.recorded_split_documents(split) is None
+    assert [t for _, t in N.held_out_split_documents(ck)] != expected and len(calls) == 1  # prepared again
+    assert N.recorded_split_documents({**split, "val_files": [{"path": "x.jsonl::3", "sha1": "0"}]}) is None
+
+
+def test_hand_written_notes_survive_a_rewrite(tmp_path: Path) -> None:
+    """docs/results.md is regenerated whole; what sits between the notes markers is kept verbatim."""
+    def report(name: str) -> dict:
+        return {"model": name, "checkpoint": name, "preset": "tiny", "params": 1000, "prompt_format": "raw",
+                "date": "today", "machine": "here"}
+
+    table = write_results_table(report("m"), tmp_path / "r.md")
+    text = table.read_text()
+    begin, end = "<!-- axl-notes: kept verbatim when axl eval rewrites this file -->", "<!-- /axl-notes -->"
+    assert "## Notes" in text and f"{begin}\n{end}" in text  # an empty block to write into
+    note = "### A/B\n\n| run | bits/byte |\n|---|---|\n| a | 2.727 |\n"
+    table.write_text(text.replace(f"{begin}\n", f"{begin}\n{note}"))
+    text = write_results_table(report("n"), table).read_text()
+    assert "| `n` (tiny" in text and "| `m` (tiny" in text  # the rows: rewritten from the data block
+    assert f"{begin}\n{note}{end}" in text and text.count("### A/B") == 1
+    assert text.index("## Notes") < text.index("## Reference")
+    assert write_results_table(report("n"), table).read_text() == text  # a rewrite of the same row changes nothing
+
+
 def test_next_line_refuses_files_the_checkpoint_trained_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture) -> None:
     """As bits/byte does: a split holding a training file, or a corpus holding a copy of one, is not held out."""
