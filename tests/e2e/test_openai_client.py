@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from axl_model.prompt_fit import cut_block
 from tests.e2e.conftest import API_KEY, MAX_BODY_BYTES, Mesh
 
 pytestmark = pytest.mark.timeout(120)
@@ -188,8 +189,11 @@ def test_continue_autocomplete_request(mesh: Mesh) -> None:
         assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]), f"{model} answered no text"
         finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
         assert finishes[-1] in ("stop", "length")
-        used = chunks[-1]["usage"]["prompt_tokens"]
-        assert used == WINDOW - WINDOW // 4  # max_tokens 4096: a quarter of the window left for the answer
+        used, budget = chunks[-1]["usage"]["prompt_tokens"], WINDOW - WINDOW // 4  # max_tokens 4096: a quarter left
+        if model == CODER:  # a plain prompt's head goes in whole blocks: up to one of the room unused
+            assert budget - cut_block(budget - 1) < used <= budget
+        else:  # the long suffix takes what the prefix's whole-block cut leaves
+            assert used == budget
         whole = len(body["prompt"].encode()) + 1 if model == CODER else len(source.encode()) + 4  # + BOS (+ FIM)
         assert int(headers["x-axl-prompt-truncated"]) == whole - used
 
@@ -343,8 +347,9 @@ def test_oversized_body_is_413(mesh: Mesh) -> None:
 def test_prompt_over_the_window_is_fitted_or_with_truncate_false_context_length_exceeded(mesh: Mesh) -> None:
     client = mesh.client()
     fitted = client.completions.with_raw_response.create(model=CODER, prompt="y" * 1000, max_tokens=4)
-    assert fitted.parse().usage.prompt_tokens == WINDOW - 4
-    assert fitted.headers["x-axl-prompt-truncated"] == str(1001 - (WINDOW - 4))
+    # WINDOW - 4 tokens: BOS and 123 bytes, of 1,000; 877 must go, in whole blocks of 123 // 8 = 15: 59 of them.
+    assert fitted.parse().usage.prompt_tokens == 1 + 1000 - 59 * 15
+    assert fitted.headers["x-axl-prompt-truncated"] == str(59 * 15)
     strict = {"truncate": False}  # OpenAI's behaviour, per request (AXL_TRUNCATE_PROMPTS=false: for all)
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=CODER, prompt="y" * 1000, max_tokens=4, extra_body=strict)
