@@ -42,7 +42,7 @@ from .checkpoint import (
 )
 from .config import PRESETS, ModelConfig, memory_bytes
 from .corpora import refuse_held_out_training
-from .data import FilterConfig, PreparedData, TokenDataset, WindowSampler, eval_windows, prepare_data
+from .data import MIX_PREFIX, FilterConfig, PreparedData, TokenDataset, WindowSampler, eval_windows, prepare_data
 from .distributed import TrainingGroup
 from .logger import NullLogger, TrainLogger
 from .model import MultiScaleTransformer
@@ -66,6 +66,7 @@ class TrainConfig:
     val_fraction: float = 0.05  # 0 needs val_data: validation is never scored on training data
     min_lines: int = 3
     max_lines: int = 20_000
+    drop_generated: bool | None = None  # files whose header says they are generated; None: dropped from a --mix
     fim_rate: float = 0.5  # share of windows in fill-in-the-middle order, for models with config.fim
     # --- budget: whichever comes first; none given means one epoch
     max_steps: int | None = None
@@ -313,11 +314,16 @@ def _train(config: TrainConfig, callbacks: TrainCallbacks, group: TrainingGroup)
     teacher = load_checkpoint(config.distill_from).requires_grad_(False) if config.distill_from else None
 
     # 2. Data.
+    drop_generated = config.drop_generated
+    if drop_generated is None:  # the mix's default; a resumed run keeps the filter its split was made with
+        recorded = (load_metadata(out_dir).get("data_split") or {}).get("filters") if state is not None else None
+        drop_generated = (bool(recorded.get("generated")) if recorded is not None
+                          else any(str(p).startswith(MIX_PREFIX) for p in config.data or ()))
+    filters = FilterConfig(config.min_lines, config.max_lines, generated=drop_generated)
     with group.local_main_first():  # one process per machine builds the data cache; its other ranks reuse it
         prepared: PreparedData = prepare_data(
             config.data, config.data_cache_dir or run_dir / "data", val_data=config.val_data,
-            val_fraction=config.val_fraction, filters=FilterConfig(config.min_lines, config.max_lines),
-            progress=progress)
+            val_fraction=config.val_fraction, filters=filters, progress=progress)
     if len(prepared.val) < 2:  # never fall back to scoring the training data
         raise ValueError(f"the validation data {config.val_data} has nothing left to score after filtering "
                          f"({prepared.stats.rejected}); pass other --val-data")

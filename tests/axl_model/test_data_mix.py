@@ -7,6 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from axl_model import data as D
@@ -195,3 +196,149 @@ def test_the_mix_checkpoint_loads(env, tmp_path: Path) -> None:
                  "--out", str(tmp_path / "ck2"), "--eval-interval", "0", "--no-progress"]) == 0
     assert set(load_metadata(tmp_path / "ck2")["data"]["parts"]) == {"site-packages", "data"}
     assert load_checkpoint(tmp_path / "ck2").config.name == "tiny"
+
+
+# ---------------------------------------------------------------------------------------------- weights
+def test_mix_weights_parse() -> None:
+    assert mix_inputs("stdlib:3,site-packages:1") == ["mix:stdlib:3", "mix:site-packages:1"]
+    assert mix_inputs("stdlib:3, site-packages") == ["mix:stdlib:3", "mix:site-packages:1"]  # unweighted: 1
+    assert mix_inputs("stdlib:1,site-packages:1") == ["mix:stdlib", "mix:site-packages"]  # all 1: no weights
+    assert mix_inputs("stdlib:3") == ["mix:stdlib:3"]  # beside --data (at 1)
+    assert mix_inputs("stdlib:0.5,site-packages:1") == ["mix:stdlib:0.5", "mix:site-packages:1"]
+    for bad, message in (("stdlib:0,site-packages", "positive number"), ("stdlib:x", "positive number"),
+                         ("stdlib:inf", "positive number"), ("stdlib:2,stdlib:3", "two weights"),
+                         ("pypi:2", "unknown part 'pypi'")):
+        with pytest.raises(ValueError, match=message):
+            mix_inputs(bad)
+    assert D.mix_weights(["mix:stdlib:3", "mix:site-packages=a==1"]) == {"stdlib": 3.0, "site-packages": 1.0}
+    assert D.mix_weights(["mix:stdlib:3", "src/"]) == {"stdlib": 3.0, "data": 1.0}
+    assert D.mix_weights(["mix:stdlib", "mix:site-packages"]) is None and D.mix_weights(None) is None
+
+
+def test_a_weighted_mix_splits_as_the_unweighted_one_and_records_its_weights(env, tmp_path: Path) -> None:
+    plain = prepare_data(mix_inputs("stdlib,site-packages"), tmp_path / "cache", val_fraction=0.2, progress=False)
+    weighted = prepare_data(mix_inputs("stdlib:3,site-packages:1"), tmp_path / "cache", val_fraction=0.2,
+                            progress=False)
+    assert weighted.folder != plain.folder  # the weights are in the data folder's key
+    assert weighted.split["val_files"] == plain.split["val_files"]  # the same held-out files
+    assert weighted.split["train_sha1"] == plain.split["train_sha1"]
+    assert weighted.split["data"] == ["mix:stdlib:3", "mix:site-packages:1=alpha==1.0,beta-pkg==2.0"]
+    assert weighted.split["mix_weights"] == {"stdlib": 3.0, "site-packages": 1.0} and "mix_weights" not in plain.split
+    assert weighted.stats.weights == {"stdlib": 3.0, "site-packages": 1.0} and plain.stats.weights == {}
+    train = weighted.train
+    assert train.part_weights == {"stdlib": 3.0, "site-packages": 1.0} and plain.train.part_weights == {}
+    (s0, s1), (p0, p1) = train.groups["stdlib"], train.groups["site-packages"]
+    assert s0 == 0 and s1 == p0 and p1 == len(train) == len(plain.train)  # part by part, the same tokens
+    assert s1 - s0 == weighted.stats.parts["stdlib"]["train_bytes"] + 2 * weighted.stats.parts["stdlib"]["train"]
+    # the recorded inputs rebuild exactly it (what `axl eval` does with a checkpoint's split)
+    assert prepare_data(weighted.split["data"], tmp_path / "cache", val_fraction=0.2, progress=False).folder \
+        == weighted.folder
+    shares = D.mix_shares(weighted.stats.parts, weighted.stats.weights)
+    stdlib_bytes, site_bytes = (weighted.stats.parts[p]["train_bytes"] for p in ("stdlib", "site-packages"))
+    assert shares["stdlib"] == pytest.approx(3 * stdlib_bytes / (3 * stdlib_bytes + site_bytes))
+
+
+def test_the_sampler_draws_parts_by_weight(env, tmp_path: Path) -> None:
+    weighted = prepare_data(mix_inputs("stdlib:3,site-packages:1"), tmp_path / "cache", val_fraction=0.2,
+                            progress=False)
+    stop = weighted.train.groups["stdlib"][1]  # the stdlib's tokens come first
+    sampler = D.WindowSampler(weighted.train, seq_len=16, batch_size=4, seed=1)
+    starts = sampler.starts(np.random.default_rng(0), 20_000)
+    assert starts.min() >= 0 and starts.max() < len(weighted.train) - 16
+    expected = 3 * stop / (3 * stop + len(weighted.train) - stop)  # each stdlib token 3x as likely
+    assert abs((starts < stop).mean() - expected) < 0.02
+    assert abs(expected - stop / len(weighted.train)) > 0.1  # far from what a uniform draw gives
+    assert len(np.unique(starts[starts >= stop])) > 100  # spread over the other part too
+    # no weights: the same uniform draw as always (batch n of seed s unchanged by the weighted path)
+    plain = prepare_data(mix_inputs("stdlib,site-packages"), tmp_path / "cache", val_fraction=0.2, progress=False)
+    sampler = D.WindowSampler(plain.train, seq_len=16, batch_size=4, seed=1)
+    starts = np.random.default_rng([1, 0]).integers(0, len(plain.train) - 16, size=4)
+    assert np.array_equal(sampler.batch(0)[0].numpy(), np.stack([plain.train.tokens[s:s + 16] for s in starts]))
+
+
+def test_train_with_a_weighted_mix_records_it_and_eval_rebuilds_it(env, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", "--preset", "tiny", "--mix", "stdlib:3,site-packages:1", "--max-steps", "1",
+                 "--batch-size", "2", "--seq-len", "32", "--threads", "1", "--val-fraction", "0.2",
+                 "--out", str(tmp_path / "ck"), "--eval-interval", "0", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "data stdlib: 13 of 13 files kept" in printed and "weight 3: " in printed and "% unweighted)" in printed
+    ck = tmp_path / "ck"
+    recorded = E.recorded_split(ck)
+    assert recorded["data"] == ["mix:stdlib:3", "mix:site-packages:1=alpha==1.0,beta-pkg==2.0"]
+    assert recorded["mix_weights"] == {"stdlib": 3.0, "site-packages": 1.0}
+    settings = E.split_to_score(ck)
+    assert E.prepared_data_cache(ck, settings) is not None  # eval reuses training's folder: the same inputs
+    scored = E.held_out_bpb(ck, seq_len=32)
+    assert scored["split_matches_checkpoint"] is True and scored["files"] == len(recorded["val_files"])
+
+
+def test_axl_data_mix_shows_the_shares(env, capsys: pytest.CaptureFixture) -> None:
+    assert main(["data", "mix", "stdlib:3,site-packages:1"]) == 0
+    out = capsys.readouterr().out
+    assert "mix stdlib:3,site-packages:1:" in out
+    stdlib_line = next(line for line in out.splitlines() if "data stdlib:" in line)
+    assert "weight 3: " in stdlib_line and "% of training windows" in stdlib_line
+    assert main(["data", "mix", "stdlib,site-packages"]) == 0
+    out = capsys.readouterr().out
+    assert "% of training windows" in out and "weight" not in out
+
+
+# ---------------------------------------------------------------------------------------------- generated code
+PROTOBUF = ("# -*- coding: utf-8 -*-\n# Generated by the protocol buffer compiler.  DO NOT EDIT!\n"
+            "# source: thing.proto\n" + _module(950))
+STAINLESS = "# File generated from our OpenAPI spec by Stainless. See CONTRIBUTING.md for details.\n\n" + _module(951)
+CODEC = ('""" Python Character Mapping Codec cp037 generated from \'MAPPINGS/CP037.TXT\' with gencodec.py.\n\n"""\n'
+         + _module(952))
+
+
+def test_generated_header() -> None:
+    assert D.generated_header(PROTOBUF.encode()) and D.generated_header(STAINLESS.encode())
+    assert D.generated_header(CODEC.encode())
+    assert D.generated_header(b"#!/usr/bin/env python\n# @generated\nx = 1\n")
+    assert D.generated_header(b"'''\nThis file is auto-generated; do not modify.\n'''\nx = 1\n")
+    assert not D.generated_header(_module(953).encode())
+    # talking about generating, in code or after the header, is not a header
+    assert not D.generated_header(b'"""Parse values."""\nx = "generated by hand"\n')
+    assert not D.generated_header(b"import os\n# generated by the tool below\nx = 1\n")
+    assert not D.generated_header(b"\n" * 10 + b"# Generated by the protocol buffer compiler.\n")
+
+
+def test_the_mix_drops_generated_files_and_says_how_many(env, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _, site = env
+    _dist(site, "apiclient", "1.0", {"apiclient/types.py": STAINLESS, "apiclient/thing_pb2.py": PROTOBUF,
+                                     "apiclient/core.py": _module(954)})
+    assert main(["data", "mix", "site-packages", "--packages"]) == 0
+    out = capsys.readouterr().out
+    assert "generated 2" in out.splitlines()[0]  # a rejection reason beside the others
+    assert "generated files dropped: apiclient 2" in out
+    assert main(["data", "mix", "site-packages", "--keep-generated"]) == 0
+    out = capsys.readouterr().out
+    assert "generated" not in out.splitlines()[0] and "generated files dropped" not in out
+    # off unless asked for (the filter a split recorded before it existed), and part of the folder's key when on
+    plain = prepare_data(["mix:site-packages"], tmp_path / "cache", val_fraction=0.2, progress=False)
+    dropping = prepare_data(["mix:site-packages"], tmp_path / "cache", val_fraction=0.2, progress=False,
+                            filters=D.FilterConfig(generated=True))
+    assert plain.folder != dropping.folder and dropping.stats.rejected["generated"] == 2
+    assert plain.stats.rejected["generated"] == 0 and plain.split["filters"]["generated"] is False
+    old = {k: v for k, v in plain.split["filters"].items() if k != "generated"}
+    assert D.FilterConfig(**old) == D.FilterConfig()
+
+
+def test_train_on_the_mix_records_the_generated_filter(env, tmp_path: Path) -> None:
+    _, site = env
+    _dist(site, "apiclient", "1.0", {"apiclient/types.py": STAINLESS, "apiclient/core.py": _module(954)})
+    common = ["--preset", "tiny", "--max-steps", "1", "--batch-size", "2", "--seq-len", "32", "--threads", "1",
+              "--val-fraction", "0.2", "--eval-interval", "0", "--no-progress"]
+    assert main(["train", "--mix", "stdlib,site-packages", "--out", str(tmp_path / "a"), *common]) == 0
+    recorded = E.recorded_split(tmp_path / "a")
+    assert recorded["filters"]["generated"] is True
+    assert load_metadata(tmp_path / "a")["data"]["rejected"]["generated"] == 1
+    assert main(["train", "--mix", "stdlib,site-packages", "--keep-generated", "--out", str(tmp_path / "b"),
+                 *common]) == 0
+    assert E.recorded_split(tmp_path / "b")["filters"]["generated"] is False
+    # a resumed run keeps the filter its split was made with
+    assert main(["train", "--mix", "stdlib,site-packages", "--out", str(tmp_path / "b"), "--resume",
+                 *common[:2], "--max-steps", "2", *common[4:]]) == 0
+    assert load_metadata(tmp_path / "b")["step"] == 2
+    assert E.recorded_split(tmp_path / "b")["filters"]["generated"] is False
