@@ -180,10 +180,8 @@ class SelfAttention(nn.Module):
         """Several new tokens of one row (x: (1, T, C)) after the ones its cache holds (the chunked prefill):
         they attend to the held tokens and to each other under `span.mask`, then enter the cache."""
         q, k, v = self.project(x, cos, sin)  # (1, H, T, D)
-        keys, values = span.with_held(cache_k, k), span.with_held(cache_v, v)
+        keys, values = span.store_and_read(cache_k, k), span.store_and_read(cache_v, v)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=span.mask)
-        span.store(cache_k, k)
-        span.store(cache_v, v)
         return self.out(y.transpose(1, 2).reshape(x.shape))
 
 
@@ -355,6 +353,10 @@ class ChunkSpan:
 
     def __init__(self, row: int, held: int, count: int, ring: int, base: int = 0, device=None) -> None:
         self.row, self.base = row, base
+        # Nothing wraps: the held tokens sit in slots [base, base + held) oldest first and the new ones go right
+        # after them, so the keys are a view of the cache once the new ones are stored (no copy of the held ones).
+        self.in_place = held + count <= ring
+        self.end = base + held + count
         held_indices = torch.arange(max(0, held - ring), held, device=device)
         self.held_slots = base + held_indices % ring
         self.new_indices = torch.arange(held, held + count, device=device)
@@ -372,6 +374,18 @@ class ChunkSpan:
     def store(self, cache: torch.Tensor, new: torch.Tensor) -> None:
         if self.kept:
             cache[self.row, :, self.store_slots] = new[0, :, new.shape[2] - self.kept:]
+
+    def store_and_read(self, cache: torch.Tensor, new: torch.Tensor | None) -> torch.Tensor:
+        """Store the new tokens (None: none) and return what attention reads: `with_held`'s keys, a view of the
+        cache when nothing wraps (a prefix cache hit's chunk would otherwise copy every held key per layer)."""
+        if self.in_place:
+            if new is not None:
+                cache[self.row, :, self.end - new.shape[2] : self.end] = new[0]
+            return cache[self.row : self.row + 1, :, : self.end]
+        keys = self.with_held(cache, new)
+        if new is not None:
+            self.store(cache, new)
+        return keys
 
 
 @dataclass
@@ -695,9 +709,9 @@ class MultiScaleTransformer(nn.Module):
             if query in stacked:
                 behind = end_bytes(query, spans[query].new_indices[-1:])[:, None] - end_bytes(key, span.key_indices)[None, :]
                 mask = F.pad(visibility(behind, self.cross_windows[name]), (1, 0), value=True)  # null slot visible
-                updated[query] = updated[query] + module.attend(
-                    stacked[query][:, -1:], span.with_held(cache_k, k), span.with_held(cache_v, v), mask)
-            if k is not None:
+                keys, values = span.store_and_read(cache_k, k), span.store_and_read(cache_v, v)
+                updated[query] = updated[query] + module.attend(stacked[query][:, -1:], keys, values, mask)
+            elif k is not None:
                 span.store(cache_k, k)
                 span.store(cache_v, v)
 
