@@ -7,6 +7,8 @@
    each compiled figure's ratio to its eager one, and the best serving option (int8 compiled) against llama.cpp F32
    and Q8_0 in wall clock and per CPU-second (issue 10: at least 0.5x). Rounds alternate the contenders; every
    figure is the range over the rounds (the development VM is shared and noisy).
+   Then one average token's float32 matrix-vector products over micro's decode matrices, per CPU-second: a plain
+   read of the same bytes beside `mm` (what the compiled step calls) and `F.linear` (`weight_traffic`).
 2. Decode tokens/s at 256, 2,048 and the full window of context (micro: 1,024 bytes; micro-long: 4,096), for
    float32 and int8: the prompt fills the window to that length minus the tokens then decoded.
 3. With --checkpoint: held-out bits/byte of that checkpoint in float32 and in int8 on the same bytes (the int8
@@ -23,10 +25,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from axl_model.compiled import CompiledDecodeStep
-from axl_model.config import ModelConfig
-from axl_model.model import MultiScaleTransformer
+from axl_model.config import SCALE_NAMES, ModelConfig
+from axl_model.model import CROSS_PAIRS, MultiScaleTransformer, cross_name
 from axl_model.quantize import int8_kernel_everywhere, quantize_int8
 from axl_model.tokenizer import ByteTokenizer
 
@@ -186,6 +189,69 @@ def compiled_step(results: dict, dtype: str = "float32", rounds: int = 5) -> Non
           f"{target:,} tokens/s: {'met' if best >= target else 'not met'} per CPU-second (best round {best:,.0f})")
 
 
+def _step_matrices(model: MultiScaleTransformer) -> list[list[torch.Tensor]]:
+    """The (in, out) float32 matrices one batch-1 decode step of each kind multiplies by (`compiled.STEP_KINDS`), in
+    the layout the compiled step reads: its stacks (and their downsampling), the key/value projections of the
+    cross attentions reading the scales that step, the query/output projections of those scales' cross attentions,
+    the fusion's width projections, and the head."""
+    kinds = []
+    for kind in range(len(SCALE_NAMES)):
+        scales = SCALE_NAMES[: kind + 1]
+        layers = []
+        for scale in scales:
+            layers += [model.downsample[scale]] if scale in model.downsample else []
+            for block in model.stacks[scale].blocks:
+                layers += [block.attn.qkv, block.attn.out, block.mlp.gate_up, block.mlp.down]
+        layers += [model.cross[cross_name(q, k)].kv for q, k in CROSS_PAIRS if k in scales]
+        for query in scales:
+            for key in SCALE_NAMES:
+                if key != query:
+                    layers += [model.cross[cross_name(query, key)].q, model.cross[cross_name(query, key)].out]
+            layers += [model.fusion.inputs[query]] if query in model.fusion.inputs else []
+        layers.append(model.lm_head)
+        kinds.append([layer._transposed_weight() for layer in layers])
+    return kinds
+
+
+@torch.no_grad()
+def weight_traffic(results: dict, rounds: int = 20) -> None:
+    """Is the float32 step bound by reading its weights? One average micro token's matrix-vector products (kinds in
+    the order bytes 0-3 of a coarse group run them: fine, +medium, fine, +coarse), per CPU-second, alternating:
+    a plain read of the same matrices (`sum`: the rate this core streams them at, whatever multiplies them),
+    `mm` on the (in, out) copies (what the compiled step calls) and `F.linear` on the (out, in) weights."""
+    torch.manual_seed(0)
+    model = MultiScaleTransformer(ModelConfig.from_name("micro")).eval()
+    kinds = _step_matrices(model)
+    cycle = [kinds[0], kinds[1], kinds[0], kinds[2]]
+    per_token = sum(w.numel() * w.element_size() for matrices in cycle for w in matrices) / len(cycle)
+    vectors = {n: torch.randn(1, n) for n in {w.shape[0] for matrices in kinds for w in matrices}}
+    originals = {id(w): w.t().contiguous() for matrices in kinds for w in matrices}  # the (out, in) layout
+    ways = {
+        "read (sum)": lambda w: w.sum(),
+        "mm (in, out)": lambda w: torch.mm(vectors[w.shape[0]], w),
+        "linear (out, in)": lambda w: F.linear(vectors[w.shape[0]], originals[id(w)]),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(rounds):
+        for name, way in ways.items():
+            started = time.process_time()
+            for _ in range(4):  # 16 tokens
+                for matrices in cycle:
+                    for w in matrices:
+                        way(w)
+            seconds[name].append((time.process_time() - started) / 16)
+    count = sum(len(matrices) for matrices in cycle) / len(cycle)
+    print(f"micro float32 weights per token (average over a coarse group): {per_token / 1e6:.1f} MB in {count:.1f} "
+          f"matrix-vector products; per CPU-second, {rounds} rounds (min-max):")
+    for name, values in seconds.items():
+        fast, slow = min(values), max(values)
+        print(f"  {name:17s} {fast * 1e3:.2f}-{slow * 1e3:.2f} ms a token = {per_token / slow / 1e9:.1f}-"
+              f"{per_token / fast / 1e9:.1f} GB/s: at most {1 / slow:,.0f}-{1 / fast:,.0f} tokens/CPU-s from weights")
+        results[f"weights_{name.split()[0]}_ms_per_token"] = 1e3 * sorted(values)[len(values) // 2]
+    ratios = [m / r for m, r in zip(seconds["mm (in, out)"], seconds["read (sum)"])]
+    print(f"  mm vs a plain read of the same bytes: {min(ratios):.2f}-{max(ratios):.2f}x the time (same round)")
+
+
 def by_context(results: dict) -> None:
     print(f"decode tokens/s by context ({CONTEXT_TOKENS} tokens decoded up to that many bytes of context; min-max of 2):")
     for preset in ("micro", "micro-long"):
@@ -235,6 +301,7 @@ def quality(checkpoint: Path, results: dict) -> None:
 def run(args) -> dict:
     results: dict = {}
     batch1(results)
+    weight_traffic(results)
     by_context(results)
     checkpoint = getattr(args, "checkpoint", None)
     if checkpoint:
