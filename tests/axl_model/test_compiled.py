@@ -4,7 +4,8 @@ One tiny model with local windows (its fine and medium rings wrap) and a 64-byte
 several times in 300 tokens) is compiled once for the module: three step kinds for batch 1, three for larger
 batches (batch 2's graphs serve batch 3). Then 300 greedy tokens at batch 1 and in a ragged batch of 3 (rows at
 every phase of a coarse group, so every step kind occurs with rows completing different groups) must equal eager
-decoding token for token, with the compilation count unchanged.
+decoding token for token, with the compilation count unchanged; so must prompts restored from the prompt prefix
+cache (the worker's AXL_COMPILE beside AXL_PREFIX_CACHE_MB).
 """
 
 import logging
@@ -15,6 +16,7 @@ import torch
 
 from axl_model import BatchDecoder, ModelConfig, SamplingParams
 from axl_model.compiled import STEP_KINDS, CompiledDecodeStep, compiler_available, step_kind
+from axl_model.prefix_cache import PrefixCache
 from tests.checkpoints import perturbed_model
 
 STEPS = 300
@@ -95,6 +97,53 @@ def test_compiled_logits_match_the_eager_step_at_every_kind(compiled, starts, ex
         assert torch.equal(eager_cache.lengths, fast_cache.lengths)
     assert kinds == expected_kinds
     assert step.compilations == before and step.fallback_reason is None
+
+
+def shared_prefix_prompts() -> list[list[int]]:
+    """A prompt, then prompts sharing its first bytes (cuts of every residue mod 4) with other endings, then itself."""
+    generator = torch.Generator().manual_seed(11)
+    base = [256] + torch.randint(32, 127, (40,), generator=generator).tolist()
+    prompts = [base[:38]]
+    for shared, tail in ((35, 6), (30, 9), (25, 3), (36, 2)):
+        ending = torch.randint(32, 127, (tail,), generator=generator).tolist()
+        ending[0] = base[shared] + 1 if base[shared] < 126 else 32  # share exactly `shared` tokens
+        prompts.append(base[:shared] + ending)
+    return [*prompts, base[:38]]
+
+
+def decode_with_cache(model, prompts, decode_step, prefix_cache, chunk):
+    """Greedy tokens of each prompt, added after another row joined (the batch at two lengths), 40 tokens each (the
+    64-byte window slides); with `chunk`, prompts longer than it are read in chunks."""
+    decoder = BatchDecoder(model, max_batch=2, prefill_chunk=chunk, decode_step=decode_step, prefix_cache=prefix_cache)
+    params = SamplingParams(max_tokens=40, temperature=0.0, stop_at_eos=False)
+    results = []
+    for index, prompt in enumerate(prompts):
+        decoder.add([256] + list(range(60, 66 + index)), params)
+        sequence, _ = decoder.add(prompt, params)
+        while decoder.active or decoder.prefilling:
+            decoder.advance_prefill()
+            decoder.step()
+        results.append(sequence.generated)
+    return results
+
+
+@COMPILE_TIMEOUT
+@pytest.mark.parametrize("chunk", [0, 8], ids=["one-go", "chunks-of-8"])
+def test_compiled_step_after_prefix_cache_hits_gives_the_cold_tokens(compiled, chunk):
+    """Rows restored from the prefix cache (their rings written by `restore`, the rest read by `extend`) then decoded
+    by the compiled step give the tokens of a cold prefill decoded eagerly, and nothing recompiles."""
+    model, step = compiled
+    with torch.inference_mode():
+        step.warm_up((1, 2), capacity=CONFIG.max_seq_len)  # no compilation if the tests above built both families
+    prompts = shared_prefix_prompts()
+    cache, reused = PrefixCache(1 << 30), []
+    cache.observer = lambda prompt_tokens, reused_tokens: reused.append(reused_tokens)
+    before = step.compilations
+    warm = decode_with_cache(model, prompts, step, cache, chunk)
+    assert step.compilations == before and step.fallback_reason is None
+    assert all(n > 0 for n in reused[3::2])  # every prompt after the first restored a prefix (odd: the other rows)
+    assert all(len(tokens) == 40 for tokens in warm)
+    assert warm == decode_with_cache(model, prompts, None, None, chunk)
 
 
 def test_without_a_compiler_the_step_is_eager_and_says_so_once(caplog):
