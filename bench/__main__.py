@@ -12,7 +12,7 @@ import time
 import torch
 
 MODULES = ("train_throughput", "distributed_throughput", "quality_per_cpu_minute", "generation_speed", "decode_options",
-           "gateway_latency", "gateway_streams", "chunked_prefill", "first_token", "large_model")
+           "gateway_latency", "gateway_streams", "chunked_prefill", "first_token", "prefix_hit", "large_model")
 # Run only when named: minutes of traffic against a mesh (load), minutes of 4,096-byte training steps (long_window),
 # minutes of scoring a trained checkpoint several ways (llama_export_quality).
 ON_REQUEST = ("load", "long_window", "llama_export_quality")

@@ -12,6 +12,11 @@ Then as an editor sends it (Continue's autocomplete resends the file above the c
 1,000-byte prompt whose last EDITED_BYTES bytes change on every request, with the worker's prompt prefix cache
 (AXL_PREFIX_CACHE_MB, default 256: the kept prefix is restored, only the changed end is prefilled) and without it (0),
 the same figures, and the prefix cache's hits and reused tokens from the worker's /metrics.
+
+Last, an editor on a file longer than the window (micro's 1,024 bytes): a 3,000-byte stretch of `inspect.py` that
+grows by TYPED_BYTES bytes typed at its end before every request, sent with `truncate` (the worker fits it into the
+window: its end, the head dropped in whole blocks, axl_model.prompt_fit), prefix cache on vs off. While the file
+grows within a block the fitted prompt keeps its start, so the kept prefix is restored.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from .gateway_latency import SECRET, _percentile, local_mesh, process_cpu_second
 
 PROMPT_BYTES, REQUESTS, WARMUP = 1000, 30, 3
 EDITED_BYTES = 20
+LONG_FILE_BYTES, TYPED_BYTES = 3000, 5
 TARGET_MS = 50.0
 
 
@@ -41,6 +47,12 @@ def edited_prompts(n: int) -> list[str]:
     """n prompts of PROMPT_BYTES bytes: one stretch of inspect.py whose last EDITED_BYTES bytes differ each time."""
     text = prompts(1)[0][: PROMPT_BYTES - EDITED_BYTES]
     return [text + f"value_{i:03d} = call({i})".ljust(EDITED_BYTES)[:EDITED_BYTES] for i in range(n)]
+
+
+def typed_file_prompts(n: int) -> list[str]:
+    """n prompts: a LONG_FILE_BYTES-byte stretch of inspect.py, TYPED_BYTES more of it typed before each request."""
+    source = bytes(b for b in inspect.getsource(inspect).encode() if b < 128).decode("ascii")
+    return [source[: LONG_FILE_BYTES + TYPED_BYTES * i] for i in range(n)]
 
 
 def metric_samples(client: httpx.Client, url: str, *samples: str) -> list[float]:
@@ -68,8 +80,9 @@ def first_line_ms(client: httpx.Client, url: str, body: dict, headers: dict | No
 
 
 def measure(chunk: int, threads: int | None, texts: list[str] | None = None,
-            prefix_cache_mb: float | None = None) -> dict[str, float]:
-    """texts: the prompts of the direct requests, then of those through the gateway (default: other stretches)."""
+            prefix_cache_mb: float | None = None, truncate: bool = False) -> dict[str, float]:
+    """texts: the prompts of the requests, alternately straight to the worker and through the gateway (default:
+    other stretches); truncate: fit prompts longer than the window into it (else they are refused)."""
     texts = texts or prompts(2 * (WARMUP + REQUESTS))
     settings = {"AXL_PREFILL_CHUNK_TOKENS": str(chunk)}
     if prefix_cache_mb is not None:
@@ -85,7 +98,7 @@ def measure(chunk: int, threads: int | None, texts: list[str] | None = None,
             for i, (text, other) in enumerate(zip(texts[0::2], texts[1::2], strict=True)):
                 if i == WARMUP:
                     cpu_before = process_cpu_seconds(worker_pid)
-                body = {"max_tokens": 1, "temperature": 0.0, "stream": True}
+                body = {"max_tokens": 1, "temperature": 0.0, "stream": True, "truncate": truncate}
                 d = first_line_ms(client, direct_url, {"prompt": text, **body}, auth, "{")
                 g = first_line_ms(client, gateway_url, {"model": mesh.model_id, "prompt": other, **body}, None, "data:")
                 if i >= WARMUP:
@@ -126,6 +139,7 @@ def run(args) -> dict:
               f"{result['prefix_reused_tokens']:.0f} tokens reused")
         for key, value in result.items():
             figures[f"{label}.{key}"] = value
+    figures.update(typed_long_file(threads))
     best = min(figures["chunk256.direct_p50_ms"], figures["one_go.direct_p50_ms"])
     load = os.getloadavg()[0]
     # The floor set by arithmetic alone: the prompt's forward FLOPs at a large matmul's rate on the worker's thread.
@@ -149,7 +163,31 @@ def run(args) -> dict:
     edited_p50 = figures["edited_cached.direct_p50_ms"]
     print(f"  as an editor sends it, with the prefix cache: {'met' if edited_p50 < TARGET_MS else 'not met'} "
           f"(p50 {edited_p50:.1f} ms)")
+    typed_p50 = figures["typed_cached.direct_p50_ms"]
+    print(f"  a file longer than the window typed at its end, with the prefix cache: "
+          f"{'met' if typed_p50 < TARGET_MS else 'not met'} (p50 {typed_p50:.1f} ms)")
     figures["load_average_1min"] = load
+    return figures
+
+
+def typed_long_file(threads: int) -> dict[str, float]:
+    """The editor on a file longer than the window (see the module's doc), prefix cache on vs off."""
+    print(f"  a {LONG_FILE_BYTES:,}-byte file (longer than the 1,024-byte window), {TYPED_BYTES} bytes typed at its "
+          "end before every request, fitted into the window (truncate; chunks of 256):")
+    figures = {}
+    typed = typed_file_prompts(2 * (WARMUP + REQUESTS))
+    for label, cache_mb in (("typed_cached", 256.0), ("typed_uncached", 0.0)):
+        result = measure(256, threads, typed, cache_mb, truncate=True)
+        print(f"  prefix cache {'on (256 MB)' if cache_mb else 'off':11s} worker p50 {result['direct_p50_ms']:6.1f} "
+              f"p90 {result['direct_p90_ms']:6.1f} ms; through the gateway p50 {result['gateway_p50_ms']:6.1f} "
+              f"p90 {result['gateway_p90_ms']:6.1f} ms; worker CPU {result['worker_cpu_ms_per_request']:.1f} "
+              f"ms/request; {result['prefix_hits']:.0f} hits, {result['prefix_misses']:.0f} misses, "
+              f"{result['prefix_reused_tokens']:.0f} tokens reused")
+        for key, value in result.items():
+            figures[f"{label}.{key}"] = value
+    ratio = figures["typed_uncached.worker_cpu_ms_per_request"] / figures["typed_cached.worker_cpu_ms_per_request"]
+    print(f"  worker CPU per request without the cache / with it: {ratio:.1f}x")
+    figures["typed.cpu_ratio"] = ratio
     return figures
 
 
