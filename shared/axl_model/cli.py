@@ -632,7 +632,8 @@ def register_data(subparsers) -> None:
     m = sub.add_parser("mix", help="what a training mix (`axl train --mix`) holds: files and bytes per part after "
                                    "the filters, the distributions read and left out",
                        epilog="examples:\n  axl data mix                                  # stdlib,site-packages\n"
-                              "  axl data mix site-packages --packages          # one line per distribution",
+                              "  axl data mix site-packages --packages          # one line per distribution\n"
+                              "  axl data mix stdlib:3,site-packages:1          # weighted: each part's share",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("parts", nargs="?", default="stdlib,site-packages",
                    help="comma-separated, each optionally with a weight, as --mix takes them (default: both, "
