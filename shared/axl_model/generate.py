@@ -85,6 +85,12 @@ class Sampler:
         self.banned = torch.tensor([BOS_ID, *range(EOS_ID + 1, vocab_size)])
         if not params.stop_at_eos:
             self.banned = torch.cat([self.banned, torch.tensor([EOS_ID])])
+        self.banned_mask = torch.zeros(vocab_size, dtype=torch.bool)
+        self.banned_mask[self.banned] = True
+        # Greedy with no penalty and no logprobs depends on the logits alone: a BatchDecoder picks such rows' tokens
+        # with one argmax over the batch (`greedy_tokens`), the token __call__ would pick.
+        self.plain_greedy = (params.temperature < GREEDY_BELOW and params.repetition_penalty == 1.0
+                             and params.logprobs is None)
 
     def __call__(self, logits: torch.Tensor, context: Sequence[int]) -> tuple[int, TokenLogprob | None]:
         """logits: (V,) float; context: ids already in the window (for the repetition penalty)."""
@@ -121,6 +127,18 @@ class Sampler:
         top = torch.topk(logprobs, max(1, self.params.logprobs or 1))
         return TokenLogprob(token=_token_text(token), logprob=float(logprobs[token]),
                             top={_token_text(int(i)): float(v) for v, i in zip(top.values, top.indices)})
+
+
+def greedy_tokens(logits: torch.Tensor, samplers: Sequence[Sampler]) -> list[int | None]:
+    """logits (B, V) -> the token of each row whose sampler is `plain_greedy`, from one masked argmax over the
+    batch (a sampler call per row cost ~35 us, ~0.28 ms of a ragged micro step at batch 8); None for the other rows.
+    The same token as `Sampler.__call__`: the same float32 values and banned ids, argmax's first maximum."""
+    plain = [sampler.plain_greedy for sampler in samplers]
+    if not any(plain):
+        return [None] * len(samplers)
+    banned = torch.stack([sampler.banned_mask for sampler in samplers])  # (B, V)
+    tokens = logits.float().masked_fill(banned, float("-inf")).argmax(-1).tolist()
+    return [token if is_plain else None for token, is_plain in zip(tokens, plain, strict=True)]
 
 
 def _token_text(token: int) -> str:
@@ -175,11 +193,15 @@ class GenerationSequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def accept(self, logits: torch.Tensor) -> StepOutput:
-        """Sample from logits, record the token and return what to emit."""
+    def accept(self, logits: torch.Tensor, chosen: int | None = None) -> StepOutput:
+        """Sample from logits, record the token and return what to emit. chosen: the token already picked from
+        these logits for a plain greedy sampler (`greedy_tokens`); None: the sampler picks it."""
         if len(self.generated) >= self.params.max_tokens:
             return self._finish("length", None)
-        token, logprob = self.sampler(logits, self.window[-256:])
+        if chosen is None:
+            token, logprob = self.sampler(logits, self.window[-256:])
+        else:
+            token, logprob = chosen, None
         self.generated.append(token)
         if token == EOS_ID:
             return self._finish("stop", token, logprob)
@@ -363,9 +385,10 @@ class BatchDecoder:
             self.cache.lengths[: len(self.active)] = live.lengths
             self._steps += 1
         results = []
-        for sequence, row_logits in zip(list(self.active), logits):
+        chosen = greedy_tokens(logits, [sequence.sampler for sequence in self.active])
+        for sequence, row_logits, token in zip(list(self.active), logits, chosen, strict=True):
             sequence.window.append(sequence.next_token)
-            output = sequence.accept(row_logits)
+            output = sequence.accept(row_logits, token)
             results.append((sequence, output))
         for sequence, output in results:
             if output.finish_reason is not None:

@@ -1,8 +1,9 @@
 import pytest
+import torch
 
 from axl_model import BatchDecoder, Generator, ModelConfig, SamplingParams
-from axl_model.generate import StopMatcher
-from axl_model.tokenizer import EOS_ID
+from axl_model.generate import Sampler, StopMatcher, greedy_tokens
+from axl_model.tokenizer import BOS_ID, EOS_ID
 from tests.checkpoints import perturbed_model
 
 
@@ -215,3 +216,31 @@ def test_ragged_rows_stay_in_phase_order_and_decode_exactly_as_they_join_and_lea
     for prompt, budget, sequence in sequences:
         params = SamplingParams(max_tokens=budget, temperature=0.0, stop_at_eos=False)
         assert sequence.generated == generator.generate(prompt, params).token_ids
+
+
+def test_batched_greedy_picks_each_rows_sampler_token():
+    """`greedy_tokens` (one argmax over the batch) gives a plain greedy row the token its own sampler gives: banned
+    ids never win even when largest, EOS wins only where it may, ties go to the first maximum; rows that sample,
+    penalise or want logprobs are left to their samplers."""
+    vocab = ModelConfig.from_name("tiny", fim=True).vocab_size  # fill-in-the-middle ids after EOS
+    logits = torch.randn(7, vocab, generator=torch.Generator().manual_seed(0))
+    logits[0, BOS_ID] = 100.0  # banned: never chosen
+    logits[1, EOS_ID] = logits[2, EOS_ID] = 100.0  # row 1 ignores EOS, row 2 stops at it
+    logits[3, 40] = logits[3, 90] = 50.0  # a tie
+    logits[4, vocab - 1] = 100.0  # a fill-in-the-middle id: banned
+
+    def greedy(**extra):
+        return SamplingParams(temperature=0.0, **extra)
+
+    params = [greedy(stop_at_eos=True), greedy(stop_at_eos=False), greedy(stop_at_eos=True), greedy(),
+              SamplingParams(temperature=0.01), SamplingParams(temperature=0.8, seed=1), greedy(logprobs=2)]
+    params[4].temperature = 1e-6  # under GREEDY_BELOW: greedy too
+    params.append(greedy(repetition_penalty=1.3))
+    logits = torch.cat([logits, logits[:1]])
+    samplers = [Sampler(p, vocab) for p in params]
+    chosen = greedy_tokens(logits, samplers)
+    assert chosen[5:] == [None, None, None]
+    for row in range(5):
+        assert chosen[row] == samplers[row](logits[row], [])[0]
+    assert chosen[0] != BOS_ID and chosen[1] != EOS_ID and chosen[2:4] == [EOS_ID, 40] and chosen[4] <= EOS_ID
+    assert greedy_tokens(logits[5:7], samplers[5:7]) == [None, None]
