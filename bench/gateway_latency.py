@@ -45,8 +45,9 @@ def random_checkpoint(path: Path, preset: str = "micro") -> Path:
 
 @contextlib.contextmanager
 def local_mesh(threads: int | None = None, max_batch: int = 8, preset: str = "micro",
-               worker_env: dict[str, str] | None = None) -> Iterator[LocalMesh]:
-    """worker_env: more settings of the worker (e.g. AXL_PREFILL_CHUNK_TOKENS)."""
+               worker_env: dict[str, str] | None = None, worker_start_seconds: float = 120) -> Iterator[LocalMesh]:
+    """worker_env: more settings of the worker (e.g. AXL_PREFILL_CHUNK_TOKENS); worker_start_seconds: how long its
+    /readyz may take (AXL_COMPILE=1 compiles before it: minutes cold on a loaded machine)."""
     extra_env = dict(worker_env or {})
     with tempfile.TemporaryDirectory(prefix="axl-bench-mesh-") as tmp:
         root = Path(tmp)
@@ -66,7 +67,7 @@ def local_mesh(threads: int | None = None, max_batch: int = 8, preset: str = "mi
             worker_env.update(extra_env)
             worker = ServiceProcess("services.model_worker", worker_env, log_path=root / "worker.log",
                                     health_path="/readyz")
-            services.append(worker.start(120))
+            services.append(worker.start(worker_start_seconds))
             gateway = ServiceProcess("services.api_gateway", {
                 "AXL_REGISTRY_URL": registry.url, "AXL_REGISTRY_SECRET": SECRET, "AXL_LOG_LEVEL": "warning",
             }, log_path=root / "gateway.log", health_path="/readyz")
