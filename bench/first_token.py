@@ -130,15 +130,7 @@ def run(args) -> dict:
     print(f"  as an editor sends it: one {PROMPT_BYTES:,}-byte prompt, its last {EDITED_BYTES} bytes changed on every "
           "request (chunks of 256):")
     edited = edited_prompts(2 * (WARMUP + REQUESTS))  # each request's prompt differs from the one before
-    for label, cache_mb in (("edited_cached", 256.0), ("edited_uncached", 0.0)):
-        result = measure(256, threads, edited, cache_mb)
-        print(f"  prefix cache {'on (256 MB)' if cache_mb else 'off':11s} worker p50 {result['direct_p50_ms']:6.1f} "
-              f"p90 {result['direct_p90_ms']:6.1f} ms; through the gateway p50 {result['gateway_p50_ms']:6.1f} "
-              f"p90 {result['gateway_p90_ms']:6.1f} ms; worker CPU {result['worker_cpu_ms_per_request']:.1f} "
-              f"ms/request; {result['prefix_hits']:.0f} hits, {result['prefix_misses']:.0f} misses, "
-              f"{result['prefix_reused_tokens']:.0f} tokens reused")
-        for key, value in result.items():
-            figures[f"{label}.{key}"] = value
+    figures.update(prefix_cache_on_off("edited", edited, threads))
     figures.update(typed_long_file(threads))
     best = min(figures["chunk256.direct_p50_ms"], figures["one_go.direct_p50_ms"])
     load = os.getloadavg()[0]
@@ -174,20 +166,27 @@ def typed_long_file(threads: int) -> dict[str, float]:
     """The editor on a file longer than the window (see the module's doc), prefix cache on vs off."""
     print(f"  a {LONG_FILE_BYTES:,}-byte file (longer than the 1,024-byte window), {TYPED_BYTES} bytes typed at its "
           "end before every request, fitted into the window (truncate; chunks of 256):")
-    figures = {}
     typed = typed_file_prompts(2 * (WARMUP + REQUESTS))
-    for label, cache_mb in (("typed_cached", 256.0), ("typed_uncached", 0.0)):
-        result = measure(256, threads, typed, cache_mb, truncate=True)
+    figures = prefix_cache_on_off("typed", typed, threads, truncate=True)
+    ratio = figures["typed_uncached.worker_cpu_ms_per_request"] / figures["typed_cached.worker_cpu_ms_per_request"]
+    print(f"  worker CPU per request without the cache / with it: {ratio:.1f}x")
+    figures["typed.cpu_ratio"] = ratio
+    return figures
+
+
+def prefix_cache_on_off(label: str, prompts, threads: int, truncate: bool = False) -> dict[str, float]:
+    """The same prompt sequence against a worker with the prefix cache on (256 MB) and off (chunks of 256):
+    figures keyed `<label>_cached.*` and `<label>_uncached.*`."""
+    figures = {}
+    for suffix, cache_mb in (("cached", 256.0), ("uncached", 0.0)):
+        result = measure(256, threads, prompts, cache_mb, truncate=truncate)
         print(f"  prefix cache {'on (256 MB)' if cache_mb else 'off':11s} worker p50 {result['direct_p50_ms']:6.1f} "
               f"p90 {result['direct_p90_ms']:6.1f} ms; through the gateway p50 {result['gateway_p50_ms']:6.1f} "
               f"p90 {result['gateway_p90_ms']:6.1f} ms; worker CPU {result['worker_cpu_ms_per_request']:.1f} "
               f"ms/request; {result['prefix_hits']:.0f} hits, {result['prefix_misses']:.0f} misses, "
               f"{result['prefix_reused_tokens']:.0f} tokens reused")
         for key, value in result.items():
-            figures[f"{label}.{key}"] = value
-    ratio = figures["typed_uncached.worker_cpu_ms_per_request"] / figures["typed_cached.worker_cpu_ms_per_request"]
-    print(f"  worker CPU per request without the cache / with it: {ratio:.1f}x")
-    figures["typed.cpu_ratio"] = ratio
+            figures[f"{label}_{suffix}.{key}"] = value
     return figures
 
 
