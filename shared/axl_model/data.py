@@ -102,11 +102,11 @@ def mix_inputs(spec: str | Sequence[str]) -> list[str]:
     for item in (n.strip() for n in names):
         if not item:
             continue
-        part, _, weight = (x.strip() for x in item.partition(":"))
+        part, weight = _part_weight(item, item)
         if part not in MIX_PARTS:
             raise ValueError(f"unknown part {part!r} of the training mix; parts: {', '.join(MIX_PARTS)} "
                              f"(comma-separated, each optionally with a weight: stdlib:3,site-packages:1)")
-        value = _weight(weight, item) if weight else 1.0
+        value = 1.0 if weight is None else weight
         if weights.setdefault(part, value) != value:
             raise ValueError(f"the training mix gives {part} two weights ({spec!r})")
     if not weights:
@@ -116,28 +116,31 @@ def mix_inputs(spec: str | Sequence[str]) -> list[str]:
     return [f"{MIX_PREFIX}{p}:{w:g}" for p, w in weights.items()]
 
 
-def _weight(text: str, where: str) -> float:
+def _part_weight(text: str, where: str) -> tuple[str, float | None]:
+    """The one reader of a part's weight spelling: "stdlib:3" -> ("stdlib", 3.0); "stdlib" -> ("stdlib", None)."""
+    part, _, weight = (x.strip() for x in text.partition(":"))
+    if not weight:
+        return part, None
     try:
-        value = float(text)
+        value = float(weight)
     except ValueError:
         value = float("nan")
     if not 0 < value < float("inf"):
-        raise ValueError(f"{where!r}: a part's weight is a positive number (stdlib:3), got {text!r}")
-    return value
+        raise ValueError(f"{where!r}: a part's weight is a positive number (stdlib:3), got {weight!r}")
+    return part, value
 
 
-def _weighted_part(raw: str) -> tuple[str, float | None]:
-    """"mix:stdlib:3" -> ("stdlib", 3.0); "mix:stdlib" -> ("stdlib", None); a plain input -> ("data", None)."""
-    if not raw.startswith(MIX_PREFIX):
-        return "data", None
-    part, _, weight = raw.removeprefix(MIX_PREFIX).partition("=")[0].partition(":")
-    return part, _weight(weight, raw) if weight else None
+def _mix_input(raw: str) -> tuple[str, float | None, str]:
+    """A recorded mix input: "mix:site-packages:3=a==1,b==2" -> ("site-packages", 3.0, "a==1,b==2");
+    "mix:stdlib" -> ("stdlib", None, "")."""
+    spelled, _, pins = raw.removeprefix(MIX_PREFIX).partition("=")
+    return *_part_weight(spelled, raw), pins
 
 
 def mix_weights(data: Sequence[str | os.PathLike] | None) -> dict[str, float] | None:
     """Part -> weight of a weighted mix among data inputs (a part without one, and plain files and folders, the
     part "data", at 1); None when no part carries a weight."""
-    parts = [_weighted_part(str(raw)) for raw in data or ()]
+    parts = [_mix_input(raw)[:2] if raw.startswith(MIX_PREFIX) else ("data", None) for raw in map(str, data or ())]
     if all(weight is None for _, weight in parts):
         return None
     weights: dict[str, float] = {}
@@ -241,8 +244,7 @@ def _editable(dist) -> bool:
 def _mix_part(raw: str) -> tuple[str, dict[str, str] | None]:
     """"mix:site-packages=a==1,b==2" (or weighted, "mix:site-packages:3=a==1,b==2") -> ("site-packages",
     {"a": "1", "b": "2"}); no pins: None."""
-    part, _, pins = raw.removeprefix(MIX_PREFIX).partition("=")
-    part = part.partition(":")[0]
+    part, _, pins = _mix_input(raw)
     if part not in MIX_PARTS:
         raise ValueError(f"unknown part {part!r} of the training mix in {raw!r}; parts: {', '.join(MIX_PARTS)}")
     if not pins:
