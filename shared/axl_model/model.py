@@ -365,24 +365,23 @@ class ChunkSpan:
         self.store_slots = base + self.new_indices[count - self.kept:] % ring
         self.mask: torch.Tensor | None = None
 
-    def with_held(self, cache: torch.Tensor, new: torch.Tensor | None) -> torch.Tensor:
-        """cache (B, H, S, D), new (1, H, count, D) -> (1, H, base + held + count, D)."""
-        row = cache[self.row]  # (H, S, D)
-        parts = [row[:, : self.base], row[:, self.held_slots]] + ([new[0]] if new is not None else [])
-        return torch.cat(parts, dim=1)[None]
-
     def store(self, cache: torch.Tensor, new: torch.Tensor) -> None:
         if self.kept:
             cache[self.row, :, self.store_slots] = new[0, :, new.shape[2] - self.kept:]
 
     def store_and_read(self, cache: torch.Tensor, new: torch.Tensor | None) -> torch.Tensor:
-        """Store the new tokens (None: none) and return what attention reads: `with_held`'s keys, a view of the
-        cache when nothing wraps (a prefix cache hit's chunk would otherwise copy every held key per layer)."""
+        """Store the new tokens (None: none) and return what attention reads: the fixed slots, the held tokens oldest
+        first, then the new ones. cache (B, H, S, D), new (1, H, count, D) -> (1, H, base + held + count, D).
+
+        When nothing wraps that is a view of the cache (a prefix cache hit's chunk would otherwise copy every held
+        key per layer); in a ring, a copy gathered before the new tokens overwrite the oldest held ones."""
         if self.in_place:
             if new is not None:
                 cache[self.row, :, self.end - new.shape[2] : self.end] = new[0]
             return cache[self.row : self.row + 1, :, : self.end]
-        keys = self.with_held(cache, new)
+        row = cache[self.row]  # (H, S, D)
+        parts = [row[:, : self.base], row[:, self.held_slots]] + ([new[0]] if new is not None else [])
+        keys = torch.cat(parts, dim=1)[None]
         if new is not None:
             self.store(cache, new)
         return keys
