@@ -16,7 +16,7 @@ import torch
 
 from .config import SCALES
 from .model import KVCache, MultiScaleTransformer
-from .prefix_cache import PrefixCache, PrefixEntry, StateRecord
+from .prefix_cache import PrefixCache, PrefixEntry, StateRecord, common_prefix
 from .tokenizer import BOS_ID, EOS_ID, ByteTokenizer, StreamDecoder
 
 FinishReason = Literal["stop", "length"]
@@ -261,6 +261,9 @@ class BatchDecoder:
         self.prefix_cache = prefix_cache
         self._found: dict[int, tuple[PrefixEntry | None, int]] = {}  # id() of a prefilling sequence -> its lookup
         self._staged_record: StateRecord | None = None  # the staged prompt's state so far (with a prefix cache)
+        # With a prefix cache: row -> the prompt whose state the row holds from its start (its decoded tokens may
+        # follow), so that a restore into the row writes only what the prompt it restores does not share with it.
+        self._row_prompts: dict[int, torch.Tensor] = {}
 
     @property
     def free_rows(self) -> int:
@@ -325,6 +328,8 @@ class BatchDecoder:
             self._staged_record = None
         self._join(sequence, len(sequence.window))
         self.cache.move_row(row, sequence.row)
+        if self.prefix_cache is not None:
+            self._row_prompts[sequence.row] = torch.tensor(sequence.window)
         self._unstage()
         if resuming:
             return []
@@ -349,9 +354,11 @@ class BatchDecoder:
         """With a prefix cache: put the prefix a lookup found (entry, bytes) into an empty `row`. Returns the bytes
         restored (0: none, the prompt is read from its start) and the record of the row's state from there."""
         entry, cut = found
+        there = self._row_prompts.pop(row, None)  # the row's state is rewritten from here
         if entry is None:
             return 0, StateRecord.empty(self.cache)
-        return cut, entry.record.restore(cut, self.cache, row)
+        resident = 0 if there is None else common_prefix(entry.tokens, there)
+        return cut, entry.record.restore(cut, self.cache, row, resident)
 
     def _prefill(self, prompt: list[int], row: int, found: tuple[PrefixEntry | None, int]) -> torch.Tensor:
         """Read a whole prompt into `row`: the one-shot prefill, or with a prefix cache the prefix its lookup
@@ -366,6 +373,7 @@ class BatchDecoder:
         else:
             logits, (_, self_kvs, cross_kvs, _) = self.model.prefill_with_states(torch.tensor(prompt), self.cache, row)
             record = StateRecord.from_states(self_kvs, cross_kvs, len(prompt))
+        self._row_prompts[row] = torch.tensor(prompt)
         self.prefix_cache.insert(prompt, record)
         return logits
 
@@ -436,6 +444,10 @@ class BatchDecoder:
 
     def _move(self, source: int, target: int) -> None:
         self.cache.move_row(source, target)
+        if source in self._row_prompts:
+            self._row_prompts[target] = self._row_prompts[source]
+        else:
+            self._row_prompts.pop(target, None)
         moved = self.active[source]
         moved.row, self.active[target] = target, moved
 
@@ -466,6 +478,7 @@ class BatchDecoder:
             self.prefilling.insert(1 if self.prefilling and self.cache.lengths[self.staging_row] else 0, sequence)
             self._resuming.add(id(sequence))
             return
+        self._row_prompts.pop(sequence.row, None)
         self.model.prefill(torch.tensor(sequence.window), self.cache, sequence.row)
 
 

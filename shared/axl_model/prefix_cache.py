@@ -60,6 +60,15 @@ def held(n_bytes: int, factor: int) -> int:
     return 1 + n_bytes // factor if n_bytes else 0
 
 
+def _write(target: torch.Tensor, base: int, ring: int, first: int, values: torch.Tensor) -> None:
+    """Write tokens [first, first + n) (values (H, n, D), n <= ring) into a row's buffer target (H, base + ring, D)."""
+    stop = first + values.shape[1]
+    if first // ring == (stop - 1) // ring:  # one stretch of the ring: a slice
+        target[:, base + first % ring : base + (stop - 1) % ring + 1] = values
+    else:
+        target.index_copy_(1, base + torch.arange(first, stop, device=target.device) % ring, values)
+
+
 @dataclass(eq=False)
 class _Runs:
     """The tokens of one buffer a record holds: base slots, then contiguous runs [(first token, (H, n, D))]."""
@@ -128,13 +137,22 @@ class StateRecord:
                 return False
         return True
 
-    def restore(self, cut: int, cache: KVCache, row: int) -> StateRecord:
+    def restore(self, cut: int, cache: KVCache, row: int, resident: int = 0) -> StateRecord:
         """Write the state after `cut` bytes into `row` (its lengths set to cut; `usable` must hold). Returns the
-        record of the row from there, sharing this one's tensors."""
+        record of the row from there, sharing this one's tensors.
+
+        `resident`: the row already holds the state of this prompt's first `resident` bytes (it read a prompt that
+        begins with them: an editor's previous request). Their tokens that its rings still keep (among the last of
+        the `cache.lengths[row]` bytes it holds now) are not written again: a hit then writes only what changed."""
+        row_bytes = int(cache.lengths[row])
         buffers = []
         for record, (tensor, base, factor) in zip(self.buffers, _buffers(cache)):
             tokens, ring = held(cut, factor), tensor.shape[2] - base
             needed = max(0, tokens - ring)
+            # The tokens [there, there_end) the row holds already; the others of [needed, tokens) are written.
+            there, there_end = max(needed, held(row_bytes, factor) - ring), held(min(resident, cut), factor)
+            if there_end <= there:
+                there = there_end = needed
             target = tensor[row]  # (H, S, D), a view
             assert record.base is not None
             target[:, :base] = record.base
@@ -144,12 +162,9 @@ class StateRecord:
                 if stop <= first:
                     break
                 kept.append((first, values[:, : stop - first]))
-                lo = max(first, needed)
-                if lo < stop and (lo // ring == (stop - 1) // ring):  # one stretch of the ring: a slice
-                    target[:, base + lo % ring : base + (stop - 1) % ring + 1] = values[:, lo - first : stop - first]
-                elif lo < stop:
-                    slots = base + torch.arange(lo, stop, device=tensor.device) % ring
-                    target.index_copy_(1, slots, values[:, lo - first : stop - first])
+                for lo, hi in ((max(first, needed), min(stop, there)), (max(first, there_end), stop)):
+                    if lo < hi:
+                        _write(target, base, ring, lo, values[:, lo - first : hi - first])
             buffers.append(_Runs(record.base, kept))
         cache.lengths[row] = cut
         return StateRecord(buffers, cut)

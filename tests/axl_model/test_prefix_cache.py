@@ -136,3 +136,42 @@ def test_a_record_that_lost_tokens_to_a_ring_refuses_cuts_it_cannot_restore():
     record.after(cache, 0, 40, 48)  # the tokens [32, 48) held: cuts whose last 8 bytes are among them
     assert record.usable(48, cache) and record.usable(44, cache) and record.usable(40, cache)
     assert not record.usable(36, cache) and not record.usable(52, cache) and not record.usable(46, cache)
+
+
+@torch.inference_mode()  # the decoder's tensors (the record poisoned below) are inference tensors
+@pytest.mark.parametrize("read", ["kept", "other"])
+@pytest.mark.parametrize("decoded", [1, 24])
+def test_a_restore_into_a_row_that_read_a_prompt_sharing_the_prefix_writes_only_what_differs(kind_model, decoded, read):
+    """A row that read a prompt keeps the tokens of the bytes it shares with the one restored: a restore writes the
+    rest (the bytes they do not share, the tokens its rings lost to later ones, here to `decoded` bytes) and the row
+    then holds a cold prefill's state of the prefix. A record poisoned where the row holds its tokens shows they are
+    not read. The row read the kept prompt itself (the editor's request before), or another one after it."""
+    kind, model = kind_model
+    config = model.config
+    generator = torch.Generator().manual_seed(8)
+    kept = torch.randint(0, 256, (config.max_seq_len - 40,), generator=generator).tolist()
+    half = len(kept) // 2
+    other = kept[:half] + [(kept[half] + 1) % 256] + kept[half + 1 :]  # shares the first `half` bytes
+    new = kept[:-10] + [(kept[-10] + 1) % 256] * 6  # shares all but the last 10 with `kept`, `half` with `other`
+    prompts, shared = ([kept], len(kept)) if read == "kept" else ([kept, other], half)
+    params = SamplingParams(max_tokens=decoded, temperature=0.0, stop_at_eos=False)
+    decoder = BatchDecoder(model, max_batch=1, prefix_cache=PrefixCache(1 << 30))
+    for prompt in prompts:  # each in row 0, decoded after its prompt
+        decoder.add(prompt, params)
+        while decoder.active:
+            decoder.step()
+    assert int(decoder.cache.lengths[0]) == len(prompts[-1]) + decoded - 1
+    entry, cut = decoder.prefix_cache.lookup(new, decoder.cache)
+    assert entry.tokens.tolist() == kept and cut == (len(kept) - 10) // 4 * 4
+    if kind == "uniform":  # no ring: the row still holds every token of the shared bytes
+        for record, (_, _, factor) in zip(entry.record.buffers, _buffers(decoder.cache)):
+            for first, values in record.runs:
+                values[:, : max(0, held(shared, factor) - first)] = float("nan")
+    decoder._restore((entry, cut), 0)
+    cold = model.new_cache(1)
+    model.prefill(torch.tensor(new[:cut]), cold, 0)
+    for (mine, base, factor), (theirs, _, _) in zip(_buffers(decoder.cache), _buffers(cold)):
+        ring = mine.shape[2] - base
+        slots = base + torch.arange(max(0, held(cut, factor) - ring), held(cut, factor)) % ring
+        slots = torch.cat([torch.arange(base), slots])
+        assert torch.allclose(mine[0][:, slots], theirs[0][:, slots], atol=1e-5)
