@@ -8,15 +8,18 @@ would see a new graph every step. `static_decode_step` computes the same thing w
   key and value are written by index (`index_put_` at slot `position % ring`), and attention is one opaque
   operator (`axl::held_attention`) taking the whole ring, which reads only the slots the rows hold at run time
   (the graph's shapes stay the ring's; the work follows the context, as in the eager step);
-* every row runs the stacks the step needs; a row whose medium (coarse) group does not complete this step keeps
-  its cache slot and fused state as they were (a `where` on the write), so its output is computed and dropped;
-* what depends on the rows' lengths (slots, RoPE rows, held slots, which rows complete a group) is computed from the
-  lengths tensor inside the graph, never from Python integers, so the graph does not change as the rows grow.
+* the fine stack runs on every row; the medium (coarse) stack runs on the rows whose group completes this step
+  only: their indices come in as a tensor whose size is a symbol of its own in the graph (unbacked, so a sub-batch
+  of 1 row is not specialised), the rows' inputs are gathered and their cache slots and fused states written by
+  index (in a ragged batch of 8: 8 + 4 + 2 rows through the three stacks, not 8 + 8 + 8);
+* what depends on the rows' lengths (slots, RoPE rows, held slots) is computed from the lengths tensor inside the
+  graph, never from Python integers, so the graph does not change as the rows grow.
 
 The step kinds are fine only (no row completes a pair), fine + medium (some row completes a pair, none a quad) and
 fine + medium + coarse (some row completes a quad): three graphs. Batch 1 gets its own three (a size of 1 is
-always specialised); larger batches share three with a symbolic batch size, so rows joining and leaving a running
-batch do not recompile. Window slides re-prefill a row eagerly and only change the lengths: no recompile either.
+always specialised); larger batches share three with a symbolic batch size (and symbolic sub-batch sizes), so rows
+joining and leaving a running batch, and any number of them completing a group, do not recompile. Window slides
+re-prefill a row eagerly and only change the lengths: no recompile either.
 
 `CompiledDecodeStep` compiles each kind on first use (or in `warm_up`) with inductor and counts its compilations.
 The weights enter the graphs in the layouts the eager decode path caches (`model.Linear`'s (in, out) copy, the int8
@@ -25,6 +28,10 @@ compilation is unavailable (no C++ compiler, an inductor failure) it says so onc
 `decode_step` eagerly from then on, the exact reference path. Batches above `Linear.FAST_ROWS` rows decode eagerly
 too (their matmuls leave the matrix-vector regime, where the step's overhead mattered). Once built, a graph is
 called directly (`_DirectGraph`), without dynamo's per-call guard checks of every input.
+
+Against the grouped stacks on every row, as this step first ran them (issue 10; the README's "Ragged batches and
+streams with the best serving option"): micro, a ragged batch of 8, 1.17-1.34x the tokens per CPU-second in int8,
+1.16-1.38x in float32.
 """
 from __future__ import annotations
 
@@ -52,23 +59,23 @@ def step_kind(lengths: list[int]) -> int:
     return 1 if any((n + 1) % SCALES[1] == 0 for n in lengths) else 0
 
 
+def completing_rows(lengths: list[int], kind: int) -> list[list[int]]:
+    """The rows whose medium (then coarse) group completes in a step of `kind` over rows holding `lengths` bytes."""
+    return [[row for row, n in enumerate(lengths) if (n + 1) % k == 0] for k in SCALES[1 : kind + 1]]
+
+
 class _StaticSlots:
     """Where each row writes its new token in one cache of fixed size (the `model.Slots` interface, static).
 
-    Token j of a row lives at slot base + j % ring. `writes` (B,) bool says which rows' tokens exist this step
-    (None: every row's); the others rewrite the slot's old value. Attention always reads every slot (`span`)."""
+    Token j of a row lives at slot base + j % ring; `rows` (b,) are the cache rows written (every row's token
+    exists: a grouped scale steps on the rows completing a group only)."""
 
-    def __init__(self, rows: torch.Tensor, index: torch.Tensor, ring: int, base: int,
-                 writes: torch.Tensor | None) -> None:
-        self.rows, self.slots, self.writes = rows, base + index % ring, writes
-        self.span = base + ring
+    def __init__(self, rows: torch.Tensor, index: torch.Tensor, ring: int, base: int) -> None:
+        self.rows, self.slots = rows, base + index % ring
 
     def write(self, cache: torch.Tensor, value: torch.Tensor) -> None:
-        """cache: (B, H, S, D); value: (B, H, 1, D)."""
-        new = value[:, :, 0]  # (B, H, D)
-        if self.writes is not None:
-            new = torch.where(self.writes[:, None, None], new, cache[self.rows, :, self.slots])
-        cache[self.rows, :, self.slots] = new
+        """cache: (B, H, S, D); value: (b, H, 1, D), one per row of `rows`."""
+        cache[self.rows, :, self.slots] = value[:, :, 0]
 
 
 # Attention over the slots a row holds, as one opaque operator in the graph. The graph's shapes are the rings' whole
@@ -76,14 +83,23 @@ class _StaticSlots:
 # keys and values per token whatever the context, measured at ~half of a fine step). This operator reads only
 # slots [0, the most any row holds) at run time, as the eager step does, with no new graph as the rows grow.
 _LIBRARY = torch.library.Library("axl", "DEF")
-_LIBRARY.define("held_attention(Tensor q, Tensor k, Tensor v, Tensor held) -> Tensor")
+_LIBRARY.define("held_attention(Tensor q, Tensor k, Tensor v, Tensor held, Tensor? rows=None) -> Tensor")
 
 
-def held_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
-    """SDPA of q (B, H, 1, D) over the slots [0, held[b]) of row b of k, v (B, H, S, D): the eager decode step's call
-    (`decode_step`'s slice of the cache, with no mask when every row holds as many slots)."""
+def held_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, held: torch.Tensor,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA of q (b, H, 1, D) over the slots [0, held[i]) of cache row rows[i] of k, v (B, H, S, D) (rows None: row
+    i, b == B): the eager decode step's call (`decode_step`'s slice of the cache, with no mask when every row holds
+    as many slots; consecutive rows, as a batch in phase order gives, are a view of the cache, others a copy)."""
     spans = held.tolist()
     span = max(spans)
+    if rows is not None:
+        picked = rows.tolist()
+        first, stop = picked[0], picked[-1] + 1
+        if stop - first == len(picked):  # ascending, so consecutive
+            k, v = k[first:stop], v[first:stop]
+        else:
+            k, v = k[rows, :, :span], v[rows, :, :span]
     mask = None
     if min(spans) != span:  # ragged rows: each reads its own slots
         mask = (torch.arange(span, device=held.device)[None, :] < held[:, None])[:, None, None, :]
@@ -94,95 +110,112 @@ _LIBRARY.impl("held_attention", held_attention, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("axl::held_attention")
-def _held_attention_shape(q, k, v, held):
+def _held_attention_shape(q, k, v, held, rows=None):
     return q.new_empty(q.shape[:-1] + v.shape[-1:])
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
-    return torch.ops.axl.held_attention(q, k, v, held)
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, held: torch.Tensor,
+            rows: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.axl.held_attention(q, k, v, held, rows)
 
 
-def _stack_step(stack, x: torch.Tensor, cos, sin, cache_ks, cache_vs, slot: _StaticSlots, held: torch.Tensor):
-    """`ScaleStack.step` with attention over the held slots (`held_attention`) instead of an SDPA over a span."""
+def _stack_step(stack, x: torch.Tensor, cos, sin, cache_ks, cache_vs, slot: _StaticSlots, held: torch.Tensor,
+                rows: torch.Tensor | None):
+    """`ScaleStack.step` with attention over the held slots (`held_attention`) instead of an SDPA over a span; x
+    holds the cache rows `rows` (None: every row)."""
     for block, cache_k, cache_v in zip(stack.blocks, cache_ks, cache_vs):
         attn = block.attn
         q, k, v = attn.project(block.attn_norm(x), cos, sin)  # (B, H, 1, D)
         slot.write(cache_k, k)
         slot.write(cache_v, v)
-        y = _attend(q, cache_k, cache_v, held)
+        y = _attend(q, cache_k, cache_v, held, rows)
         x = x + attn.out(y.transpose(1, 2).reshape(x.shape))
         x = x + block.mlp(block.mlp_norm(x))
     return stack.norm(x)
 
 
-def _cross_attend(module, x: torch.Tensor, cache_k, cache_v, held: torch.Tensor) -> torch.Tensor:
-    """`CrossScaleAttention.attend` over the held slots (the null slot and the key tokens held)."""
+def _cross_attend(module, x: torch.Tensor, cache_k, cache_v, held: torch.Tensor,
+                  rows: torch.Tensor | None) -> torch.Tensor:
+    """`CrossScaleAttention.attend` over the held slots (the null slot and the key tokens held) of cache rows `rows`."""
     B, T, C = x.shape
     q = module.q(module.query_norm(x)).view(B, T, module.n_heads, module.head_dim).transpose(1, 2)
-    y = _attend(q, cache_k, cache_v, held)
+    y = _attend(q, cache_k, cache_v, held, rows)
     return module.out(y.transpose(1, 2).reshape(B, T, C))
 
 
 def static_decode_step(model: MultiScaleTransformer, kind: int, tokens: torch.Tensor, lengths: torch.Tensor,
+                       group_rows: tuple[torch.Tensor, ...] | None,
                        self_k: dict[str, list[torch.Tensor]], self_v: dict[str, list[torch.Tensor]],
                        cross_k: dict[str, torch.Tensor], cross_v: dict[str, torch.Tensor],
                        recent_embeddings: torch.Tensor, fused_medium: torch.Tensor,
                        fused_coarse: torch.Tensor) -> torch.Tensor:
-    """`decode_step` with shapes that depend only on the batch size and `kind` (`step_kind` of the lengths).
+    """`decode_step` with shapes that depend only on the batch size, the sub-batch sizes and `kind` (`step_kind`).
 
     Args:
         tokens: (B,) the new token of each row; lengths: (B,) bytes each row holds before it (not advanced here).
+        group_rows: for each grouped scale the kind steps (medium, then coarse), the rows (b,) whose group completes
+            this step, ascending (`completing_rows`); None: every row's does (always so at batch 1).
         The cache tensors as in `KVCache`, updated in place.
     Returns:
         next-token logits (B, V).
     """
     B = tokens.shape[0]
-    rows = torch.arange(B, device=tokens.device)
+    every = torch.arange(B, device=tokens.device)
     x = model.embed(tokens)  # (B, C)
-    recent_embeddings.index_put_((rows, lengths % SCALES[-1]), x)
+    recent_embeddings.index_put_((every, lengths % SCALES[-1]), x)
 
-    # 1. Self-attention stacks: fine, and the grouped scales this kind runs, on every row.
-    outputs, completes = {}, {}
-    for scale in SCALE_NAMES[: kind + 1]:
+    # 1. Self-attention stacks: fine on every row, each grouped scale this kind runs on the rows completing its group.
+    # steps[scale]: (the rows' indices for an attention read, None for every row; the rows; their lengths).
+    outputs, steps = {}, {}
+    for i, scale in enumerate(SCALE_NAMES[: kind + 1]):
         k = SCALE_FACTOR[scale]
         start = 0 if k == 1 else 1  # grouped scales start with their start token
+        picked = None if k == 1 or group_rows is None else group_rows[i - 1]
+        if picked is None:
+            rows, row_lengths = every, lengths
+        else:
+            count = picked.shape[0]  # a symbol of its own: 1 to FAST_ROWS rows complete the group
+            torch._check(count >= 1)
+            torch._check(count <= Linear.FAST_ROWS)
+            rows, row_lengths = picked, lengths[picked]
+        steps[scale] = (picked, rows, row_lengths)
         if k == 1:
-            token, completes[scale] = x[:, None], None  # (B, 1, C)
+            token = x[:, None]  # (B, 1, C)
         else:
             offsets = torch.arange(k - 1, -1, -1, device=tokens.device)  # oldest byte first
-            group = recent_embeddings[rows[:, None], (lengths[:, None] - offsets) % SCALES[-1]]  # (B, k, C)
-            token = model.downsample[scale](group.reshape(B, 1, -1))  # (B, 1, C_scale)
-            completes[scale] = (lengths + 1) % k == 0  # (B,) rows whose group exists this step
-        index = start + lengths // k  # (B,) the new token's position (its RoPE row)
+            group = recent_embeddings[rows[:, None], (row_lengths[:, None] - offsets) % SCALES[-1]]  # (b, k, C)
+            token = model.downsample[scale](group.reshape(group.shape[0], 1, -1))  # (b, 1, C_scale)
+        index = start + row_lengths // k  # (b,) the new token's position (its RoPE row)
         ring = self_k[scale][0].shape[2]
-        slot = _StaticSlots(rows, index, ring, 0, completes[scale])
-        cos, sin = (table[index][:, None, None, :] for table in model.rope(scale))  # (B, 1, 1, D)
-        held = torch.clamp(start + (lengths + 1) // k, max=ring)  # the tokens a row holds, a new one included
-        outputs[scale] = _stack_step(model.stacks[scale], token, cos, sin, self_k[scale], self_v[scale], slot, held)
+        slot = _StaticSlots(rows, index, ring, 0)
+        cos, sin = (table[index][:, None, None, :] for table in model.rope(scale))  # (b, 1, 1, D)
+        held = torch.clamp(start + (row_lengths + 1) // k, max=ring)  # the tokens a row holds, a new one included
+        outputs[scale] = _stack_step(model.stacks[scale], token, cos, sin, self_k[scale], self_v[scale], slot, held,
+                                     picked)
 
     # 2. Key/value projections of the new tokens for the cross attentions that read them.
     for query, key in CROSS_PAIRS:
         if key in outputs:
-            name, k = cross_name(query, key), SCALE_FACTOR[key]
+            (_, rows, row_lengths), name, k = steps[key], cross_name(query, key), SCALE_FACTOR[key]
             start = 0 if k == 1 else 1
-            slot = _StaticSlots(rows, start + lengths // k, cross_k[name].shape[2] - 1, 1, completes[key])
-            keys, values = model.cross[name].keys_values(outputs[key])  # (B, H, 1, D)
+            slot = _StaticSlots(rows, start + row_lengths // k, cross_k[name].shape[2] - 1, 1)
+            keys, values = model.cross[name].keys_values(outputs[key])  # (b, H, 1, D)
             slot.write(cross_k[name], keys)
             slot.write(cross_v[name], values)
 
     # 3. Cross-scale updates of the new tokens, then fusion at the fine position.
     def cross_update(query: str, key: str, x_query: torch.Tensor) -> torch.Tensor:
-        name, k = cross_name(query, key), SCALE_FACTOR[key]
+        (picked, _, row_lengths), name, k = steps[query], cross_name(query, key), SCALE_FACTOR[key]
         ring = cross_k[name].shape[2] - 1
-        held = 1 + torch.clamp((0 if k == 1 else 1) + (lengths + 1) // k, max=ring)  # null + the key tokens held
-        return _cross_attend(model.cross[name], x_query, cross_k[name], cross_v[name], held)
+        held = 1 + torch.clamp((0 if k == 1 else 1) + (row_lengths + 1) // k, max=ring)  # null + key tokens held
+        return _cross_attend(model.cross[name], x_query, cross_k[name], cross_v[name], held, picked)
 
     for scale, target in (("medium", fused_medium), ("coarse", fused_coarse)):
         if scale in outputs:
             others = [s for s in SCALE_NAMES if s != scale]
             updated = outputs[scale] + sum(cross_update(scale, other, outputs[scale]) for other in others)
-            fresh = model.fusion.to_fine_width(scale, updated)[:, 0]  # (B, C)
-            target.copy_(torch.where(completes[scale][:, None], fresh, target))
+            fresh = model.fusion.to_fine_width(scale, updated)[:, 0]  # (b, C)
+            target.index_put_((steps[scale][1],), fresh)
     fine = outputs["fine"]
     fine = fine + cross_update("fine", "medium", fine) + cross_update("fine", "coarse", fine)
     fused = model.fusion(fine, fused_medium[:, None], fused_coarse[:, None])
@@ -190,9 +223,15 @@ def static_decode_step(model: MultiScaleTransformer, kind: int, tokens: torch.Te
 
 
 def cache_arguments(cache: KVCache) -> tuple:
-    """The cache tensors in `static_decode_step`'s argument order (after tokens and lengths)."""
+    """The cache tensors in `static_decode_step`'s argument order (after tokens, lengths and group rows)."""
     return (cache.self_k, cache.self_v, cache.cross_k, cache.cross_v, cache.recent_embeddings,
             cache.fused_medium, cache.fused_coarse)
+
+
+def call_tensors(tokens: torch.Tensor, lengths: torch.Tensor, group_rows: tuple[torch.Tensor, ...] | None,
+                 cache: KVCache) -> list[torch.Tensor]:
+    """The per-call tensors of a step, in argument order."""
+    return [tokens, lengths, *(group_rows or ()), *_flat_tensors(cache_arguments(cache))]
 
 
 def compiler_available() -> str | None:
@@ -243,8 +282,8 @@ class CompiledDecodeStep:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._compiled = torch.compile(self._step, backend=self._backend, fullgraph=True, dynamic=False)
 
-    def _step(self, kind, tokens, lengths, *cache):
-        return static_decode_step(self.model, kind, tokens, lengths, *cache)
+    def _step(self, kind, tokens, lengths, group_rows, *cache):
+        return static_decode_step(self.model, kind, tokens, lengths, group_rows, *cache)
 
     def _backend(self, graph: torch.fx.GraphModule, example_inputs: list) -> Callable:
         """Inductor, counted and timed; the graph is also kept for `_DirectGraph` calls where its inputs allow."""
@@ -277,28 +316,36 @@ class CompiledDecodeStep:
         batch = tokens.shape[0]
         if batch > Linear.FAST_ROWS:  # past the matrix-vector sizes the step's overhead is amortised
             return self.model.decode_step(tokens, cache)
-        key = (step_kind(lengths_list), batch > 1, cache.capacity)
-        lengths = torch.tensor(lengths_list, device=tokens.device)
+        kind = step_kind(lengths_list)
+        key = (kind, batch > 1, cache.capacity)
+        # Batch 1: its one row completes every group its step kind runs. Larger batches: the rows that do, per scale.
+        groups = completing_rows(lengths_list, kind) if batch > 1 else None
+        device = tokens.device
+        lengths = torch.tensor(lengths_list, device=device)
         direct = self._graphs.get(key)
         if direct is not None:  # the graph inductor built for this key, without dynamo's per-call guards
+            group_rows = None if groups is None else tuple(torch.tensor(rows, device=device) for rows in groups)
             try:
-                logits = direct(tokens, lengths, cache, batch)
+                logits = direct(call_tensors(tokens, lengths, group_rows, cache))
             except AssertionError:  # an input of another layout than the graph's (its size/stride checks)
                 del self._graphs[key]
             else:
                 cache.lengths += 1
                 return logits
         # Dynamo guards on whether a tensor was made under inference mode: the decoder's lengths and tokens are,
-        # its cache is not. Fresh plain copies of the two small ones keep every call on the same graphs.
+        # its cache is not. Fresh plain copies of the small ones keep every call on the same graphs.
         with torch.inference_mode(False):
-            tokens, lengths = tokens.clone(), torch.tensor(lengths_list, device=tokens.device)
-        arguments = (tokens, lengths, *cache_arguments(cache))
+            tokens, lengths = tokens.clone(), torch.tensor(lengths_list, device=device)
+            group_rows = None if groups is None else tuple(torch.tensor(rows, device=device) for rows in groups)
+        arguments = (tokens, lengths, group_rows, *cache_arguments(cache))
         if batch > 1:  # one graph per kind for every batch size from 2 to FAST_ROWS
-            for tensor in _flat_tensors(arguments):
+            for tensor in _flat_tensors((tokens, lengths, *arguments[3:])):
                 torch._dynamo.mark_dynamic(tensor, 0, min=2, max=Linear.FAST_ROWS)
-        self._pending = (key, [tokens, lengths, *_flat_tensors(arguments[2:])])
+            for rows in group_rows or ():  # and every number of rows completing a group, 1 included (unbacked)
+                torch._dynamo.decorators.mark_unbacked(rows, 0)
+        self._pending = (key, call_tensors(tokens, lengths, group_rows, cache))
         try:
-            logits = self._compiled(key[0], *arguments)
+            logits = self._compiled(kind, *arguments)
         except Exception as exc:  # noqa: BLE001 - a compiler failure must not fail decoding; said once, then eager
             if self.compilations and not _is_compile_error(exc):
                 raise
@@ -328,12 +375,11 @@ class _DirectGraph:
 
     Dynamo checks every input of the step at each call (~170 tensors: weights, cache rings) before it runs the graph:
     measured at ~0.5 ms of a ~2.5 ms micro step. Here the inputs are sorted once, when the graph is built: the
-    per-call ones (tokens, lengths, the cache tensors, matched by identity to the call being compiled), the
-    fixed ones (the model's own weights and tables, which a served model does not change) and the symbolic batch
-    size. A graph with any other input is not called this way (dynamo keeps calling it). The graph checks the
-    sizes and strides of its inputs itself (an AssertionError: the caller goes back to dynamo)."""
-
-    BATCH = -1
+    per-call ones (tokens, lengths, group rows, the cache tensors, matched by identity to the call being compiled),
+    the fixed ones (the model's own weights and tables, which a served model does not change) and the symbolic sizes
+    (the batch size, the sub-batch sizes: each read from a per-call tensor's size where the graph has that symbol). A
+    graph with any other input is not called this way (dynamo keeps calling it). The graph checks the sizes and
+    strides of its inputs itself (an AssertionError: the caller goes back to dynamo)."""
 
     def __init__(self, compiled: Callable, sources: list) -> None:
         self.compiled, self.sources = compiled, sources
@@ -342,27 +388,34 @@ class _DirectGraph:
     def build(cls, compiled: Callable, graph: torch.fx.GraphModule, example_inputs: list, flat: list[torch.Tensor],
               constants: dict[int, torch.Tensor]) -> "_DirectGraph | None":
         outputs = graph.graph.output_node().args[0]
-        if not isinstance(outputs, (tuple, list)) or len(outputs) != 1:
+        placeholders = [node for node in graph.graph.nodes if node.op == "placeholder"]
+        if not isinstance(outputs, (tuple, list)) or len(outputs) != 1 or len(placeholders) != len(example_inputs):
             return None
         per_call = {id(t): i for i, t in enumerate(flat)}
-        batch = int(flat[0].shape[0])
+        sizes: dict = {}  # symbol -> (per-call tensor, dim) whose size it is
+        for value, node in zip(example_inputs, placeholders, strict=True):
+            fake = node.meta.get("example_value")
+            if isinstance(value, torch.Tensor) and id(value) in per_call and isinstance(fake, torch.Tensor):
+                for dim, size in enumerate(fake.shape):
+                    if isinstance(size, torch.SymInt):
+                        sizes.setdefault(size.node.expr, (per_call[id(value)], dim))
         sources: list = []
-        for value in example_inputs:
+        for value, node in zip(example_inputs, placeholders, strict=True):
+            fake = node.meta.get("example_value")
             if isinstance(value, torch.Tensor) and id(value) in per_call:
                 sources.append(per_call[id(value)])
             elif isinstance(value, torch.Tensor) and id(value) in constants:
                 sources.append(value)
-            elif isinstance(value, torch.SymInt) and batch > 1:  # the symbolic batch size (int() would specialise it)
-                sources.append(cls.BATCH)
-            elif type(value) is int and value == batch > 1:
-                sources.append(cls.BATCH)
+            elif isinstance(fake, torch.SymInt) and fake.node.expr in sizes:  # read from a tensor's size per call
+                sources.append(sizes[fake.node.expr])
             else:
                 return None
         return cls(compiled, sources)
 
-    def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor, cache: KVCache, batch: int) -> torch.Tensor:
-        flat = [tokens, lengths, *_flat_tensors(cache_arguments(cache))]
-        inputs = [source if isinstance(source, torch.Tensor) else (batch if source == self.BATCH else flat[source])
+    def __call__(self, flat: list[torch.Tensor]) -> torch.Tensor:
+        """flat: `call_tensors` of this call."""
+        inputs = [source if isinstance(source, torch.Tensor)
+                  else flat[source] if isinstance(source, int) else flat[source[0]].shape[source[1]]
                   for source in self.sources]
         return self.compiled(*inputs)[0]
 

@@ -5,7 +5,8 @@ several times in 300 tokens) is compiled once for the module: three step kinds f
 batches (batch 2's graphs serve batch 3). Then 300 greedy tokens at batch 1 and in a ragged batch of 3 (rows at
 every phase of a coarse group, so every step kind occurs with rows completing different groups) must equal eager
 decoding token for token, with the compilation count unchanged; so must prompts restored from the prompt prefix
-cache (the worker's AXL_COMPILE beside AXL_PREFIX_CACHE_MB).
+cache (the worker's AXL_COMPILE beside AXL_PREFIX_CACHE_MB). In the batch family the medium and coarse stacks run on
+the rows completing their group only (sub-batches of 1 to all rows, consecutive or not), read from the profiler.
 """
 
 import logging
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from axl_model import BatchDecoder, ModelConfig, SamplingParams
-from axl_model.compiled import STEP_KINDS, CompiledDecodeStep, compiler_available, step_kind
+from axl_model.compiled import STEP_KINDS, CompiledDecodeStep, compiler_available, completing_rows, step_kind
 from axl_model.prefix_cache import PrefixCache
 from tests.checkpoints import perturbed_model
 
@@ -72,12 +73,28 @@ def test_compiled_step_gives_the_eager_tokens_and_never_recompiles(compiled, len
     assert fast == eager
 
 
+def attention_rows(step, tokens, cache) -> tuple[torch.Tensor, list[int]]:
+    """A compiled step's logits, and the rows each of its attentions read (`axl::held_attention`'s queries), sorted."""
+    with torch.profiler.profile(record_shapes=True) as profile:
+        logits = step(tokens, cache)
+    return logits, sorted(e.input_shapes[0][0] for e in profile.events() if e.name == "axl::held_attention")
+
+
+def expected_attention_rows(lengths: list[int]) -> list[int]:
+    """Each scale stepping attends once per layer and twice across scales, on its rows: fine on every row, medium and
+    coarse on the rows completing their group."""
+    kind = step_kind(lengths)
+    rows = [len(lengths)] + [len(r) for r in completing_rows(lengths, kind)]
+    return sorted(n for shape, n in zip(CONFIG.shapes(), rows, strict=False) for _ in range(shape.n_layers + 2))
+
+
 @COMPILE_TIMEOUT
 @pytest.mark.parametrize("starts, expected_kinds", [((4, 6, 8), {0, 2}), ((5, 9, 12), {1, 2})])
 def test_compiled_logits_match_the_eager_step_at_every_kind(compiled, starts, expected_kinds):
     """Beyond the argmax: the logits agree (float32 rounding only) on rows completing different groups. Rows of one
-    parity give fine-only steps and quads completed by some rows only; rows of both parities, steps where some rows
-    complete a pair and others nothing (a ragged batch never has all three kinds)."""
+    parity give fine-only steps and quads completed by some rows only (rows 0 and 2: not consecutive); rows of both
+    parities, steps where some rows complete a pair and others nothing (a ragged batch never has all three kinds).
+    The grouped stacks run on the completing rows only."""
     model, step = compiled
     with torch.inference_mode():
         step.warm_up((2,), capacity=CONFIG.max_seq_len)
@@ -91,9 +108,11 @@ def test_compiled_logits_match_the_eager_step_at_every_kind(compiled, starts, ex
         kinds = set()
         for t in range(12):
             tokens = torch.stack([ids[row, start + t] for row, start in enumerate(starts)])
-            kinds.add(step_kind(fast_cache.lengths.tolist()))
-            expected, got = model.decode_step(tokens, eager_cache), step(tokens, fast_cache)
+            lengths = fast_cache.lengths.tolist()
+            kinds.add(step_kind(lengths))
+            expected, (got, rows) = model.decode_step(tokens, eager_cache), attention_rows(step, tokens, fast_cache)
             assert torch.allclose(got, expected, atol=1e-4), (t, (got - expected).abs().max())
+            assert rows == expected_attention_rows(lengths), (t, lengths)
         assert torch.equal(eager_cache.lengths, fast_cache.lengths)
     assert kinds == expected_kinds
     assert step.compilations == before and step.fallback_reason is None
