@@ -18,12 +18,17 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
 
+# llama-cpp-python compiles llama.cpp for any x86-64 with AVX2 rather than for this host (-march=native): a native build
+# on a CPU with AMX (Intel Sapphire Rapids, seen on a 2-core VM here) crashes inside llama.cpp's Q4_K decode. pip's
+# wheel cache ignores CMAKE_ARGS, so the install skips it, or a wheel built natively before would come back.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+
 # The stamp is written only after pip succeeds: an interrupted install is redone by the next target that needs it.
 $(INSTALLED): pyproject.toml | $(PY)
-	$(PIP) install -e '.[$(EXTRAS)]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --no-cache-dir -e '.[$(EXTRAS)]'
 	touch $@
 
-install:  ## create .venv and install the project with every extra, again if done (builds llama.cpp: ~15 min the first time)
+install:  ## create .venv and install the project with every extra, again if done (builds llama.cpp for AVX2 each time: ~6-15 min)
 	rm -f $(INSTALLED)
 	$(MAKE) --no-print-directory $(INSTALLED)
 
