@@ -25,7 +25,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 
 # The stamp is written only after pip succeeds: an interrupted install is redone by the next target that needs it.
 $(INSTALLED): pyproject.toml | $(PY)
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --no-cache-dir -e '.[$(EXTRAS)]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -e '.[$(EXTRAS)]' --no-cache-dir
 	touch $@
 
 install:  ## create .venv and install the project with every extra, again if done (builds llama.cpp for AVX2 each time: ~6-15 min)
