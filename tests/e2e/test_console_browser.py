@@ -24,6 +24,7 @@ from tests.support import ServiceProcess
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 try:
     from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -77,7 +78,10 @@ def browser() -> Iterator[Any]:
 
 
 def wait(driver: Any, condition: Any, timeout: float = 30, what: str = "") -> Any:
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition, message=what)
+    # The console re-renders what it updates (a job's status, a stream's text): an element found in one poll can be
+    # replaced before the condition reads it, which is a reason to poll again, not a failure.
+    return WebDriverWait(driver, timeout, poll_frequency=0.2,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(condition, message=what)
 
 
 def screenshot(driver: Any, name: str) -> None:
